@@ -1,0 +1,43 @@
+"""The CLI shell: version, help speed, one-line errors, README and CI in sync."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from my3dgen_cli import __version__
+from my3dgen_cli.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"my3dgen {__version__}"
+
+
+def test_help_is_fast_and_does_not_import_torch() -> None:
+    code = (
+        "import sys, my3dgen_cli.cli as c\n"
+        "c.app(['--help'], standalone_mode=False)\n"
+        "print('torch' in sys.modules)"
+    )
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    elapsed = time.perf_counter() - start
+    assert proc.stdout.strip().splitlines()[-1] == "False", "`my3dgen --help` must not import torch"
+    assert elapsed < 2.0, f"--help took {elapsed:.2f}s"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    commands = re.findall(r"^(python3 -m venv .*pytest.*)$", readme, flags=re.M)
+    assert commands, "README must give the test command"
+    assert commands[0] in ci
