@@ -1,0 +1,181 @@
+"""Generator configurations: the official init/rendering kwargs, typed and validated once.
+
+A config is stored as the dict layout of the official pickle (and of shared/eg3d_parity/
+config.json): {"init_kwargs": {...}, "rendering_kwargs": {...}, "neural_rendering_resolution": n}.
+`GeneratorConfig.from_dict` reads that layout; `to_dict` writes it back unchanged, so converted
+checkpoints round-trip. my3dgen adds two optional init kwargs that the official code does not
+know, for the small `tiny` config: `backbone_resolution` (official: 256) and `plane_channels`
+(official: 32).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from my3dgen_cli.eg3d.superres import SR_SPECS, SRSpec
+
+FFHQ_RENDERING: dict[str, Any] = {
+    "image_resolution": 512,
+    "disparity_space_sampling": False,
+    "clamp_mode": "softplus",
+    "superresolution_module": "training.superresolution.SuperresolutionHybrid8XDC",
+    "c_gen_conditioning_zero": False,
+    "gpc_reg_prob": 0.5,
+    "c_scale": 1.0,
+    "superresolution_noise_mode": "none",
+    "density_reg": 0.25,
+    "density_reg_p_dist": 0.004,
+    "reg_type": "l1",
+    "decoder_lr_mul": 1.0,
+    "sr_antialias": True,
+    "depth_resolution": 48,
+    "depth_resolution_importance": 48,
+    "ray_start": 2.25,
+    "ray_end": 3.3,
+    "box_warp": 1,
+    "avg_camera_radius": 2.7,
+    "avg_camera_pivot": [0, 0, 0.2],
+}
+
+FFHQ_INIT: dict[str, Any] = {
+    "z_dim": 512,
+    "w_dim": 512,
+    "mapping_kwargs": {"num_layers": 2},
+    "channel_base": 32768,
+    "channel_max": 512,
+    "fused_modconv_default": "inference_only",
+    "num_fp16_res": 0,
+    "conv_clamp": None,
+    "sr_num_fp16_res": 4,
+    "sr_kwargs": {"channel_base": 32768, "channel_max": 512, "fused_modconv_default": "inference_only"},
+    "c_dim": 25,
+    "img_resolution": 512,
+    "img_channels": 3,
+}
+
+CLASS_NAME = "training.triplane.TriPlaneGenerator"
+
+
+def _official(nrr: int, pivot: list[float] | None = None) -> dict[str, Any]:
+    init = copy.deepcopy(FFHQ_INIT)
+    rendering = copy.deepcopy(FFHQ_RENDERING)
+    if pivot is not None:
+        rendering["avg_camera_pivot"] = pivot
+    init["rendering_kwargs"] = rendering
+    return {"init_kwargs": init, "rendering_kwargs": rendering, "neural_rendering_resolution": nrr,
+            "class_name": CLASS_NAME}
+
+
+def _tiny() -> dict[str, Any]:
+    init = copy.deepcopy(FFHQ_INIT)
+    init.update(z_dim=64, w_dim=64, channel_base=256, channel_max=32, img_resolution=64,
+                backbone_resolution=32, plane_channels=16)
+    rendering = copy.deepcopy(FFHQ_RENDERING)
+    rendering.update(image_resolution=64, superresolution_module="my3dgen.superresolution.Tiny2X",
+                     depth_resolution=12, depth_resolution_importance=12)
+    init["rendering_kwargs"] = rendering
+    return {"init_kwargs": init, "rendering_kwargs": rendering, "neural_rendering_resolution": 32,
+            "class_name": CLASS_NAME}
+
+
+NAMED_CONFIGS = {
+    "ffhq512-128": lambda: _official(128),
+    "ffhqrebalanced512-128": lambda: _official(128),
+    "ffhqrebalanced512-64": lambda: _official(64),
+    "afhqcats512-128": lambda: _official(128, pivot=[0, 0, -0.06]),
+    "tiny": _tiny,
+}
+
+_REQUIRED_RENDERING = ("depth_resolution", "depth_resolution_importance", "ray_start", "ray_end", "box_warp",
+                       "superresolution_module", "sr_antialias", "superresolution_noise_mode",
+                       "c_gen_conditioning_zero", "clamp_mode", "avg_camera_pivot", "avg_camera_radius")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Typed view of an EG3D generator's configuration (validated in __post_init__)."""
+
+    z_dim: int
+    w_dim: int
+    c_dim: int
+    img_resolution: int
+    channel_base: int
+    channel_max: int
+    mapping_layers: int
+    conv_clamp: float | None
+    sr_num_fp16_res: int
+    backbone_resolution: int
+    plane_channels: int
+    neural_rendering_resolution: int
+    rendering: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for key in _REQUIRED_RENDERING:
+            if key not in self.rendering:
+                # The official code reads these through .get() defaults; a silent default changes the image.
+                raise ValueError(f"rendering_kwargs: missing {key!r}")
+        if self.rendering["superresolution_module"] not in SR_SPECS:
+            raise ValueError(f"rendering_kwargs.superresolution_module: got "
+                             f"{self.rendering['superresolution_module']!r}, expected one of {sorted(SR_SPECS)}")
+        if self.rendering["clamp_mode"] != "softplus":
+            raise ValueError(f"rendering_kwargs.clamp_mode: got {self.rendering['clamp_mode']!r}, expected 'softplus'")
+        if self.rendering.get("disparity_space_sampling", False):
+            raise ValueError("rendering_kwargs.disparity_space_sampling: got True, expected False")
+        if not isinstance(self.rendering["ray_start"], (int, float)):
+            raise ValueError(f"rendering_kwargs.ray_start: got {self.rendering['ray_start']!r}, expected a number")
+        if self.sr_spec.output_resolution != self.img_resolution:
+            raise ValueError(f"img_resolution: got {self.img_resolution}, expected "
+                             f"{self.sr_spec.output_resolution} for {self.rendering['superresolution_module']}")
+        if self.neural_rendering_resolution < 1:
+            raise ValueError(f"neural_rendering_resolution: got {self.neural_rendering_resolution}, expected >= 1")
+
+    @property
+    def sr_spec(self) -> SRSpec:
+        return SR_SPECS[self.rendering["superresolution_module"]]
+
+    @property
+    def sr_conv_clamp(self) -> float | None:
+        return 256.0 if self.sr_num_fp16_res > 0 else None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GeneratorConfig:
+        """Read {"init_kwargs", "rendering_kwargs", "neural_rendering_resolution"?}."""
+        if "init_kwargs" not in data:
+            raise ValueError("generator config: missing 'init_kwargs'")
+        init = data["init_kwargs"]
+        rendering = data.get("rendering_kwargs") or init.get("rendering_kwargs")
+        if not rendering:
+            raise ValueError("generator config: missing 'rendering_kwargs'")
+        mapping = init.get("mapping_kwargs", {})
+        return cls(
+            z_dim=int(init["z_dim"]), w_dim=int(init["w_dim"]), c_dim=int(init["c_dim"]),
+            img_resolution=int(init["img_resolution"]),
+            channel_base=int(init.get("channel_base", 32768)), channel_max=int(init.get("channel_max", 512)),
+            mapping_layers=int(mapping.get("num_layers", 2)),
+            conv_clamp=init.get("conv_clamp"), sr_num_fp16_res=int(init.get("sr_num_fp16_res", 0)),
+            backbone_resolution=int(init.get("backbone_resolution", 256)),
+            plane_channels=int(init.get("plane_channels", 32)),
+            neural_rendering_resolution=int(data.get("neural_rendering_resolution", 64)),
+            rendering=dict(rendering), raw=copy.deepcopy(dict(data)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = copy.deepcopy(self.raw)
+        out["neural_rendering_resolution"] = self.neural_rendering_resolution
+        out.setdefault("rendering_kwargs", copy.deepcopy(self.rendering))
+        out.setdefault("class_name", CLASS_NAME)
+        return out
+
+
+def resolve_config(config: str | dict[str, Any] | GeneratorConfig) -> GeneratorConfig:
+    """A named config ("ffhq512-128", "tiny", ...), a config dict, or a GeneratorConfig."""
+    if isinstance(config, GeneratorConfig):
+        return config
+    if isinstance(config, str):
+        if config not in NAMED_CONFIGS:
+            raise ValueError(f"config: got {config!r}, expected one of {sorted(NAMED_CONFIGS)}")
+        return GeneratorConfig.from_dict(NAMED_CONFIGS[config]())
+    return GeneratorConfig.from_dict(config)

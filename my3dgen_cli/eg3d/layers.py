@@ -1,0 +1,241 @@
+"""StyleGAN2 layers with the official module and parameter names (NVlabs networks_stylegan2).
+
+Weights are stored unscaled and multiplied by their equalized-learning-rate gain at run time,
+as in the official code, so official state dicts load strictly and numerics match.
+Each layer reads its weight through `effective_weight()` so adapters (lora.py) can add a
+low-rank delta before modulation without replacing the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from my3dgen_cli.eg3d import ops
+
+
+class FullyConnectedLayer(nn.Module):
+    """y = act(x W^T * (lr/sqrt(in)) + b * lr). Weight stored as [out, in]."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str = "linear",
+        lr_multiplier: float = 1.0,
+        bias_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.activation = activation
+        self.weight = nn.Parameter(torch.randn([out_features, in_features]) / lr_multiplier)
+        self.bias = nn.Parameter(torch.full([out_features], float(bias_init))) if bias else None
+        self.weight_gain = lr_multiplier / math.sqrt(in_features)
+        self.bias_gain = lr_multiplier
+
+    def effective_weight(self) -> torch.Tensor:
+        """The stored weight (adapters override this to add their delta)."""
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.effective_weight().to(x.dtype) * self.weight_gain
+        b = self.bias
+        if b is not None:
+            b = b.to(x.dtype)
+            if self.bias_gain != 1:
+                b = b * self.bias_gain
+        if self.activation == "linear" and b is not None:
+            return torch.addmm(b.unsqueeze(0), x, w.t())
+        return ops.bias_act(x.matmul(w.t()), b, act=self.activation)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
+
+
+class MappingNetwork(nn.Module):
+    """z (+ camera label c) -> w, broadcast to num_ws rows, with truncation towards w_avg."""
+
+    def __init__(
+        self,
+        z_dim: int,
+        c_dim: int,
+        w_dim: int,
+        num_ws: int,
+        num_layers: int = 2,
+        lr_multiplier: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.z_dim, self.c_dim, self.w_dim, self.num_ws, self.num_layers = z_dim, c_dim, w_dim, num_ws, num_layers
+        embed_features = w_dim if c_dim > 0 else 0
+        features = [z_dim + embed_features] + [w_dim] * num_layers
+        if c_dim > 0:
+            self.embed = FullyConnectedLayer(c_dim, embed_features)
+        for idx in range(num_layers):
+            layer = FullyConnectedLayer(
+                features[idx], features[idx + 1], activation="lrelu", lr_multiplier=lr_multiplier
+            )
+            setattr(self, f"fc{idx}", layer)
+        self.register_buffer("w_avg", torch.zeros([w_dim]))
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        c: torch.Tensor,
+        truncation_psi: float = 1.0,
+        truncation_cutoff: int | None = None,
+    ) -> torch.Tensor:
+        """z: [N, z_dim], c: [N, c_dim] -> ws: [N, num_ws, w_dim]."""
+        parts = []
+        if self.z_dim > 0:
+            ops.check_shape("z", z, [None, self.z_dim])
+            parts.append(ops.normalize_2nd_moment(z.to(torch.float32)))
+        if self.c_dim > 0:
+            ops.check_shape("c", c, [None, self.c_dim])
+            parts.append(ops.normalize_2nd_moment(self.embed(c.to(torch.float32))))
+        x = torch.cat(parts, dim=1)
+        for idx in range(self.num_layers):
+            x = getattr(self, f"fc{idx}")(x)
+        x = x.unsqueeze(1).repeat([1, self.num_ws, 1])
+        if truncation_psi != 1:
+            cutoff = self.num_ws if truncation_cutoff is None else truncation_cutoff
+            head = self.w_avg.lerp(x[:, :cutoff], truncation_psi)
+            x = torch.cat([head, x[:, cutoff:]], dim=1)
+        return x
+
+
+class SynthesisLayer(nn.Module):
+    """Modulated 3x3 conv (optionally 2x upsampling) + noise + bias + lrelu."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        resolution: int,
+        up: int = 1,
+        conv_clamp: float | None = None,
+        kernel_size: int = 3,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.w_dim = in_channels, out_channels, w_dim
+        self.resolution, self.up, self.conv_clamp = resolution, up, conv_clamp
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        self.register_buffer("resample_filter", ops.setup_filter([1, 3, 3, 1]))
+        self.register_buffer("noise_const", torch.randn([resolution, resolution]))
+        self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.bias = nn.Parameter(torch.zeros([out_channels]))
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        w: torch.Tensor,
+        noise_mode: str = "const",
+        fused_modconv: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """x: [N, I, R/up, R/up], w: [N, w_dim] -> [N, O, R, R]."""
+        in_res = self.resolution // self.up
+        ops.check_shape("SynthesisLayer x", x, [None, self.in_channels, in_res, in_res])
+        styles = self.affine(w)
+        noise = None
+        if noise_mode == "random":
+            shape = [x.shape[0], 1, self.resolution, self.resolution]
+            noise = torch.randn(shape, device=x.device, dtype=x.dtype, generator=generator) * self.noise_strength
+        elif noise_mode == "const":
+            noise = self.noise_const * self.noise_strength
+        elif noise_mode != "none":
+            raise ValueError(f"noise_mode: got {noise_mode!r}, expected 'const', 'random' or 'none'")
+        x = ops.modulated_conv2d(
+            x, self.effective_weight(), styles, noise=noise, up=self.up,
+            resample_filter=self.resample_filter, fused=fused_modconv,
+        )
+        return ops.bias_act(x, self.bias.to(x.dtype), act="lrelu", clamp=self.conv_clamp)
+
+
+class ToRGBLayer(nn.Module):
+    """Modulated 1x1 conv without demodulation; styles scaled by 1/sqrt(in_channels)."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, conv_clamp: float | None = None) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.conv_clamp = in_channels, out_channels, conv_clamp
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, 1, 1]))
+        self.bias = nn.Parameter(torch.zeros([out_channels]))
+        self.weight_gain = 1 / math.sqrt(in_channels)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True) -> torch.Tensor:
+        styles = self.affine(w) * self.weight_gain
+        x = ops.modulated_conv2d(x, self.effective_weight(), styles, demodulate=False, fused=fused_modconv)
+        return ops.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
+
+
+class SynthesisBlock(nn.Module):
+    """One resolution of the 'skip' synthesis: [conv0 (2x up)], conv1, torgb; image skip upsampled.
+
+    up=False gives the official `SynthesisBlockNoUp` (superresolution of the 4X/2X variants).
+    in_channels == 0 makes the first block, which starts from a learned constant.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        resolution: int,
+        img_channels: int,
+        conv_clamp: float | None = None,
+        up: bool = True,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels, self.w_dim = in_channels, out_channels, w_dim
+        self.resolution, self.img_channels, self.up = resolution, img_channels, up
+        self.register_buffer("resample_filter", ops.setup_filter([1, 3, 3, 1]))
+        if in_channels == 0:
+            self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
+        else:
+            self.conv0 = SynthesisLayer(
+                in_channels, out_channels, w_dim, resolution, up=2 if up else 1, conv_clamp=conv_clamp
+            )
+        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution, conv_clamp=conv_clamp)
+        self.torgb = ToRGBLayer(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
+        self.num_conv = 1 if in_channels == 0 else 2
+        self.num_torgb = 1
+
+    def layers(self) -> Iterator[SynthesisLayer]:
+        if self.in_channels != 0:
+            yield self.conv0
+        yield self.conv1
+
+    def forward(
+        self,
+        x: torch.Tensor | None,
+        img: torch.Tensor | None,
+        ws: torch.Tensor,
+        noise_mode: str = "const",
+        fused_modconv: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ws: [N, num_conv + 1, w_dim] (toRGB shares its w with the next block's conv0)."""
+        ops.check_shape("SynthesisBlock ws", ws, [None, self.num_conv + self.num_torgb, self.w_dim])
+        w_iter = iter(ws.unbind(dim=1))
+        if self.in_channels == 0:
+            x = self.const.to(ws.dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+        for layer in self.layers():
+            x = layer(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv, generator=generator)
+        if img is not None and self.up:
+            img = ops.upsample2d(img, self.resample_filter)
+        y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
+        img = img + y if img is not None else y
+        return x, img

@@ -1,0 +1,177 @@
+"""Low-level ops of StyleGAN2/EG3D in plain PyTorch (no compiled extensions).
+
+Each op has the official reference semantics (NVlabs torch_utils/ops). Where a faster form
+exists it sits beside the reference and tests check that the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LRELU_ALPHA = 0.2
+LRELU_GAIN = math.sqrt(2.0)
+
+
+def check_shape(name: str, tensor: torch.Tensor, expected: list[int | None]) -> None:
+    """Raise ValueError "got X, expected Y" unless `tensor` has `expected` shape (None = any)."""
+    ok = tensor.ndim == len(expected) and all(e is None or s == e for s, e in zip(tensor.shape, expected, strict=False))
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name}: got shape {list(tensor.shape)}, expected {want}")
+
+
+def bias_act(
+    x: torch.Tensor,
+    b: torch.Tensor | None = None,
+    act: str = "linear",
+    gain: float | None = None,
+    clamp: float | None = None,
+) -> torch.Tensor:
+    """Add bias (along dim 1), apply the activation, scale by gain, clamp to +-clamp.
+
+    act: "linear" (default gain 1) or "lrelu" (slope 0.2, default gain sqrt 2).
+    """
+    if b is not None:
+        x = x + b.reshape([1, -1] + [1] * (x.ndim - 2))
+    if act == "lrelu":
+        x = F.leaky_relu(x, LRELU_ALPHA)
+        default_gain = LRELU_GAIN
+    elif act == "linear":
+        default_gain = 1.0
+    else:
+        raise ValueError(f"activation: got {act!r}, expected 'linear' or 'lrelu'")
+    gain = default_gain if gain is None else gain
+    if gain != 1:
+        x = x * gain
+    if clamp is not None and clamp >= 0:
+        x = x.clamp(-clamp, clamp)
+    return x
+
+
+def setup_filter(taps: list[float]) -> torch.Tensor:
+    """The 2-D FIR filter EG3D registers as `resample_filter`: outer(taps, taps) / sum, float32."""
+    f = torch.as_tensor(taps, dtype=torch.float32)
+    f = torch.outer(f, f)
+    return f / f.sum()
+
+
+def upfirdn2d(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    up: int = 1,
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0),
+    gain: float = 1.0,
+) -> torch.Tensor:
+    """Reference upfirdn2d (no downsampling), in four steps per channel:
+
+    1. upsample by inserting `up - 1` zeros after each pixel;
+    2. pad by (x0, x1, y0, y1) zeros (negative = crop);
+    3. convolve with the 2-D filter `f` (symmetric here, so no flip matters) times gain**(f.ndim/2);
+    4. (downsampling is never used by the generator and is not implemented).
+    x: [N, C, H, W]; f: [fh, fw] float32.
+    """
+    n, c, h, w = x.shape
+    if up > 1:
+        x = x.reshape(n, c, h, 1, w, 1)
+        x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])
+        x = x.reshape(n, c, h * up, w * up)
+    px0, px1, py0, py1 = padding
+    x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
+    x = x[:, :, max(-py0, 0) : x.shape[2] - max(-py1, 0), max(-px0, 0) : x.shape[3] - max(-px1, 0)]
+    kernel = (f * (gain ** (f.ndim / 2))).to(x.dtype).flip([0, 1])
+    kernel = kernel[None, None].repeat(c, 1, 1, 1)
+    return F.conv2d(x, kernel, groups=c)
+
+
+def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
+    """2x FIR upsampling of an image (the skip path of ToRGB outputs): [N,C,H,W] -> [N,C,2H,2W]."""
+    fw = f.shape[-1]
+    pad = ((fw + up - 1) // 2, (fw - up) // 2)
+    return upfirdn2d(x, f, up=up, padding=(pad[0], pad[1], pad[0], pad[1]), gain=up * up)
+
+
+def conv2d_up2(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """3x3 convolution at twice the resolution, as the official conv2d_resample(up=2, padding=1).
+
+    = conv_transpose2d(stride 2) with the weight as given (correlation convention), then a blur
+    with `f` padded [1, 1, 1, 1] and gain 4. x: [N, I*groups? , H, W]; w: [O, I, k, k].
+    """
+    out_channels, in_per_group, kh, kw = w.shape
+    if groups == 1:
+        wt = w.transpose(0, 1)
+    else:
+        wt = w.reshape(groups, out_channels // groups, in_per_group, kh, kw).transpose(1, 2)
+        wt = wt.reshape(groups * in_per_group, out_channels // groups, kh, kw)
+    x = F.conv_transpose2d(x, wt, stride=2, groups=groups)
+    fw = f.shape[-1]
+    p0 = 1 + (fw + 1) // 2 - (kw - 1)  # padding 1, adjusted as in conv2d_resample
+    p1 = 1 + (fw - 2) // 2 - (kw - 2)
+    return upfirdn2d(x, f, padding=(p0, p1, p0, p1), gain=4.0)
+
+
+def conv2d(x: torch.Tensor, w: torch.Tensor, up: int, f: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
+    """Same-size correlation (padding k//2) or the 2x-upsampling conv."""
+    if up == 2:
+        if f is None:
+            raise ValueError("conv2d: up=2 needs a resample filter")
+        return conv2d_up2(x, w, f, groups=groups)
+    return F.conv2d(x, w, padding=w.shape[-1] // 2, groups=groups)
+
+
+def modulated_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    styles: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    up: int = 1,
+    resample_filter: torch.Tensor | None = None,
+    demodulate: bool = True,
+    fused: bool = True,
+) -> torch.Tensor:
+    """StyleGAN2 modulated convolution.
+
+    x:      [N, I, H, W]   activations
+    weight: [O, I, k, k]   base weight (any adapter delta already added: modulation comes after)
+    styles: [N, I]         per-sample input scales
+    noise:  broadcastable to [N, O, H*up, W*up], added after demodulation
+    Demodulation: d[n, o] = rsqrt(sum_{i,kh,kw} (weight * styles[n, i])^2 + 1e-8).
+    fused=True runs one grouped convolution with per-sample weights; fused=False scales the
+    activations before and after a shared convolution (exports to ONNX, better for large N).
+    """
+    batch = x.shape[0]
+    out_ch, in_ch, kh, kw = weight.shape
+    check_shape("modulated_conv2d weight", weight, [out_ch, in_ch, kh, kw])
+    check_shape("modulated_conv2d x", x, [None, in_ch, None, None])
+    check_shape("modulated_conv2d styles", styles, [batch, in_ch])
+
+    dcoefs = None
+    if demodulate or fused:
+        w = weight.unsqueeze(0) * styles.reshape(batch, 1, -1, 1, 1)  # [N, O, I, k, k]
+    if demodulate:
+        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [N, O]
+
+    if not fused:
+        x = x * styles.to(x.dtype).reshape(batch, -1, 1, 1)
+        x = conv2d(x, weight.to(x.dtype), up, resample_filter)
+        if dcoefs is not None:
+            x = x * dcoefs.to(x.dtype).reshape(batch, -1, 1, 1)
+        if noise is not None:
+            x = x + noise.to(x.dtype)
+        return x
+
+    if dcoefs is not None:
+        w = w * dcoefs.reshape(batch, -1, 1, 1, 1)
+    x = x.reshape(1, -1, *x.shape[2:])  # [1, N*I, H, W]
+    w = w.reshape(-1, in_ch, kh, kw)  # [N*O, I, k, k]
+    x = conv2d(x, w.to(x.dtype), up, resample_filter, groups=batch)
+    x = x.reshape(batch, -1, *x.shape[2:])
+    if noise is not None:
+        x = x + noise
+    return x
+
+
+def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()

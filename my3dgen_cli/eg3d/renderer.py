@@ -1,0 +1,189 @@
+"""EG3D volume rendering: rays from cameras, tri-plane sampling, coarse + importance marching.
+
+Numerics follow the official ImportanceRenderer / MipRayMarcher2 / RaySampler exactly, including
+the released models' plane-axes quirk (eg3d#67): a point (x, y, z) is read from the three planes
+at (x, y), (x, z) and (z, x). Official inference jitters the coarse depths and draws the
+importance samples at random; `sampling="deterministic"` fixes both (coarse depths exactly
+linspace(ray_start, ray_end, n), importance u = linspace(0, 1, n)) and changes nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SAMPLING_MODES = ("deterministic", "stochastic")
+# (first coordinate, second coordinate) read from each plane; official generate_planes() projected.
+PLANE_AXES = ((0, 1), (0, 2), (2, 0))
+
+
+def ray_bundle(cam2world: torch.Tensor, intrinsics: torch.Tensor, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel-centre rays of an OpenCV camera.
+
+    cam2world: [N, 4, 4]; intrinsics: [N, 3, 3] normalized (focal, principal point in image units).
+    Returns origins and unit directions, each [N, R*R, 3], pixels in row-major order.
+    """
+    n, m = cam2world.shape[0], resolution**2
+    device = cam2world.device
+    steps = torch.arange(resolution, dtype=torch.float32, device=device) * (1.0 / resolution) + (0.5 / resolution)
+    rows, cols = torch.meshgrid(steps, steps, indexing="ij")
+    x_cam = cols.reshape(1, m).expand(n, m)
+    y_cam = rows.reshape(1, m).expand(n, m)
+    fx, fy = intrinsics[:, 0, 0, None], intrinsics[:, 1, 1, None]
+    cx, cy, sk = intrinsics[:, 0, 2, None], intrinsics[:, 1, 2, None], intrinsics[:, 0, 1, None]
+    x_lift = (x_cam - cx + cy * sk / fy - sk * y_cam / fy) / fx
+    y_lift = (y_cam - cy) / fy
+    ones = torch.ones_like(x_lift)
+    cam_points = torch.stack((x_lift, y_lift, ones, ones), dim=-1)  # [N, M, 4]
+    world_points = torch.bmm(cam2world, cam_points.permute(0, 2, 1)).permute(0, 2, 1)[:, :, :3]
+    origins = cam2world[:, None, :3, 3]
+    directions = F.normalize(world_points - origins, dim=2)
+    return origins.expand(n, m, 3), directions
+
+
+def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
+    """Bilinear features of 3-D points from the tri-planes (zeros outside the box).
+
+    planes: [N, 3, C, H, W]; coordinates: [N, M, 3] -> features [N, 3, M, C].
+    """
+    n, n_planes, c, h, w = planes.shape
+    m = coordinates.shape[1]
+    coords = (2.0 / box_warp) * coordinates
+    grid = torch.stack([coords[..., list(axes)] for axes in PLANE_AXES], dim=1)  # [N, 3, M, 2]
+    grid = grid.reshape(n * n_planes, 1, m, 2).float()
+    out = F.grid_sample(planes.reshape(n * n_planes, c, h, w), grid, mode="bilinear",
+                        padding_mode="zeros", align_corners=False)  # [N*3, C, 1, M]
+    return out.permute(0, 3, 2, 1).reshape(n, n_planes, m, c)
+
+
+def _cumprod(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """cumprod, in a form ONNX has (exp of cumsum of log) while exporting; x > 0 here."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.exp(torch.cumsum(torch.log(x), dim=dim))
+    return torch.cumprod(x, dim=dim)
+
+
+def _searchsorted_right(sorted_seq: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """torch.searchsorted(right=True), as a comparison count while exporting to ONNX."""
+    if torch.onnx.is_in_onnx_export():
+        return (sorted_seq.unsqueeze(-2) <= values.unsqueeze(-1)).sum(-1)
+    return torch.searchsorted(sorted_seq, values, right=True)
+
+
+def march(
+    colors: torch.Tensor, densities: torch.Tensor, depths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MipRayMarcher2: composite samples along each ray (midpoint rule, softplus(sigma - 1) density).
+
+    colors: [N, M, S, C]; densities, depths: [N, M, S, 1].
+    Returns rgb in [-1, 1]-ish [N, M, C], depth [N, M, 1] (clamped to the sample range of the
+    whole batch, as the official code does), weights [N, M, S-1, 1].
+    """
+    deltas = depths[:, :, 1:] - depths[:, :, :-1]
+    colors_mid = (colors[:, :, :-1] + colors[:, :, 1:]) / 2
+    densities_mid = F.softplus((densities[:, :, :-1] + densities[:, :, 1:]) / 2 - 1)
+    depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
+    alpha = 1 - torch.exp(-densities_mid * deltas)
+    alpha_shifted = torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], -2)
+    weights = alpha * _cumprod(alpha_shifted, -2)[:, :, :-1]
+    rgb = torch.sum(weights * colors_mid, -2)
+    depth = torch.sum(weights * depths_mid, -2) / weights.sum(2)
+    depth = torch.nan_to_num(depth, float("inf"))
+    depth = torch.clamp(depth, torch.min(depths), torch.max(depths))
+    return rgb * 2 - 1, depth, weights
+
+
+def coarse_depths(
+    n: int, m: int, ray_start: float, ray_end: float, count: int, sampling: str,
+    device: torch.device, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """[N, M, count, 1] depths: linspace(ray_start, ray_end), jittered by one step in 'stochastic'."""
+    depths = torch.linspace(ray_start, ray_end, count, device=device).reshape(1, 1, count, 1).repeat(n, m, 1, 1)
+    if sampling == "stochastic":
+        delta = (ray_end - ray_start) / (count - 1)
+        jitter = torch.rand(depths.shape, device=device, generator=generator)
+        depths = depths + jitter * delta
+    return depths
+
+
+def importance_depths(
+    depths: torch.Tensor, weights: torch.Tensor, count: int, sampling: str,
+    generator: torch.Generator | None = None, eps: float = 1e-5,
+) -> torch.Tensor:
+    """Inverse-CDF samples from the smoothed coarse weights (official sample_importance + sample_pdf).
+
+    depths: [N, M, S, 1]; weights: [N, M, S-1, 1] -> [N, M, count, 1]. No gradient flows.
+    """
+    with torch.no_grad():
+        n, m, s, _ = depths.shape
+        z = depths.reshape(n * m, s)
+        w = weights.reshape(n * m, 1, s - 1).float()
+        w = F.avg_pool1d(F.max_pool1d(w, 2, 1, padding=1), 2, 1).reshape(n * m, s - 1) + 0.01
+        bins = 0.5 * (z[:, :-1] + z[:, 1:])  # [R, S-1]
+        pdf_w = w[:, 1:-1] + eps  # [R, S-3]
+        n_bins = pdf_w.shape[1]
+        pdf = pdf_w / torch.sum(pdf_w, -1, keepdim=True)
+        cdf = torch.cat([torch.zeros_like(pdf[:, :1]), torch.cumsum(pdf, -1)], -1)  # [R, S-2]
+        if sampling == "deterministic":
+            u = torch.linspace(0, 1, count, device=z.device).expand(n * m, count).contiguous()
+        else:
+            u = torch.rand(n * m, count, device=z.device, generator=generator)
+        inds = _searchsorted_right(cdf, u)
+        below = torch.clamp_min(inds - 1, 0)
+        above = torch.clamp_max(inds, n_bins)
+        cdf_lo, cdf_hi = torch.gather(cdf, 1, below), torch.gather(cdf, 1, above)
+        bin_lo, bin_hi = torch.gather(bins, 1, below), torch.gather(bins, 1, above)
+        denom = cdf_hi - cdf_lo
+        denom = torch.where(denom < eps, torch.ones_like(denom), denom)
+        samples = bin_lo + (u - cdf_lo) / denom * (bin_hi - bin_lo)
+        return samples.reshape(n, m, count, 1)
+
+
+class ImportanceRenderer(nn.Module):
+    """Coarse pass, importance pass, merge sorted by depth, composite. Holds no parameters."""
+
+    def forward(
+        self,
+        planes: torch.Tensor,
+        decoder: nn.Module,
+        origins: torch.Tensor,
+        directions: torch.Tensor,
+        options: dict,
+        sampling: str = "deterministic",
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """planes: [N,3,C,H,W]; origins, directions: [N,M,3] -> rgb/features [N,M,F], depth [N,M,1],
+        accumulated weight [N,M,1]."""
+        if sampling not in SAMPLING_MODES:
+            raise ValueError(f"sampling: got {sampling!r}, expected one of {SAMPLING_MODES}")
+        n, m, _ = origins.shape
+        depths_c = coarse_depths(n, m, float(options["ray_start"]), float(options["ray_end"]),
+                                 int(options["depth_resolution"]), sampling, origins.device, generator)
+        colors_c, densities_c = self.run_model(planes, decoder, origins, directions, depths_c, options)
+        n_fine = int(options["depth_resolution_importance"])
+        if n_fine <= 0:
+            rgb, depth, weights = march(colors_c, densities_c, depths_c)
+            return rgb, depth, weights.sum(2)
+        _, _, weights = march(colors_c, densities_c, depths_c)
+        depths_f = importance_depths(depths_c, weights, n_fine, sampling, generator)
+        colors_f, densities_f = self.run_model(planes, decoder, origins, directions, depths_f, options)
+        depths = torch.cat([depths_c, depths_f], dim=-2)
+        colors = torch.cat([colors_c, colors_f], dim=-2)
+        densities = torch.cat([densities_c, densities_f], dim=-2)
+        depths, order = torch.sort(depths, dim=-2)
+        colors = torch.gather(colors, -2, order.expand(-1, -1, -1, colors.shape[-1]))
+        densities = torch.gather(densities, -2, order)
+        rgb, depth, weights = march(colors, densities, depths)
+        return rgb, depth, weights.sum(2)
+
+    @staticmethod
+    def run_model(
+        planes: torch.Tensor, decoder: nn.Module, origins: torch.Tensor, directions: torch.Tensor,
+        depths: torch.Tensor, options: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode colour features and density at depths [N,M,S,1] along the rays."""
+        n, m, s, _ = depths.shape
+        points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(n, m * s, 3)
+        out = decoder(sample_from_planes(planes, points, float(options["box_warp"])))
+        return out["rgb"].reshape(n, m, s, -1), out["sigma"].reshape(n, m, s, 1)

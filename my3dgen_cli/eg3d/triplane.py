@@ -1,0 +1,149 @@
+"""The EG3D tri-plane generator (official `TriPlaneGenerator`), with no hidden state in forward.
+
+Module tree and names match the official G_ema: `backbone` (StyleGAN2 mapping + synthesis),
+`superresolution`, `decoder` (OSGDecoder), plus the parameter-free `renderer` and
+`ray_sampler`. Unlike the official code, `synthesis` never stores the neural rendering
+resolution or cached planes on the module.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from my3dgen_cli.eg3d import ops
+from my3dgen_cli.eg3d.backbone import Backbone
+from my3dgen_cli.eg3d.camera import check_label
+from my3dgen_cli.eg3d.configs import GeneratorConfig
+from my3dgen_cli.eg3d.layers import FullyConnectedLayer
+from my3dgen_cli.eg3d.renderer import ImportanceRenderer, ray_bundle
+from my3dgen_cli.eg3d.superres import Superresolution
+
+
+class OSGDecoder(nn.Module):
+    """Mean of the 3 plane features -> FC, softplus, FC -> sigma (channel 0) + colour features."""
+
+    def __init__(self, n_features: int, hidden: int = 64, out_features: int = 32, lr_multiplier: float = 1.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            FullyConnectedLayer(n_features, hidden, lr_multiplier=lr_multiplier),
+            nn.Softplus(),
+            FullyConnectedLayer(hidden, 1 + out_features, lr_multiplier=lr_multiplier),
+        )
+
+    def forward(self, sampled_features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """sampled_features: [N, 3, M, C] -> {"rgb": [N, M, out], "sigma": [N, M, 1]}."""
+        x = sampled_features.mean(1)
+        n, m, c = x.shape
+        x = self.net(x.reshape(n * m, c)).reshape(n, m, -1)
+        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * 0.001) - 0.001  # MipNeRF's widened sigmoid
+        return {"rgb": rgb, "sigma": x[..., 0:1]}
+
+
+class RaySampler(nn.Module):
+    """Parameter-free; kept as a module so the tree matches the official one."""
+
+    def forward(self, cam2world: torch.Tensor, intrinsics: torch.Tensor, resolution: int):
+        return ray_bundle(cam2world, intrinsics, resolution)
+
+
+class TriPlaneGenerator(nn.Module):
+    def __init__(self, config: GeneratorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.z_dim, self.c_dim, self.w_dim = config.z_dim, config.c_dim, config.w_dim
+        self.img_resolution = config.img_resolution
+        self.neural_rendering_resolution = config.neural_rendering_resolution
+        self.rendering_kwargs = dict(config.rendering)
+        self.renderer = ImportanceRenderer()
+        self.ray_sampler = RaySampler()
+        pc = config.plane_channels
+        self.backbone = Backbone(
+            config.z_dim, config.c_dim, config.w_dim, config.backbone_resolution, pc * 3,
+            config.channel_base, config.channel_max, config.mapping_layers, conv_clamp=config.conv_clamp,
+        )
+        self.superresolution = Superresolution(
+            config.sr_spec, pc, config.w_dim, bool(self.rendering_kwargs["sr_antialias"]), config.sr_conv_clamp
+        )
+        self.decoder = OSGDecoder(pc, 64, pc, lr_multiplier=float(self.rendering_kwargs.get("decoder_lr_mul", 1)))
+        self.num_ws = self.backbone.num_ws
+
+    @property
+    def mapping_network(self) -> nn.Module:
+        return self.backbone.mapping
+
+    def mapping(
+        self,
+        z: torch.Tensor,
+        c: torch.Tensor,
+        truncation_psi: float = 1.0,
+        truncation_cutoff: int | None = None,
+    ) -> torch.Tensor:
+        """z: [N, z_dim], c: [N, 25] conditioning camera -> ws [N, num_ws, w_dim]."""
+        check_label(c)
+        if self.rendering_kwargs["c_gen_conditioning_zero"]:
+            c = torch.zeros_like(c)
+        c_scale = float(self.rendering_kwargs.get("c_scale", 1.0))
+        return self.backbone.mapping(z, c * c_scale, truncation_psi, truncation_cutoff)
+
+    def planes(self, ws: torch.Tensor, noise_mode: str = "const", fused_modconv: bool | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """ws -> tri-planes [N, 3, C, R, R]."""
+        fused = (not self.training) if fused_modconv is None else fused_modconv
+        img = self.backbone.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator)
+        return img.reshape(len(img), 3, -1, img.shape[-2], img.shape[-1])
+
+    def synthesis(
+        self,
+        ws: torch.Tensor,
+        c: torch.Tensor,
+        neural_rendering_resolution: int | None = None,
+        noise_mode: str = "const",
+        sampling: str = "deterministic",
+        fused_modconv: bool | None = None,
+        generator: torch.Generator | None = None,
+        planes: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Render ws from camera c.
+
+        ws: [N, num_ws, w_dim]; c: [N, 25]. fused_modconv None = fused in eval, unfused in training
+        (the official "inference_only"). `planes` skips the backbone (render many views of one face).
+        Returns {"image": [N,3,img,img], "image_raw": [N,C,r,r] (first 3 = rgb),
+        "image_depth": [N,1,r,r]} with r the neural rendering resolution.
+        """
+        check_label(c)
+        ops.check_shape("ws", ws, [c.shape[0], self.num_ws, self.w_dim])
+        res = int(neural_rendering_resolution or self.neural_rendering_resolution)
+        fused = (not self.training) if fused_modconv is None else fused_modconv
+        cam2world = c[:, :16].reshape(-1, 4, 4)
+        intrinsics = c[:, 16:25].reshape(-1, 3, 3)
+        origins, directions = self.ray_sampler(cam2world, intrinsics, res)
+        if planes is None:
+            planes = self.planes(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator)
+        features, depth, _ = self.renderer(planes, self.decoder, origins, directions, self.rendering_kwargs,
+                                           sampling=sampling, generator=generator)
+        n = ws.shape[0]
+        feature_image = features.permute(0, 2, 1).reshape(n, features.shape[-1], res, res).contiguous()
+        depth_image = depth.permute(0, 2, 1).reshape(n, 1, res, res)
+        rgb_image = feature_image[:, :3]
+        image = self.superresolution(
+            rgb_image, feature_image, ws, noise_mode=self.rendering_kwargs["superresolution_noise_mode"],
+            fused_modconv=fused, generator=generator,
+        )
+        return {"image": image, "image_raw": feature_image, "image_depth": depth_image}
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0,
+                truncation_cutoff: int | None = None, **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
+        """Official call: mapping conditioned on c, rendered from c."""
+        ws = self.mapping(z, c, truncation_psi, truncation_cutoff)
+        return self.synthesis(ws, c, **synthesis_kwargs)
+
+    def sample_density(self, ws: torch.Tensor, points: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
+        """Raw sigma at world points [N, M, 3] -> [N, M, 1] (for mesh extraction)."""
+        planes = self.planes(ws, noise_mode=noise_mode)
+        from my3dgen_cli.eg3d.renderer import sample_from_planes
+
+        out = self.decoder(sample_from_planes(planes, points, float(self.rendering_kwargs["box_warp"])))
+        return out["sigma"]
