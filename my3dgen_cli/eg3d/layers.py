@@ -2,8 +2,8 @@
 
 Weights are stored unscaled and multiplied by their equalized-learning-rate gain at run time,
 as in the official code, so official state dicts load strictly and numerics match.
-Each layer reads its weight through `effective_weight()` so adapters (lora.py) can add a
-low-rank delta before modulation without replacing the layer.
+Each layer reads its weight through `effective_weight()` so an adapter (lora.py) sitting in the
+layer's `adapter` slot adds its low-rank delta before modulation, without replacing the layer.
 """
 
 from __future__ import annotations
@@ -15,6 +15,14 @@ import torch
 from torch import nn
 
 from my3dgen_cli.eg3d import ops
+
+
+def adapted_weight(layer: nn.Module) -> torch.Tensor:
+    """`layer.weight`, plus `layer.adapter(weight)` (a delta of the same shape) when an adapter is attached."""
+    adapter = layer.adapter
+    if adapter is None:
+        return layer.weight
+    return layer.weight + adapter(layer.weight)
 
 
 class FullyConnectedLayer(nn.Module):
@@ -37,10 +45,11 @@ class FullyConnectedLayer(nn.Module):
         self.bias = nn.Parameter(torch.full([out_features], float(bias_init))) if bias else None
         self.weight_gain = lr_multiplier / math.sqrt(in_features)
         self.bias_gain = lr_multiplier
+        self.adapter: nn.Module | None = None
 
     def effective_weight(self) -> torch.Tensor:
-        """The stored weight (adapters override this to add their delta)."""
-        return self.weight
+        """The stored weight plus the adapter's delta, if one is attached."""
+        return adapted_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.effective_weight().to(x.dtype) * self.weight_gain
@@ -130,9 +139,10 @@ class SynthesisLayer(nn.Module):
         self.register_buffer("noise_const", torch.randn([resolution, resolution]))
         self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
+        self.adapter: nn.Module | None = None
 
     def effective_weight(self) -> torch.Tensor:
-        return self.weight
+        return adapted_weight(self)
 
     def forward(
         self,
@@ -171,9 +181,10 @@ class ToRGBLayer(nn.Module):
         self.weight = nn.Parameter(torch.randn([out_channels, in_channels, 1, 1]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
         self.weight_gain = 1 / math.sqrt(in_channels)
+        self.adapter: nn.Module | None = None
 
     def effective_weight(self) -> torch.Tensor:
-        return self.weight
+        return adapted_weight(self)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain
