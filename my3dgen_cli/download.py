@@ -24,7 +24,8 @@ from my3dgen_cli.errors import ArtifactError, DownloadError
 ProgressHook = Callable[[int, "int | None"], None]
 """Called as `progress(done_bytes, total_bytes_or_None)` while bytes arrive (done includes a resumed part)."""
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # local copies and hashing
+NET_CHUNK = 1 << 16  # network reads: an interrupted read loses at most this much
 DISK_MARGIN = 64 << 20  # keep this much free beyond the file itself
 BACKOFF_S = 0.5
 
@@ -143,6 +144,7 @@ def _get_once(
         have = 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     t = timeout_s()
+    done, total = have, None
     try:
         with session.get(url, stream=True, headers=headers, timeout=(t, t)) as r:
             if r.status_code == 416 and have:
@@ -170,7 +172,7 @@ def _get_once(
             check_free_space(part.parent, (total or expected_size or 0) - start)
             done = start
             with open(part, "ab" if start else "wb") as f:
-                for block in r.iter_content(CHUNK):
+                for block in r.iter_content(NET_CHUNK):
                     f.write(block)
                     done += len(block)
                     if expected_size is not None and done > expected_size:
@@ -182,10 +184,13 @@ def _get_once(
             if total is not None and done != total:
                 raise _Retryable(f"connection closed after {done} of {total} bytes")
     except requests.RequestException as err:
+        if total is not None and done < total:
+            raise _Retryable(f"connection broken after {done} of {total} bytes ({_reason(err)})") from err
         raise _Retryable(_reason(err)) from err
 
 
 def http_download(
+    name: str,
     urls: tuple[str, ...],
     part: Path,
     expected_size: int | None = None,
@@ -217,4 +222,4 @@ def http_download(
                         failures.append(f"{url}: {err}")
                         break
                     time.sleep(min(BACKOFF_S * 2**attempt, 8.0))
-    raise DownloadError("; ".join(failures))
+    raise DownloadError(f"could not download {name}: " + "; ".join(failures))

@@ -206,7 +206,7 @@ def ensure(
         if local:
             download.copy_local(local[0], part, progress)
             return _commit(entry, part, local[0])
-        url = download.http_download(entry.urls, part, entry.size, progress)
+        url = download.http_download(name, entry.urls, part, entry.size, progress)
         return _commit(entry, part, url)
 
 
