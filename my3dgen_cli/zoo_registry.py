@@ -27,7 +27,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import tomllib
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from my3dgen_cli import paths
 from my3dgen_cli.errors import ArtifactError, OfflineError, UserInputError
