@@ -294,7 +294,10 @@ def test_base_generator_is_converted_once(lab: FileServer, tmp_path, monkeypatch
     assert out.name == "generator.safetensors" and out.with_suffix(".json").is_file() and row["path"] is None
     assert not (zoo._root() / "blobs" / SHA).exists(), "--drop-pkl removes the .pkl"
     assert zoo.resolve_base("tiny-base", offline=True) == out
-    assert len(calls) == 1
+    again = run("fetch", "tiny-base", "--offline", "--json")  # converted: no .pkl needed
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["artifacts"][0]["converted"] == str(out)
+    assert len(calls) == 1 and lab.state.gets("/w.bin") == [None]
     assert run("cache", "verify", "--json").exit_code == 0
     with pytest.raises(ArtifactError, match="not a base generator"):
         zoo.resolve_base("mtcnn-onet")

@@ -147,21 +147,22 @@ def fetch(
     results = []
     for name in names:
         entry = zoo.get_entry(name, registry)
+        convert = entry.kind == "base-generator" and entry.format == "eg3d-pkl"
+        row: dict[str, Any] = {"name": name, "kind": entry.kind}
         with download_progress(output, name) as hook:
             if from_ is not None:
-                path = zoo.import_file(name, from_, registry=registry, progress=hook)
-            else:
-                path = zoo.ensure(
+                zoo.import_file(name, from_, registry=registry, progress=hook)
+            elif not (convert and zoo.converted(name, entry)):  # a converted base needs no .pkl
+                zoo.ensure(
                     name, offline=offline or None, registry=registry, progress=hook, on_wait=output.info
                 )
-        row: dict[str, Any] = {"name": name, "kind": entry.kind, "path": str(path)}
-        if entry.kind == "base-generator" and entry.format == "eg3d-pkl":
-            output.info(f"{name}: converting to safetensors")
-            row["converted"] = str(
-                zoo.resolve_base(name, keep_pkl=keep_pkl, offline=offline or None, registry=registry)
-            )
-            if not keep_pkl:
-                row["path"] = None
+        if convert:
+            if not zoo.converted(name, entry):
+                output.info(f"{name}: converting to safetensors")
+            base = zoo.resolve_base(name, keep_pkl=keep_pkl, offline=offline or None, registry=registry)
+            row["converted"] = str(base)
+        path = zoo.cached(name, zoo.get_entry(name, registry))
+        row["path"] = str(path) if path else None
         ref = zoo.read_ref(name) or {}
         row.update(sha256=ref.get("sha256"), size=ref.get("size"))
         results.append(row)
