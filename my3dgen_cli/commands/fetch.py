@@ -1,0 +1,170 @@
+"""`my3dgen fetch`: put registry artifacts into the verified local cache (or list them)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from my3dgen_cli.cli import command, output_for
+from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.output import Output
+
+RegistryOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--registry",
+        help="Extra registry TOML file or URL (a lab mirror); repeatable. Also read from MY3DGEN_REGISTRY.",
+    ),
+]
+
+
+def human_size(size: int | None) -> str:
+    if not size:
+        return "?"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(size)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Plain aligned columns (never wrapped, so scripts can `cut` them)."""
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=False)]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [headers, *rows]
+    ]
+    return "\n".join(lines)
+
+
+@contextmanager
+def download_progress(output: Output, label: str) -> Iterator[Any]:
+    """A byte progress bar (size, speed, ETA) on stderr; silent off a terminal or when quiet.
+
+    Yields a `progress(done, total)` hook for `zoo.ensure` / `zoo.resolve_base`; other commands
+    that fetch on demand can use it too.
+    """
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=output.err, disable=not output.show_progress, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def hook(done: int, total: int | None) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield hook
+
+
+def _list(output: Output, registry: list[str]) -> None:
+    from my3dgen_cli import zoo
+
+    rows = []
+    for entry in zoo.list_entries(registry):
+        state = (
+            "converted"
+            if zoo.converted(entry.name, entry)
+            else "yes"
+            if zoo.cached(entry.name, entry)
+            else "no"
+        )
+        rows.append(
+            {
+                "name": entry.name,
+                "kind": entry.kind,
+                "size": entry.size,
+                "cached": state,
+                "license": entry.license,
+                "sha256": entry.sha256,
+                "url": entry.url,
+                "description": entry.description,
+            }
+        )
+    if output.mode == "json":
+        output.result({"artifacts": rows})
+        return
+    table = [(r["name"], r["kind"], human_size(r["size"]), r["cached"], r["license"]) for r in rows]
+    output.result(
+        {"artifacts": rows}, human=format_table(("name", "kind", "size", "cached", "license"), table)
+    )
+
+
+@command("fetch", help="Download registry artifacts (weights) into the verified local cache.")
+def fetch(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Artifact names (see --list).", show_default=False)
+    ] = None,
+    list_: Annotated[
+        bool, typer.Option("--list", help="List the registry: name, kind, size, cached, license.")
+    ] = False,
+    from_: Annotated[
+        Path | None,
+        typer.Option("--from", help="Import a file downloaded by hand (verified) instead of downloading."),
+    ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Never use the network (as MY3DGEN_OFFLINE=1).")
+    ] = False,
+    keep_pkl: Annotated[
+        bool,
+        typer.Option("--keep-pkl/--drop-pkl", help="Keep a base generator's official .pkl after conversion."),
+    ] = True,
+    registry: RegistryOpt = None,
+    json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, results only.")] = False,
+) -> None:
+    from my3dgen_cli import zoo
+
+    output = output_for(json_mode, quiet)
+    names, registry = names or [], registry or []
+    if list_:
+        if names or from_:
+            raise UserInputError("--list takes no NAME and no --from; run `my3dgen fetch --list` alone")
+        _list(output, registry)
+        return
+    if not names:
+        raise UserInputError("give at least one artifact NAME, or --list to see them")
+    if from_ is not None and len(names) != 1:
+        raise UserInputError(f"--from imports one file: got {len(names)} names, expected exactly 1")
+    results = []
+    for name in names:
+        entry = zoo.get_entry(name, registry)
+        convert = entry.kind == "base-generator" and entry.format == "eg3d-pkl"
+        row: dict[str, Any] = {"name": name, "kind": entry.kind}
+        with download_progress(output, name) as hook:
+            if from_ is not None:
+                zoo.import_file(name, from_, registry=registry, progress=hook)
+            elif not (convert and zoo.converted(name, entry)):  # a converted base needs no .pkl
+                zoo.ensure(
+                    name, offline=offline or None, registry=registry, progress=hook, on_wait=output.info
+                )
+        if convert:
+            if not zoo.converted(name, entry):
+                output.info(f"{name}: converting to safetensors")
+            base = zoo.resolve_base(name, keep_pkl=keep_pkl, offline=offline or None, registry=registry)
+            row["converted"] = str(base)
+        path = zoo.cached(name, zoo.get_entry(name, registry))
+        row["path"] = str(path) if path else None
+        ref = zoo.read_ref(name) or {}
+        row.update(sha256=ref.get("sha256"), size=ref.get("size"))
+        results.append(row)
+    human = "\n".join(f"{r['name']}\t{r.get('converted') or r['path']}" for r in results)
+    output.result({"artifacts": results}, human=human)

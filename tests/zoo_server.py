@@ -1,0 +1,112 @@
+"""A real HTTP file server on 127.0.0.1 for the zoo tests (Range, drops, 404, request log)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class ServerState:
+    files: dict[str, bytes] = field(default_factory=dict)  # path -> body
+    content_types: dict[str, str] = field(default_factory=dict)
+    drop_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the next drop
+    drops_left: dict[str, int] = field(default_factory=dict)  # path -> how many requests still drop
+    chunk_delay_s: float = 0.0  # sleep between 64 KiB chunks (to make downloads overlap)
+    log: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def gets(self, path: str) -> list[str | None]:
+        """Range headers of every GET of `path` (None for a plain GET)."""
+        with self.lock:
+            return [rng for p, rng in self.log if p == path]
+
+
+def _handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:  # keep pytest output clean
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path, rng = self.path.split("?")[0], self.headers.get("Range")
+            with state.lock:
+                state.log.append((path, rng))
+                body = state.files.get(path)
+                drop = state.drops_left.get(path, 0) > 0
+                if drop:
+                    state.drops_left[path] -= 1
+            if body is None:
+                payload = b"not found"
+                self.send_response(404)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                return
+            start = 0
+            match = re.match(r"bytes=(\d+)-$", rng or "")
+            if match:
+                start = int(match.group(1))
+                if start >= len(body):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(body)}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Type", state.content_types.get(path, "application/octet-stream"))
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            view = body[start:]
+            limit = state.drop_after.get(path, len(view)) if drop else len(view)
+            sent = 0
+            while sent < limit:
+                piece = view[sent : min(limit, sent + 65536)]
+                self.wfile.write(piece)
+                sent += len(piece)
+                if state.chunk_delay_s:
+                    time.sleep(state.chunk_delay_s)
+            if drop:  # hang up mid-file: the client sees fewer bytes than Content-Length
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+
+    return Handler
+
+
+class FileServer:
+    def __init__(self) -> None:
+        self.state = ServerState()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state))
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def __enter__(self) -> FileServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
