@@ -9,8 +9,8 @@ from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
 from my3dgen_cli.errors import IncompatibleAdapterError
 from my3dgen_cli.lora import (
-    add_adapters,
     adapter_layers,
+    add_adapters,
     base_fingerprint,
     count_adapter_parameters,
     load_adapter,
