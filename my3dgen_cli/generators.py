@@ -1,0 +1,96 @@
+"""One way to get a generator: base weights + optional identity adapter, on a device.
+
+A base is named by
+- a path to a converted `.safetensors` (with its `.json` beside it) or an official `.pkl`;
+- a local base saved with `save_local_base` (e.g. the demo's `demo-tiny`), kept in
+  `<cache>/bases/<name>.safetensors`;
+- a zoo name such as `eg3d-ffhq512-128` (fetched and converted on demand unless offline).
+An identity's adapter records its base's name and weight fingerprint, so `--identity ana` alone is
+enough, and a base with other weights is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from my3dgen_cli import paths
+from my3dgen_cli.errors import UserInputError
+
+DEFAULT_BASE = "eg3d-ffhq512-128"
+
+
+@dataclass
+class BaseRef:
+    name: str
+    path: Path
+    sha256: str  # weight fingerprint (lora.base_fingerprint)
+
+
+def local_bases_dir() -> Path:
+    return paths.cache_dir() / "bases"
+
+
+def resolve_base_path(base: str, offline: bool | None = None) -> tuple[str, Path]:
+    """(display name, converted or .pkl path) for a base given as path, local name or zoo name."""
+    candidate = Path(base).expanduser()
+    if candidate.suffix in (".safetensors", ".pkl"):
+        if not candidate.is_file():
+            raise UserInputError(f"base generator file not found: {candidate}")
+        return candidate.stem, candidate
+    local = local_bases_dir() / f"{base}.safetensors"
+    if local.is_file():
+        return base, local
+    from my3dgen_cli import zoo
+
+    return base, zoo.resolve_base(base, offline=offline)
+
+
+def save_local_base(G: torch.nn.Module, name: str) -> Path:
+    """Keep a generator's weights as a named local base (converted format)."""
+    from my3dgen_cli.eg3d.checkpoint import save_converted
+    from my3dgen_cli.identity import check_name
+
+    dst = local_bases_dir() / f"{check_name(name)}.safetensors"
+    state = {k: v for k, v in G.state_dict().items() if ".adapter." not in k}
+    save_converted(state, G.config.to_dict(), dst)
+    return dst
+
+
+def open_base(base: str, device: torch.device | str | None = None, offline: bool | None = None):
+    """(generator in eval mode, BaseRef) for a base name or path."""
+    from my3dgen_cli.eg3d import load_generator
+    from my3dgen_cli.lora import base_fingerprint
+
+    name, path = resolve_base_path(base, offline=offline)
+    G = load_generator(path, device=device)
+    return G, BaseRef(name=name, path=path, sha256=base_fingerprint(G))
+
+
+def open_generator(
+    base: str | None = None,
+    identity: str | None = None,
+    device: torch.device | str | None = None,
+    offline: bool | None = None,
+) -> tuple[torch.nn.Module, BaseRef, dict[str, Any] | None]:
+    """Generator with the identity's adapter attached (if any): (G, base, adapter metadata or None)."""
+    from my3dgen_cli.identity import require_identity
+    from my3dgen_cli.lora import load_adapter, read_adapter
+
+    adapter_path = None
+    if identity is not None:
+        adapter_path = require_identity(identity).adapter
+        if base is None:
+            _, meta = read_adapter(adapter_path)
+            base = meta["base_name"]
+    G, ref = open_base(base or DEFAULT_BASE, device=device, offline=offline)
+    meta = None
+    if adapter_path is not None:
+        meta = load_adapter(G, adapter_path, base_sha256=ref.sha256)
+        G.to(device) if device is not None else None
+    for p in G.parameters():
+        p.requires_grad_(False)
+    return G.eval(), ref, meta

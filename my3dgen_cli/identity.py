@@ -1,0 +1,160 @@
+"""Identity folders and latent files: what a user keeps after personalizing.
+
+    identities/<name>/
+        adapter.safetensors    LoRA tensors + metadata (base name and fingerprint, rank, alpha, targets,
+                               training config, version)
+        anchors.safetensors    ws [N, num_ws, w_dim] + cameras [N, 25] of the training photos
+        previews/              photo vs reconstruction grid, crops
+        log.json, loss.png     training log
+        checkpoints/           resumable training state (removed when training finishes)
+
+A `.latent` file (safetensors) holds ws [1, num_ws, w_dim] (w is stored broadcast to every row),
+the camera label [1, 25] and metadata: identity, base, space ("w" or "w+"), version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from my3dgen_cli import __version__, paths
+from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.fileio import atomic_path
+
+LATENT_FORMAT = "my3dgen-latent/1"
+ANCHORS_FORMAT = "my3dgen-anchors/1"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """Identity names become folder names: letters, digits, '.', '_' and '-' (max 64)."""
+    if not _NAME.match(name):
+        raise UserInputError(f"identity name: got {name!r}, expected letters, digits, '.', '_' or '-' (max 64)")
+    return name
+
+
+@dataclass(frozen=True)
+class IdentityPaths:
+    root: Path
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter.safetensors"
+
+    @property
+    def anchors(self) -> Path:
+        return self.root / "anchors.safetensors"
+
+    @property
+    def previews(self) -> Path:
+        return self.root / "previews"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.json"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+
+def identity_paths(name: str) -> IdentityPaths:
+    return IdentityPaths(paths.identities_dir() / check_name(name))
+
+
+def require_identity(name: str) -> IdentityPaths:
+    """Paths of an existing identity (one with an adapter), else a clear error listing the known ones."""
+    ip = identity_paths(name)
+    if not ip.adapter.is_file():
+        known = ", ".join(list_identities()) or "none yet"
+        raise UserInputError(f"no identity named {name!r} (known: {known}); make one with `my3dgen personalize`")
+    return ip
+
+
+def list_identities() -> list[str]:
+    root = paths.identities_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "adapter.safetensors").is_file())
+
+
+def save_anchors(path: Path, ws: torch.Tensor, cameras: torch.Tensor, photos: list[str],
+                 extra: dict[str, Any] | None = None) -> Path:
+    """ws [N, num_ws, w_dim], cameras [N, 25], one photo name per row."""
+    from safetensors.torch import save_file
+
+    if ws.shape[0] != cameras.shape[0] or ws.shape[0] != len(photos):
+        raise ValueError(f"anchors: got {ws.shape[0]} latents, {cameras.shape[0]} cameras, {len(photos)} photos")
+    meta = {"format": ANCHORS_FORMAT, "photos": json.dumps(photos), "extra": json.dumps(extra or {}),
+            "my3dgen_version": __version__}
+    with atomic_path(path) as tmp:
+        save_file({"ws": ws.detach().cpu().float().contiguous(), "cameras": cameras.detach().cpu().float().contiguous()},
+                  str(tmp), metadata=meta)
+    return path
+
+
+def load_anchors(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserInputError(f"anchors not found: {path}")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        return f.get_tensor("ws"), f.get_tensor("cameras"), json.loads(meta.get("photos", "[]"))
+
+
+@dataclass
+class Latent:
+    ws: torch.Tensor  # [1, num_ws, w_dim]
+    camera: torch.Tensor  # [1, 25]
+    identity: str | None
+    base: str
+    space: str
+    extra: dict[str, Any]
+
+
+def save_latent(path: str | Path, ws: torch.Tensor, camera: torch.Tensor, base: str, identity: str | None = None,
+                space: str = "w+", extra: dict[str, Any] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    if space not in ("w", "w+"):
+        raise ValueError(f"latent space: got {space!r}, expected 'w' or 'w+'")
+    if ws.ndim != 3 or ws.shape[0] != 1 or camera.shape != (1, 25):
+        raise ValueError(f"latent: got ws {tuple(ws.shape)} and camera {tuple(camera.shape)}, "
+                         "expected (1, num_ws, w_dim) and (1, 25)")
+    meta = {"format": LATENT_FORMAT, "identity": identity or "", "base": base, "space": space,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "my3dgen_version": __version__, "extra": json.dumps(extra or {})}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({"ws": ws.detach().cpu().float().contiguous(), "camera": camera.detach().cpu().float().contiguous()},
+                  str(tmp), metadata=meta)
+    return path
+
+
+def load_latent(path: str | Path) -> Latent:
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"latent file not found: {path}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != LATENT_FORMAT:
+                raise UserInputError(f"{path}: got format {meta.get('format')!r}, expected {LATENT_FORMAT!r}")
+            ws, camera = f.get_tensor("ws"), f.get_tensor("camera")
+    except (SafetensorError, OSError) as err:
+        raise UserInputError(f"{path}: not a readable .latent file ({err})") from None
+    return Latent(ws, camera, meta.get("identity") or None, meta.get("base", ""), meta.get("space", "w+"),
+                  json.loads(meta.get("extra", "{}")))
