@@ -98,8 +98,8 @@ def save_anchors(path: Path, ws: torch.Tensor, cameras: torch.Tensor, photos: li
     meta = {"format": ANCHORS_FORMAT, "photos": json.dumps(photos), "extra": json.dumps(extra or {}),
             "my3dgen_version": __version__}
     with atomic_path(path) as tmp:
-        save_file({"ws": ws.detach().cpu().float().contiguous(), "cameras": cameras.detach().cpu().float().contiguous()},
-                  str(tmp), metadata=meta)
+        tensors = {"ws": ws.detach().cpu().float().contiguous(), "cameras": cameras.detach().cpu().float().contiguous()}
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
