@@ -96,7 +96,7 @@ def project_to_w(
                 loss.backward()
                 opt.step()
                 if on_step is not None:
-                    on_step(step, float(loss))
+                    on_step(step, float(loss.detach()))
             out.append(w.detach().expand(n, num_ws, -1).clone())
     finally:
         for p, flag in zip(G.parameters(), requires, strict=True):

@@ -208,8 +208,9 @@ class LossNets:
         if config.sym and config.sym_loss == "id":
             ident = identity_network(offline=offline)
             if ident is None:
-                out.warn("ArcFace IR-SE50 is not cached (`my3dgen fetch arcface-ir-se50`); "
-                         "the symmetry term uses LPIPS instead")
+                instead = "LPIPS" if alex is not None else "pixel MSE"
+                out.warn(f"ArcFace IR-SE50 is not cached (`my3dgen fetch arcface-ir-se50`); "
+                         f"the symmetry term uses {instead} instead")
         return cls(vgg, alex, ident)
 
     def to(self, device: torch.device) -> LossNets:

@@ -278,3 +278,17 @@ def test_cli_personalize_end_to_end(person, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["photos"] == ["view0", "view1", "view2"] and data["parameters"] > 0 and len(data["skipped"]) == 1
+
+
+@pytest.mark.slow
+def test_rank1_adapter_on_ffhq512_is_small(tmp_path):
+    """The paper's budget: rank 1 on the default targets of ffhq512-128 is 219,174 parameters, < 1 MB on disk."""
+    from my3dgen_cli.lora import save_adapter
+
+    G = build_generator("ffhq512-128")
+    add_adapters(G, rank=1, generator=torch.Generator().manual_seed(0))
+    n = count_adapter_parameters(G)
+    assert n == 219_174 and n <= 250_000
+    path = save_adapter(G, tmp_path / "a.safetensors", "eg3d-ffhq512-128", "0" * 64,
+                        {"config": PersonalizeConfig().to_dict()})
+    assert path.stat().st_size <= 1_000_000
