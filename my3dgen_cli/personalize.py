@@ -279,6 +279,8 @@ def personalize(
     ip = identity_paths(name)
     if ip.adapter.is_file() and not (force or resume):
         raise UserInputError(f"identity {name!r} already exists ({ip.root}); pass --force to replace it")
+    if resume and not any(ip.checkpoints.glob("step-*.pt")):
+        raise UserInputError(f"--resume: identity {name!r} has no checkpoint to continue from; run without --resume")
     with out.progress() as bar:
         if not isinstance(photos, Photos):
             task = bar.add_task("photos", total=None, status="")
@@ -301,7 +303,7 @@ def personalize(
             out.warn("training on the CPU will be slow (minutes per 100 steps at full size); use --device cuda or mps")
         nets = (nets or LossNets.load(config, offline=offline, output=out)).to(dev)
         images, cameras = photos.images.to(dev), photos.cameras.to(dev)
-        if resume and ip.anchors.is_file() and any(ip.checkpoints.glob("step-*.pt")):
+        if resume and ip.anchors.is_file():
             from my3dgen_cli.identity import load_anchors
 
             ws = load_anchors(ip.anchors)[0].to(dev)

@@ -199,6 +199,9 @@ def test_personalize_writes_identity_folder_and_round_trips(person):
     assert all(torch.equal(a, b) for a, b in zip(_views(G, w, [25.0]), _views(G2, w, [25.0]), strict=True))
     with pytest.raises(ValueError, match="already exists"):
         personalize(photos, "ana", config, base="tiny-test", generator=_fresh(person), nets=LossNets(lp, lp, None))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        personalize(photos, "ana", config, base="tiny-test", generator=_fresh(person), nets=LossNets(lp, lp, None),
+                    resume=True)
 
 
 def test_config_validation_names_the_field():
