@@ -285,7 +285,7 @@ def tune_adapter(
         loss.backward()
         opt.step()
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, float(loss.detach()))
     for p in params:
         p.requires_grad_(False)
     with torch.no_grad():

@@ -35,3 +35,12 @@ def tiny_base(monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
 
     monkeypatch.setattr(generators, "open_base", fake_open_base)
     return G
+
+
+@pytest.fixture
+def one_thread():
+    """Optimization tests on a shared 2-core box: one intra-op thread avoids oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

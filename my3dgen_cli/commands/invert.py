@@ -145,6 +145,7 @@ def invert(
     check_free([p for row in plan for _, p in row], force)
 
     G, ref, dev = open_model(base, identity, None, device)
+    targets = _targets(images, G.img_resolution, yaw, pitch, labels)  # bad images fail before any loss setup
     anchors, _ = identity_anchors(identity, dev)
     if cfg.hull and anchors is None:
         raise UserInputError("--hull needs an identity with anchors (--identity NAME)")
@@ -157,7 +158,6 @@ def invert(
             output.warn("LPIPS-VGG weights are not cached (`my3dgen fetch lpips-vgg16`); using pixel losses only")
         else:
             net = net.to(dev)
-    targets = _targets(images, G.img_resolution, yaw, pitch, labels)
     original = None
     if tune:
         from my3dgen_cli.lora import adapter_state_dict
