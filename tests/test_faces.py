@@ -170,3 +170,23 @@ def test_cli_refuses_input_folder_as_output_and_too_few(photos: Path) -> None:
     result = CliRunner().invoke(app, ["faces", str(photos / "coffee.jpg"), "-o", str(photos / "x")])
     assert result.exit_code == 2 and "expected at least 1" in result.output
     assert not (photos / "x").exists()
+
+
+def test_huge_photo_is_shrunk_for_detection_only(  # type: ignore[no-untyped-def]
+    tmp_path: Path, astronaut: np.ndarray, faceset
+) -> None:
+    Image.fromarray(astronaut).resize((2048, 2048), Image.Resampling.BICUBIC).save(tmp_path / "huge.png")
+    face = prepare_face(tmp_path / "huge.png")
+    small = next(f for f in faceset if f.stem == "astronaut")
+    assert abs(face.yaw - small.yaw) < 3.0
+    assert np.abs(face.crop.astype(float) - small.crop).mean() < 12.0  # same framing, sharper source
+
+
+def test_bad_dataset_json_is_a_user_error(tmp_path: Path) -> None:
+    bad = tmp_path / "dataset.json"
+    bad.write_text('{"labels": [["a.png", [1, 2, 3]]]}')
+    with pytest.raises(UserInputError, match="got 3 values, expected 25"):
+        read_dataset_json(bad)
+    bad.write_text("{not json")
+    with pytest.raises(UserInputError, match="cannot read dataset.json"):
+        read_dataset_json(bad)
