@@ -165,6 +165,8 @@ def _flatten(root: Any) -> dict[str, torch.Tensor]:
         seen.add(id(obj))
         state = _module_state(obj, prefix.rstrip("."))
         skip = state.get("_non_persistent_buffers_set") or set()
+        if not isinstance(skip, (set, frozenset, list, tuple)):
+            raise UserInputError(f"module '{prefix.rstrip('.') or '<root>'}' has a malformed buffer set")
         buffers = [(n, v) for n, v in _items(state, "_buffers", prefix) if n not in skip]
         for name, value in [*_items(state, "_parameters", prefix), *buffers]:
             if value is None:
@@ -319,9 +321,10 @@ def load_converted(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     if metadata.get("format") != FORMAT:
         got = metadata.get("format")
         raise UserInputError(f"{weights}: got format {got!r}, expected {FORMAT!r} (convert it first)")
-    if int(metadata.get("format_version", "0")) > FORMAT_VERSION:
+    version = metadata.get("format_version", "0")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
         raise UserInputError(
-            f"{weights}: format version {metadata['format_version']} is newer than this "
+            f"{weights}: format version {version!r} is newer than this "
             f"my3dgen reads ({FORMAT_VERSION}); upgrade my3dgen"
         )
     try:
