@@ -356,3 +356,14 @@ def test_convert_parity_pkl_against_real_generator(tmp_path: Path, parity, parit
     state_dict, config = load_converted(dst)
     generator = build_generator(config)
     generator.load_state_dict(state_dict, strict=True)
+
+
+def test_load_generator_from_pkl_and_converted_agree(tmp_path: Path, parity, parity_pkl: Path) -> None:
+    _build_generator_or_skip()
+    state_dict, _ = parity
+    from_pkl = checkpoint.load_generator(parity_pkl)
+    from_converted = checkpoint.load_generator(convert_pkl(parity_pkl, tmp_path / "p.safetensors"))
+    assert not from_pkl.training and from_pkl.neural_rendering_resolution == 128
+    for name, tensor in state_dict.items():
+        assert torch.equal(from_pkl.state_dict()[name], tensor.float()), name
+        assert torch.equal(from_converted.state_dict()[name], tensor.float()), name

@@ -340,6 +340,32 @@ def load_converted(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return state_dict, config
 
 
+def load_generator(path: str | Path, device: torch.device | str | None = None) -> torch.nn.Module:
+    """A generator in eval mode with the weights of `path` loaded strictly.
+
+    path: a converted `.safetensors` (its `.json` beside it) or an official `.pkl` (read with the
+    safe reader, `G_ema`; nothing is written). Weights are cast to the generator's dtype (fp16
+    storage loads into fp32 parameters). device: where to move the generator (None: CPU).
+    """
+    from my3dgen_cli.eg3d import build_generator  # lazy: the generator package imports this module
+
+    path = Path(path)
+    if path.suffix == ".pkl":
+        ckpt = read_official_pkl(path)
+        state_dict, config = ckpt.state_dict, ckpt.config(source={"file": path.name, "network": "G_ema"})
+    else:
+        state_dict, config = load_converted(path)
+    generator = build_generator(config)
+    try:
+        check_state_dict(state_dict, {name: tuple(t.shape) for name, t in generator.state_dict().items()})
+    except UserInputError as err:
+        raise UserInputError(f"{path}: {err}") from None
+    generator.load_state_dict(state_dict, strict=True)
+    if device is not None:
+        generator = generator.to(device)
+    return generator.eval()
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as f:
