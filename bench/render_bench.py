@@ -73,14 +73,14 @@ def main() -> None:
         with torch.no_grad():
             ws = ours.mapping(z, c_cond)
 
-            def run_ours() -> None:
+            def run_ours(ws=ws, nrr=nrr) -> None:
                 ours.synthesis(ws, c, neural_rendering_resolution=nrr)
                 sync()
 
             t_ours = timed(run_ours, args.repeats)
             t_theirs = None
             if theirs is not None:
-                def run_theirs() -> None:
+                def run_theirs(ws=ws, nrr=nrr) -> None:
                     theirs.synthesis(ws, c, neural_rendering_resolution=nrr, noise_mode="const")
                     sync()
 
