@@ -75,9 +75,10 @@ class InvertResult:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of two [-1, 1] images (computed on [0, 1])."""
-    mse = F.mse_loss((a.float() + 1) / 2, (b.float() + 1) / 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+    """Mean PSNR in dB of [N, 3, H, W] images in [-1, 1] (metrics.psnr: mapped and clipped to [0, 1])."""
+    from my3dgen_cli.metrics import psnr as psnr_per_image
+
+    return float(psnr_per_image(a.detach(), b.detach()).mean())
 
 
 def _lpips_input(x: torch.Tensor, size: int) -> torch.Tensor:
