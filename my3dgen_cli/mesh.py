@@ -36,15 +36,14 @@ def density_grid(G: nn.Module, ws: torch.Tensor, resolution: int = 128, chunk: i
 def marching_cubes(field: np.ndarray, level: float, box: float) -> tuple[np.ndarray, np.ndarray]:
     """Iso-surface of `field` [R, R, R] at `level` -> (vertices [V, 3] in world units, faces [F, 3]).
 
-    Faces are wound so that normals point out of the dense region. Raises ValueError naming the
-    field's range when the level is never crossed.
+    Winding follows scikit-image's "ascent" convention for a field that is larger inside (not
+    checked by a test). Raises ValueError naming the field's range when the level is never crossed.
     """
     from skimage.measure import marching_cubes as skimage_mc
 
     lo, hi = float(field.min()), float(field.max())
     if not lo < level < hi:
         raise ValueError(f"mesh level: got {level:g}, expected a value inside the density range ({lo:.3g}, {hi:.3g})")
-    # Higher density is inside: "ascent" orients the faces outwards for such a field.
     verts, faces, _, _ = skimage_mc(field.astype(np.float32), level=level, gradient_direction="ascent")
     r = field.shape[0]
     verts = verts * (box / (r - 1)) - box / 2
