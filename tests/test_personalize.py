@@ -295,3 +295,33 @@ def test_rank1_adapter_on_ffhq512_is_small(tmp_path):
     path = save_adapter(G, tmp_path / "a.safetensors", "eg3d-ffhq512-128", "0" * 64,
                         {"config": PersonalizeConfig().to_dict()})
     assert path.stat().st_size <= 1_000_000
+
+
+def test_cli_personalize_real_photo_through_faces(person, tmp_path):
+    """A real photo (scikit-image's public-domain astronaut) and its mirror: detection, crop, pose, anchors."""
+    pytest.importorskip("my3dgen_cli.eg3d.checkpoint")
+    import importlib.util
+
+    if importlib.util.find_spec("mtcnn") is None:  # the detector's weights ship in that wheel (not imported)
+        pytest.skip("the mtcnn wheel is not installed")
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from my3dgen_cli.eg3d.camera import camera_angles
+    from my3dgen_cli.generators import save_local_base
+    from my3dgen_cli.identity import identity_paths, load_anchors
+
+    save_local_base(_fresh(person), "tiny-test")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo = Image.fromarray(skdata.astronaut())
+    photo.save(folder / "front.png")
+    photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / "mirror.png")
+    result = _cli(["personalize", str(folder), "--name", "astro", "--base", "tiny-test", "--steps", "1",
+                   "--anchor-steps", "1", "--device", "cpu", "--quiet"])
+    assert result.exit_code == 0, result.output
+    ws, cams, names = load_anchors(identity_paths("astro").anchors)
+    yaw, pitch = camera_angles(cams)
+    assert sorted(names) == ["front", "mirror"] and ws.shape[0] == 2
+    assert float(yaw[0]) == pytest.approx(-float(yaw[1]), abs=1e-3)
+    assert float(pitch[0]) == pytest.approx(float(pitch[1]))
