@@ -8,7 +8,8 @@ and renders held-out views from the mean anchor w.
 
 Methods: no tuning (base), LoRA rank 1 (no symmetry), LoRA + symmetry, full fine-tuning of the
 same layers (backbone synthesis + superresolution). Reported: held-out PSNR / SSIM (and LPIPS-alex
-when its verified weights are cached), trainable parameters, seconds per step.
+when its verified weights are cached), mirror MSE (profile view vs the flipped opposite profile,
+what the symmetry term penalizes), trainable parameters, seconds per step.
 
     python bench/personalize_bench.py --config tiny --steps 200 --anchor-steps 100
 """
@@ -51,6 +52,15 @@ def make_person(G, seed: int, rank: int, strength: float):
         z = torch.randn(1, G.z_dim, generator=g)
         w = G.mapping(z, frontal_camera(1), truncation_psi=0.7)
     return person.eval(), w
+
+
+def mirror_inconsistency(G, w, cams):
+    """Mean MSE between each view and the flipped view from the mirror camera (0 = symmetric face)."""
+    from my3dgen_cli.symmetry import mirror_pair
+
+    with torch.no_grad():
+        a, b = mirror_pair(G, w.expand(cams.shape[0], -1, -1), cams)
+    return float(((a - b) ** 2).mean())
 
 
 def metrics(pred, target, lpips):
@@ -96,7 +106,9 @@ def main() -> None:
 
     rows = []
     pred, _ = render(base, w_mean, test_cams)
-    rows.append(("no tuning", *metrics(pred.cpu(), target.cpu(), lpips), 0, None))
+    sym_cams = test_cams[:3]  # yaw -90, -75, -60 against +90, +75, +60
+    base_mirror = mirror_inconsistency(base, w_mean, sym_cams)
+    rows.append(("no tuning", *metrics(pred.cpu(), target.cpu(), lpips), 0, None, base_mirror))
     sym_distance = choose_distance("id", None, lpips)
     methods = (("LoRA r1", False, False), ("LoRA r1 + sym", True, False), ("full fine-tune", False, True))
     for label, sym, full in methods:
@@ -109,7 +121,7 @@ def main() -> None:
                                params=params, raw_images=raws)
         pred, _ = render(G, w_mean, test_cams)
         rows.append((label, *metrics(pred.cpu(), target.cpu(), lpips), result.parameters,
-                     result.seconds / max(result.steps, 1)))
+                     result.seconds / max(result.steps, 1), mirror_inconsistency(G, w_mean, sym_cams)))
 
     print(f"config {args.config}, person: rank-{args.person_rank} hidden adapter (B ~ N(0, {args.person_strength}^2)), "
           f"{len(TRAIN_YAWS)} training views (yaw -35..35), {len(HELD_OUT)} held-out views "
@@ -117,12 +129,14 @@ def main() -> None:
           f"({anchor_s:.0f} s), symmetry distance {sym_distance.kind}, LPIPS "
           f"{'alex' if lpips is not None else 'not cached (training uses pixel losses)'}")
     print()
-    print("| method | held-out PSNR (dB) | held-out SSIM | held-out LPIPS | trainable params | s/step |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for label, psnr, ssim, lp, n, sps in rows:
+    print(f"(person's own mirror inconsistency: {mirror_inconsistency(person, w_true, sym_cams):.4f})")
+    print()
+    print("| method | held-out PSNR (dB) | held-out SSIM | held-out LPIPS | mirror MSE | trainable params | s/step |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, psnr, ssim, lp, n, sps, mirror in rows:
         lp_s = f"{lp:.4f}" if lp is not None else "n/a"
         sps_s = f"{sps:.3f}" if sps is not None else "-"
-        print(f"| {label} | {psnr:.2f} | {ssim:.4f} | {lp_s} | {n:,} | {sps_s} |")
+        print(f"| {label} | {psnr:.2f} | {ssim:.4f} | {lp_s} | {mirror:.4f} | {n:,} | {sps_s} |")
 
 
 if __name__ == "__main__":

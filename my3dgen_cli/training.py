@@ -204,7 +204,7 @@ def train_adapter(
                 idx = torch.randperm(n, generator=rng)[: min(config.batch, n)].to(device)
                 do_sym = config.sym and config.sym_every > 0 and step % config.sym_every == 0
                 sym_cams = symmetry_cameras(1, config.sym_yaw, rng).to(device) if do_sym else None
-                with torch.autocast(device.type, enabled=use_amp):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):  # bf16: no GradScaler
                     out = G.synthesis(anchors_ws[idx], cameras[idx], noise_mode="const", sampling="deterministic")
                     loss, record = reconstruction_loss(out, photo[idx], photo_raw[idx], lpips)
                     if sym_cams is not None:
