@@ -23,11 +23,14 @@ import torch
 from torch import nn
 
 from my3dgen_cli import __version__
+from my3dgen_cli.distributed import SINGLE, Dist, broadcast_
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.fileio import write_text_atomic
 from my3dgen_cli.output import Output
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")  # as faces.py
+# --budget presets: (training steps, anchor projection steps per photo). "paper" = My3DGen's defaults.
+BUDGETS = {"quick": (300, 100), "standard": (600, 200), "paper": (1000, 300)}
 
 
 @dataclass(frozen=True)
@@ -54,14 +57,20 @@ class PersonalizeConfig:
     mirror: bool = False
     seed: int = 0
     checkpoint_every: int = 100
-    amp: bool = False
+    amp: bool | str = False  # False/"off", True/"bf16", "fp16" (CUDA): speed.autocast
+    accum: int = 1  # micro-batches per step (same effective batch, less memory)
+    act_checkpointing: bool = False  # recompute activations in backward (less memory, ~1/3 more time)
+    compile: bool = False  # torch.compile the generator's synthesis
 
     def __post_init__(self) -> None:
         from my3dgen_cli.anchors import SPACES
         from my3dgen_cli.lora import CONV_STYLES
+        from my3dgen_cli.speed import AMP_MODES
         from my3dgen_cli.symmetry import SYM_LOSSES
 
-        for name, least in (("rank", 1), ("steps", 1), ("batch", 1), ("anchor_steps", 0)):
+        if not isinstance(self.amp, bool) and self.amp not in AMP_MODES:
+            raise UserInputError(f"amp: got {self.amp!r}, expected a bool or one of {', '.join(AMP_MODES)}")
+        for name, least in (("rank", 1), ("steps", 1), ("batch", 1), ("anchor_steps", 0), ("accum", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < least:
                 raise UserInputError(f"{name}: got {value!r}, expected an integer >= {least}")
@@ -101,9 +110,11 @@ class PersonalizeConfig:
         return cls(**{k: (tuple(v) if k == "betas" else v) for k, v in data.items() if k in known})
 
     def train_fingerprint(self) -> dict[str, Any]:
-        """Settings a resumed run must share with the interrupted one (all but checkpoint_every)."""
+        """Settings a resumed run must share with the interrupted one (all but checkpoint_every and the
+        exact speed options: activation checkpointing and compile change no number that matters)."""
         d = self.to_dict()
-        d.pop("checkpoint_every")
+        for key in ("checkpoint_every", "act_checkpointing", "compile"):
+            d.pop(key)
         return d
 
 
@@ -260,6 +271,7 @@ def personalize(
     offline: bool | None = None,
     output: Output | None = None,
     on_step: Any = None,
+    world: Dist = SINGLE,
 ) -> IdentityResult:
     """Personalize the base generator to the person in `photos`; write identities/<name>/.
 
@@ -267,9 +279,12 @@ def personalize(
     the base (its weights are the base; `base` is the name recorded) instead of opening `base`.
     nets: loss networks (default: LossNets.load). resume: continue from the newest checkpoint in
     the identity's checkpoints/ (anchors are reused). force: replace an existing identity.
+    world: this process's place in a data-parallel group (distributed.Dist; torchrun): every rank
+    calls this with the same arguments, anchors are projected in chunks shared among the ranks,
+    training is data-parallel, and only rank 0 writes files (the identity folder must be on a
+    filesystem all ranks see when resuming).
     Raises UserInputError for unusable photos or an existing identity, TrainingInterrupted on Ctrl-C.
     """
-    from my3dgen_cli.anchors import project_to_w
     from my3dgen_cli.identity import identity_paths, save_anchors
     from my3dgen_cli.lora import base_fingerprint, count_adapter_parameters, save_adapter
     from my3dgen_cli.training import train_adapter
@@ -310,13 +325,14 @@ def personalize(
             if ws.shape[0] != images.shape[0]:
                 raise UserInputError(f"--resume: the saved anchors hold {ws.shape[0]} photos, got {images.shape[0]}")
         else:
-            if not resume:
+            if not resume and world.is_main:
                 shutil.rmtree(ip.checkpoints, ignore_errors=True)
             task = bar.add_task("anchors", total=config.anchor_steps * -(-images.shape[0] // 4), status="")
-            ws = project_to_w(G, images, cameras, config.anchor_steps, space=config.anchor_space,
-                              lr=config.anchor_lr, lpips=nets.anchor_lpips,
-                              on_step=lambda s, loss: bar.update(task, advance=1, status=f"loss {loss:.4f}"))
-            save_anchors(ip.anchors, ws, cameras, photos.names, {"base": base, "space": config.anchor_space})
+            ws = _project_shared(G, images, cameras, config, nets.anchor_lpips, world,
+                                 on_step=lambda s, loss: bar.update(task, advance=1, status=f"loss {loss:.4f}"))
+            if world.is_main:
+                save_anchors(ip.anchors, ws, cameras, photos.names, {"base": base, "space": config.anchor_space})
+            world.barrier()
         sym_distance = None
         if config.sym:
             from my3dgen_cli.symmetry import choose_distance
@@ -330,18 +346,45 @@ def personalize(
                 on_step(step, record)
 
         result = train_adapter(G, images, cameras, ws, config, lpips=nets.train_lpips, sym_distance=sym_distance,
-                               checkpoint_dir=ip.checkpoints, resume=resume, on_step=step_done)
+                               checkpoint_dir=ip.checkpoints, resume=resume, on_step=step_done, world=world)
     n_params = count_adapter_parameters(G)
     full = sum(p.numel() for n, p in G.named_parameters() if ".adapter." not in n)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     extra = {"config": config.to_dict(), "photos": photos.names, "parameters": n_params, "created": created,
              "steps": result.steps, "sym_loss": result.sym_kind, "version": __version__}
-    save_adapter(G, ip.adapter, base, fingerprint, extra)
-    _write_reports(G, ip, images, cameras, ws, result.log)
-    shutil.rmtree(ip.checkpoints, ignore_errors=True)
+    if world.is_main:
+        save_adapter(G, ip.adapter, base, fingerprint, extra)
+        _write_reports(G, ip, images, cameras, ws, result.log)
+        shutil.rmtree(ip.checkpoints, ignore_errors=True)
+    world.barrier()
     final = result.log[-1]["loss"] if result.log else float("nan")
     return IdentityResult(name, ip.root, base, photos.names, photos.skipped, n_params, full,
                           ip.adapter.stat().st_size, result.steps, final, result.sym_kind, result.seconds)
+
+
+def _project_shared(G: nn.Module, images: torch.Tensor, cameras: torch.Tensor, config: PersonalizeConfig,
+                    lpips: nn.Module | None, world: Dist, on_step: Any, chunk: int = 4) -> torch.Tensor:
+    """Anchors of all photos, chunk k projected by rank k mod world and broadcast from it.
+
+    The chunks are the ones one process uses (project_to_w's batch), so the anchors are the same
+    whatever the number of ranks.
+    """
+    from my3dgen_cli.anchors import project_to_w
+
+    if world.world == 1:
+        return project_to_w(G, images, cameras, config.anchor_steps, space=config.anchor_space,
+                            lr=config.anchor_lr, lpips=lpips, batch=chunk, on_step=on_step)
+    n = images.shape[0]
+    ws = torch.empty(n, G.num_ws, G.w_dim, device=images.device)
+    for k, start in enumerate(range(0, n, chunk)):
+        part = slice(start, start + chunk)
+        owner = k % world.world
+        if owner == world.rank:
+            ws[part] = project_to_w(G, images[part], cameras[part], config.anchor_steps, space=config.anchor_space,
+                                    lr=config.anchor_lr, lpips=lpips, batch=chunk, on_step=on_step)
+        part_ws = ws[part].contiguous()
+        ws[part] = broadcast_(part_ws, owner, world)
+    return ws
 
 
 def _write_reports(G: nn.Module, ip: Any, images: torch.Tensor, cameras: torch.Tensor, ws: torch.Tensor,

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from my3dgen_cli.anchors import perceptual_distance, resize
+from my3dgen_cli.distributed import SINGLE, Dist, fault_hook, reduce_sum, shard, sum_gradients
 from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.fileio import atomic_path
+from my3dgen_cli.speed import activation_checkpointing, autocast
 from my3dgen_cli.symmetry import SymmetryDistance, mse_distance, symmetry_cameras, symmetry_loss
 
 CHECKPOINT_FORMAT = "my3dgen-train-checkpoint/1"
@@ -57,12 +59,24 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
 
 
+def reconstruction_terms(out: dict[str, torch.Tensor], photo: torch.Tensor, photo_raw: torch.Tensor,
+                         lpips: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """My3DGen's loss terms as tensors (no host sync): MSE and LPIPS, each summed over both resolutions.
+
+    Each is a mean over the batch, so a batch split into shards weighted by their share sums back
+    to the whole batch's value (what data parallelism and gradient accumulation rely on).
+    """
+    raw = out["image_raw"][:, :3].float()
+    image = out["image"].float()
+    mse = F.mse_loss(raw, photo_raw) + F.mse_loss(image, photo)
+    perc = perceptual_distance(lpips, raw, photo_raw) + perceptual_distance(lpips, image, photo, 512)
+    return mse, perc
+
+
 def reconstruction_loss(out: dict[str, torch.Tensor], photo: torch.Tensor, photo_raw: torch.Tensor,
                         lpips: nn.Module | None) -> tuple[torch.Tensor, dict[str, float]]:
     """My3DGen's loss: MSE + LPIPS at the neural resolution (rgb of image_raw) and at full resolution."""
-    raw = out["image_raw"][:, :3]
-    mse = F.mse_loss(raw, photo_raw) + F.mse_loss(out["image"], photo)
-    perc = perceptual_distance(lpips, raw, photo_raw) + perceptual_distance(lpips, out["image"], photo, 512)
+    mse, perc = reconstruction_terms(out, photo, photo_raw, lpips)
     return mse + perc, {"mse": float(mse.detach()), "lpips": float(perc.detach())}
 
 
@@ -146,6 +160,7 @@ def train_adapter(
     resume: bool = False,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     raw_images: torch.Tensor | None = None,
+    world: Dist = SINGLE,
 ) -> TrainResult:
     """Train LoRA adapters on G so it renders each photo from its camera and anchor latent.
 
@@ -158,6 +173,13 @@ def train_adapter(
     on_step(step, record) runs after each completed step; a KeyboardInterrupt there (or Ctrl-C)
     saves a checkpoint and raises TrainingInterrupted. raw_images: targets of the raw neural render
     [N, 3, r, r] (default: `images` downsampled, as the paper; synthetic tests pass the true raw renders).
+
+    Speed (config fields, all optional): amp ("off"/"bf16"/"fp16" or a bool), accum (micro-batches
+    per step: same effective batch, less memory), act_checkpointing, compile. world: data-parallel
+    group (distributed.Dist): each rank trains its shard of every batch, the adapter gradients are
+    summed over ranks (each shard's loss is weighted by its share of the batch, so the sum is the
+    whole batch's gradient), the symmetry term runs on one rank per step (in turn), only rank 0
+    writes checkpoints. Every rank gets the same data and config.
     """
     from my3dgen_cli.lora import add_adapters
 
@@ -193,39 +215,59 @@ def train_adapter(
             opt.load_state_dict(state["optimizer"])
             rng.set_state(state["rng"])
             start, log = int(state["step"]), list(state["log"])
-    use_amp = bool(config.amp) and device.type == "cuda"
+    accum = int(getattr(config, "accum", 1))
+    amp = getattr(config, "amp", False)
+    synth = G.synthesis
+    if getattr(config, "compile", False):
+        from my3dgen_cli.speed import compiled
+
+        synth = compiled(G.synthesis)
     saved: list[Path] = []
     t0 = time.perf_counter()
     G.train()
     step = start
     try:
-        with _sigint_flag() as flag:
+        with _sigint_flag() as flag, activation_checkpointing(G, bool(getattr(config, "act_checkpointing", False))):
             while step < config.steps:
                 idx = torch.randperm(n, generator=rng)[: min(config.batch, n)].to(device)
                 do_sym = config.sym and config.sym_every > 0 and step % config.sym_every == 0
                 sym_cams = symmetry_cameras(1, config.sym_yaw, rng).to(device) if do_sym else None
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):  # bf16: no GradScaler
-                    out = G.synthesis(anchors_ws[idx], cameras[idx], noise_mode="const", sampling="deterministic")
-                    loss, record = reconstruction_loss(out, photo[idx], photo_raw[idx], lpips)
-                    if sym_cams is not None:
-                        sym = symmetry_loss(G, anchors_ws[idx[:1]], sym_cams, distance)
-                        loss = loss + config.sym_weight * sym
-                        record["sym"] = float(sym.detach())
+                sym_rank = (step // config.sym_every) % world.world  # the symmetry term rotates over ranks
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                totals = torch.zeros(4, device=device)  # loss, mse, lpips, sym: this rank's share
+                for chunk in torch.tensor_split(shard(idx, world), accum):
+                    if chunk.numel() == 0:
+                        continue
+                    share = chunk.numel() / idx.numel()  # of the whole (all ranks') batch
+                    with autocast(device, amp):
+                        out = synth(anchors_ws[chunk], cameras[chunk], noise_mode="const", sampling="deterministic")
+                    mse, perc = reconstruction_terms(out, photo[chunk], photo_raw[chunk], lpips)
+                    ((mse + perc) * share).backward()
+                    totals += torch.stack([mse + perc, mse, perc, torch.zeros_like(mse)]).detach() * share
+                if sym_cams is not None and sym_rank == world.rank:
+                    with autocast(device, amp):
+                        sym = symmetry_loss(G, anchors_ws[idx[:1]], sym_cams, distance).float()
+                    (config.sym_weight * sym).backward()
+                    totals += torch.stack([config.sym_weight * sym, sym.new_zeros(()), sym.new_zeros(()), sym]).detach()
+                sum_gradients(params, world)
                 opt.step()
                 step += 1
-                record = {"step": step, "loss": float(loss.detach()), **record}
+                loss, mse_v, perc_v, sym_v = reduce_sum(totals, world).tolist()  # the step's one host sync
+                record = {"step": step, "loss": loss, "mse": mse_v, "lpips": perc_v}
+                if sym_cams is not None:
+                    record["sym"] = sym_v
                 log.append(record)
-                if checkpoint_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0:
+                if (checkpoint_dir is not None and world.is_main and config.checkpoint_every
+                        and step % config.checkpoint_every == 0):
                     saved.append(save_checkpoint(checkpoint_dir, step, params, opt, rng, log, fingerprint))
+                fault_hook(step, world)
                 if on_step is not None:
                     on_step(step, record)
                 if flag["stop"]:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         path = None
-        if checkpoint_dir is not None:
+        if checkpoint_dir is not None and world.is_main:
             path = save_checkpoint(checkpoint_dir, step, params, opt, rng, log, fingerprint)
         raise TrainingInterrupted(step, path) from None
     finally:

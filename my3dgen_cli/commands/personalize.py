@@ -12,21 +12,30 @@ from my3dgen_cli.cli import command, output_for
 SYM_CHOICES = ("id", "lpips")
 
 
-@command("personalize", help="Build a personal 3D face prior (LoRA adapter) from ~10 photos of one person.")
+@command("personalize", help="Build a personal 3D face prior (LoRA adapter) from ~10 photos of one person. "
+                              "Runs data-parallel under torchrun; --batch-file shares many people among ranks.")
 def personalize_cmd(
-    photos: Annotated[list[Path], typer.Argument(help="Photo files and/or folders (a folder with an EG3D "
-                                                      "dataset.json is read as aligned crops).")],
-    name: Annotated[str, typer.Option("--name", "-n", help="Identity name (folder under identities/).")],
+    photos: Annotated[list[Path] | None, typer.Argument(help="Photo files and/or folders (a folder with an EG3D "
+                                                             "dataset.json is read as aligned crops).")] = None,
+    name: Annotated[str | None, typer.Option("--name", "-n", help="Identity name (folder under identities/).")
+                    ] = None,
+    batch_file: Annotated[Path | None, typer.Option("--batch-file", help="CSV of people (name, photos[, labels]) "
+                                                    "instead of PHOTOS --name; rerun to finish failed ones.")] = None,
     base: Annotated[str, typer.Option(help="Base generator: zoo name, local base or file.")] = "eg3d-ffhq512-128",
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 1,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: rank, scale 1).")] = None,
-    steps: Annotated[int, typer.Option(help="Adapter training steps.")] = 1000,
-    batch: Annotated[int, typer.Option(help="Photos per training step.")] = 2,
+    budget: Annotated[str, typer.Option(help="Steps preset: quick, standard or paper (training / anchor steps "
+                                             "300/100, 600/200, 1000/300); --steps / --anchor-steps override.")
+                      ] = "paper",
+    steps: Annotated[int | None, typer.Option(help="Adapter training steps (default: from --budget).")] = None,
+    batch: Annotated[int, typer.Option(help="Photos per training step (over all ranks).")] = 2,
+    accum: Annotated[int, typer.Option(help="Micro-batches per step on each rank (same batch, less memory).")] = 1,
     lr: Annotated[float, typer.Option(help="Adam learning rate (betas 0, 0.99).")] = 0.0025,
     sym: Annotated[bool, typer.Option("--sym/--no-sym", help="Face-symmetry regularization.")] = True,
     sym_loss: Annotated[str, typer.Option(help="Symmetry distance: id (ArcFace) or lpips.")] = "id",
     sym_every: Annotated[int, typer.Option(help="Symmetry term every k steps.")] = 4,
-    anchor_steps: Annotated[int, typer.Option(help="Projection steps per photo (anchors).")] = 300,
+    anchor_steps: Annotated[int | None, typer.Option(help="Projection steps per photo (default: from --budget).")
+                            ] = None,
     anchor_space: Annotated[str, typer.Option(help="Anchor latent space: w or w+.")] = "w",
     mirror: Annotated[bool, typer.Option("--mirror", help="Also train on mirrored photos.")] = False,
     include_mapping: Annotated[bool, typer.Option("--include-mapping", help="Adapt the mapping network.")] = False,
@@ -34,8 +43,15 @@ def personalize_cmd(
     labels: Annotated[Path | None, typer.Option(help="EG3D dataset.json with the photos' cameras.")] = None,
     aligned: Annotated[bool | None, typer.Option("--aligned/--detect", help="Photos are EG3D crops "
                                                  "(default: when a dataset.json is found).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
-    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision (CUDA only).")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (under torchrun: cuda = cuda:LOCAL_RANK).")
+                      ] = "auto",
+    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision autocast (bf16; see --amp-dtype).")] = False,
+    amp_dtype: Annotated[str, typer.Option(help="Autocast dtype with --amp: bf16 (CUDA, CPU) or fp16 (CUDA).")
+                         ] = "bf16",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the generator (pays off on long runs).")
+                        ] = False,
+    act_checkpointing: Annotated[bool, typer.Option("--checkpoint-activations", help="Recompute activations in "
+                                                    "backward: less memory, about 1/3 more time.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0 = only on Ctrl-C).")] = 100,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
@@ -50,26 +66,55 @@ def personalize_cmd(
         raise UserInputError("--resume continues an identity and --force replaces it: pass one of them")
     if sym_loss not in SYM_CHOICES:
         raise UserInputError(f"--sym-loss: got {sym_loss!r}, expected one of {', '.join(SYM_CHOICES)}")
+    if batch_file is not None and (photos or name or resume or force):
+        raise UserInputError("--batch-file takes the people from the file: drop PHOTOS, --name, --resume and --force "
+                             "(a rerun resumes unfinished people and skips finished ones)")
+    if batch_file is None and (not photos or not name):
+        raise UserInputError("personalize needs PHOTOS and --name NAME (or --batch-file FILE)")
+    if amp_dtype not in ("bf16", "fp16"):
+        raise UserInputError(f"--amp-dtype: got {amp_dtype!r}, expected bf16 or fp16")
+    from my3dgen_cli import distributed as D
     from my3dgen_cli import paths
     from my3dgen_cli.devices import pick_device
     from my3dgen_cli.identity import check_name
-    from my3dgen_cli.personalize import PersonalizeConfig, personalize, read_photos
+    from my3dgen_cli.output import Output
+    from my3dgen_cli.personalize import BUDGETS, PersonalizeConfig, personalize, read_photos
 
-    out = output_for(json_out, quiet)
-    check_name(name)
-    config = PersonalizeConfig(rank=rank, alpha=alpha, steps=steps, batch=batch, lr=lr, sym=sym, sym_loss=sym_loss,
-                               sym_every=sym_every, anchor_steps=anchor_steps, anchor_space=anchor_space,
+    if budget not in BUDGETS:
+        raise UserInputError(f"--budget: got {budget!r}, expected one of {', '.join(BUDGETS)}")
+    world = D.from_env()
+    out = output_for(json_out, quiet) if world.is_main else Output("quiet")
+    dev = D.device_for(world, pick_device(device))
+    preset_steps, preset_anchor_steps = BUDGETS[budget]
+    config = PersonalizeConfig(rank=rank, alpha=alpha, steps=steps or preset_steps, batch=batch, lr=lr, sym=sym,
+                               sym_loss=sym_loss, sym_every=sym_every, anchor_space=anchor_space,
+                               anchor_steps=preset_anchor_steps if anchor_steps is None else anchor_steps,
                                mirror=mirror, include_mapping=include_mapping, include_decoder=include_decoder,
-                               seed=seed, checkpoint_every=checkpoint_every, amp=amp)
+                               seed=seed, checkpoint_every=checkpoint_every, amp=amp_dtype if amp else False,
+                               accum=accum, act_checkpointing=act_checkpointing, compile=compile_)
+    offline = offline or paths.offline()
+    if batch_file is not None:
+        from my3dgen_cli.people import personalize_people, read_batch_file
+
+        people = read_batch_file(batch_file)
+        rows = personalize_people(people, config, base, world=world, device=dev, offline=offline, output=out)
+        lines = [f"rank {world.rank}/{world.world}: {len(rows)} of {len(people)} people"]
+        lines += [f"  {r['name']}: {'skipped (done)' if r['state'] == 'done' else r['state'] + ' -> done'}"
+                  for r in rows]
+        out.result({"rank": world.rank, "world": world.world, "people": rows}, "\n".join(lines))
+        return
+    check_name(name)
     given = read_photos(list(photos), labels=labels, aligned=aligned)  # bad photos fail before the base loads
-    result = personalize(given, name, config, base=base, device=pick_device(device), resume=resume, force=force,
-                         offline=offline or paths.offline(), output=out)
+    with D.process_group(world, dev):
+        result = personalize(given, name, config, base=base, device=dev, resume=resume, force=force,
+                             offline=offline, output=out, world=world)
     human = (f"identity {result.name}: {len(result.photos)} photos, {result.steps} steps, "
              f"final loss {result.final_loss:.4f}\n"
              f"adapter: {result.parameters:,} parameters ({result.ratio:.0f}x fewer than full fine-tuning's "
              f"{result.full_parameters:,}), {result.adapter_bytes / 1024:.0f} KiB\n"
              f"folder: {result.folder}")
-    out.result(result.to_dict(), human)
+    if world.is_main:
+        out.result(result.to_dict(), human)
 
 
 @command("identities", help="List personalized identities.")

@@ -1,0 +1,119 @@
+"""Fast paths for rendering and training, each beside the exact fp32 eager path it replaces.
+
+    with autocast(device, "bf16"):            # mixed precision (no-op for "off")
+        out = G.synthesis(ws, c)
+    synth = compiled(G.synthesis)             # torch.compile, built once per callable
+    with activation_checkpointing(G):         # recompute block activations in backward
+        loss.backward()
+
+Exactness (tests/test_scale_speed.py measures each on the tiny config, CPU):
+- "off" / no compile / no checkpointing: the reference.
+- activation checkpointing: the same math re-run in backward; gradients equal to ~1e-6.
+- torch.compile: same ops, fused kernels; images equal to ~1e-5.
+- bf16 autocast: 8-bit mantissa in convolutions and matmuls; images differ by a few 1e-2 in [-1, 1].
+  fp16 on CUDA is the official superresolution's precision (EG3D runs its SR blocks in fp16).
+All default off. Device and dtype come from the tensors; nothing here names a device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+AMP_MODES = ("off", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_amp(amp: str | bool) -> str:
+    """Normalize an --amp value: True = "bf16" (no gradient scaler needed), False = "off"."""
+    if amp is True:
+        return "bf16"
+    if amp is False or amp is None:
+        return "off"
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp: got {amp!r}, expected one of {', '.join(AMP_MODES)}")
+    return amp
+
+
+def autocast(device: torch.device, amp: str | bool) -> contextlib.AbstractContextManager:
+    """torch.autocast for `device` in the chosen precision; a null context for "off".
+
+    fp16 is offered on CUDA only (CPU fp16 kernels are slow or missing); bf16 runs on CUDA and CPU.
+    """
+    mode = check_amp(amp)
+    if mode == "off":
+        return contextlib.nullcontext()
+    if mode == "fp16" and device.type != "cuda":
+        raise ValueError(f"amp: got 'fp16' on {device.type}, expected bf16 there (fp16 autocast is CUDA only)")
+    return torch.autocast(device.type, dtype=_DTYPES[mode])
+
+
+def compiled(fn: Callable, backend: str | None = None, fullgraph: bool = False) -> Callable:
+    """torch.compile(fn) with our defaults: static shapes (views and batch sizes repeat).
+
+    backend None = inductor (or $MY3DGEN_COMPILE_BACKEND); "aot_eager" traces without generating
+    kernels (a quick check that the graph has no breaks or host syncs).
+    """
+    backend = backend or os.environ.get("MY3DGEN_COMPILE_BACKEND") or "inductor"
+    return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False)
+
+
+def checkpointed_modules(G: nn.Module) -> list[nn.Module]:
+    """Where activations pile up: each backbone and superresolution block, and the tri-plane decoder."""
+    from my3dgen_cli.eg3d.layers import SynthesisBlock
+
+    return [m for m in G.modules() if isinstance(m, SynthesisBlock)] + [G.decoder]
+
+
+@contextlib.contextmanager
+def activation_checkpointing(G: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """Run the memory-heavy modules under torch.utils.checkpoint while the context is open.
+
+    The modules' forward is wrapped on the instance (no parameter, buffer or name changes) and
+    restored on exit. Sampling must be deterministic (it is in training) so the recomputation
+    matches the first pass.
+    """
+    if not enabled:
+        yield G
+        return
+    modules = checkpointed_modules(G)
+    for m in modules:
+        m.forward = _checkpointed(m.forward)
+    try:
+        yield G
+    finally:
+        for m in modules:
+            del m.forward  # the instance attribute; the class's forward shows through again
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    @functools.wraps(forward)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def to_channels_last(G: nn.Module) -> nn.Module:
+    """4-D conv weights in channels_last memory format (cuDNN's fast layout); values unchanged."""
+    for p in G.parameters():
+        if p.ndim == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+    return G
+
+
+def use_all_cores() -> int:
+    """On the CPU, one intra-op thread per core this process may use (torch defaults to physical cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cores)
+    return torch.get_num_threads()
