@@ -152,5 +152,6 @@ def fault_hook(step: int, d: Dist) -> None:
     if not spec:
         return
     rank, _, at = spec.partition(":")
-    if int(rank) == d.rank and step == int(at):
-        raise RuntimeError(f"{FAULT_ENV}: rank {d.rank} fails after step {step} (test hook)")
+    me = int(os.environ.get("RANK", d.rank))  # the launcher's rank (batch-file ranks train with world 1)
+    if int(rank) == me and step == int(at):
+        raise RuntimeError(f"{FAULT_ENV}: rank {me} fails after step {step} (test hook)")

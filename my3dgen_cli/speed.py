@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -63,6 +64,17 @@ def compiled(fn: Callable, backend: str | None = None, fullgraph: bool = False) 
     """
     backend = backend or os.environ.get("MY3DGEN_COMPILE_BACKEND") or "inductor"
     return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_synthesis(G: nn.Module) -> Callable:
+    """G.synthesis compiled once per generator object (kept while G lives)."""
+    fn = _COMPILED.get(G)
+    if fn is None:
+        fn = _COMPILED[G] = compiled(G.synthesis)
+    return fn
 
 
 def checkpointed_modules(G: nn.Module) -> list[nn.Module]:

@@ -6,7 +6,6 @@ latent as anchor) are the training photos. LPIPS uses a random backbone or is of
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -14,13 +13,13 @@ import torch
 from typer.testing import CliRunner
 
 from my3dgen_cli.eg3d import build_generator
-from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
+from my3dgen_cli.eg3d.camera import lookat_camera
 from my3dgen_cli.lora import adapter_layers, add_adapters, count_adapter_parameters, load_adapter
 from my3dgen_cli.personalize import LossNets, PersonalizeConfig, Photos, describe_identity, personalize
 from my3dgen_cli.symmetry import lpips_distance, mirror_pair, mse_distance, symmetry_loss
 from my3dgen_cli.training import TrainingInterrupted, train_adapter
+from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, tiny_base, views
 
-TRAIN_YAWS = [-40.0, -28.0, -17.0, -6.0, 6.0, 17.0, 28.0, 40.0]
 HELD_OUT_YAWS = [-75.0, -55.0, 55.0, 75.0]
 
 
@@ -35,36 +34,21 @@ def _one_thread(monkeypatch: pytest.MonkeyPatch):
 
 
 def _base(seed: int = 0):
-    torch.manual_seed(seed)
-    return build_generator("tiny")
+    return tiny_base(seed)
 
 
 @pytest.fixture(scope="module")
 def person():
     """(base state dict, true w [1, num_ws, w_dim], person generator with a hidden adapter)."""
-    G = _base()
-    hidden = copy.deepcopy(G)
-    g = torch.Generator().manual_seed(123)
-    add_adapters(hidden, rank=1, generator=g)
-    with torch.no_grad():
-        for a in adapter_layers(hidden).values():
-            a.lora_B.normal_(0.0, 1.0, generator=g)
-        w = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(7)), frontal_camera(1), 0.7)
-    return {k: v.clone() for k, v in G.state_dict().items()}, w, hidden
+    return make_person()
 
 
 def _views(M, w, yaws):
-    c = lookat_camera(torch.tensor(yaws), 0.0)
-    with torch.no_grad():
-        out = M.synthesis(w.expand(len(yaws), -1, -1), c, noise_mode="const", sampling="deterministic")
-    return out["image"], out["image_raw"][:, :3], c
+    return views(M, w, yaws)
 
 
 def _fresh(person):
-    state, w, _ = person
-    G = _base()
-    G.load_state_dict(state)
-    return G
+    return fresh(person)
 
 
 def test_fresh_adapter_leaves_outputs_bit_identical(person):

@@ -57,6 +57,10 @@ def render(
     ascii_ply: Annotated[bool, typer.Option("--ascii", help="Write the PLY as text instead of binary.")] = False,
     grid: Annotated[bool, typer.Option("--grid", help="Also write one contact sheet of every view.")] = False,
     batch: Annotated[int, typer.Option("--batch", help="Views rendered per forward pass.")] = 8,
+    amp: Annotated[str, typer.Option("--amp", help="Autocast: off (exact fp32), bf16 or fp16 (CUDA; the official "
+                                                   "superresolution's precision).")] = "off",
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the renderer (pays off for orbits).")
+                        ] = False,
     identity: IdentityOpt = None,
     base: BaseOpt = None,
     adapter: AdapterOpt = None,
@@ -72,6 +76,8 @@ def render(
     from my3dgen_cli.render import angle_tag, cameras_for, latent_from_seed, orbit_angles, parse_angles, render_views
 
     output = output_for(json_mode)
+    if amp not in ("off", "bf16", "fp16"):
+        raise UserInputError(f"--amp: got {amp!r}, expected off, bf16 or fp16")
     if not (latent or anchor or seed):
         raise UserInputError("nothing to render: give --latent FILE, --anchor K (with --identity) or --seed S")
     yaws, pitches = parse_angles(yaw, "yaw"), parse_angles(pitch, "pitch")
@@ -81,6 +87,8 @@ def render(
         raise UserInputError(f"--mesh-res: got {mesh_res}, expected 8..512")
 
     G, ref, dev = open_model(base, identity, adapter, device)
+    if amp == "fp16" and dev.type != "cuda":
+        raise UserInputError(f"--amp fp16: needs CUDA, got --device {dev.type} (use bf16 there)")
     sources = []  # (name, ws, stored camera or None)
     for path in latent or []:
         from my3dgen_cli.commands._shared import resolve_key
@@ -135,7 +143,8 @@ def render(
                 cams = cam
             else:
                 cams, _ = cameras_for(yaws, pitches)
-            views = render_views(G, ws, cams, batch, planes=planes, on_batch=lambda n: bar.advance(task, n))
+            views = render_views(G, ws, cams, batch, planes=planes, on_batch=lambda n: bar.advance(task, n),
+                                 amp=amp, compile=compile_)
             entry = {"source": name, "views": []}
             for k, (tag, _) in enumerate(pairs):
                 img = media.to_uint8(views.images[k])
@@ -156,7 +165,8 @@ def render(
             if orbit:
                 angles = orbit_angles(orbit)
                 ocams = lookat_camera([a for a, _ in angles], [b for _, b in angles])
-                frames = render_views(G, ws, ocams, batch, planes=planes, on_batch=lambda n: bar.advance(task, n))
+                frames = render_views(G, ws, ocams, batch, planes=planes, on_batch=lambda n: bar.advance(task, n),
+                                      amp=amp, compile=compile_)
                 frames_u8 = [media.to_uint8(f) for f in frames.images]
                 mp4, gif = next(paths), next(paths)
                 media.write_mp4(mp4, frames_u8, fps)
