@@ -1,6 +1,11 @@
 """CPU (or GPU) forward time and peak memory of the full-size generator, ours vs the official code.
 
     python bench/render_bench.py [--official PATH/TO/NVlabs/eg3d/eg3d] [--device cpu] [--repeats 3]
+    python bench/render_bench.py --batches 1,8 --amp bf16 [--compile] --official ...   # + our fast path
+
+Times are per view (a batch's time / its size), for each neural rendering resolution and batch.
+With --amp or --compile a third column times our fast path (speed.autocast / speed.compiled)
+and its largest pixel difference from our fp32 output is printed beside it.
 
 The official implementation is optional: point --official (or $EG3D_OFFICIAL) at the `eg3d/`
 folder of a checkout of NVlabs/eg3d and it is imported from there, given the same random weights,
@@ -21,6 +26,7 @@ import torch
 
 from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
+from my3dgen_cli.speed import autocast, compiled
 
 
 def official_generator(folder: str, config: dict):
@@ -55,35 +61,62 @@ def main() -> None:
     parser.add_argument("--official", default=os.environ.get("EG3D_OFFICIAL"))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=None, help="one batch size (same as --batches N)")
+    parser.add_argument("--batches", default="1", help="comma-separated batch sizes, e.g. 1,8")
+    parser.add_argument("--resolutions", default="64,128", help="neural rendering resolutions")
+    parser.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd synthesis")
+    parser.add_argument("--config", default="ffhq512-128")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    ours = build_generator("ffhq512-128").to(device)
+    ours = build_generator(args.config).to(device).eval()
     config = ours.config.to_dict()
     theirs = None
     if args.official:
         theirs = official_generator(args.official, config).to(device)
         theirs.load_state_dict(ours.state_dict(), strict=True)
-    n = args.batch
-    z = torch.randn(n, 512, generator=torch.Generator().manual_seed(1)).to(device)
-    c_cond, c = frontal_camera(n).to(device), lookat_camera([20.0] * n, 5.0).to(device)
+    batches = [args.batch] if args.batch else [int(b) for b in args.batches.split(",")]
+    fast = args.amp != "off" or args.compile
+    synth_fast = compiled(ours.synthesis) if args.compile else ours.synthesis
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tag = "+".join(([args.amp] if args.amp != "off" else []) + (["compile"] if args.compile else []))
+    print(f"device {device}, config {args.config}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"fast path: {tag or 'none'}; seconds per view (best of {args.repeats})")
+    print(f"| neural res | batch | ours fp32 | {'ours ' + tag if fast else 'ours fast'} | official | "
+          "official/ours | official/fast | fast max abs diff |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in batches:
+        z = torch.randn(n, ours.z_dim, generator=torch.Generator().manual_seed(1)).to(device)
+        c_cond, c = frontal_camera(n).to(device), lookat_camera([20.0] * n, 5.0).to(device)
+        for nrr in (int(r) for r in args.resolutions.split(",")):
+            with torch.no_grad():
+                ws = ours.mapping(z, c_cond)
+                runs = {"ours": lambda ws=ws, nrr=nrr, c=c: ours.synthesis(ws, c, neural_rendering_resolution=nrr)}
+                if fast:
+                    def run_fast(ws=ws, nrr=nrr, c=c):
+                        with autocast(device, args.amp):
+                            return synth_fast(ws, c, neural_rendering_resolution=nrr)
+                    runs["fast"] = run_fast
+                if theirs is not None:
+                    runs["official"] = lambda ws=ws, nrr=nrr, c=c: theirs.synthesis(
+                        ws, c, neural_rendering_resolution=nrr, noise_mode="const")
+                best = interleaved(runs, args.repeats, sync)
+                diff = None
+                if fast:
+                    diff = float((runs["fast"]()["image"].float() - runs["ours"]()["image"]).abs().max())
+            per = {k: v / n for k, v in best.items()}
 
-    print(f"device {device}, batch {n}, threads {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"{'neural res':>10} {'ours s':>8} {'official s':>10} {'official/ours':>13}")
-    for nrr in (64, 128):
-        with torch.no_grad():
-            ws = ours.mapping(z, c_cond)
-            runs = {"ours": lambda ws=ws, nrr=nrr: ours.synthesis(ws, c, neural_rendering_resolution=nrr)}
-            if theirs is not None:
-                runs["official"] = lambda ws=ws, nrr=nrr: theirs.synthesis(
-                    ws, c, neural_rendering_resolution=nrr, noise_mode="const")
-            best = interleaved(runs, args.repeats, sync)
-        t_ours, t_theirs = best["ours"], best.get("official")
-        ratio = f"{t_theirs / t_ours:13.2f}" if t_theirs else f"{'n/a':>13}"
-        official = f"{t_theirs:10.3f}" if t_theirs else f"{'n/a':>10}"
-        print(f"{nrr:>10} {t_ours:8.3f} {official} {ratio}")
+            def cell(v, fmt="{:.3f}"):
+                return fmt.format(v) if v is not None else "n/a"
+
+            t_off, t_fast = per.get("official"), per.get("fast")
+            print(f"| {nrr} | {n} | {per['ours']:.3f} | {cell(t_fast)} | {cell(t_off)} | "
+                  f"{cell(t_off / per['ours'] if t_off else None, '{:.2f}')} | "
+                  f"{cell(t_off / t_fast if t_off and t_fast else None, '{:.2f}')} | {cell(diff, '{:.2g}')} |")
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print(f"peak process RSS {peak_rss_mb():.0f} MiB (both models loaded when --official is given)")
