@@ -82,7 +82,7 @@ def upfirdn2d(
     x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
     x = x[:, :, max(-py0, 0) : x.shape[2] - max(-py1, 0), max(-px0, 0) : x.shape[3] - max(-px1, 0)]
     kernel = (f * (gain ** (f.ndim / 2))).to(x.dtype).flip([0, 1])
-    kernel = kernel[None, None].repeat(c, 1, 1, 1)
+    kernel = kernel[None, None].repeat(int(c), 1, 1, 1)  # int: a static channel count keeps ONNX's Conv typed
     return F.conv2d(x, kernel, groups=c)
 
 
