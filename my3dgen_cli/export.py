@@ -269,8 +269,11 @@ def check_onnx(path: str | Path, wrapper: ExportedGenerator, inputs: list[tuple[
     """onnx.checker on `path`, then onnxruntime (CPU) vs `wrapper` in PyTorch on each input set."""
     import numpy as np
     import onnx
-    import onnxruntime as ort
 
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise My3DGenError("checking an ONNX export needs onnxruntime: pip install 'my3dgen[onnx]'") from None
     onnx.checker.check_model(str(path), full_check=True)
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -140,3 +140,10 @@ def test_cli_safetensors_json(ana: str, tmp_path: Path) -> None:
     doc = json.loads(result.stdout)
     assert doc["format"] == "safetensors" and doc["merge_max_abs_diff"] <= 1e-5
     assert doc["reload_max_abs_diff"] <= 1e-5 and Path(doc["path"]) == out
+
+
+def test_help_lists_the_options() -> None:
+    text = CliRunner().invoke(app, ["export", "--help"]).output
+    for flag in ("--identity", "--base", "--output", "--format", "--opset", "--neural-res", "--samples",
+                 "--outputs", "--dynamic-batch", "--with-mapping", "--truncation", "--fp16", "--tolerance", "--json"):
+        assert flag in text, flag
