@@ -96,7 +96,7 @@ def main() -> None:
 
 
 # Command modules register themselves on `app` when imported; they must not import torch at import.
-COMMAND_MODULES: tuple[str, ...] = ("fetch", "cache", "export")
+COMMAND_MODULES: tuple[str, ...] = ("fetch", "cache", "faces", "export")
 
 
 def _register_commands() -> None:

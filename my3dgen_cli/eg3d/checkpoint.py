@@ -1,0 +1,390 @@
+"""EG3D checkpoints: official `.pkl` files read without running them, and our converted format.
+
+Official network pickle (NVlabs/eg3d `training_loop.py` writes it with plain `pickle.dump`)::
+
+    {"G": <net>, "D": <net>, "G_ema": <net>, "augment_pipe": <net>, "training_set_kwargs": {...}}
+
+Each `<net>` is a `torch_utils.persistence` record: class name, the Python source of its module (which
+the official loader executes; we never do, see `safe_unpickle`) and the module `__dict__`. We walk
+`_parameters`, `_buffers` and `_modules` of that `__dict__` to get the state dict under the official
+dotted names, in `nn.Module.state_dict()` order.
+
+Converted format (what the cache keeps, see docs/checkpoints.md)::
+
+    <name>.safetensors   tensors under the official names; header metadata: format, format_version,
+                         class_name, source_sha256, conversion_id
+    <name>.json          {"init_kwargs", "rendering_kwargs", "neural_rendering_resolution",
+                          "class_name", "source", "format"}: the layout of eg3d_parity/config.json,
+                         so `build_generator(config)` takes it as is
+
+The two files are written atomically one after the other and carry the same `conversion_id`, so a
+weights file is never paired with the config of another conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from my3dgen_cli.eg3d.safe_unpickle import EasyDictRecord, ForeignObject, PersistentObject, safe_load
+from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
+from my3dgen_cli.fileio import write_atomic, write_text_atomic
+
+FORMAT = "my3dgen-eg3d"
+FORMAT_VERSION = 1
+
+# Official module of each top-level network class, so class_name reads like eg3d_parity/config.json.
+_CLASS_MODULES = {"TriPlaneGenerator": "training.triplane"}
+# Positional parameters of TriPlaneGenerator.__init__ (triplane.py), for pickles made with positional args.
+_TRIPLANE_ARGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels")
+_EXPECTED = "expected an EG3D network pickle (.pkl)"
+_CONFIG_KEYS = ("init_kwargs", "rendering_kwargs", "neural_rendering_resolution", "class_name")
+
+
+@dataclass(frozen=True)
+class OfficialCheckpoint:
+    """One network of an official EG3D pickle, as plain data.
+
+    state_dict: official dotted names -> tensors (parameters and persistent buffers, module order,
+        dtype as stored). init_kwargs / rendering_kwargs: plain dicts, lists and numbers.
+    neural_rendering_resolution: the attribute of the pickled network (64 or 128 for released models).
+    class_name: "training.triplane.TriPlaneGenerator" for an EG3D generator.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    init_kwargs: dict[str, Any]
+    rendering_kwargs: dict[str, Any]
+    neural_rendering_resolution: int
+    class_name: str
+
+    def config(self, source: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The JSON-ready config (same layout as eg3d_parity/config.json)."""
+        return {
+            "init_kwargs": self.init_kwargs,
+            "rendering_kwargs": self.rendering_kwargs,
+            "neural_rendering_resolution": self.neural_rendering_resolution,
+            "class_name": self.class_name,
+            "source": dict(source or {}),
+        }
+
+
+# --- official pickle ---------------------------------------------------------------------------
+
+
+def read_official_pkl(path: str | Path, network: str = "G_ema") -> OfficialCheckpoint:
+    """Read `network` ("G_ema", "G") from an official EG3D `.pkl` without executing anything in it.
+
+    Raises:
+        UserInputError: no such file, not a pickle, truncated, no `network` in it, or a record that
+            does not look like an EG3D network.
+        UnsafeCheckpointError: the pickle names a global outside the allow-list (`safe_unpickle`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such file, {_EXPECTED}")
+    with path.open("rb") as f:
+        head = f.read(4)
+        if head.startswith(b"PK\x03\x04"):
+            raise UserInputError(f"{path}: is a zip archive (torch.save?), {_EXPECTED}")
+        if not head:
+            raise UserInputError(f"{path}: is empty, {_EXPECTED}")
+        f.seek(0)
+        try:
+            data = safe_load(f)
+        except UnsafeCheckpointError as err:
+            raise UnsafeCheckpointError(f"{path}: {err}") from None
+        except UserInputError as err:
+            raise UserInputError(f"{path}: {err}") from None
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise UserInputError(f"{path}: got a pickled {kind}, expected a dict with G, D and G_ema")
+    if network not in data:
+        keys = ", ".join(sorted(map(str, data))) or "none"
+        raise UserInputError(f"{path}: has no '{network}' network (keys: {keys}), {_EXPECTED}")
+    net = data[network]
+    if not isinstance(net, PersistentObject):
+        kind = type(net).__name__
+        raise UserInputError(f"{path}: '{network}' is a {kind}, expected a persistent network record")
+    try:
+        return _checkpoint_from_record(net)
+    except UserInputError as err:
+        raise UserInputError(f"{path}: {network}: {err}") from None
+
+
+def _checkpoint_from_record(net: PersistentObject) -> OfficialCheckpoint:
+    state = net.state
+    init_kwargs = _plain(state.get("_init_kwargs", {}), "init_kwargs")
+    if not isinstance(init_kwargs, dict):
+        raise UserInputError(f"init_kwargs is a {type(init_kwargs).__name__}, expected a dict")
+    init_args = _plain(state.get("_init_args", ()), "init_args")
+    if init_args:
+        if net.class_name != "TriPlaneGenerator" or len(init_args) > len(_TRIPLANE_ARGS):
+            raise UserInputError(
+                f"{net.class_name} was built with {len(init_args)} positional arguments; "
+                "expected keyword arguments only"
+            )
+        init_kwargs = {**dict(zip(_TRIPLANE_ARGS, init_args, strict=False)), **init_kwargs}
+    rendering_kwargs = _plain(
+        state.get("rendering_kwargs", init_kwargs.get("rendering_kwargs", {})), "rendering_kwargs"
+    )
+    if not isinstance(rendering_kwargs, dict):
+        raise UserInputError(f"rendering_kwargs is a {type(rendering_kwargs).__name__}, expected a dict")
+    nrr = _plain(state.get("neural_rendering_resolution"), "neural_rendering_resolution")
+    if isinstance(nrr, bool) or not isinstance(nrr, int) or nrr <= 0:
+        raise UserInputError(f"neural_rendering_resolution is {nrr!r}, expected a positive int")
+    module = _CLASS_MODULES.get(net.class_name)
+    class_name = f"{module}.{net.class_name}" if module else net.class_name
+    return OfficialCheckpoint(_flatten(net), init_kwargs, rendering_kwargs, nrr, class_name)
+
+
+def _module_state(obj: Any, where: str) -> dict[str, Any]:
+    if isinstance(obj, (PersistentObject, ForeignObject)) and isinstance(obj.state, dict):
+        return obj.state
+    raise UserInputError(f"module '{where or '<root>'}' is a {type(obj).__name__}, expected a network module")
+
+
+def _flatten(root: Any) -> dict[str, torch.Tensor]:
+    """State dict of a module record, in `nn.Module.state_dict()` order: own parameters, own
+    persistent buffers, then each child, depth first."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack: list[tuple[str, Any]] = [("", root)]
+    while stack:
+        prefix, obj = stack.pop()
+        if id(obj) in seen:
+            raise UserInputError(f"module '{prefix.rstrip('.')}' appears twice in the module tree")
+        seen.add(id(obj))
+        state = _module_state(obj, prefix.rstrip("."))
+        skip = state.get("_non_persistent_buffers_set") or set()
+        if not isinstance(skip, (set, frozenset, list, tuple)):
+            raise UserInputError(f"module '{prefix.rstrip('.') or '<root>'}' has a malformed buffer set")
+        buffers = [(n, v) for n, v in _items(state, "_buffers", prefix) if n not in skip]
+        for name, value in [*_items(state, "_parameters", prefix), *buffers]:
+            if value is None:
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise UserInputError(f"{prefix}{name} is a {type(value).__name__}, expected a tensor")
+            # detach(): a fresh tensor object, so nothing set on the unpickled one comes along.
+            out[prefix + name] = value.detach()
+        children = [
+            (f"{prefix}{name}.", child)
+            for name, child in _items(state, "_modules", prefix)
+            if child is not None
+        ]
+        stack.extend(reversed(children))
+    return out
+
+
+def _items(state: dict[str, Any], key: str, prefix: str) -> list[tuple[str, Any]]:
+    table = state.get(key, {})
+    if not isinstance(table, dict) or not all(isinstance(k, str) for k in table):
+        raise UserInputError(f"module '{prefix.rstrip('.') or '<root>'}' has a malformed {key}")
+    return list(table.items())
+
+
+def _plain(value: Any, where: str) -> Any:
+    """EasyDicts, numpy scalars and tuples -> dicts, Python numbers and lists (JSON-ready)."""
+    if isinstance(value, (EasyDictRecord, dict)):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise UserInputError(f"{where} holds a {type(value).__name__}, expected plain values")
+
+
+# --- shapes ------------------------------------------------------------------------------------
+
+
+def expected_shapes(config: str | dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Official names -> shapes of the generator `build_generator(config)` builds (on the meta
+    device: no memory, no init cost)."""
+    from my3dgen_cli.eg3d import build_generator  # lazy: the generator package imports this module
+
+    with torch.device("meta"):
+        generator = build_generator(config)
+    return {name: tuple(t.shape) for name, t in generator.state_dict().items()}
+
+
+def check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise `UserInputError` naming the first missing key, shape mismatch or unexpected key.
+
+    Keys are compared in the order of `expected` (the generator's module order), then the leftovers.
+    """
+    problems: list[str] = []
+    for name, shape in expected.items():
+        if name not in state_dict:
+            problems.append(f"missing {name} (expected shape {_shape(shape)})")
+        elif tuple(state_dict[name].shape) != tuple(shape):
+            problems.append(f"{name}: got shape {_shape(state_dict[name].shape)}, expected {_shape(shape)}")
+    problems += [
+        f"unexpected {name} (shape {_shape(t.shape)})"
+        for name, t in state_dict.items()
+        if name not in expected
+    ]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UserInputError(f"weights do not fit the generator: {problems[0]}{more}")
+
+
+def _shape(shape: Any) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+# --- converted format --------------------------------------------------------------------------
+
+
+def save_converted(
+    state_dict: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    dst: str | Path,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write `dst` (.safetensors) and `dst.with_suffix(".json")`, each atomically; return `dst`.
+
+    config: {"init_kwargs", "rendering_kwargs", "neural_rendering_resolution", "class_name"} and
+        optionally "source" (e.g. {"file", "sha256", "network"}). dtype: None keeps each tensor's dtype.
+    """
+    dst = Path(dst)
+    if dst.suffix != ".safetensors":
+        raise UserInputError(f"{dst}: got suffix '{dst.suffix}', expected '.safetensors'")
+    missing = [k for k in _CONFIG_KEYS if k not in config]
+    if missing:
+        raise UserInputError(f"config has no {missing[0]}; expected keys {', '.join(_CONFIG_KEYS)}")
+    source = dict(config.get("source") or {})
+    conversion_id = uuid.uuid4().hex
+    doc = {key: config[key] for key in _CONFIG_KEYS}
+    doc["source"] = source
+    doc["format"] = {"name": FORMAT, "version": FORMAT_VERSION, "weights": dst.name}
+    doc["format"]["conversion_id"] = conversion_id
+    try:
+        text = json.dumps(_plain(doc, "config"), indent=1, allow_nan=False) + "\n"
+    except ValueError as err:
+        raise UserInputError(f"config is not JSON-ready: {err}") from None
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "class_name": str(config["class_name"]),
+        "source_sha256": str(source.get("sha256", "")),
+        "conversion_id": conversion_id,
+    }
+    tensors = _contiguous_unshared(state_dict, dtype)
+    write_atomic(dst, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_text_atomic(dst.with_suffix(".json"), text)
+    return dst
+
+
+def _contiguous_unshared(
+    state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors, each with its own memory (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in state_dict.items():
+        t = t.detach().to(device="cpu", dtype=dtype or t.dtype).contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def load_converted(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a converted checkpoint (`.safetensors` or its `.json`); tensors come from a memory map.
+
+    Returns (state_dict, config) with config as saved by `save_converted`.
+    """
+    path = Path(path)
+    weights = path.with_suffix(".safetensors")
+    config_path = path.with_suffix(".json")
+    for p in (weights, config_path):
+        if not p.is_file():
+            raise UserInputError(f"{p}: no such file; a converted checkpoint is a .safetensors plus a .json")
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            state_dict = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own SafetensorError for any malformed file
+        raise UserInputError(f"{weights}: not a readable safetensors file ({type(err).__name__})") from None
+    if metadata.get("format") != FORMAT:
+        got = metadata.get("format")
+        raise UserInputError(f"{weights}: got format {got!r}, expected {FORMAT!r} (convert it first)")
+    version = metadata.get("format_version", "0")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise UserInputError(
+            f"{weights}: format version {version!r} is newer than this "
+            f"my3dgen reads ({FORMAT_VERSION}); upgrade my3dgen"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserInputError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or any(k not in config for k in _CONFIG_KEYS):
+        raise UserInputError(f"{config_path}: expected keys {', '.join(_CONFIG_KEYS)}")
+    saved_id = (config.get("format") or {}).get("conversion_id")
+    if saved_id != metadata.get("conversion_id"):
+        other = weights.name
+        raise UserInputError(f"{config_path}: belongs to another conversion than {other}; convert again")
+    return state_dict, config
+
+
+def load_generator(path: str | Path, device: torch.device | str | None = None) -> torch.nn.Module:
+    """A generator in eval mode with the weights of `path` loaded strictly.
+
+    path: a converted `.safetensors` (its `.json` beside it) or an official `.pkl` (read with the
+    safe reader, `G_ema`; nothing is written). Weights are cast to the generator's dtype (fp16
+    storage loads into fp32 parameters). device: where to move the generator (None: CPU).
+    """
+    from my3dgen_cli.eg3d import build_generator  # lazy: the generator package imports this module
+
+    path = Path(path)
+    if path.suffix == ".pkl":
+        ckpt = read_official_pkl(path)
+        state_dict, config = ckpt.state_dict, ckpt.config(source={"file": path.name, "network": "G_ema"})
+    else:
+        state_dict, config = load_converted(path)
+    generator = build_generator(config)
+    try:
+        check_state_dict(state_dict, {name: tuple(t.shape) for name, t in generator.state_dict().items()})
+    except UserInputError as err:
+        raise UserInputError(f"{path}: {err}") from None
+    generator.load_state_dict(state_dict, strict=True)
+    if device is not None:
+        generator = generator.to(device)
+    return generator.eval()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def convert_pkl(src: str | Path, dst: str | Path) -> Path:
+    """Official `.pkl` -> converted `dst` (.safetensors + .json), after checking every name and shape
+    against `build_generator(config)`. Tensors keep their dtype (fp32 for released models)."""
+    src, dst = Path(src), Path(dst)
+    ckpt = read_official_pkl(src)
+    config = ckpt.config(source={"file": src.name, "sha256": sha256_file(src), "network": "G_ema"})
+    try:
+        check_state_dict(ckpt.state_dict, expected_shapes(config))
+    except UserInputError as err:
+        raise UserInputError(f"{src}: {err}") from None
+    for name, t in ckpt.state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserInputError(f"{src}: {name} holds NaN or infinity; the file is damaged")
+    return save_converted(ckpt.state_dict, config, dst)

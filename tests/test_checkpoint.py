@@ -1,0 +1,369 @@
+"""Safe reading of official EG3D pickles and the converted safetensors + JSON format."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import io
+import json
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from my3dgen_cli.eg3d import checkpoint
+from my3dgen_cli.eg3d.checkpoint import (
+    check_state_dict,
+    convert_pkl,
+    load_converted,
+    read_official_pkl,
+    save_converted,
+)
+from my3dgen_cli.eg3d.safe_unpickle import safe_load
+from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
+from tests.official_pkl import build_module_tree, write_official_pkl
+
+
+def _key_file_shapes(shared: Path) -> dict[str, tuple[int, ...]]:
+    """eg3d/g_ema_state_dict_keys.txt: `name<TAB>[d0, d1, ...]` per line (official ffhq512-128)."""
+    shapes = {}
+    for line in (shared / "eg3d" / "g_ema_state_dict_keys.txt").read_text().splitlines():
+        name, shape = line.split("\t")
+        shapes[name] = tuple(json.loads(shape))
+    return shapes
+
+
+@pytest.fixture
+def parity(shared_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Parity weights (fp16, official names) in official key-file order, and config.json."""
+    weights = load_file(shared_dir / "eg3d_parity" / "weights.safetensors")
+    order = list(_key_file_shapes(shared_dir))
+    assert set(order) == set(weights)
+    config = json.loads((shared_dir / "eg3d_parity" / "config.json").read_text())
+    return {name: weights[name] for name in order}, config
+
+
+@pytest.fixture
+def parity_pkl(tmp_path: Path, parity) -> Path:
+    state_dict, config = parity
+    return write_official_pkl(
+        tmp_path / "net.pkl", state_dict, config["init_kwargs"], config["rendering_kwargs"], 128
+    )
+
+
+def _shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(t.shape) for name, t in state_dict.items()}
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+def test_round_trip_is_bitwise_and_in_module_order(parity, parity_pkl: Path) -> None:
+    state_dict, config = parity
+    ckpt = read_official_pkl(parity_pkl)
+
+    assert set(ckpt.state_dict) == set(state_dict) and len(ckpt.state_dict) == 176
+    for name, tensor in state_dict.items():
+        got = ckpt.state_dict[name]
+        assert got.dtype == tensor.dtype == torch.float16, name
+        assert torch.equal(got, tensor), name
+    # Order: what nn.Module.state_dict() gives for the same tree (own tensors, then children).
+    tree = build_module_tree(state_dict, config["init_kwargs"], config["rendering_kwargs"], 128)
+    assert list(ckpt.state_dict) == list(tree.state_dict())
+    assert ckpt.init_kwargs == config["init_kwargs"]
+    assert ckpt.rendering_kwargs == config["rendering_kwargs"]
+    assert ckpt.neural_rendering_resolution == 128
+    assert ckpt.class_name == config["class_name"] == "training.triplane.TriPlaneGenerator"
+    # Non-registered tensors (ImportanceRenderer.plane_axes) are not part of the state dict.
+    assert not any("plane_axes" in name for name in ckpt.state_dict)
+
+
+def test_reads_the_network_asked_for(parity_pkl: Path) -> None:
+    g = read_official_pkl(parity_pkl, network="G")
+    assert all(not t.any() for t in g.state_dict.values())  # the helper stores G as zeros
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_every_pickle_protocol_reads_the_same(tmp_path: Path, parity, protocol: int) -> None:
+    state_dict, config = parity
+    path = write_official_pkl(
+        tmp_path / "net.pkl",
+        state_dict,
+        config["init_kwargs"],
+        config["rendering_kwargs"],
+        64,
+        protocol=protocol,
+    )
+    ckpt = read_official_pkl(path)
+    assert all(torch.equal(ckpt.state_dict[name], t) for name, t in state_dict.items())
+    assert ckpt.init_kwargs == config["init_kwargs"] and ckpt.neural_rendering_resolution == 64
+
+
+def test_tensors_with_python_state_come_back_as_plain_tensors() -> None:
+    tensor = torch.arange(6.0).reshape(2, 3)[:, 1:]  # a strided view
+    tensor.note = "attribute"  # makes torch pickle it through _rebuild_from_type_v2
+    param = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16), requires_grad=False)
+    param.note = "attribute"  # _rebuild_parameter_with_state
+    data = pickle.dumps({"t": tensor, "p": param})
+    assert b"_rebuild_from_type_v2" in data and b"_rebuild_parameter_with_state" in data
+    got = safe_load(io.BytesIO(data))
+    assert type(got["t"]) is torch.Tensor and torch.equal(got["t"], tensor)
+    assert got["p"].dtype == torch.bfloat16 and torch.equal(got["p"], param.data)
+
+
+def test_module_src_is_never_executed(tmp_path: Path, parity) -> None:
+    state_dict, config = parity
+    marker = tmp_path / "module_src_ran"
+    src = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
+    path = write_official_pkl(
+        tmp_path / "net.pkl",
+        state_dict,
+        config["init_kwargs"],
+        config["rendering_kwargs"],
+        64,
+        module_src=src,
+    )
+    assert src.encode() in path.read_bytes()
+    ckpt = read_official_pkl(path)
+    assert ckpt.neural_rendering_resolution == 64
+    assert not marker.exists()
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+class _SystemCall:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class _Eval:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (builtins.eval, (f"open({str(self.marker)!r}, 'w').close()",))
+
+
+class _Popen:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.Popen, (["touch", str(self.marker)],))
+
+
+@pytest.mark.parametrize(
+    ("payload", "global_name"),
+    [(_SystemCall, f"{os.system.__module__}.system"), (_Eval, "builtins.eval"), (_Popen, "subprocess.Popen")],
+)
+@pytest.mark.parametrize("where", ["top_level", "inside_G_ema"])
+def test_dangerous_global_is_refused_without_side_effect(
+    tmp_path: Path, parity, payload, global_name: str, where: str
+) -> None:
+    state_dict, config = parity
+    marker = tmp_path / "payload_ran"
+    rendering_kwargs = dict(config["rendering_kwargs"])
+    extra = None
+    if where == "top_level":
+        extra = {"payload": payload(marker)}
+    else:
+        rendering_kwargs["payload"] = payload(marker)
+    path = write_official_pkl(
+        tmp_path / "evil.pkl", state_dict, config["init_kwargs"], rendering_kwargs, 128, extra_globals=extra
+    )
+
+    with pytest.raises(UnsafeCheckpointError) as info:
+        read_official_pkl(path)
+    assert f"`{global_name}`" in str(info.value)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_unknown_class_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": Path("x")}))  # any class outside the allow-list
+    with pytest.raises(UnsafeCheckpointError, match="pathlib"):
+        read_official_pkl(path)
+
+
+# --- unusable files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"", "is empty"),
+        (b"hello, I am not a pickle\n", "not a readable pickle"),
+        (os.urandom(64), "not a readable pickle|ends early"),
+        (b"PK\x03\x04" + bytes(60), "zip archive"),
+        (pickle.dumps({"G": 1, "D": 2}), "has no 'G_ema' network \\(keys: D, G\\)"),
+        (pickle.dumps([1, 2, 3]), "got a pickled list"),
+        (pickle.dumps({"G_ema": 3}), "'G_ema' is a int"),
+    ],
+)
+def test_unusable_file_is_a_one_line_user_error(tmp_path: Path, content: bytes, match: str) -> None:
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(content)
+    with pytest.raises(UserInputError, match=match) as info:
+        read_official_pkl(path)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_pickle_is_a_user_error(tmp_path: Path, parity_pkl: Path) -> None:
+    data = parity_pkl.read_bytes()
+    for cut in (len(data) // 3, len(data) - 1):
+        path = tmp_path / f"cut{cut}.pkl"
+        path.write_bytes(data[:cut])
+        with pytest.raises(UserInputError) as info:
+            read_official_pkl(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="no such file"):
+        read_official_pkl(tmp_path / "nope.pkl")
+
+
+# --- shape check --------------------------------------------------------------------------------
+
+
+def test_check_state_dict_names_first_problem(shared_dir: Path) -> None:
+    expected = _key_file_shapes(shared_dir)
+    good = {name: torch.empty(shape, device="meta") for name, shape in expected.items()}
+    check_state_dict(good, expected)
+    assert sum(int(torch.Size(s).numel()) for s in expected.values()) > 30_000_000
+
+    bad = dict(good)
+    bad["backbone.synthesis.b8.conv0.weight"] = torch.empty(512, 512, 1, 1, device="meta")
+    bad["superresolution.block1.torgb.bias"] = torch.empty(4, device="meta")
+    with pytest.raises(UserInputError) as info:
+        check_state_dict(bad, expected)
+    assert str(info.value) == (
+        "weights do not fit the generator: backbone.synthesis.b8.conv0.weight: "
+        "got shape (512, 512, 1, 1), expected (512, 512, 3, 3) (and 1 more)"
+    )
+
+    missing = dict(good)
+    del missing["backbone.mapping.w_avg"]
+    with pytest.raises(UserInputError, match=r"missing backbone\.mapping\.w_avg \(expected shape \(512\)\)$"):
+        check_state_dict(missing, expected)
+
+    extra = {**good, "decoder.net.4.weight": torch.empty(1, device="meta")}
+    with pytest.raises(UserInputError, match=r"unexpected decoder\.net\.4\.weight \(shape \(1\)\)$"):
+        check_state_dict(extra, expected)
+
+
+# --- converted format ---------------------------------------------------------------------------
+
+
+def test_convert_pkl_writes_pair_atomically_and_loads_equal(
+    tmp_path: Path, parity, parity_pkl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state_dict, config = parity
+    # Until build_generator lands, the shapes come from the parity weights themselves.
+    monkeypatch.setattr(checkpoint, "expected_shapes", lambda cfg: _shapes(state_dict))
+    out_dir = tmp_path / "cache"
+    dst = convert_pkl(parity_pkl, out_dir / "parity.safetensors")
+
+    assert dst == out_dir / "parity.safetensors"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["parity.json", "parity.safetensors"]  # no temp files
+    loaded, saved_config = load_converted(dst)
+    assert set(loaded) == set(state_dict)
+    for name, tensor in state_dict.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    for key in ("init_kwargs", "rendering_kwargs", "class_name"):
+        assert saved_config[key] == config[key]
+    assert saved_config["neural_rendering_resolution"] == 128
+    assert saved_config["source"] == {
+        "file": "net.pkl",
+        "sha256": hashlib.sha256(parity_pkl.read_bytes()).hexdigest(),
+        "network": "G_ema",
+    }
+    assert load_converted(dst.with_suffix(".json"))[1] == saved_config  # either file names the pair
+
+
+def test_convert_pkl_refuses_wrong_shapes_and_writes_nothing(
+    tmp_path: Path, parity, parity_pkl: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state_dict, _ = parity
+    expected = _shapes(state_dict)
+    expected["decoder.net.2.weight"] = (33, 32)
+    monkeypatch.setattr(checkpoint, "expected_shapes", lambda cfg: expected)
+    dst = tmp_path / "out" / "x.safetensors"
+    with pytest.raises(
+        UserInputError, match=r"decoder\.net\.2\.weight: got shape \(33, 64\), expected \(33, 32\)"
+    ):
+        convert_pkl(parity_pkl, dst)
+    assert not dst.parent.exists() or not any(dst.parent.iterdir())
+
+
+def test_save_converted_fp32_and_metadata(tmp_path: Path, parity) -> None:
+    state_dict, config = parity
+    cfg = {k: config[k] for k in ("init_kwargs", "rendering_kwargs", "class_name")}
+    cfg |= {"neural_rendering_resolution": 64, "source": {"sha256": "ab" * 32}}
+    dst = save_converted(state_dict, cfg, tmp_path / "g.safetensors", dtype=torch.float32)
+    loaded, saved = load_converted(dst)
+    assert all(t.dtype == torch.float32 for t in loaded.values())
+    assert all(torch.equal(loaded[k], v.float()) for k, v in state_dict.items())
+    from safetensors import safe_open
+
+    with safe_open(str(dst), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "my3dgen-eg3d" and meta["source_sha256"] == "ab" * 32
+    assert meta["class_name"] == "training.triplane.TriPlaneGenerator"
+    assert saved["neural_rendering_resolution"] == 64
+
+
+def test_load_converted_refuses_mismatched_pair(tmp_path: Path) -> None:
+    cfg = {"init_kwargs": {}, "rendering_kwargs": {}, "neural_rendering_resolution": 64, "class_name": "X"}
+    a = save_converted({"w": torch.ones(2)}, cfg, tmp_path / "a.safetensors")
+    b = save_converted({"w": torch.zeros(2)}, cfg, tmp_path / "b.safetensors")
+    b.with_suffix(".json").write_bytes(a.with_suffix(".json").read_bytes())
+    with pytest.raises(UserInputError, match="another conversion"):
+        load_converted(b)
+    a.with_suffix(".json").unlink()
+    with pytest.raises(UserInputError, match="a.json: no such file"):
+        load_converted(a)
+
+
+# --- integration with the generator (needs build_generator on main) -----------------------------
+
+
+def _build_generator_or_skip():
+    try:
+        from my3dgen_cli.eg3d import build_generator
+    except ImportError:
+        pytest.skip("my3dgen_cli.eg3d.build_generator has not landed on this branch yet")
+    return build_generator
+
+
+def test_expected_shapes_match_official_key_list(shared_dir: Path) -> None:
+    _build_generator_or_skip()
+    assert checkpoint.expected_shapes("ffhq512-128") == _key_file_shapes(shared_dir)
+
+
+def test_convert_parity_pkl_against_real_generator(tmp_path: Path, parity, parity_pkl: Path) -> None:
+    build_generator = _build_generator_or_skip()
+    dst = convert_pkl(parity_pkl, tmp_path / "parity.safetensors")
+    state_dict, config = load_converted(dst)
+    generator = build_generator(config)
+    generator.load_state_dict(state_dict, strict=True)
+
+
+def test_load_generator_from_pkl_and_converted_agree(tmp_path: Path, parity, parity_pkl: Path) -> None:
+    _build_generator_or_skip()
+    state_dict, _ = parity
+    from_pkl = checkpoint.load_generator(parity_pkl)
+    from_converted = checkpoint.load_generator(convert_pkl(parity_pkl, tmp_path / "p.safetensors"))
+    assert not from_pkl.training and from_pkl.neural_rendering_resolution == 128
+    for name, tensor in state_dict.items():
+        assert torch.equal(from_pkl.state_dict()[name], tensor.float()), name
+        assert torch.equal(from_converted.state_dict()[name], tensor.float()), name
