@@ -147,3 +147,17 @@ def test_help_lists_the_options() -> None:
     for flag in ("--identity", "--base", "--output", "--format", "--opset", "--neural-res", "--samples",
                  "--outputs", "--dynamic-batch", "--with-mapping", "--truncation", "--fp16", "--tolerance", "--json"):
         assert flag in text, flag
+
+
+def test_cli_onnx_reports_and_fails_above_tolerance(ana: str, tmp_path: Path) -> None:
+    out = tmp_path / "ana.onnx"
+    args = ["export", "-i", ana, "-o", str(out), "--samples", "6,6"]
+    result = CliRunner().invoke(app, [*args, "--outputs", "image,depth"])
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime vs PyTorch" in result.output and out.is_file()
+    out.unlink()
+    result = CliRunner().invoke(app, [*args, "--tolerance", "1e-12"])
+    assert result.exit_code == 1 and "> tolerance" in result.output and "nothing written" in result.output
+    assert not out.exists() and not list(tmp_path.glob(".ana.onnx.*"))  # no temp file left either
+    result = CliRunner().invoke(app, ["export", "-i", ana, "-o", str(tmp_path / "a.safetensors"), "--with-mapping"])
+    assert result.exit_code == 2 and "--format onnx only" in result.output
