@@ -233,6 +233,7 @@ def export_onnx(
     `check_inputs`); with `tolerance` set, a larger max abs difference raises ExportMismatchError
     and `path` is left untouched. fp16: weights stored in half precision (computation stays
     fp32; PyTorch is checked with the same rounded weights), half the file size.
+    G is moved to CPU float32 in place (and with fp16 its weights are rounded in place).
     """
     if opset < MIN_OPSET:
         raise UserInputError(f"--opset: got {opset}, expected >= {MIN_OPSET} (GridSample, LayerNorm-era ops)")
