@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from my3dgen_cli import __version__
 from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.fileio import atomic_path
 
@@ -226,6 +227,7 @@ def export_onnx(
     fp16: bool = False,
     tolerance: float | None = DEFAULT_TOLERANCE,
     batch_sizes: Sequence[int] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> ExportCheck:
     """Write the renderer-complete ONNX graph of `G` (CPU, fp32, merged weights) and check it.
 
@@ -234,6 +236,7 @@ def export_onnx(
     and `path` is left untouched. fp16: weights stored in half precision (computation stays
     fp32; PyTorch is checked with the same rounded weights), half the file size.
     G is moved to CPU float32 in place (and with fp16 its weights are rounded in place).
+    metadata: extra model properties (identity, base, ...) beside the render settings always stored.
     """
     if opset < MIN_OPSET:
         raise UserInputError(f"--opset: got {opset}, expected >= {MIN_OPSET} (GridSample, LayerNorm-era ops)")
@@ -254,8 +257,11 @@ def export_onnx(
             torch.onnx.export(wrapper, inputs[0], str(tmp), dynamo=False, opset_version=opset,
                               input_names=names_in, output_names=names_out, dynamic_axes=axes,
                               do_constant_folding=True)
-        if fp16:
-            halve_initializers(tmp)
+        props = {"my3dgen_version": __version__, "neural_rendering_resolution": str(wrapper.neural_res),
+                 "depth_resolution": str(G.rendering_kwargs["depth_resolution"]),
+                 "depth_resolution_importance": str(G.rendering_kwargs["depth_resolution_importance"]),
+                 "truncation_psi": str(truncation_psi) if with_mapping else "", "fp16_weights": str(fp16).lower()}
+        rewrite_model(tmp, fp16, {**props, **(metadata or {})})
         check = check_onnx(tmp, wrapper, inputs)
         check.path, check.size = path, tmp.stat().st_size
         if tolerance is not None and not check.max_abs_diff <= tolerance:
@@ -291,12 +297,23 @@ def check_onnx(path: str | Path, wrapper: ExportedGenerator, inputs: list[tuple[
     return ExportCheck(diffs, [int(a[0].shape[0]) for a in inputs], session.get_providers())
 
 
-def halve_initializers(path: str | Path, min_elements: int = FP16_MIN_ELEMENTS) -> None:
-    """Store large float32 initializers of an ONNX file as float16, each behind a Cast back to float32."""
+def rewrite_model(path: str | Path, fp16: bool, metadata: dict[str, str]) -> None:
+    """Add string properties (ORT: `session.get_modelmeta().custom_metadata_map`) and maybe halve weights."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(path))
+    if fp16:
+        halve_initializers(model)
+    for key, value in metadata.items():
+        if value:
+            model.metadata_props.add(key=key, value=str(value))
+    onnx.save(model, str(path))
+
+
+def halve_initializers(model: Any, min_elements: int = FP16_MIN_ELEMENTS) -> None:
+    """Store large float32 initializers of an ONNX model as float16, each behind a Cast back to float32."""
+    from onnx import TensorProto, helper, numpy_helper
+
     casts = []
     for init in model.graph.initializer:
         if init.data_type != TensorProto.FLOAT or int(numpy_helper.to_array(init).size) < min_elements:
@@ -309,4 +326,3 @@ def halve_initializers(path: str | Path, min_elements: int = FP16_MIN_ELEMENTS) 
     nodes = casts + list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    onnx.save(model, str(path))

@@ -105,8 +105,11 @@ def test_onnx_with_mapping_neural_res_and_samples(ana: str, tmp_path: Path) -> N
     assert check.max_abs_diff <= TOL, check.diffs
     import onnx
 
-    names = [i.name for i in onnx.load(str(tmp_path / "m.onnx")).graph.input]
-    assert names == ["z", "c_cond", "camera"]
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert [i.name for i in model.graph.input] == ["z", "c_cond", "camera"]
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["neural_rendering_resolution"] == "64" and props["depth_resolution"] == "8"
+    assert props["truncation_psi"] == "0.7" and props["fp16_weights"] == "true"
 
 
 def test_adapter_from_another_base_is_refused(tmp_path: Path) -> None:
@@ -135,11 +138,12 @@ def test_unwritable_output_is_a_clear_error(ana: str, tmp_path: Path) -> None:
 
 def test_cli_safetensors_json(ana: str, tmp_path: Path) -> None:
     out = tmp_path / "ana.safetensors"
-    result = CliRunner().invoke(app, ["export", "--identity", ana, "-o", str(out), "--json"])
+    result = CliRunner().invoke(app, ["export", "--identity", ana, "-o", str(out), "--json", "--neural-res", "64"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["format"] == "safetensors" and doc["merge_max_abs_diff"] <= 1e-5
     assert doc["reload_max_abs_diff"] <= 1e-5 and Path(doc["path"]) == out
+    assert load_generator(out).neural_rendering_resolution == 64  # render settings travel with the base
 
 
 def test_help_lists_the_options() -> None:

@@ -91,7 +91,8 @@ def export(
     else:
         out.info(f"exporting ONNX (opset {opset}) and checking it against PyTorch")
         check = lib.export_onnx(G, output, outputs=out_names, with_mapping=with_mapping, truncation_psi=truncation,
-                                opset=opset, dynamic_batch=dynamic_batch, fp16=fp16, tolerance=tolerance)
+                                opset=opset, dynamic_batch=dynamic_batch, fp16=fp16, tolerance=tolerance,
+                                metadata={"identity": identity, "base": ref.name, "base_sha256": ref.sha256})
         result.update(opset=opset, inputs=lib.ExportedGenerator(G, out_names, with_mapping).input_names,
                       outputs=list(out_names), dynamic_batch=dynamic_batch, batch_sizes=check.batch_sizes,
                       max_abs_diff=check.max_abs_diff, diffs=check.diffs)
