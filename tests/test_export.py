@@ -110,6 +110,7 @@ def test_onnx_with_mapping_neural_res_and_samples(ana: str, tmp_path: Path) -> N
     props = {p.key: p.value for p in model.metadata_props}
     assert props["neural_rendering_resolution"] == "64" and props["depth_resolution"] == "8"
     assert props["truncation_psi"] == "0.7" and props["fp16_weights"] == "true"
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
 
 
 def test_adapter_from_another_base_is_refused(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def export(
         float, typer.Option("--truncation", help="Truncation psi baked in with --with-mapping.")
     ] = 0.7,
     fp16: Annotated[
-        bool, typer.Option("--fp16", help="Store weights in half precision (half the file; compute stays fp32).")
+        bool, typer.Option("--fp16", help="Store the weights in half precision (smaller file; compute stays fp32).")
     ] = False,
     tolerance: Annotated[
         float, typer.Option("--tolerance", help="Max abs difference to PyTorch allowed (checked after writing).")
