@@ -1,0 +1,116 @@
+"""Options and helpers shared by invert, render and interpolate (no torch at import)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from my3dgen_cli.errors import UserInputError
+
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output file or folder.", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+IdentityOpt = Annotated[
+    str | None, typer.Option("--identity", help="Identity (adapter + anchors); base model without.", show_default=False)
+]
+BaseOpt = Annotated[
+    str | None,
+    typer.Option("--base", help="Base generator: zoo name, local base or file (default: the identity's).",
+                 show_default=False),
+]
+AdapterOpt = Annotated[
+    Path | None,
+    typer.Option("--adapter", help="An adapter file (e.g. from `invert --tune`) instead of the identity's.",
+                 show_default=False),
+]
+
+
+def check_free(paths: Iterable[Path], force: bool) -> None:
+    """Refuse to overwrite: the first existing path is named unless --force."""
+    for p in paths:
+        if p.exists() and not force:
+            raise UserInputError(f"{p} already exists (use --force to overwrite)")
+        if p.exists() and p.is_dir():
+            raise UserInputError(f"{p} is a folder, expected a file path")
+
+
+def open_model(base: str | None, identity: str | None, adapter: Path | None, device: str) -> tuple[Any, Any, Any]:
+    """(G, BaseRef, torch.device) with the identity's adapter, or `adapter` when given."""
+    from my3dgen_cli.devices import pick_device
+    from my3dgen_cli.generators import open_base, open_generator
+
+    dev = pick_device(device)
+    if adapter is None:
+        G, ref, _ = open_generator(base=base, identity=identity, device=dev)
+        return G, ref, dev
+    from my3dgen_cli.lora import load_adapter, read_adapter
+
+    if base is None:
+        base = read_adapter(adapter)[1]["base_name"]
+    G, ref = open_base(base, device=dev)
+    load_adapter(G, adapter, base_sha256=ref.sha256)
+    G.to(dev)
+    for p in G.parameters():
+        p.requires_grad_(False)
+    return G.eval(), ref, dev
+
+
+def identity_anchors(identity: str | None, device: Any) -> tuple[Any, Any] | tuple[None, None]:
+    """(ws [K, num_ws, w_dim], cameras [K, 25]) of an identity, or (None, None) without one / without anchors."""
+    if identity is None:
+        return None, None
+    from my3dgen_cli.identity import identity_paths, load_anchors
+
+    path = identity_paths(identity).anchors
+    if not path.is_file():
+        return None, None
+    ws, cams, _ = load_anchors(path)
+    return ws.to(device), cams.to(device)
+
+
+def resolve_key(spec: str, G: Any, identity: str | None, device: Any, truncation: float) -> tuple[str, Any, Any]:
+    """A latent named on the command line -> (name, ws [1, num_ws, w_dim], camera [1, 25] or None).
+
+    spec: a `.latent` file, `anchor:K` (needs --identity) or `seed:S`.
+    """
+    from my3dgen_cli.identity import load_latent
+    from my3dgen_cli.render import latent_from_seed
+
+    if spec.startswith("seed:"):
+        try:
+            seed = int(spec[5:])
+        except ValueError:
+            raise UserInputError(f"latent: got {spec!r}, expected seed:INTEGER") from None
+        return f"seed{seed}", latent_from_seed(G, seed, truncation), None
+    if spec.startswith("anchor:"):
+        try:
+            k = int(spec[7:])
+        except ValueError:
+            raise UserInputError(f"latent: got {spec!r}, expected anchor:INTEGER") from None
+        return (f"anchor{k}", *anchor(identity, k, device))
+    lat = load_latent(spec)
+    ws = lat.ws.to(device)
+    if ws.shape[1:] != (G.num_ws, G.w_dim):
+        raise UserInputError(f"{spec}: got ws {list(ws.shape)}, expected [1, {G.num_ws}, {G.w_dim}] for this generator")
+    return Path(spec).stem, ws, lat.camera.to(device)
+
+
+def anchor(identity: str | None, k: int, device: Any) -> tuple[Any, Any]:
+    """(ws [1, num_ws, w_dim], camera [1, 25]) of the identity's anchor k."""
+    if identity is None:
+        raise UserInputError("anchors belong to an identity: add --identity NAME")
+    ws, cams = identity_anchors(identity, device)
+    if ws is None:
+        raise UserInputError(f"identity {identity!r} has no anchors.safetensors")
+    if not 0 <= k < ws.shape[0]:
+        raise UserInputError(f"anchor: got {k}, expected 0..{ws.shape[0] - 1} (identity {identity!r})")
+    return ws[k:k + 1], cams[k:k + 1]
+
+
+def written(rows: list[tuple[str, Path]]) -> str:
+    """Human summary lines: 'wrote <what>: <path>'."""
+    return "\n".join(f"wrote {what}: {path}" for what, path in rows)

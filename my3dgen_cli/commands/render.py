@@ -1,0 +1,179 @@
+"""`my3dgen render`: images, depth maps, orbit videos, contact sheets and meshes of latents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from my3dgen_cli.cli import command, output_for
+from my3dgen_cli.commands._shared import (
+    AdapterOpt,
+    BaseOpt,
+    DeviceOpt,
+    ForceOpt,
+    IdentityOpt,
+    JsonOpt,
+    OutOpt,
+    check_free,
+    written,
+)
+from my3dgen_cli.errors import UserInputError
+
+
+def _ints(spec: str, name: str) -> list[int]:
+    out = []
+    for part in spec.split(","):
+        try:
+            if ":" in part:
+                a, b = (int(x) for x in part.split(":"))
+                out += list(range(a, b + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise UserInputError(f"--{name}: got {part!r}, expected integers like 3, 1,4 or 0:7") from None
+    return out
+
+
+@command("render", help="Render a latent, an identity anchor or a seed: views, depth, orbit video, grid, mesh.")
+def render(
+    latent: Annotated[list[Path] | None, typer.Option("--latent", help="A .latent file (repeatable).")] = None,
+    anchor: Annotated[str | None, typer.Option("--anchor", help="Anchor index/indices of --identity: 3, 0,2 or 0:3.")
+                      ] = None,
+    seed: Annotated[str | None, typer.Option("--seed", help="Seed(s) of random faces: 7, 1,2 or 0:9.")] = None,
+    truncation: Annotated[float, typer.Option("--truncation", help="Truncation psi for seeds.")] = 0.7,
+    yaw: Annotated[str, typer.Option("--yaw", help="Degrees: 30, -30,0,30 or start:stop:count.")] = "0",
+    pitch: Annotated[str, typer.Option("--pitch", help="Degrees, same forms as --yaw.")] = "0",
+    own_camera: Annotated[bool, typer.Option("--own-camera", help="Render latents/anchors from their stored camera.")
+                          ] = False,
+    orbit: Annotated[int | None, typer.Option("--orbit", help="Write an orbit video of N frames (MP4 + GIF).")] = None,
+    fps: Annotated[float, typer.Option("--fps", help="Video frame rate.")] = 24.0,
+    depth: Annotated[bool, typer.Option("--depth", help="Also write depth maps (16-bit PNG + colour preview).")
+                     ] = False,
+    mesh: Annotated[Path | None, typer.Option("--mesh", help="Extract a mesh to this .ply file.")] = None,
+    mesh_res: Annotated[int, typer.Option("--mesh-res", help="Marching-cubes grid size per axis.")] = 128,
+    mesh_level: Annotated[float, typer.Option("--mesh-level", help="Density level of the surface.")] = 10.0,
+    ascii_ply: Annotated[bool, typer.Option("--ascii", help="Write the PLY as text instead of binary.")] = False,
+    grid: Annotated[bool, typer.Option("--grid", help="Also write one contact sheet of every view.")] = False,
+    batch: Annotated[int, typer.Option("--batch", help="Views rendered per forward pass.")] = 8,
+    identity: IdentityOpt = None,
+    base: BaseOpt = None,
+    adapter: AdapterOpt = None,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    from my3dgen_cli import media
+    from my3dgen_cli.commands._shared import anchor as get_anchor
+    from my3dgen_cli.commands._shared import open_model
+    from my3dgen_cli.eg3d.camera import lookat_camera
+    from my3dgen_cli.render import angle_tag, cameras_for, latent_from_seed, orbit_angles, parse_angles, render_views
+
+    output = output_for(json_mode)
+    if not (latent or anchor or seed):
+        raise UserInputError("nothing to render: give --latent FILE, --anchor K (with --identity) or --seed S")
+    yaws, pitches = parse_angles(yaw, "yaw"), parse_angles(pitch, "pitch")
+    if mesh is not None and mesh.suffix.lower() != ".ply":
+        raise UserInputError(f"--mesh: got {mesh}, expected a .ply file")
+    if mesh_res < 8 or mesh_res > 512:
+        raise UserInputError(f"--mesh-res: got {mesh_res}, expected 8..512")
+
+    G, ref, dev = open_model(base, identity, adapter, device)
+    sources = []  # (name, ws, stored camera or None)
+    for path in latent or []:
+        from my3dgen_cli.commands._shared import resolve_key
+
+        sources.append(resolve_key(str(path), G, identity, dev, truncation))
+    for k in _ints(anchor, "anchor") if anchor else []:
+        sources.append((f"anchor{k}", *get_anchor(identity, k, dev)))
+    for s in _ints(seed, "seed") if seed else []:
+        sources.append((f"seed{s}", latent_from_seed(G, s, truncation), None))
+    names = [name for name, _, _ in sources]
+    if len(set(names)) != len(names):
+        raise UserInputError(f"two sources share a name ({names}); rename a latent file")
+
+    # Plan every output path first, so nothing is written when one of them is taken.
+    single_file = out is not None and out.suffix.lower() == ".png"
+    n_views = 1 if own_camera else len(yaws) * len(pitches)
+    if single_file and (len(sources) > 1 or n_views > 1 or depth or grid or orbit):
+        raise UserInputError(f"-o {out}: one .png holds one view of one source; give a folder for more")
+    folder = (out.parent if single_file else out) if out is not None else Path("renders")
+    plan: list[tuple[str, Path]] = []
+    views_plan = []
+    for name, _, cam in sources:
+        if own_camera:
+            if cam is None:
+                raise UserInputError(f"--own-camera: {name} has no stored camera (seeds are rendered frontal)")
+            pairs = [("own", None)]
+        else:
+            pairs = [(angle_tag(y, p), (y, p)) for p in pitches for y in yaws]
+        for tag, _ in pairs:
+            png = out if single_file else folder / f"{name}_{tag}.png"
+            plan.append(("image", png))
+            if depth:
+                plan += [("depth", folder / f"{name}_{tag}_depth.png"),
+                         ("depth preview", folder / f"{name}_{tag}_depth_color.png")]
+        if orbit:
+            plan += [("orbit video", folder / f"{name}_orbit.mp4"), ("orbit gif", folder / f"{name}_orbit.gif")]
+        if mesh is not None:
+            plan.append(("mesh", mesh if len(sources) == 1 else mesh.with_name(f"{mesh.stem}_{name}.ply")))
+        views_plan.append(pairs)
+    if grid:
+        plan.append(("contact sheet", folder / "grid.png"))
+    check_free([p for _, p in plan], force)
+
+    near, far = float(G.rendering_kwargs["ray_start"]), float(G.rendering_kwargs["ray_end"])
+    paths = iter(p for _, p in plan)
+    sheet, summary = [], []
+    with output.progress() as bar:
+        task = bar.add_task("rendering", total=len(sources) * (n_views + (orbit or 0)), status="")
+        for (name, ws, cam), pairs in zip(sources, views_plan, strict=True):
+            planes = G.planes(ws, noise_mode="const")
+            if own_camera:
+                cams = cam
+            else:
+                cams, _ = cameras_for(yaws, pitches)
+            views = render_views(G, ws, cams, batch, planes=planes, on_batch=lambda n: bar.advance(task, n))
+            entry = {"source": name, "views": []}
+            for k, (tag, _) in enumerate(pairs):
+                img = media.to_uint8(views.images[k])
+                png = next(paths)
+                media.write_png(png, img)
+                sheet.append(img)
+                view = {"tag": tag, "image": str(png)}
+                if depth:
+                    d = views.depth[k, 0].numpy()
+                    dpng, cpng = next(paths), next(paths)
+                    media.write_png(dpng, media.depth_to_uint16(d, near, far),
+                                    text={"depth_near": f"{near:g}", "depth_far": f"{far:g}",
+                                          "depth_units": "scene units along the ray; 0 = near, 65535 = far"})
+                    media.write_png(cpng, media.colorize_depth(d))
+                    view.update(depth=str(dpng), depth_preview=str(cpng),
+                                depth_min=float(d.min()), depth_max=float(d.max()))
+                entry["views"].append(view)
+            if orbit:
+                angles = orbit_angles(orbit)
+                ocams = lookat_camera([a for a, _ in angles], [b for _, b in angles])
+                frames = render_views(G, ws, ocams, batch, planes=planes, on_batch=lambda n: bar.advance(task, n))
+                frames_u8 = [media.to_uint8(f) for f in frames.images]
+                mp4, gif = next(paths), next(paths)
+                media.write_mp4(mp4, frames_u8, fps)
+                media.write_gif(gif, frames_u8, fps)
+                entry.update(orbit_mp4=str(mp4), orbit_gif=str(gif), orbit_frames=orbit)
+            if mesh is not None:
+                from my3dgen_cli.mesh import extract_mesh
+
+                ply = next(paths)
+                try:
+                    verts, faces = extract_mesh(G, ws, mesh_res, mesh_level)
+                except ValueError as err:
+                    raise UserInputError(f"{name}: {err} (--mesh-level)") from None
+                media.write_ply(ply, verts, faces, binary=not ascii_ply, comment=f"my3dgen {name}")
+                entry.update(mesh=str(ply), vertices=len(verts), faces=len(faces))
+            summary.append(entry)
+    if grid:
+        media.write_png(next(paths), media.grid(sheet, columns=1 if own_camera else len(yaws)))
+    output.result({"base": ref.name, "identity": identity, "outputs": [{"kind": k, "path": str(p)} for k, p in plan],
+                   "sources": summary}, human=written(plan))

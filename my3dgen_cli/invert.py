@@ -1,0 +1,295 @@
+"""GAN inversion: find the latent (and optionally refine the camera) that renders a given crop.
+
+    result = invert_image(G, target, camera, anchors=ws_anchors, config=InvertConfig(steps=300))
+    result.ws        # [1, num_ws, w_dim]   result.camera  # [1, 25]   result.psnr, result.lpips
+
+The search starts from an identity's anchors (their mean, or the one nearest the target) or, on a
+bare base, from the mapping network's `w_avg`. Spaces:
+- "w":  one w vector [1, 1, w_dim] broadcast to every synthesis layer (closest to the prior);
+- "w+": one vector per layer [1, num_ws, w_dim] (more expressive, used by PTI and My3DGen tests);
+- hull: the latent is a softmax-weighted mix of the anchors (MyStyle's "stay in the personalized
+  space"); only the mixing logits are optimized, per layer in w+.
+Loss: MSE on the final image + MSE on the raw neural render against the target downsampled to its
+size (My3DGen's two-resolution loss), + LPIPS on the final image when a perceptual net is given.
+Camera refinement optimizes a small yaw/pitch rotation about the camera pivot. `tune_adapter`
+then (PTI-style) trains only the adapter tensors for this one image, latent and camera fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from my3dgen_cli.eg3d import ops
+from my3dgen_cli.eg3d.camera import FFHQ_PIVOT, check_label
+
+SPACES = ("w", "w+")
+INITS = ("mean", "nearest")
+
+
+@dataclass(frozen=True)
+class InvertConfig:
+    """Optimization settings (validated on creation). lr is Adam's step on the latent."""
+
+    steps: int = 300
+    space: str = "w+"
+    lr: float = 0.02
+    init: str = "mean"
+    hull: bool = False
+    hull_lr: float = 0.1
+    refine_camera: bool = False
+    camera_lr: float = 0.5  # degrees per step (Adam)
+    image_weight: float = 1.0
+    raw_weight: float = 1.0
+    lpips_weight: float = 1.0
+    lpips_size: int = 256  # LPIPS on at most this many pixels (official projectors use 256)
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps: got {self.steps}, expected 0 or more")
+        if self.space not in SPACES:
+            raise ValueError(f"space: got {self.space!r}, expected one of {SPACES}")
+        if self.init not in INITS:
+            raise ValueError(f"init: got {self.init!r}, expected one of {INITS}")
+        for name in ("lr", "hull_lr", "camera_lr"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: got {getattr(self, name)}, expected > 0")
+
+
+@dataclass
+class InvertResult:
+    ws: torch.Tensor  # [1, num_ws, w_dim], detached
+    camera: torch.Tensor  # [1, 25]
+    image: torch.Tensor  # [1, 3, H, W] final render in [-1, 1]
+    psnr: float  # dB, images mapped to [0, 1]
+    lpips: float | None
+    losses: list[float] = field(default_factory=list)
+    init_anchor: int | None = None  # index of the starting anchor ("nearest"), else None
+    hull_weights: torch.Tensor | None = None  # [rows, K] softmax weights in hull mode
+    camera_delta: tuple[float, float] = (0.0, 0.0)  # (yaw, pitch) degrees added by refinement
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean PSNR in dB of [N, 3, H, W] images in [-1, 1] (metrics.psnr: mapped and clipped to [0, 1])."""
+    from my3dgen_cli.metrics import psnr as psnr_per_image
+
+    return float(psnr_per_image(a.detach(), b.detach()).mean())
+
+
+def _lpips_input(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] > size:
+        x = F.interpolate(x, size=(size, size), mode="area")
+    return x
+
+
+def lpips_distance(net: nn.Module | None, a: torch.Tensor, b: torch.Tensor, size: int = 256) -> torch.Tensor | None:
+    """Mean LPIPS of [N,3,H,W] images in [-1, 1], or None without a net."""
+    if net is None:
+        return None
+    return net(_lpips_input(a, size), _lpips_input(b, size)).mean()
+
+
+def rotate_camera(camera: torch.Tensor, yaw: torch.Tensor, pitch: torch.Tensor,
+                  pivot: tuple[float, float, float] = FFHQ_PIVOT) -> torch.Tensor:
+    """Turn cameras [N, 25] about the pivot by yaw (about world +y) and pitch (about world x), degrees.
+
+    Differentiable in yaw and pitch (0-d tensors). Positive yaw moves the camera towards +x and
+    positive pitch moves it up, as in camera.py; for a LookAt camera, small turns match a change of
+    its yaw/pitch angles to first order.
+    """
+    check_label(camera)
+    a, b = -torch.deg2rad(yaw.float()), torch.deg2rad(pitch.float())
+    zero, one = torch.zeros_like(a), torch.ones_like(a)
+    # The camera of a LookAt pose sits at -z looking along +z; yaw +a swings it towards +x.
+    ry = torch.stack([torch.stack([torch.cos(a), zero, -torch.sin(a)]),
+                      torch.stack([zero, one, zero]),
+                      torch.stack([torch.sin(a), zero, torch.cos(a)])])
+    # pitch +b lifts it towards -y (world up is -y in the OpenCV camera, +y in the world of camera.py).
+    rx = torch.stack([torch.stack([one, zero, zero]),
+                      torch.stack([zero, torch.cos(b), torch.sin(b)]),
+                      torch.stack([zero, -torch.sin(b), torch.cos(b)])])
+    rot = ry @ rx  # [3, 3]
+    c2w = camera[:, :16].reshape(-1, 4, 4).float()
+    p = torch.tensor(pivot, dtype=c2w.dtype, device=c2w.device)
+    rotated_r = rot @ c2w[:, :3, :3]
+    rotated_t = (rot @ (c2w[:, :3, 3] - p).unsqueeze(-1)).squeeze(-1) + p
+    top = torch.cat([rotated_r, rotated_t.unsqueeze(-1)], dim=-1)  # [N, 3, 4]
+    bottom = c2w[:, 3:4, :]
+    out = torch.cat([top, bottom], dim=1).reshape(-1, 16)
+    return torch.cat([out, camera[:, 16:].float()], dim=1)
+
+
+def _losses(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target: torch.Tensor,
+            net: nn.Module | None, cfg: InvertConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = G.synthesis(ws, camera, noise_mode="const", sampling="deterministic")
+    image = out["image"]
+    raw = out["image_raw"][:, :3]
+    target_raw = F.interpolate(target, size=raw.shape[-2:], mode="area")
+    loss = cfg.image_weight * F.mse_loss(image, target) + cfg.raw_weight * F.mse_loss(raw, target_raw)
+    lp = lpips_distance(net, image, target, cfg.lpips_size)
+    if lp is not None:
+        loss = loss + cfg.lpips_weight * lp
+    return loss, out
+
+
+@torch.no_grad()
+def nearest_anchor(G: nn.Module, anchors: torch.Tensor, target: torch.Tensor, camera: torch.Tensor,
+                   net: nn.Module | None = None, size: int = 256) -> int:
+    """Index of the anchor whose render from `camera` is closest to `target` (LPIPS, else MSE)."""
+    best, best_d = 0, float("inf")
+    for k in range(anchors.shape[0]):
+        image = G.synthesis(anchors[k:k + 1], camera, noise_mode="const", sampling="deterministic")["image"]
+        d = lpips_distance(net, image, target, size)
+        d = float(F.mse_loss(image, target) if d is None else d)
+        if d < best_d:
+            best, best_d = k, d
+    return best
+
+
+def start_latent(G: nn.Module, anchors: torch.Tensor | None) -> torch.Tensor:
+    """[1, num_ws, w_dim] starting point: mean of the anchors, else the mapping network's w_avg."""
+    if anchors is not None and anchors.shape[0] > 0:
+        return anchors.mean(0, keepdim=True)
+    w_avg = G.backbone.mapping.w_avg.detach()
+    return w_avg.reshape(1, 1, -1).expand(1, G.num_ws, -1).clone()
+
+
+def invert_image(
+    G: nn.Module,
+    target: torch.Tensor,
+    camera: torch.Tensor,
+    anchors: torch.Tensor | None = None,
+    config: InvertConfig | None = None,
+    perceptual: nn.Module | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> InvertResult:
+    """Optimize a latent so that G renders `target` from `camera`.
+
+    G: a frozen generator (base + adapter). target: [1, 3, H, W] in [-1, 1] at G's image size.
+    camera: [1, 25]. anchors: [K, num_ws, w_dim] on G's device, or None (start from w_avg).
+    perceptual: an LPIPS module or None (pixel losses only). on_step(step, loss) after each step.
+    """
+    cfg = config or InvertConfig()
+    res = G.img_resolution
+    ops.check_shape("target", target, [1, 3, res, res])
+    check_label(camera)
+    if cfg.hull and (anchors is None or anchors.shape[0] < 2):
+        got = 0 if anchors is None else anchors.shape[0]
+        raise ValueError(f"hull inversion: got {got} anchors, expected 2 or more")
+    target = target.detach().float()
+    camera = camera.detach().float()
+    init_anchor = None
+    if cfg.init == "nearest" and anchors is not None and anchors.shape[0] > 0:
+        init_anchor = nearest_anchor(G, anchors, target, camera, perceptual, cfg.lpips_size)
+        ws0 = anchors[init_anchor:init_anchor + 1].detach().clone()
+    else:
+        ws0 = start_latent(G, anchors)
+
+    rows = 1 if cfg.space == "w" else G.num_ws
+    params: list[dict] = []
+    if cfg.hull:
+        # One logit per anchor (and per layer in w+); the nearest anchor, if chosen, starts heavier.
+        logits = torch.zeros(rows, anchors.shape[0], device=target.device)
+        if init_anchor is not None:
+            logits[:, init_anchor] = 2.0
+        logits.requires_grad_(True)
+        params.append({"params": [logits], "lr": cfg.hull_lr})
+        basis = anchors.detach().float()  # [K, num_ws, w_dim]
+        if cfg.space == "w":
+            basis = basis.mean(1, keepdim=True)  # [K, 1, w_dim]
+    else:
+        w = (ws0.mean(1, keepdim=True) if cfg.space == "w" else ws0).detach().clone().float()
+        w.requires_grad_(True)
+        params.append({"params": [w], "lr": cfg.lr})
+    angles = torch.zeros(2, device=target.device, requires_grad=cfg.refine_camera)
+    if cfg.refine_camera:
+        params.append({"params": [angles], "lr": cfg.camera_lr})
+
+    def current_ws() -> torch.Tensor:
+        if cfg.hull:
+            weights = torch.softmax(logits, dim=-1)  # [rows, K]
+            mixed = torch.einsum("rk,krd->rd", weights, basis.expand(-1, rows, -1) if rows > 1 else basis)
+            return mixed.unsqueeze(0).expand(1, G.num_ws, -1)
+        return w.expand(1, G.num_ws, -1)
+
+    def current_camera() -> torch.Tensor:
+        if cfg.refine_camera:
+            return rotate_camera(camera, angles[0], angles[1])
+        return camera
+
+    losses: list[float] = []
+    if cfg.steps > 0:
+        opt = torch.optim.Adam(params, betas=(0.9, 0.999))
+        base_lrs = [group["lr"] for group in params]
+        for step in range(cfg.steps):
+            # Cosine decay over the last three quarters keeps the end of the run from dithering.
+            t = step / max(cfg.steps - 1, 1)
+            scale = 1.0 if t < 0.25 else 0.5 * (1 + math.cos(math.pi * (t - 0.25) / 0.75))
+            for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
+                group["lr"] = base_lr * max(scale, 0.05)
+            loss, _ = _losses(G, current_ws(), current_camera(), target, perceptual, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(step, losses[-1])
+
+    with torch.no_grad():
+        ws, cam = current_ws().detach().clone(), current_camera().detach().clone()
+        image = G.synthesis(ws, cam, noise_mode="const", sampling="deterministic")["image"]
+        lp = lpips_distance(perceptual, image, target, cfg.lpips_size)
+    return InvertResult(
+        ws=ws, camera=cam, image=image, psnr=psnr(image, target), lpips=None if lp is None else float(lp),
+        losses=losses, init_anchor=init_anchor,
+        hull_weights=torch.softmax(logits, -1).detach() if cfg.hull else None,
+        camera_delta=(float(angles[0]), float(angles[1])),
+    )
+
+
+def tune_adapter(
+    G: nn.Module,
+    ws: torch.Tensor,
+    camera: torch.Tensor,
+    target: torch.Tensor,
+    steps: int,
+    lr: float = 3e-4,
+    perceptual: nn.Module | None = None,
+    config: InvertConfig | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> tuple[float, float | None, torch.Tensor]:
+    """PTI-style: train only G's adapter tensors so that G(ws, camera) matches `target`.
+
+    G must carry adapters (lora.add_adapters or load_adapter); its other weights stay frozen. The
+    adapters are changed in place: callers that keep the identity's adapter elsewhere save the
+    tuned tensors to a new file. Returns (psnr, lpips or None, image [1, 3, H, W]).
+    """
+    from my3dgen_cli.lora import adapter_layers
+
+    cfg = config or InvertConfig()
+    layers = adapter_layers(G)
+    if not layers:
+        raise ValueError("tune_adapter: the generator has no adapters")
+    params = [p for a in layers.values() for p in (a.lora_A, a.lora_B)]
+    for p in params:
+        p.requires_grad_(True)
+    ws, camera, target = ws.detach(), camera.detach(), target.detach().float()
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    for step in range(steps):
+        loss, _ = _losses(G, ws, camera, target, perceptual, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if on_step is not None:
+            on_step(step, float(loss.detach()))
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        image = G.synthesis(ws, camera, noise_mode="const", sampling="deterministic")["image"]
+        lp = lpips_distance(perceptual, image, target, cfg.lpips_size)
+    return psnr(image, target), None if lp is None else float(lp), image

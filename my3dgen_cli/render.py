@@ -1,0 +1,110 @@
+"""Rendering latents from many cameras: angle lists, orbits, batched views, depth.
+
+    ws = latent_from_seed(G, 7, truncation=0.7)            # [1, num_ws, w_dim]
+    views = render_views(G, ws, cameras_for(parse_angles("-30:30:7"), [0.0]), batch=4)
+    views.images   # [N, 3, H, W] in [-1, 1]   views.depth  # [N, 1, r, r] in scene units
+
+The backbone runs once per latent (`G.planes`); only the renderer and superresolution run per
+view. Angles are degrees in camera.py's convention (yaw 0, pitch 0 = frontal; yaw > 0 shows the
+subject's left cheek; pitch > 0 looks down on the face). Sampling is deterministic, so the same
+latent and camera always give the same pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from my3dgen_cli.eg3d.camera import check_label, frontal_camera, lookat_camera
+from my3dgen_cli.errors import UserInputError
+
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+
+
+def parse_angles(spec: str, name: str = "angle") -> list[float]:
+    """Degrees from "30", "-30,0,30" or "start:stop:count" (inclusive, count >= 1); parts can mix."""
+    values: list[float] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        if re.fullmatch(_NUMBER, part):
+            values.append(float(part))
+            continue
+        m = re.fullmatch(rf"({_NUMBER}):({_NUMBER}):(\d+)", part)
+        if not m:
+            raise UserInputError(f"--{name}: got {part!r}, expected degrees like 30, -30,0,30 or -30:30:7")
+        start, stop, count = float(m.group(1)), float(m.group(2)), int(m.group(3))
+        if count < 1:
+            raise UserInputError(f"--{name}: got count {count} in {part!r}, expected 1 or more")
+        values += [start] if count == 1 else [start + (stop - start) * k / (count - 1) for k in range(count)]
+    for v in values:
+        if not math.isfinite(v) or abs(v) > 180:
+            raise UserInputError(f"--{name}: got {v:g}, expected degrees within [-180, 180]")
+    return values
+
+
+def cameras_for(yaws: list[float], pitches: list[float]) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+    """Every (yaw, pitch) pair, pitch-major: (cameras [N, 25], angles)."""
+    pairs = [(y, p) for p in pitches for y in yaws]
+    cams = lookat_camera([y for y, _ in pairs], [p for _, p in pairs])
+    return cams, pairs
+
+
+def orbit_angles(frames: int, yaw_range: float = 30.0, pitch_range: float = 10.0) -> list[tuple[float, float]]:
+    """A closed loop of `frames` views: yaw = A sin(2 pi t), pitch = B cos(2 pi t) (EG3D's video path)."""
+    if frames < 1:
+        raise UserInputError(f"--orbit: got {frames} frames, expected 1 or more")
+    return [(yaw_range * math.sin(2 * math.pi * k / frames), pitch_range * math.cos(2 * math.pi * k / frames))
+            for k in range(frames)]
+
+
+@torch.no_grad()
+def latent_from_seed(G: nn.Module, seed: int, truncation: float = 0.7) -> torch.Tensor:
+    """ws [1, num_ws, w_dim] for a seed: z ~ N(0, I) from torch.Generator(seed), frontal conditioning."""
+    device = G.backbone.mapping.w_avg.device
+    gen = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(1, G.z_dim, generator=gen).to(device)
+    return G.mapping(z, frontal_camera().to(device), truncation_psi=truncation)
+
+
+@dataclass
+class Views:
+    images: torch.Tensor  # [N, 3, H, W] in [-1, 1]
+    depth: torch.Tensor  # [N, 1, r, r] scene units along the ray
+    cameras: torch.Tensor  # [N, 25]
+
+
+@torch.no_grad()
+def render_views(G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, batch: int = 8,
+                 planes: torch.Tensor | None = None, on_batch=None) -> Views:
+    """Render one latent ws [1, num_ws, w_dim] from cameras [N, 25], `batch` views per pass."""
+    check_label(cameras)
+    if ws.ndim != 3 or ws.shape[0] != 1:
+        raise ValueError(f"ws: got shape {list(ws.shape)}, expected [1, num_ws, w_dim]")
+    if batch < 1:
+        raise UserInputError(f"--batch: got {batch}, expected 1 or more")
+    cameras = cameras.to(ws.device)
+    if planes is None:
+        planes = G.planes(ws, noise_mode="const")
+    images, depths = [], []
+    for start in range(0, cameras.shape[0], batch):
+        c = cameras[start:start + batch]
+        n = c.shape[0]
+        out = G.synthesis(ws.expand(n, -1, -1), c, noise_mode="const", sampling="deterministic",
+                          planes=planes.expand(n, -1, -1, -1, -1))
+        images.append(out["image"].cpu())
+        depths.append(out["image_depth"].cpu())
+        if on_batch is not None:
+            on_batch(n)
+    return Views(torch.cat(images), torch.cat(depths), cameras.cpu())
+
+
+def angle_tag(yaw: float, pitch: float) -> str:
+    """File-name tag of a view: yaw+030_pitch-010 (integers when the angles are)."""
+    def fmt(v: float) -> str:
+        return f"{v:+04.0f}" if float(v).is_integer() else f"{v:+06.1f}"
+
+    return f"yaw{fmt(yaw)}_pitch{fmt(pitch)}"

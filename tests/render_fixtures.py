@@ -1,0 +1,46 @@
+"""Shared by test_render*, test_invert* and test_interpolate*: a seeded tiny generator as the base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from my3dgen_cli.eg3d import build_generator
+
+
+def tiny_generator(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    G = build_generator("tiny")
+    for p in G.parameters():
+        p.requires_grad_(False)
+    return G.eval()
+
+
+@pytest.fixture
+def tiny_base(monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
+    """Every `open_base` (so `open_generator`, `--base`) returns the same seeded tiny generator.
+
+    The library is mocked at the one place that reads weights from disk, as the CLI tests of
+    the style guide do; the commands above it run for real.
+    """
+    from my3dgen_cli import generators
+    from my3dgen_cli.lora import base_fingerprint
+
+    G = tiny_generator()
+    ref = generators.BaseRef(name="tiny-test", path=generators.local_bases_dir() / "tiny-test.safetensors",
+                             sha256=base_fingerprint(G))
+
+    def fake_open_base(base, device=None, offline=None):
+        return G, ref
+
+    monkeypatch.setattr(generators, "open_base", fake_open_base)
+    return G
+
+
+@pytest.fixture
+def one_thread():
+    """Optimization tests on a shared 2-core box: one intra-op thread avoids oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
