@@ -149,7 +149,7 @@ def test_cli_safetensors_json(ana: str, tmp_path: Path) -> None:
 
 def test_help_lists_the_options() -> None:
     text = CliRunner().invoke(app, ["export", "--help"]).output
-    for flag in ("--identity", "--base", "--output", "--format", "--opset", "--neural-res", "--samples",
+    for flag in ("--identity", "--base", "--output", "--force", "--format", "--opset", "--neural-res", "--samples",
                  "--outputs", "--dynamic-batch", "--with-mapping", "--truncation", "--fp16", "--tolerance", "--json"):
         assert flag in text, flag
 
@@ -160,6 +160,8 @@ def test_cli_onnx_reports_and_fails_above_tolerance(ana: str, tmp_path: Path) ->
     result = CliRunner().invoke(app, [*args, "--outputs", "image,depth"])
     assert result.exit_code == 0, result.output
     assert "onnxruntime vs PyTorch" in result.output and out.is_file()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "already exists (use --force" in result.output
     out.unlink()
     result = CliRunner().invoke(app, [*args, "--tolerance", "1e-12"])
     assert result.exit_code == 1 and "> tolerance" in result.output and "nothing written" in result.output

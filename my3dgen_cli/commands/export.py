@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from my3dgen_cli.cli import command, output_for
+from my3dgen_cli.commands._shared import BaseOpt, ForceOpt, JsonOpt, check_free
 from my3dgen_cli.errors import UserInputError
 
 FORMATS = ("onnx", "safetensors")
@@ -27,10 +28,8 @@ def _format_for(output: Path, given: str | None) -> str:
 @command("export", help="Export an identity's generator: merged .safetensors (a base) or a checked .onnx renderer.")
 def export(
     identity: Annotated[str, typer.Option("--identity", "-i", help="Identity whose adapter is merged in.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="File to write (.onnx or .safetensors).")],
-    base: Annotated[
-        str | None, typer.Option("--base", help="Base generator (default: the one the identity was made on).")
-    ] = None,
+    output: Annotated[Path, typer.Option("--output", "--out", "-o", help="File to write (.onnx or .safetensors).")],
+    base: BaseOpt = None,
     format_: Annotated[
         str | None, typer.Option("--format", help="onnx or safetensors (default: from the file suffix).")
     ] = None,
@@ -61,7 +60,8 @@ def export(
         float, typer.Option("--tolerance", help="Max abs difference to PyTorch allowed (checked after writing).")
     ] = 1e-3,
     offline: Annotated[bool, typer.Option("--offline", help="Never use the network.")] = False,
-    json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")] = False,
+    force: ForceOpt = False,
+    json_mode: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Results only.")] = False,
 ) -> None:
     from my3dgen_cli import export as lib
@@ -76,6 +76,7 @@ def export(
         raise UserInputError(f"{flag} applies to --format onnx only; drop it for a .safetensors export")
     if fmt == "safetensors" and output.suffix != ".safetensors":
         raise UserInputError(f"output: got suffix {output.suffix!r}, expected '.safetensors' for --format safetensors")
+    check_free([output, output.with_suffix(".json")] if fmt == "safetensors" else [output], force)
     out_names = lib.parse_outputs(outputs)
     sample_counts = lib.parse_samples(samples)
 
