@@ -32,6 +32,7 @@ from my3dgen_cli.fileio import atomic_path
 # `--outputs` name -> synthesis output key
 OUTPUTS: dict[str, str] = {"image": "image", "depth": "image_depth", "raw": "image_raw"}
 MIN_OPSET = 17
+MAX_OPSET = 20  # the newest the TorchScript-based exporter writes
 DEFAULT_TOLERANCE = 1e-3  # fp32 graph vs eager: observed ~2e-6 (tiny) and ~4e-6 (full size); see docs/export.md
 FP16_MIN_ELEMENTS = 1024  # smaller initializers (biases, filters) stay fp32 under --fp16
 
@@ -238,8 +239,8 @@ def export_onnx(
     G is moved to CPU float32 in place (and with fp16 its weights are rounded in place).
     metadata: extra model properties (identity, base, ...) beside the render settings always stored.
     """
-    if opset < MIN_OPSET:
-        raise UserInputError(f"--opset: got {opset}, expected >= {MIN_OPSET} (GridSample, LayerNorm-era ops)")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserInputError(f"--opset: got {opset}, expected {MIN_OPSET}..{MAX_OPSET}")
     G = G.cpu().float().eval()
     if fp16:
         with torch.no_grad():

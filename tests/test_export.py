@@ -61,6 +61,8 @@ def test_parse_options() -> None:
         parse_outputs("image,normals")
     with pytest.raises(UserInputError, match="--samples"):
         parse_samples("many")
+    with pytest.raises(UserInputError, match="expected 17..20"):
+        export_onnx(build_generator("tiny"), "never.onnx", opset=13)
 
 
 def test_merged_safetensors_reloads_and_matches(ana: str, tmp_path: Path) -> None:
