@@ -42,20 +42,37 @@ def ray_bundle(cam2world: torch.Tensor, intrinsics: torch.Tensor, resolution: in
     return origins.expand(n, m, 3), directions
 
 
-def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
-    """Bilinear features of 3-D points from the tri-planes (zeros outside the box).
-
-    planes: [N, 3, C, H, W]; coordinates: [N, M, 3] -> features [N, 3, M, C].
-    """
+def _plane_samples(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
+    """grid_sample of every point on every plane: [N*3, C, 1, M] (zeros outside the box)."""
     n, n_planes, c, h, w = planes.shape
     m = coordinates.shape[1]
     coords = (2.0 / box_warp) * coordinates
     grid = torch.stack([coords[..., list(axes)] for axes in PLANE_AXES], dim=1)  # [N, 3, M, 2]
     # -1 (not n * 3) for the batch: an ONNX export then keeps the batch dimension dynamic
     grid = grid.reshape(-1, 1, m, 2).float()
-    out = F.grid_sample(planes.reshape(-1, c, h, w), grid, mode="bilinear",
-                        padding_mode="zeros", align_corners=False)  # [N*3, C, 1, M]
-    return out.permute(0, 3, 2, 1).reshape(-1, n_planes, m, c)
+    return F.grid_sample(planes.reshape(-1, c, h, w), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
+
+
+def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
+    """Bilinear features of 3-D points from the tri-planes (the official layout).
+
+    planes: [N, 3, C, H, W]; coordinates: [N, M, 3] -> features [N, 3, M, C].
+    """
+    n_planes, c = planes.shape[1], planes.shape[2]
+    out = _plane_samples(planes, coordinates, box_warp)
+    return out.permute(0, 3, 2, 1).reshape(-1, n_planes, out.shape[-1], c)
+
+
+def mean_plane_features(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
+    """Mean over the 3 planes of `sample_from_planes`, [N, M, C]: what the decoder consumes.
+
+    Averaging before the channels-last permute copies a third as much; the same three values are
+    summed in the same order, so the result is bitwise that of `sample_from_planes(...).mean(1)`.
+    """
+    n_planes, c = planes.shape[1], planes.shape[2]
+    out = _plane_samples(planes, coordinates, box_warp)  # [N*3, C, 1, M]
+    return out.reshape(-1, n_planes, c, out.shape[-1]).mean(1).transpose(1, 2)
 
 
 def _cumprod(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -186,6 +203,6 @@ class ImportanceRenderer(nn.Module):
         """Decode colour features and density at depths [N,M,S,1] along the rays."""
         n, m, s, _ = depths.shape
         points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(-1, m * s, 3)
-        out = decoder(sample_from_planes(planes, points, float(options["box_warp"])))
+        out = decoder.decode(mean_plane_features(planes, points, float(options["box_warp"])))
         rgb = out["rgb"]
         return rgb.reshape(-1, m, s, rgb.shape[-1]), out["sigma"].reshape(-1, m, s, 1)

@@ -35,8 +35,11 @@ class OSGDecoder(nn.Module):
 
     def forward(self, sampled_features: torch.Tensor) -> dict[str, torch.Tensor]:
         """sampled_features: [N, 3, M, C] -> {"rgb": [N, M, out], "sigma": [N, M, 1]}."""
-        x = sampled_features.mean(1)
-        n, m, c = x.shape
+        return self.decode(sampled_features.mean(1))
+
+    def decode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features already averaged over the planes, [N, M, C] (the renderer's fast path)."""
+        m, c = x.shape[1], x.shape[2]
         x = self.net(x.reshape(-1, c))
         x = x.reshape(-1, m, x.shape[-1])  # -1 for the batch: exported graphs keep it dynamic
         rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * 0.001) - 0.001  # MipNeRF's widened sigmoid
@@ -142,8 +145,8 @@ class TriPlaneGenerator(nn.Module):
 
     def sample_density(self, ws: torch.Tensor, points: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
         """Raw sigma at world points [N, M, 3] -> [N, M, 1] (for mesh extraction)."""
-        planes = self.planes(ws, noise_mode=noise_mode)
-        from my3dgen_cli.eg3d.renderer import sample_from_planes
+        from my3dgen_cli.eg3d.renderer import mean_plane_features
 
-        out = self.decoder(sample_from_planes(planes, points, float(self.rendering_kwargs["box_warp"])))
+        planes = self.planes(ws, noise_mode=noise_mode)
+        out = self.decoder.decode(mean_plane_features(planes, points, float(self.rendering_kwargs["box_warp"])))
         return out["sigma"]
