@@ -77,32 +77,35 @@ def compiled_synthesis(G: nn.Module) -> Callable:
     return fn
 
 
-def checkpointed_modules(G: nn.Module) -> list[nn.Module]:
-    """Where activations pile up: each backbone and superresolution block, and the tri-plane decoder."""
+def checkpointed_methods(G: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Where activations pile up: each backbone and superresolution block, and the tri-plane decoder
+    (its `decode`, which the renderer calls, and `forward`)."""
     from my3dgen_cli.eg3d.layers import SynthesisBlock
 
-    return [m for m in G.modules() if isinstance(m, SynthesisBlock)] + [G.decoder]
+    blocks = [(m, "forward") for m in G.modules() if isinstance(m, SynthesisBlock)]
+    decoder = [(G.decoder, name) for name in ("decode", "forward") if hasattr(G.decoder, name)]
+    return blocks + decoder
 
 
 @contextlib.contextmanager
 def activation_checkpointing(G: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     """Run the memory-heavy modules under torch.utils.checkpoint while the context is open.
 
-    The modules' forward is wrapped on the instance (no parameter, buffer or name changes) and
-    restored on exit. Sampling must be deterministic (it is in training) so the recomputation
-    matches the first pass.
+    The methods are wrapped on the instance (no parameter, buffer or name changes) and restored
+    on exit. Sampling must be deterministic (it is in training) so the recomputation matches the
+    first pass.
     """
     if not enabled:
         yield G
         return
-    modules = checkpointed_modules(G)
-    for m in modules:
-        m.forward = _checkpointed(m.forward)
+    methods = checkpointed_methods(G)
+    for module, name in methods:
+        setattr(module, name, _checkpointed(getattr(module, name)))
     try:
         yield G
     finally:
-        for m in modules:
-            del m.forward  # the instance attribute; the class's forward shows through again
+        for module, name in methods:
+            delattr(module, name)  # the instance attribute; the class's method shows through again
 
 
 def _checkpointed(forward: Callable) -> Callable:

@@ -7,7 +7,9 @@ import os
 import pytest
 import torch
 
+from my3dgen_cli import speed
 from my3dgen_cli.eg3d.camera import lookat_camera
+from my3dgen_cli.eg3d.layers import SynthesisBlock
 from my3dgen_cli.lora import adapter_layers, add_adapters
 from my3dgen_cli.personalize import PersonalizeConfig
 from my3dgen_cli.render import render_views
@@ -62,7 +64,7 @@ def test_bf16_autocast_renders_close_to_fp32(person):
         autocast(torch.device("cpu"), "fp16")
 
 
-def test_activation_checkpointing_gives_the_same_gradients(person):
+def test_activation_checkpointing_gives_the_same_gradients(person, monkeypatch):
     G, params = _adapted(person)
     G.train()
     w = person[1].expand(2, -1, -1)
@@ -77,9 +79,15 @@ def test_activation_checkpointing_gives_the_same_gradients(person):
 
     ref = grads()
     with activation_checkpointing(G):
-        assert "forward" in vars(G.decoder)
+        assert "forward" in vars(G.decoder) and "forward" in vars(G.backbone.synthesis.b8)
+        calls = []
+        real = speed.checkpoint
+        monkeypatch.setattr(speed, "checkpoint", lambda fn, *a, **k: calls.append(fn.__name__) or real(fn, *a, **k))
         ckpt = grads()
-    assert "forward" not in vars(G.decoder)  # restored
+    # Every block and the decoder's decode (what the renderer calls: 2 passes) ran checkpointed.
+    n_blocks = sum(isinstance(m, SynthesisBlock) for m in G.modules())
+    assert calls.count("forward") == n_blocks and calls.count("decode") == 2, calls
+    assert "forward" not in vars(G.decoder) and "decode" not in vars(G.decoder)  # restored
     for a, b in zip(ref, ckpt, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
 
