@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--project", action="store_true", help="project per-identity time instead of running it")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--variants", default=None, help="comma-separated subset: fp32,bf16,fp16,accum,ckpt,compile")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -85,12 +86,14 @@ def main() -> None:
     torch.manual_seed(0)
     G = build_generator(args.config).to(device)
     data = photos_of(G)
-    variants = [("fp32 eager", {}), ("bf16 autocast", {"amp": "bf16"}), ("accum 2", {"accum": 2}),
-                ("activation checkpointing", {"act_checkpointing": True})]
+    variants = [("fp32", "fp32 eager", {}), ("bf16", "bf16 autocast", {"amp": "bf16"}),
+                ("accum", "accum 2", {"accum": 2}), ("ckpt", "activation checkpointing", {"act_checkpointing": True})]
     if device.type == "cuda":
-        variants.insert(2, ("fp16 autocast", {"amp": "fp16"}))
+        variants.insert(2, ("fp16", "fp16 autocast", {"amp": "fp16"}))
     if args.compile:
-        variants.append(("compile", {"compile": True}))
+        variants.append(("compile", "compile", {"compile": True}))
+    keep = set(args.variants.split(",")) if args.variants else {key for key, _, _ in variants}
+    variants = [(label, options) for key, label, options in variants if key in keep or key == "fp32"]
     print(f"device {device}, config {args.config}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"10 photos, batch 2, best of {args.steps} steps")
     print("| variant | s/step | vs fp32 | peak GPU MiB |")

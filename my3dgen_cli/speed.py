@@ -118,17 +118,13 @@ def _checkpointed(forward: Callable) -> Callable:
     return run
 
 
-def to_channels_last(G: nn.Module) -> nn.Module:
-    """4-D conv weights in channels_last memory format (cuDNN's fast layout); values unchanged."""
-    for p in G.parameters():
-        if p.ndim == 4:
-            p.data = p.data.contiguous(memory_format=torch.channels_last)
-    return G
-
-
 def use_all_cores() -> int:
-    """On the CPU, one intra-op thread per core this process may use (torch defaults to physical cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(cores)
+    """CPU threads = the cores this process may run on (its affinity mask), capped by torch's default.
+
+    torch defaults to the machine's physical cores, which in a container or under a CPU mask can be
+    more than the process gets (oversubscription). OMP_NUM_THREADS, when set (torchrun sets 1 per
+    rank), wins. Returns the thread count in use.
+    """
+    if "OMP_NUM_THREADS" not in os.environ and hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)))))
     return torch.get_num_threads()

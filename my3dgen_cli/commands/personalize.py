@@ -85,6 +85,10 @@ def personalize_cmd(
     world = D.from_env()
     out = output_for(json_out, quiet) if world.is_main else Output("quiet")
     dev = D.device_for(world, pick_device(device))
+    if dev.type == "cpu":
+        from my3dgen_cli.speed import use_all_cores
+
+        use_all_cores()
     preset_steps, preset_anchor_steps = BUDGETS[budget]
     config = PersonalizeConfig(rank=rank, alpha=alpha, steps=steps or preset_steps, batch=batch, lr=lr, sym=sym,
                                sym_loss=sym_loss, sym_every=sym_every, anchor_space=anchor_space,
