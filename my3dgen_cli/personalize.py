@@ -358,8 +358,9 @@ def personalize(
         shutil.rmtree(ip.checkpoints, ignore_errors=True)
     world.barrier()
     final = result.log[-1]["loss"] if result.log else float("nan")
+    size = ip.adapter.stat().st_size if ip.adapter.is_file() else 0  # 0 on a rank that cannot see rank 0's folder
     return IdentityResult(name, ip.root, base, photos.names, photos.skipped, n_params, full,
-                          ip.adapter.stat().st_size, result.steps, final, result.sym_kind, result.seconds)
+                          size, result.steps, final, result.sym_kind, result.seconds)
 
 
 def _project_shared(G: nn.Module, images: torch.Tensor, cameras: torch.Tensor, config: PersonalizeConfig,
