@@ -33,13 +33,16 @@ def official_generator(folder: str, config: dict):
     return G
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+def interleaved(runs: dict, repeats: int, sync) -> dict[str, float]:
+    """Best time of each callable, alternating between them so that machine load hits all alike."""
+    best = {name: float("inf") for name in runs}
+    for round_index in range(repeats + 1):  # round 0 is the warm-up
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            if round_index:
+                best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -72,19 +75,12 @@ def main() -> None:
     for nrr in (64, 128):
         with torch.no_grad():
             ws = ours.mapping(z, c_cond)
-
-            def run_ours(ws=ws, nrr=nrr) -> None:
-                ours.synthesis(ws, c, neural_rendering_resolution=nrr)
-                sync()
-
-            t_ours = timed(run_ours, args.repeats)
-            t_theirs = None
+            runs = {"ours": lambda ws=ws, nrr=nrr: ours.synthesis(ws, c, neural_rendering_resolution=nrr)}
             if theirs is not None:
-                def run_theirs(ws=ws, nrr=nrr) -> None:
-                    theirs.synthesis(ws, c, neural_rendering_resolution=nrr, noise_mode="const")
-                    sync()
-
-                t_theirs = timed(run_theirs, args.repeats)
+                runs["official"] = lambda ws=ws, nrr=nrr: theirs.synthesis(
+                    ws, c, neural_rendering_resolution=nrr, noise_mode="const")
+            best = interleaved(runs, args.repeats, sync)
+        t_ours, t_theirs = best["ours"], best.get("official")
         ratio = f"{t_theirs / t_ours:13.2f}" if t_theirs else f"{'n/a':>13}"
         official = f"{t_theirs:10.3f}" if t_theirs else f"{'n/a':>10}"
         print(f"{nrr:>10} {t_ours:8.3f} {official} {ratio}")

@@ -96,7 +96,9 @@ def main() -> None:
 
 
 # Command modules register themselves on `app` when imported; they must not import torch at import.
-COMMAND_MODULES: tuple[str, ...] = ("fetch", "cache", "faces", "invert", "render", "interpolate")
+COMMAND_MODULES: tuple[str, ...] = (
+    "fetch", "cache", "faces", "invert", "render", "interpolate", "personalize", "export",
+)
 
 
 def _register_commands() -> None:

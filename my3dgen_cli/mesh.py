@@ -24,12 +24,12 @@ def density_grid(G: nn.Module, ws: torch.Tensor, resolution: int = 128, chunk: i
     axis = torch.linspace(-box / 2, box / 2, resolution, device=ws.device)
     points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(1, -1, 3)
     planes = G.planes(ws, noise_mode="const")
-    from my3dgen_cli.eg3d.renderer import sample_from_planes
+    from my3dgen_cli.eg3d.renderer import mean_plane_features
 
     sigma = []
     for start in range(0, points.shape[1], chunk):
         part = points[:, start:start + chunk]
-        sigma.append(G.decoder(sample_from_planes(planes, part, box))["sigma"][0, :, 0].float().cpu())
+        sigma.append(G.decoder.decode(mean_plane_features(planes, part, box))["sigma"][0, :, 0].float().cpu())
     return torch.cat(sigma).reshape(resolution, resolution, resolution).numpy()
 
 

@@ -160,3 +160,12 @@ def test_named_configs_build_and_unknown_names_are_refused() -> None:
         assert G.img_resolution in (64, 512)
     with pytest.raises(ValueError, match="expected one of"):
         build_generator("ffhq1024")
+
+
+def test_mean_plane_features_is_bitwise_the_official_sample_then_mean() -> None:
+    from my3dgen_cli.eg3d.renderer import mean_plane_features, sample_from_planes
+
+    g = torch.Generator().manual_seed(0)
+    planes = torch.randn(2, 3, 8, 16, 16, generator=g)
+    points = torch.rand(2, 100, 3, generator=g) - 0.5
+    assert torch.equal(mean_plane_features(planes, points, 1.0), sample_from_planes(planes, points, 1.0).mean(1))

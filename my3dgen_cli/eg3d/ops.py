@@ -82,7 +82,7 @@ def upfirdn2d(
     x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
     x = x[:, :, max(-py0, 0) : x.shape[2] - max(-py1, 0), max(-px0, 0) : x.shape[3] - max(-px1, 0)]
     kernel = (f * (gain ** (f.ndim / 2))).to(x.dtype).flip([0, 1])
-    kernel = kernel[None, None].repeat(c, 1, 1, 1)
+    kernel = kernel[None, None].repeat(int(c), 1, 1, 1)  # int: a static channel count keeps ONNX's Conv typed
     return F.conv2d(x, kernel, groups=c)
 
 
@@ -148,10 +148,16 @@ def modulated_conv2d(
     check_shape("modulated_conv2d styles", styles, [batch, in_ch])
 
     dcoefs = None
-    if demodulate or fused:
+    if demodulate and not fused and torch.onnx.is_in_onnx_export():
+        # Same d[n, o] as sum_i s[n,i]^2 * sum_k W[o,i,k]^2: W's square sum folds into an [O, I] constant,
+        # so the exported graph carries no second [O, I, k, k] copy of every weight (about half the file).
+        # (computed outside the trace: from_numpy makes it a constant, which the exporter cannot fold itself)
+        w_sq = torch.from_numpy(weight.detach().square().sum(dim=[2, 3]).T.contiguous().cpu().numpy())  # [I, O]
+        dcoefs = (styles.square() @ w_sq.to(styles) + 1e-8).rsqrt()  # [N, O]
+    elif demodulate or fused:
         w = weight.unsqueeze(0) * styles.reshape(batch, 1, -1, 1, 1)  # [N, O, I, k, k]
-    if demodulate:
-        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [N, O]
+        if demodulate:
+            dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [N, O]
 
     if not fused:
         x = x * styles.to(x.dtype).reshape(batch, -1, 1, 1)

@@ -42,19 +42,37 @@ def ray_bundle(cam2world: torch.Tensor, intrinsics: torch.Tensor, resolution: in
     return origins.expand(n, m, 3), directions
 
 
-def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
-    """Bilinear features of 3-D points from the tri-planes (zeros outside the box).
-
-    planes: [N, 3, C, H, W]; coordinates: [N, M, 3] -> features [N, 3, M, C].
-    """
+def _plane_samples(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
+    """grid_sample of every point on every plane: [N*3, C, 1, M] (zeros outside the box)."""
     n, n_planes, c, h, w = planes.shape
     m = coordinates.shape[1]
     coords = (2.0 / box_warp) * coordinates
     grid = torch.stack([coords[..., list(axes)] for axes in PLANE_AXES], dim=1)  # [N, 3, M, 2]
-    grid = grid.reshape(n * n_planes, 1, m, 2).float()
-    out = F.grid_sample(planes.reshape(n * n_planes, c, h, w), grid, mode="bilinear",
-                        padding_mode="zeros", align_corners=False)  # [N*3, C, 1, M]
-    return out.permute(0, 3, 2, 1).reshape(n, n_planes, m, c)
+    # -1 (not n * 3) for the batch: an ONNX export then keeps the batch dimension dynamic
+    grid = grid.reshape(-1, 1, m, 2).float()
+    return F.grid_sample(planes.reshape(-1, c, h, w), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
+
+
+def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
+    """Bilinear features of 3-D points from the tri-planes (the official layout).
+
+    planes: [N, 3, C, H, W]; coordinates: [N, M, 3] -> features [N, 3, M, C].
+    """
+    n_planes, c = planes.shape[1], planes.shape[2]
+    out = _plane_samples(planes, coordinates, box_warp)
+    return out.permute(0, 3, 2, 1).reshape(-1, n_planes, out.shape[-1], c)
+
+
+def mean_plane_features(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
+    """Mean over the 3 planes of `sample_from_planes`, [N, M, C]: what the decoder consumes.
+
+    Averaging before the channels-last permute copies a third as much; the same three values are
+    summed in the same order, so the result is bitwise that of `sample_from_planes(...).mean(1)`.
+    """
+    n_planes, c = planes.shape[1], planes.shape[2]
+    out = _plane_samples(planes, coordinates, box_warp)  # [N*3, C, 1, M]
+    return out.reshape(-1, n_planes, c, out.shape[-1]).mean(1).transpose(1, 2)
 
 
 def _cumprod(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -117,18 +135,18 @@ def importance_depths(
     """
     with torch.no_grad():
         n, m, s, _ = depths.shape
-        z = depths.reshape(n * m, s)
-        w = weights.reshape(n * m, 1, s - 1).float()
-        w = F.avg_pool1d(F.max_pool1d(w, 2, 1, padding=1), 2, 1).reshape(n * m, s - 1) + 0.01
+        z = depths.reshape(-1, s)  # [R = N*M, S]; -1 keeps an exported batch dynamic
+        w = weights.reshape(-1, 1, s - 1).float()
+        w = F.avg_pool1d(F.max_pool1d(w, 2, 1, padding=1), 2, 1).reshape(-1, s - 1) + 0.01
         bins = 0.5 * (z[:, :-1] + z[:, 1:])  # [R, S-1]
         pdf_w = w[:, 1:-1] + eps  # [R, S-3]
         n_bins = pdf_w.shape[1]
         pdf = pdf_w / torch.sum(pdf_w, -1, keepdim=True)
         cdf = torch.cat([torch.zeros_like(pdf[:, :1]), torch.cumsum(pdf, -1)], -1)  # [R, S-2]
         if sampling == "deterministic":
-            u = torch.linspace(0, 1, count, device=z.device).expand(n * m, count).contiguous()
+            u = torch.linspace(0, 1, count, device=z.device).expand(z.shape[0], count).contiguous()
         else:
-            u = torch.rand(n * m, count, device=z.device, generator=generator)
+            u = torch.rand(z.shape[0], count, device=z.device, generator=generator)
         inds = _searchsorted_right(cdf, u)
         below = torch.clamp_min(inds - 1, 0)
         above = torch.clamp_max(inds, n_bins)
@@ -137,7 +155,7 @@ def importance_depths(
         denom = cdf_hi - cdf_lo
         denom = torch.where(denom < eps, torch.ones_like(denom), denom)
         samples = bin_lo + (u - cdf_lo) / denom * (bin_hi - bin_lo)
-        return samples.reshape(n, m, count, 1)
+        return samples.reshape(-1, m, count, 1)
 
 
 class ImportanceRenderer(nn.Module):
@@ -184,6 +202,7 @@ class ImportanceRenderer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode colour features and density at depths [N,M,S,1] along the rays."""
         n, m, s, _ = depths.shape
-        points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(n, m * s, 3)
-        out = decoder(sample_from_planes(planes, points, float(options["box_warp"])))
-        return out["rgb"].reshape(n, m, s, -1), out["sigma"].reshape(n, m, s, 1)
+        points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(-1, m * s, 3)
+        out = decoder.decode(mean_plane_features(planes, points, float(options["box_warp"])))
+        rgb = out["rgb"]
+        return rgb.reshape(-1, m, s, rgb.shape[-1]), out["sigma"].reshape(-1, m, s, 1)

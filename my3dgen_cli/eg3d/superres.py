@@ -43,6 +43,18 @@ SR_SPECS: dict[str, SRSpec] = {
 }
 
 
+def resize_matrix(size_in: int, size_out: int, antialias: bool) -> torch.Tensor:
+    """[size_out, size_in] float32 R with interpolate(x, bilinear) == R @ x @ R.T for x [..., in, in].
+
+    Bilinear (align_corners False, optionally antialiased) resizing is separable, so resizing the
+    rows of an identity image (columns kept, so no change there) gives the 1-D operator exactly.
+    """
+    eye = torch.eye(int(size_in), dtype=torch.float32).reshape(1, 1, int(size_in), int(size_in))
+    r = F.interpolate(eye, size=(int(size_out), int(size_in)), mode="bilinear", align_corners=False,
+                      antialias=antialias)
+    return r[0, 0]
+
+
 class Superresolution(nn.Module):
     def __init__(
         self,
@@ -67,6 +79,10 @@ class Superresolution(nn.Module):
         needed = x.shape[-1] < size if self.spec.resize_only_if_smaller else x.shape[-1] != size
         if not needed:
             return x
+        if torch.onnx.is_in_onnx_export():
+            # ONNX form: the same separable resize as two constant matrix products (MatMul only)
+            r = resize_matrix(x.shape[-1], size, self.antialias).to(x)  # [size, in]
+            return r @ x @ r.T
         return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=self.antialias)
 
     def forward(self, rgb: torch.Tensor, x: torch.Tensor, ws: torch.Tensor, **block_kwargs) -> torch.Tensor:

@@ -35,9 +35,13 @@ class OSGDecoder(nn.Module):
 
     def forward(self, sampled_features: torch.Tensor) -> dict[str, torch.Tensor]:
         """sampled_features: [N, 3, M, C] -> {"rgb": [N, M, out], "sigma": [N, M, 1]}."""
-        x = sampled_features.mean(1)
-        n, m, c = x.shape
-        x = self.net(x.reshape(n * m, c)).reshape(n, m, -1)
+        return self.decode(sampled_features.mean(1))
+
+    def decode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Features already averaged over the planes, [N, M, C] (the renderer's fast path)."""
+        m, c = x.shape[1], x.shape[2]
+        x = self.net(x.reshape(-1, c))
+        x = x.reshape(-1, m, x.shape[-1])  # -1 for the batch: exported graphs keep it dynamic
         rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * 0.001) - 0.001  # MipNeRF's widened sigmoid
         return {"rgb": rgb, "sigma": x[..., 0:1]}
 
@@ -93,7 +97,7 @@ class TriPlaneGenerator(nn.Module):
         """ws -> tri-planes [N, 3, C, R, R]."""
         fused = (not self.training) if fused_modconv is None else fused_modconv
         img = self.backbone.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator)
-        return img.reshape(len(img), 3, -1, img.shape[-2], img.shape[-1])
+        return img.reshape(-1, 3, img.shape[1] // 3, img.shape[-2], img.shape[-1])
 
     def synthesis(
         self,
@@ -124,9 +128,8 @@ class TriPlaneGenerator(nn.Module):
             planes = self.planes(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator)
         features, depth, _ = self.renderer(planes, self.decoder, origins, directions, self.rendering_kwargs,
                                            sampling=sampling, generator=generator)
-        n = ws.shape[0]
-        feature_image = features.permute(0, 2, 1).reshape(n, features.shape[-1], res, res).contiguous()
-        depth_image = depth.permute(0, 2, 1).reshape(n, 1, res, res)
+        feature_image = features.permute(0, 2, 1).reshape(-1, features.shape[-1], res, res).contiguous()
+        depth_image = depth.permute(0, 2, 1).reshape(-1, 1, res, res)
         rgb_image = feature_image[:, :3]
         image = self.superresolution(
             rgb_image, feature_image, ws, noise_mode=self.rendering_kwargs["superresolution_noise_mode"],
@@ -142,8 +145,8 @@ class TriPlaneGenerator(nn.Module):
 
     def sample_density(self, ws: torch.Tensor, points: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
         """Raw sigma at world points [N, M, 3] -> [N, M, 1] (for mesh extraction)."""
-        planes = self.planes(ws, noise_mode=noise_mode)
-        from my3dgen_cli.eg3d.renderer import sample_from_planes
+        from my3dgen_cli.eg3d.renderer import mean_plane_features
 
-        out = self.decoder(sample_from_planes(planes, points, float(self.rendering_kwargs["box_warp"])))
+        planes = self.planes(ws, noise_mode=noise_mode)
+        out = self.decoder.decode(mean_plane_features(planes, points, float(self.rendering_kwargs["box_warp"])))
         return out["sigma"]

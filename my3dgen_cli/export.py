@@ -1,0 +1,339 @@
+"""Export an identity's generator: merged weights (safetensors) or a renderer-complete ONNX graph.
+
+    G, base, meta = merged_generator(identity="ana")            # adapter merged into the weights
+    export_safetensors(G, "ana.safetensors")                     # a base: `--base ana.safetensors`
+    check = export_onnx(G, "ana.onnx", dynamic_batch=True)       # inputs ws [N,num_ws,w_dim], camera [N,25]
+    check.max_abs_diff, check.diffs                              # onnxruntime vs PyTorch, checked before the
+                                                                 # file is put in place (ExportMismatchError)
+
+The ONNX graph is the whole renderer: backbone (unfused modulated conv), tri-plane sampling, coarse +
+importance marching with deterministic sample positions, superresolution. The ops ONNX lacks are
+replaced while exporting (`torch.onnx.is_in_onnx_export()` in eg3d/): cumprod -> exp(cumsum(log)),
+searchsorted -> a comparison count, antialiased resize -> two constant MatMuls. fp32, opset >= 17.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from my3dgen_cli import __version__
+from my3dgen_cli.errors import My3DGenError, UserInputError
+from my3dgen_cli.fileio import atomic_path
+
+# `--outputs` name -> synthesis output key
+OUTPUTS: dict[str, str] = {"image": "image", "depth": "image_depth", "raw": "image_raw"}
+MIN_OPSET = 17
+MAX_OPSET = 20  # the newest the TorchScript-based exporter writes
+DEFAULT_TOLERANCE = 1e-3  # fp32 graph vs eager: observed ~2e-6 (tiny) and ~4e-6 (full size); see docs/export.md
+FP16_MIN_ELEMENTS = 1024  # smaller initializers (biases, filters) stay fp32 under --fp16
+
+
+class ExportMismatchError(My3DGenError):
+    """The exported file renders differently from PyTorch by more than the tolerance."""
+
+
+@dataclass
+class ExportCheck:
+    """What `check_onnx` measured: max abs difference per output over all input sets."""
+
+    diffs: dict[str, float]
+    batch_sizes: list[int]
+    providers: list[str]
+    path: Path | None = None
+    size: int | None = None
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max(self.diffs.values())
+
+    @property
+    def worst(self) -> str:
+        return max(self.diffs, key=self.diffs.__getitem__)
+
+
+class ExportedGenerator(nn.Module):
+    """The exported signature, around a generator with no adapters attached (merge them first).
+
+    forward(ws [N, num_ws, w_dim], camera [N, 25])                  (default)
+    forward(z [N, z_dim], c_cond [N, 25], camera [N, 25])           (with_mapping; psi is fixed here)
+    -> a tuple in the order of `outputs`: image [N,3,img,img], depth [N,1,r,r], raw [N,C,r,r].
+    Rendering: noise "const", deterministic sampling, unfused modulated conv (the exportable form).
+    """
+
+    def __init__(
+        self,
+        G: nn.Module,
+        outputs: Sequence[str] = ("image",),
+        with_mapping: bool = False,
+        truncation_psi: float = 1.0,
+        neural_res: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.G = G
+        self.outputs = parse_outputs(outputs)
+        self.with_mapping, self.truncation_psi = with_mapping, float(truncation_psi)
+        self.neural_res = int(neural_res or G.neural_rendering_resolution)
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["z", "c_cond", "camera"] if self.with_mapping else ["ws", "camera"]
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.with_mapping:
+            z, c_cond, camera = inputs
+            ws = self.G.mapping(z, c_cond, truncation_psi=self.truncation_psi)
+        else:
+            ws, camera = inputs
+        out = self.G.synthesis(ws, camera, neural_rendering_resolution=self.neural_res, noise_mode="const",
+                               sampling="deterministic", fused_modconv=False)
+        return tuple(out[OUTPUTS[name]] for name in self.outputs)
+
+
+def parse_outputs(outputs: str | Sequence[str]) -> tuple[str, ...]:
+    """"image,depth" or a sequence -> validated names, in the given order, without repeats."""
+    names = [s.strip() for s in outputs.split(",")] if isinstance(outputs, str) else list(outputs)
+    bad = [n for n in names if n not in OUTPUTS]
+    if not names or bad:
+        raise UserInputError(f"outputs: got {bad[0] if bad else 'nothing'!r}, expected some of {', '.join(OUTPUTS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def parse_samples(samples: str | int | None) -> tuple[int, int] | None:
+    """"48" (coarse = importance) or "48,48" -> (depth_resolution, depth_resolution_importance)."""
+    if samples is None:
+        return None
+    parts = [p.strip() for p in str(samples).split(",")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or values[0] < 2 or values[1] < 0:
+        raise UserInputError(f"--samples: got {samples!r}, expected N or COARSE,IMPORTANCE (coarse >= 2)")
+    return values[0], values[1]
+
+
+def set_render_options(G: nn.Module, neural_res: int | None = None, samples: tuple[int, int] | None = None) -> None:
+    """Change the neural rendering resolution and ray sample counts of `G` (and its saved config)."""
+    if neural_res is not None:
+        if not 16 <= neural_res <= 512:
+            raise UserInputError(f"--neural-res: got {neural_res}, expected 16..512 (64 or 128 for EG3D)")
+        G.neural_rendering_resolution = int(neural_res)
+    if samples is not None:
+        G.rendering_kwargs["depth_resolution"], G.rendering_kwargs["depth_resolution_importance"] = samples
+
+
+def check_writable(path: str | Path) -> Path:
+    """Fail early (before any model work) if `path` cannot be written: UserInputError naming why."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserInputError(f"output: got {path}, which is a folder; expected a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise UserInputError(f"output: cannot write {path} ({err.strerror or err})") from None
+    return path
+
+
+def merged_generator(
+    base: str | None = None, identity: str | None = None, device: torch.device | str | None = None,
+    offline: bool | None = None,
+) -> tuple[nn.Module, Any, dict[str, Any] | None, float | None]:
+    """(G with the identity's adapter merged into its weights, BaseRef, adapter metadata, merge diff).
+
+    merge diff: max abs difference of the image between base+adapter and the merged weights on
+    `check_inputs` (None without an identity). Raises IncompatibleAdapterError for another base.
+    """
+    from my3dgen_cli.generators import open_generator
+    from my3dgen_cli.lora import merge_adapters
+
+    G, ref, meta = open_generator(base=base, identity=identity, device=device, offline=offline)
+    if meta is None:
+        return G, ref, None, None
+    inputs = check_inputs(G, batch_sizes=(1,))[0]
+    wrapper = ExportedGenerator(G)
+    with torch.no_grad():
+        before = wrapper(*inputs)[0]
+        merge_adapters(G)
+        after = wrapper(*inputs)[0]
+    return G, ref, meta, float((before - after).abs().max())
+
+
+def export_safetensors(G: nn.Module, path: str | Path, source: dict[str, Any] | None = None,
+                       fp16: bool = False) -> Path:
+    """The merged generator in the converted format (safetensors + .json): loadable as a base."""
+    from my3dgen_cli.eg3d.checkpoint import save_converted
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise UserInputError(f"output: got suffix {path.suffix!r}, expected '.safetensors' (its .json goes beside)")
+    if any(".adapter." in k for k in G.state_dict()):
+        raise ValueError("export_safetensors: merge the adapters first (merged_generator)")
+    config = copy.deepcopy(G.config.to_dict())
+    config["neural_rendering_resolution"] = int(G.neural_rendering_resolution)
+    for holder in (config, config.get("init_kwargs", {})):
+        if "rendering_kwargs" in holder:
+            holder["rendering_kwargs"] = copy.deepcopy(G.rendering_kwargs)
+    config["source"] = dict(source or {})
+    return save_converted(G.state_dict(), config, path, dtype=torch.float16 if fp16 else None)
+
+
+def check_inputs(G: nn.Module, batch_sizes: Sequence[int] = (1, 2), with_mapping: bool = False,
+                 truncation_psi: float = 0.7, seed: int = 0) -> list[tuple[torch.Tensor, ...]]:
+    """Inputs for the export check: one set per batch size, each with its own latents and cameras.
+
+    Latents are mapped from seeded z (realistic ws, not raw noise); cameras turn from yaw -30 to
+    +30 degrees with some pitch, so every set sees a different view. CPU float32.
+    """
+    from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
+
+    gen = torch.Generator().manual_seed(seed)
+    device = next(G.parameters()).device
+    total, done, sets = sum(batch_sizes), 0, []
+    for k, n in enumerate(batch_sizes):
+        z = torch.randn(n, G.z_dim, generator=gen)
+        yaws = [-30.0 + 60.0 * (done + i + 0.5) / total for i in range(n)]
+        camera = lookat_camera(yaws, 8.0 if k % 2 else -5.0).float()
+        c_cond = frontal_camera(n).float()
+        done += n
+        if with_mapping:
+            sets.append((z, c_cond, camera))
+            continue
+        with torch.no_grad():
+            ws = G.mapping(z.to(device), c_cond.to(device), truncation_psi=truncation_psi).cpu()
+        sets.append((ws, camera))
+    return sets
+
+
+def export_onnx(
+    G: nn.Module,
+    path: str | Path,
+    outputs: Sequence[str] = ("image",),
+    with_mapping: bool = False,
+    truncation_psi: float = 0.7,
+    opset: int = MIN_OPSET,
+    dynamic_batch: bool = False,
+    fp16: bool = False,
+    tolerance: float | None = DEFAULT_TOLERANCE,
+    batch_sizes: Sequence[int] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> ExportCheck:
+    """Write the renderer-complete ONNX graph of `G` (CPU, fp32, merged weights) and check it.
+
+    The file is checked before it is put in place (checker, onnxruntime vs PyTorch on
+    `check_inputs`); with `tolerance` set, a larger max abs difference raises ExportMismatchError
+    and `path` is left untouched. fp16: weights stored in half precision (computation stays
+    fp32; PyTorch is checked with the same rounded weights): 125 -> 78 MiB at full size.
+    G is moved to CPU float32 in place (and with fp16 its weights are rounded in place).
+    metadata: extra model properties (identity, base, ...) beside the render settings always stored.
+    """
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UserInputError(f"--opset: got {opset}, expected {MIN_OPSET}..{MAX_OPSET}")
+    G = G.cpu().float().eval()
+    if fp16:
+        with torch.no_grad():
+            for p in G.parameters():
+                p.copy_(p.half().float())
+    wrapper = ExportedGenerator(G, outputs, with_mapping, truncation_psi).eval()
+    names_in, names_out = wrapper.input_names, list(wrapper.outputs)
+    batch_sizes = tuple(batch_sizes or ((1, 2) if dynamic_batch else (1, 1)))
+    inputs = check_inputs(G, batch_sizes, with_mapping, truncation_psi)
+    axes = {n: {0: "batch"} for n in names_in + names_out} if dynamic_batch else None
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about shape checks baked as constants
+            torch.onnx.export(wrapper, inputs[0], str(tmp), dynamo=False, opset_version=opset,
+                              input_names=names_in, output_names=names_out, dynamic_axes=axes,
+                              do_constant_folding=True)
+        props = {"my3dgen_version": __version__, "neural_rendering_resolution": str(wrapper.neural_res),
+                 "depth_resolution": str(G.rendering_kwargs["depth_resolution"]),
+                 "depth_resolution_importance": str(G.rendering_kwargs["depth_resolution_importance"]),
+                 "truncation_psi": str(truncation_psi) if with_mapping else "", "fp16_weights": str(fp16).lower()}
+        rewrite_model(tmp, fp16, {**props, **(metadata or {})})
+        check = check_onnx(tmp, wrapper, inputs)
+        check.path, check.size = path, tmp.stat().st_size
+        if tolerance is not None and not check.max_abs_diff <= tolerance:
+            raise ExportMismatchError(
+                f"ONNX output differs from PyTorch by {check.max_abs_diff:.3g} > tolerance {tolerance:g} "
+                f"(worst output: {check.worst}); nothing written to {path}"
+            )
+    return check
+
+
+def check_onnx(path: str | Path, wrapper: ExportedGenerator, inputs: list[tuple[torch.Tensor, ...]]) -> ExportCheck:
+    """onnx.checker on `path`, then onnxruntime (CPU) vs `wrapper` in PyTorch on each input set."""
+    import numpy as np
+    import onnx
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise My3DGenError("checking an ONNX export needs onnxruntime: pip install 'my3dgen[onnx]'") from None
+    onnx.checker.check_model(str(path), full_check=True)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    diffs = dict.fromkeys(wrapper.outputs, 0.0)
+    for args in inputs:
+        got = session.run(None, {name: t.numpy() for name, t in zip(wrapper.input_names, args, strict=True)})
+        with torch.no_grad():
+            want = wrapper(*args)
+        for name, g, w in zip(wrapper.outputs, got, want, strict=True):
+            if g.shape != tuple(w.shape):
+                raise ExportMismatchError(f"ONNX output {name}: got shape {list(g.shape)}, expected {list(w.shape)}")
+            diffs[name] = max(diffs[name], float(np.abs(g - w.numpy()).max()))
+    return ExportCheck(diffs, [int(a[0].shape[0]) for a in inputs], session.get_providers())
+
+
+def rewrite_model(path: str | Path, fp16: bool, metadata: dict[str, str]) -> None:
+    """Add string properties (ORT: `session.get_modelmeta().custom_metadata_map`) and maybe halve weights."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if fp16:
+        halve_initializers(model)
+    for key, value in metadata.items():
+        if value:
+            model.metadata_props.add(key=key, value=str(value))
+    onnx.save(model, str(path))
+
+
+def halve_initializers(model: Any, min_elements: int = FP16_MIN_ELEMENTS) -> None:
+    """Store float32 initializers that float16 holds exactly as float16, each behind a Cast to float32.
+
+    The weights were rounded to fp16 before the export, so every raw weight qualifies and the graph
+    computes exactly what PyTorch computes with the rounded weights. Constants the exporter folded
+    from them (weight x gain, demodulation square sums) are not fp16 values and stay fp32: rounding
+    them again was measured at ~9e-4 on the full-size image, too close to the 1e-3 tolerance.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    casts = []
+    for init in model.graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        array = numpy_helper.to_array(init)
+        half = array.astype(np.float16)
+        if array.size < min_elements or not np.array_equal(half.astype(np.float32), array):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(half, f"{name}__fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}__fp16"], [name], to=TensorProto.FLOAT,
+                                      name=f"{name}__to_fp32"))
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)

@@ -1,0 +1,373 @@
+"""`personalize`: ~10 photos of one person -> an identity folder (LoRA adapter on a frozen base).
+
+Stages (each with a progress bar when run from the CLI):
+    1. photos -> 512 px crops + camera labels (faces module), optionally with mirrored copies;
+    2. anchors: each photo projected into W of the frozen base (anchors.project_to_w);
+    3. adapter training: LoRA on the default targets, My3DGen's loss + symmetry term (training.py);
+    4. the identity folder: adapter, anchors, preview grid, loss log and curve (identity.py layout).
+
+    from my3dgen_cli.personalize import PersonalizeConfig, personalize
+    result = personalize("photos/", "ana", PersonalizeConfig(steps=500))
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from my3dgen_cli import __version__
+from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.fileio import write_text_atomic
+from my3dgen_cli.output import Output
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")  # as faces.py
+
+
+@dataclass(frozen=True)
+class PersonalizeConfig:
+    """Settings of one personalization; saved in the adapter's metadata. Paper defaults."""
+
+    rank: int = 1
+    alpha: float | None = None  # None = rank (scale 1)
+    style: str = "my3dgen"
+    include_mapping: bool = False
+    include_decoder: bool = False
+    steps: int = 1000
+    batch: int = 2
+    lr: float = 0.0025
+    betas: tuple[float, float] = (0.0, 0.99)
+    sym: bool = True
+    sym_loss: str = "id"
+    sym_every: int = 4
+    sym_weight: float = 1.0
+    sym_yaw: float = 35.0  # degrees; symmetry views are drawn from [-sym_yaw, sym_yaw]
+    anchor_steps: int = 300
+    anchor_space: str = "w"
+    anchor_lr: float = 0.01
+    mirror: bool = False
+    seed: int = 0
+    checkpoint_every: int = 100
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        from my3dgen_cli.anchors import SPACES
+        from my3dgen_cli.lora import CONV_STYLES
+        from my3dgen_cli.symmetry import SYM_LOSSES
+
+        for name, least in (("rank", 1), ("steps", 1), ("batch", 1), ("anchor_steps", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < least:
+                raise UserInputError(f"{name}: got {value!r}, expected an integer >= {least}")
+        if self.alpha is not None and self.alpha <= 0:
+            raise UserInputError(f"alpha: got {self.alpha}, expected > 0")
+        if not self.lr > 0 or not self.anchor_lr > 0:
+            raise UserInputError(f"lr: got {self.lr} (anchor {self.anchor_lr}), expected > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise UserInputError(f"betas: got {self.betas}, expected two values in [0, 1)")
+        if self.sym_loss not in SYM_LOSSES:
+            raise UserInputError(f"sym_loss: got {self.sym_loss!r}, expected one of {', '.join(SYM_LOSSES)}")
+        if self.sym_every < 1 or self.checkpoint_every < 0:
+            raise UserInputError(f"sym_every / checkpoint_every: got {self.sym_every} / {self.checkpoint_every}, "
+                                 "expected >= 1 / >= 0")
+        if not 0 < self.sym_yaw <= 90:
+            raise UserInputError(f"sym_yaw: got {self.sym_yaw}, expected degrees in (0, 90]")
+        if self.anchor_space not in SPACES:
+            raise UserInputError(f"anchor_space: got {self.anchor_space!r}, expected one of {', '.join(SPACES)}")
+        if self.style not in CONV_STYLES:
+            raise UserInputError(f"style: got {self.style!r}, expected one of {', '.join(CONV_STYLES)}")
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+
+    def targets(self) -> tuple[str, ...]:
+        from my3dgen_cli.lora import DECODER_TARGETS, DEFAULT_TARGETS, MAPPING_TARGETS
+
+        return DEFAULT_TARGETS + (MAPPING_TARGETS if self.include_mapping else ()) + (
+            DECODER_TARGETS if self.include_decoder else ())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PersonalizeConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "betas" else v) for k, v in data.items() if k in known})
+
+    def train_fingerprint(self) -> dict[str, Any]:
+        """Settings a resumed run must share with the interrupted one (all but checkpoint_every)."""
+        d = self.to_dict()
+        d.pop("checkpoint_every")
+        return d
+
+
+@dataclass
+class Photos:
+    """Training photos: images [N, 3, 512, 512] in [-1, 1], cameras [N, 25], names, skipped files."""
+
+    images: torch.Tensor
+    cameras: torch.Tensor
+    names: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+    def mirrored(self) -> Photos:
+        """Photos plus their horizontally flipped copies seen from the mirror cameras."""
+        from my3dgen_cli.eg3d.camera import mirror_camera
+
+        return Photos(torch.cat([self.images, self.images.flip(-1)]),
+                      torch.cat([self.cameras, mirror_camera(self.cameras)]),
+                      self.names + [f"{n}-mirror" for n in self.names], self.skipped)
+
+
+def read_photos(inputs: str | Path | list[str | Path], labels: str | Path | None = None,
+                aligned: bool | None = None, on_progress: Any = None) -> Photos:
+    """The photo front end: files/folders -> Photos through the faces module.
+
+    A folder holding an EG3D `dataset.json` is read as aligned crops with known cameras (as EG3D's
+    own datasets) unless `aligned=False`; `labels` names a dataset.json explicitly.
+    """
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    for item in items:
+        if not Path(item).exists():
+            raise UserInputError(f"photos: {item} does not exist")
+    if labels is None:
+        found = [Path(i) / "dataset.json" for i in items if (Path(i) / "dataset.json").is_file()]
+        labels = found[0] if found else None
+    if aligned is None:
+        aligned = labels is not None
+    files = [f for i in items for f in ([Path(i)] if Path(i).is_file() else sorted(Path(i).iterdir()))
+             if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+    if not files:
+        raise UserInputError(f"photos: no image files in {', '.join(str(i) for i in items)} "
+                             f"(expected {', '.join(IMAGE_SUFFIXES)})")
+    try:
+        from my3dgen_cli import faces
+    except ImportError:  # until the faces module is installed: aligned crops with a dataset.json only
+        return _read_aligned(files, labels, aligned, on_progress)
+    fs = faces.prepare_faces(items, min_faces=1, labels=labels, aligned=bool(aligned), on_progress=on_progress)
+    return Photos(fs.images(), fs.cameras(), [f.stem for f in fs], [str(s) for s in fs.skipped])
+
+
+def _read_aligned(files: list[Path], labels: str | Path | None, aligned: bool, on_progress: Any) -> Photos:
+    """Aligned crops listed in an EG3D dataset.json ({"labels": [[file, [25 floats]], ...]})."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if labels is None or not aligned:
+        raise UserInputError("photos: face detection needs the faces module; give aligned crops with a dataset.json")
+    try:
+        table = {Path(k).stem: v for k, v in json.loads(Path(labels).read_text(encoding="utf-8"))["labels"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserInputError(f"{labels}: cannot read dataset.json ({err})") from None
+    images, cams, names, skipped = [], [], [], []
+    for f in files:
+        try:
+            if f.stem not in table:
+                raise UserInputError("not listed in dataset.json")
+            with Image.open(f) as im:
+                crop = im.convert("RGB").resize((512, 512), Image.Resampling.LANCZOS)
+            images.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+            cams.append(torch.tensor(table[f.stem], dtype=torch.float32).reshape(25))
+            names.append(f.stem)
+        except (UserInputError, UnidentifiedImageError, OSError, RuntimeError) as err:
+            skipped.append(f"{f}: {err}")
+        if on_progress is not None:
+            on_progress(f)
+    if not images:
+        raise UserInputError(f"got 0 usable photo(s) of {len(files)}, expected at least 1 (skipped: {skipped[0]})")
+    return Photos(torch.stack(images), torch.stack(cams), names, skipped)
+
+
+@dataclass
+class LossNets:
+    """The pretrained networks the losses use; None = unavailable (pixel / LPIPS fallbacks)."""
+
+    anchor_lpips: nn.Module | None
+    train_lpips: nn.Module | None
+    identity: nn.Module | None
+
+    @classmethod
+    def load(cls, config: PersonalizeConfig, offline: bool | None = None, output: Output | None = None) -> LossNets:
+        """LPIPS-VGG for anchors, LPIPS-alex for training, ArcFace for symmetry: from the zoo, with one warning each."""
+        from my3dgen_cli.arcface import identity_network
+        from my3dgen_cli.perceptual import perceptual_loss
+
+        out = output or Output("quiet")
+        vgg = perceptual_loss("vgg", offline=offline, required=False)
+        alex = perceptual_loss("alex", offline=offline, required=False)
+        if alex is None or vgg is None:
+            out.warn("LPIPS backbone weights are not cached (run `my3dgen fetch lpips-alexnet lpips-vgg16`); "
+                     "using pixel losses instead")
+        ident = None
+        if config.sym and config.sym_loss == "id":
+            ident = identity_network(offline=offline)
+            if ident is None:
+                instead = "LPIPS" if alex is not None else "pixel MSE"
+                out.warn(f"ArcFace IR-SE50 is not cached (`my3dgen fetch arcface-ir-se50`); "
+                         f"the symmetry term uses {instead} instead")
+        return cls(vgg, alex, ident)
+
+    def to(self, device: torch.device) -> LossNets:
+        return LossNets(*(m.to(device) if m is not None else None
+                          for m in (self.anchor_lpips, self.train_lpips, self.identity)))
+
+
+@dataclass
+class IdentityResult:
+    name: str
+    folder: Path
+    base: str
+    photos: list[str]
+    skipped: list[str]
+    parameters: int
+    full_parameters: int
+    adapter_bytes: int
+    steps: int
+    final_loss: float
+    sym_loss: str | None
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        """How many times fewer parameters than full fine-tuning of the generator."""
+        return self.full_parameters / max(self.parameters, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["folder"], d["ratio"] = str(self.folder), round(self.ratio, 1)
+        return d
+
+
+def personalize(
+    photos: str | Path | list[str | Path] | Photos,
+    name: str,
+    config: PersonalizeConfig | None = None,
+    base: str = "eg3d-ffhq512-128",
+    *,
+    generator: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    nets: LossNets | None = None,
+    resume: bool = False,
+    force: bool = False,
+    labels: str | Path | None = None,
+    aligned: bool | None = None,
+    offline: bool | None = None,
+    output: Output | None = None,
+    on_step: Any = None,
+) -> IdentityResult:
+    """Personalize the base generator to the person in `photos`; write identities/<name>/.
+
+    photos: files/folders (read with `read_photos`) or a Photos. generator: use this generator as
+    the base (its weights are the base; `base` is the name recorded) instead of opening `base`.
+    nets: loss networks (default: LossNets.load). resume: continue from the newest checkpoint in
+    the identity's checkpoints/ (anchors are reused). force: replace an existing identity.
+    Raises UserInputError for unusable photos or an existing identity, TrainingInterrupted on Ctrl-C.
+    """
+    from my3dgen_cli.anchors import project_to_w
+    from my3dgen_cli.identity import identity_paths, save_anchors
+    from my3dgen_cli.lora import base_fingerprint, count_adapter_parameters, save_adapter
+    from my3dgen_cli.training import train_adapter
+
+    config = config or PersonalizeConfig()
+    out = output or Output("quiet")
+    ip = identity_paths(name)
+    if ip.adapter.is_file() and not (force or resume):
+        raise UserInputError(f"identity {name!r} already exists ({ip.root}); pass --force to replace it")
+    if resume and not any(ip.checkpoints.glob("step-*.pt")):
+        raise UserInputError(f"--resume: identity {name!r} has no checkpoint to continue from; run without --resume")
+    with out.progress() as bar:
+        if not isinstance(photos, Photos):
+            task = bar.add_task("photos", total=None, status="")
+            photos = read_photos(photos, labels=labels, aligned=aligned,
+                                 on_progress=lambda p: bar.update(task, advance=1, status=Path(p).name))
+        for skipped in photos.skipped:
+            out.warn(f"skipped {skipped}")
+        if config.mirror:
+            photos = photos.mirrored()
+        if generator is None:
+            from my3dgen_cli.generators import open_base
+
+            G, ref = open_base(base, device=device, offline=offline)
+            base, fingerprint = ref.name, ref.sha256
+        else:
+            G = generator.to(device) if device is not None else generator
+            fingerprint = base_fingerprint(G)
+        dev = next(G.parameters()).device
+        if dev.type == "cpu":
+            out.warn("training on the CPU will be slow (minutes per 100 steps at full size); use --device cuda or mps")
+        nets = (nets or LossNets.load(config, offline=offline, output=out)).to(dev)
+        images, cameras = photos.images.to(dev), photos.cameras.to(dev)
+        if resume and ip.anchors.is_file():
+            from my3dgen_cli.identity import load_anchors
+
+            ws = load_anchors(ip.anchors)[0].to(dev)
+            if ws.shape[0] != images.shape[0]:
+                raise UserInputError(f"--resume: the saved anchors hold {ws.shape[0]} photos, got {images.shape[0]}")
+        else:
+            if not resume:
+                shutil.rmtree(ip.checkpoints, ignore_errors=True)
+            task = bar.add_task("anchors", total=config.anchor_steps * -(-images.shape[0] // 4), status="")
+            ws = project_to_w(G, images, cameras, config.anchor_steps, space=config.anchor_space,
+                              lr=config.anchor_lr, lpips=nets.anchor_lpips,
+                              on_step=lambda s, loss: bar.update(task, advance=1, status=f"loss {loss:.4f}"))
+            save_anchors(ip.anchors, ws, cameras, photos.names, {"base": base, "space": config.anchor_space})
+        sym_distance = None
+        if config.sym:
+            from my3dgen_cli.symmetry import choose_distance
+
+            sym_distance = choose_distance(config.sym_loss, nets.identity, nets.train_lpips)
+        task = bar.add_task("training", total=config.steps, status="")
+
+        def step_done(step: int, record: dict[str, float]) -> None:
+            bar.update(task, completed=step, status=f"loss {record['loss']:.4f}")
+            if on_step is not None:
+                on_step(step, record)
+
+        result = train_adapter(G, images, cameras, ws, config, lpips=nets.train_lpips, sym_distance=sym_distance,
+                               checkpoint_dir=ip.checkpoints, resume=resume, on_step=step_done)
+    n_params = count_adapter_parameters(G)
+    full = sum(p.numel() for n, p in G.named_parameters() if ".adapter." not in n)
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    extra = {"config": config.to_dict(), "photos": photos.names, "parameters": n_params, "created": created,
+             "steps": result.steps, "sym_loss": result.sym_kind, "version": __version__}
+    save_adapter(G, ip.adapter, base, fingerprint, extra)
+    _write_reports(G, ip, images, cameras, ws, result.log)
+    shutil.rmtree(ip.checkpoints, ignore_errors=True)
+    final = result.log[-1]["loss"] if result.log else float("nan")
+    return IdentityResult(name, ip.root, base, photos.names, photos.skipped, n_params, full,
+                          ip.adapter.stat().st_size, result.steps, final, result.sym_kind, result.seconds)
+
+
+def _write_reports(G: nn.Module, ip: Any, images: torch.Tensor, cameras: torch.Tensor, ws: torch.Tensor,
+                   log: list[dict[str, float]]) -> None:
+    """previews/grid.png (photo | personalized render, one row per photo), log.json, loss.png."""
+    from my3dgen_cli.reports import loss_plot, preview_grid, save_png
+
+    renders = []
+    with torch.no_grad():
+        for i in range(images.shape[0]):
+            renders.append(G.synthesis(ws[i:i + 1], cameras[i:i + 1], noise_mode="const")["image"][0])
+    grid = preview_grid([list(images), renders], tile=min(256, G.img_resolution * 2), labels=["photo", "personalized"])
+    save_png(grid, ip.previews / "grid.png")
+    write_text_atomic(ip.log, json.dumps({"steps": log}, indent=1))
+    save_png(loss_plot(log), ip.loss_plot)
+
+
+def describe_identity(name: str) -> dict[str, Any]:
+    """name, base, parameters, adapter size (bytes), photos, created: for `my3dgen identities`."""
+    from my3dgen_cli.identity import identity_paths
+    from my3dgen_cli.lora import read_adapter
+
+    ip = identity_paths(name)
+    tensors, meta = read_adapter(ip.adapter)
+    extra = meta.get("extra", {})
+    created = extra.get("created") or datetime.fromtimestamp(ip.adapter.stat().st_mtime, timezone.utc).isoformat(
+        timespec="seconds")
+    return {"name": name, "base": meta.get("base_name", ""), "parameters": sum(t.numel() for t in tensors.values()),
+            "bytes": ip.adapter.stat().st_size, "photos": len(extra.get("photos", [])), "created": created}

@@ -1,0 +1,93 @@
+"""Face-symmetry regularization (My3DGen): a face seen from yaw θ, mirrored, is the face seen from -θ.
+
+For a training latent w and a camera c at yaw θ, render I = G(w, c) and I' = G(w, mirror(c)) (the
+camera at -θ, `camera.mirror_camera`), flip I' horizontally and penalize the distance between I and
+flip(I'). The paper measures it as identity distance, 1 - cos(ArcFace IR-SE50 features), weight 1,
+every 4th step. When the identity network is unavailable (or on request) LPIPS is used; without
+LPIPS weights, pixel MSE. A perfectly symmetric face gives 0 under each of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from my3dgen_cli.eg3d.camera import lookat_camera, mirror_camera
+
+SYM_LOSSES = ("id", "lpips")
+Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SymmetryDistance:
+    """A distance between two image batches [N, 3, H, W] in [-1, 1] -> scalar, and what it is."""
+
+    fn: Distance
+    kind: str  # "id", "lpips" or "mse"
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.fn(a, b)
+
+
+def identity_distance(net: nn.Module) -> SymmetryDistance:
+    """1 - cosine of ArcFace IR-SE50 features (pSp's face crop, 112 px), mean over the batch."""
+    from my3dgen_cli.arcface import identity_features
+
+    def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        fa, fb = identity_features(net, a), identity_features(net, b)
+        return (1 - (fa * fb).sum(dim=1)).mean()
+
+    return SymmetryDistance(fn, "id")
+
+
+def lpips_distance(lpips: nn.Module) -> SymmetryDistance:
+    from my3dgen_cli.anchors import perceptual_distance
+
+    return SymmetryDistance(lambda a, b: perceptual_distance(lpips, a, b), "lpips")
+
+
+def mse_distance() -> SymmetryDistance:
+    return SymmetryDistance(lambda a, b: F.mse_loss(a, b), "mse")
+
+
+def choose_distance(kind: str, identity_net: nn.Module | None, lpips: nn.Module | None) -> SymmetryDistance:
+    """The distance for `--sym-loss kind`, falling back id -> lpips -> mse when networks are missing."""
+    if kind not in SYM_LOSSES:
+        raise ValueError(f"sym_loss: got {kind!r}, expected one of {SYM_LOSSES}")
+    if kind == "id" and identity_net is not None:
+        return identity_distance(identity_net)
+    if lpips is not None:
+        return lpips_distance(lpips)
+    return mse_distance()
+
+
+def mirror_pair(
+    G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, neural_rendering_resolution: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(I, flip(I')): ws [N, num_ws, w_dim] rendered from cameras [N, 25] and from their mirrors.
+
+    Both views come from one batched synthesis call (2N images). Returns two [N, 3, H, W] tensors.
+    """
+    n = ws.shape[0]
+    both = G.synthesis(torch.cat([ws, ws]), torch.cat([cameras, mirror_camera(cameras)]),
+                       neural_rendering_resolution=neural_rendering_resolution, noise_mode="const",
+                       sampling="deterministic")["image"]
+    return both[:n], both[n:].flip(-1)
+
+
+def symmetry_cameras(n: int, max_yaw: float, generator: torch.Generator, pitch: float = 0.0) -> torch.Tensor:
+    """n cameras at yaws drawn uniformly from [-max_yaw, max_yaw] degrees with `generator` (CPU). [n, 25]."""
+    yaw = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * max_yaw
+    return lookat_camera(yaw, pitch)
+
+
+def symmetry_loss(
+    G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, distance: SymmetryDistance
+) -> torch.Tensor:
+    """The mirror inconsistency of G for latents ws seen from cameras (differentiable in G and ws)."""
+    a, b = mirror_pair(G, ws, cameras.to(ws.device))
+    return distance(a, b)
