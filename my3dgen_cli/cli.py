@@ -97,7 +97,7 @@ def main() -> None:
 
 # Command modules register themselves on `app` when imported; they must not import torch at import.
 COMMAND_MODULES: tuple[str, ...] = (
-    "fetch", "cache", "faces", "invert", "render", "interpolate", "personalize", "export",
+    "fetch", "cache", "faces", "invert", "render", "interpolate", "personalize", "export", "demo",
 )
 
 

@@ -1,0 +1,67 @@
+"""`my3dgen demo` and `my3dgen eval`: thin wrappers over my3dgen_cli.demo and my3dgen_cli.evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from my3dgen_cli.cli import command, output_for
+from my3dgen_cli.commands._shared import DeviceOpt, JsonOpt
+
+
+@command("demo", help="Run the whole pipeline offline on a tiny synthetic base (or --base/--photos) and write "
+                      "an HTML report.")
+def demo_cmd(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: <data>/demo, replaced).",
+                                             show_default=False)] = None,
+    fast: Annotated[bool, typer.Option("--fast", help="Fewer steps everywhere (the test suite's run).")] = False,
+    base: Annotated[str | None, typer.Option("--base", help="A real base (zoo name, local base or file); needs "
+                                             "--photos.", show_default=False)] = None,
+    photos: Annotated[Path | None, typer.Option("--photos", help="Photo folder for --base (last photo held out).",
+                                                show_default=False)] = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+) -> None:
+    from my3dgen_cli.demo import run_demo
+    from my3dgen_cli.devices import pick_device
+
+    o = output_for(json_out)
+    result = run_demo(out, fast=fast, base=base, photos=photos, device=str(pick_device(device)), output=o)
+    mean = result.metrics["mean"]
+    human = (f"demo finished in {result.seconds:.0f} s\n"
+             f"held-out PSNR: base {mean['base']['psnr']:.2f} dB, personalized {mean['personalized']['psnr']:.2f} dB\n"
+             f"report: {result.report}")
+    o.result(result.to_dict(), human)
+
+
+@command("eval", help="Reconstruction metrics of held-out photos: base vs an identity's personalized prior.")
+def eval_cmd(
+    photos: Annotated[list[Path], typer.Argument(help="Held-out photo files/folders (a folder with an EG3D "
+                                                      "dataset.json is read as aligned crops).")],
+    identity: Annotated[str, typer.Option("--identity", help="The identity to evaluate.")],
+    steps: Annotated[int, typer.Option("--steps", help="Inversion steps per photo and model.")] = 100,
+    space: Annotated[str, typer.Option("--space", help="Inversion latent space: w or w+.")] = "w",
+    labels: Annotated[Path | None, typer.Option("--labels", help="EG3D dataset.json with the photos' cameras.",
+                                                show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    json_out: JsonOpt = False,
+) -> None:
+    from my3dgen_cli.arcface import identity_network
+    from my3dgen_cli.devices import pick_device
+    from my3dgen_cli.evaluate import evaluate
+    from my3dgen_cli.perceptual import perceptual_loss
+    from my3dgen_cli.personalize import read_photos
+
+    o = output_for(json_out)
+    given = read_photos(list(photos), labels=labels)
+    lpips = perceptual_loss("alex", required=False)
+    arcface = identity_network()
+    if lpips is None:
+        o.warn("LPIPS-alex is not cached (`my3dgen fetch lpips-alexnet`): no LPIPS column, pixel-only inversion")
+    if arcface is None:
+        o.warn("ArcFace IR-SE50 is not cached (`my3dgen fetch arcface-ir-se50`): no identity column")
+    result = evaluate(identity, given.images, given.cameras, given.names, steps=steps, space=space,
+                      device=pick_device(device), lpips=lpips, arcface=arcface)
+    o.result(result.to_dict(), result.table())

@@ -1,0 +1,107 @@
+"""`my3dgen demo --fast` end to end (offline, CPU) and `my3dgen eval` on the demo identity."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from my3dgen_cli.cli import app
+from my3dgen_cli.demo import SECTIONS
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory):
+    """One fast demo for the module: (MY3DGEN_HOME, report folder, JSON result)."""
+    home = tmp_path_factory.mktemp("home")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: more threads only oversubscribe
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MY3DGEN_HOME", str(home))
+    mp.setenv("MY3DGEN_OFFLINE", "1")
+    out = home / "report"
+    result = CliRunner().invoke(app, ["demo", "--fast", "-o", str(out), "--json"])
+    yield home, out, result
+    mp.undo()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def env(demo_run, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MY3DGEN_HOME", str(demo_run[0]))
+    monkeypatch.setenv("MY3DGEN_OFFLINE", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield demo_run
+    torch.set_num_threads(threads)
+
+
+def test_demo_runs_and_report_has_every_section_and_file(env):
+    home, out, result = env
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    report = Path(data["report"])
+    assert report == out / "report.html"
+    page = report.read_text(encoding="utf-8")
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    assert "a tiny synthetic base, not a face model" in page.lower()
+    for src in re.findall(r'src="([^"]+)"', page):
+        assert (out / src).is_file(), src
+    for name, path in data["files"].items():
+        assert Path(path).exists(), name
+        assert f"<code>{path}</code>" in page, name
+    for name in ("orbit.gif", "contact_sheet.png", "interpolation.png", "inversion.png", "loss.png",
+                 "heldout.latent", "metrics.json", "photos/dataset.json"):
+        assert (out / name).is_file(), name
+    assert (home / "identities" / "demo" / "adapter.safetensors").is_file()
+    assert len(list((out / "photos").glob("train*.png"))) == 10
+
+
+def test_demo_personalized_beats_base_on_held_out_views(env):
+    data = json.loads(env[2].stdout)
+    mean = data["metrics"]["mean"]
+    assert mean["personalized"]["psnr"] > mean["base"]["psnr"]
+    assert data["metrics"]["personalized_better"]["psnr"]
+
+
+def test_demo_export_is_onnx_or_says_why(env):
+    data = json.loads(env[2].stdout)
+    if "path" in data["export"]:
+        assert Path(data["export"]["path"]).suffix == ".onnx"
+        assert data["export"]["max_abs_diff"] < 1e-3
+    else:
+        assert "onnxruntime" in data["export"]["skipped"]
+
+
+def test_eval_on_demo_identity_reports_personalized_better(env):
+    _, out, _ = env
+    photos = out / "photos"
+    held = [str(photos / "heldout0.png"), str(photos / "heldout1.png")]
+    result = CliRunner().invoke(app, ["eval", "--identity", "demo", *held, "--labels", str(photos / "dataset.json"),
+                                      "--steps", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["identity"] == "demo" and data["photos"] == ["heldout0", "heldout1"]
+    assert data["mean"]["personalized"]["psnr"] > data["mean"]["base"]["psnr"]
+    assert set(data["consistency"]) == {"base", "personalized"}
+    human = CliRunner().invoke(app, ["eval", "--identity", "demo", str(photos), "--steps", "1"])
+    assert human.exit_code == 0, human.output
+    assert "PSNR" in human.stdout and "personalized" in human.stdout
+
+
+def test_demo_rejects_base_without_photos(env, tmp_path: Path):
+    result = CliRunner().invoke(app, ["demo", "--base", "eg3d-ffhq512-128", "-o", str(tmp_path / "x")])
+    assert result.exit_code != 0
+    assert "--photos" in result.output
+
+
+def test_demo_refuses_a_foreign_folder(env, tmp_path: Path):
+    (tmp_path / "mine.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["demo", "--fast", "-o", str(tmp_path)])
+    assert result.exit_code != 0
+    assert (tmp_path / "mine.txt").is_file()
