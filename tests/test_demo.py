@@ -105,3 +105,27 @@ def test_demo_refuses_a_foreign_folder(env, tmp_path: Path):
     result = CliRunner().invoke(app, ["demo", "--fast", "-o", str(tmp_path)])
     assert result.exit_code != 0
     assert (tmp_path / "mine.txt").is_file()
+
+
+def test_demo_with_your_own_base_and_photos(env, tmp_path: Path):
+    """`--base NAME --photos DIR`: the path for real weights, run here on a local tiny base whose
+    "person" photos come with a dataset.json (the last photo is held out)."""
+    from personalize_helpers import TRAIN_YAWS, make_person, write_photos
+
+    from my3dgen_cli.generators import save_local_base
+
+    person = make_person()
+    base = person[2].__class__(person[2].config)
+    base.load_state_dict(person[0])
+    save_local_base(base.eval(), "own-base")
+    photos = write_photos(person, tmp_path / "photos", TRAIN_YAWS[:6])
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["demo", "--fast", "--base", "own-base", "--photos", str(photos),
+                                      "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page, section
+    for src in re.findall(r'src="([^"]+)"', page):
+        assert (out / src).is_file(), src
+    assert json.loads(result.stdout)["metrics"]
