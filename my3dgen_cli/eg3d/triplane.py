@@ -74,10 +74,6 @@ class TriPlaneGenerator(nn.Module):
         self.decoder = OSGDecoder(pc, 64, pc, lr_multiplier=float(self.rendering_kwargs.get("decoder_lr_mul", 1)))
         self.num_ws = self.backbone.num_ws
 
-    @property
-    def mapping_network(self) -> nn.Module:
-        return self.backbone.mapping
-
     def mapping(
         self,
         z: torch.Tensor,
