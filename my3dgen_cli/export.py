@@ -281,7 +281,7 @@ def check_onnx(path: str | Path, wrapper: ExportedGenerator, inputs: list[tuple[
     try:
         import onnxruntime as ort
     except ImportError:
-        raise My3DGenError("checking an ONNX export needs onnxruntime: pip install 'my3dgen[onnx]'") from None
+        raise My3DGenError("checking an ONNX export needs onnxruntime: pip install onnxruntime") from None
     onnx.checker.check_model(str(path), full_check=True)
     options = ort.SessionOptions()
     options.log_severity_level = 3
