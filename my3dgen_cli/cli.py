@@ -96,8 +96,9 @@ def main() -> None:
 
 
 # Command modules register themselves on `app` when imported; they must not import torch at import.
+# `--help` lists commands in this order (the workflow's); each module may register several.
 COMMAND_MODULES: tuple[str, ...] = (
-    "fetch", "cache", "faces", "invert", "render", "interpolate", "personalize", "export", "demo",
+    "fetch", "faces", "personalize", "invert", "render", "interpolate", "export", "demo", "cache",
 )
 
 

@@ -81,17 +81,15 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(psnr_per_image(a.detach(), b.detach()).mean())
 
 
-def _lpips_input(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] > size:
-        x = F.interpolate(x, size=(size, size), mode="area")
-    return x
-
-
 def lpips_distance(net: nn.Module | None, a: torch.Tensor, b: torch.Tensor, size: int = 256) -> torch.Tensor | None:
     """Mean LPIPS of [N,3,H,W] images in [-1, 1], or None without a net."""
     if net is None:
         return None
-    return net(_lpips_input(a, size), _lpips_input(b, size)).mean()
+    from my3dgen_cli.anchors import resize
+
+    if a.shape[-1] > size:  # LPIPS at <= `size` px, as the anchor projection does
+        a, b = resize(a, size), resize(b, size)
+    return net(a, b).mean()
 
 
 def rotate_camera(camera: torch.Tensor, yaw: torch.Tensor, pitch: torch.Tensor,
