@@ -47,12 +47,17 @@ def parity(shared_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return {name: weights[name] for name in order}, config
 
 
-@pytest.fixture
-def parity_pkl(tmp_path: Path, parity) -> Path:
+def _write_parity(path: Path, parity, resolution: int = 128, **options) -> Path:
+    """The parity weights and config as an official .pkl (options: those of write_official_pkl)."""
     state_dict, config = parity
     return write_official_pkl(
-        tmp_path / "net.pkl", state_dict, config["init_kwargs"], config["rendering_kwargs"], 128
+        path, state_dict, config["init_kwargs"], config["rendering_kwargs"], resolution, **options
     )
+
+
+@pytest.fixture
+def parity_pkl(tmp_path: Path, parity) -> Path:
+    return _write_parity(tmp_path / "net.pkl", parity)
 
 
 def _shapes(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -90,14 +95,7 @@ def test_reads_the_network_asked_for(parity_pkl: Path) -> None:
 @pytest.mark.parametrize("protocol", [0, 2, 5])
 def test_every_pickle_protocol_reads_the_same(tmp_path: Path, parity, protocol: int) -> None:
     state_dict, config = parity
-    path = write_official_pkl(
-        tmp_path / "net.pkl",
-        state_dict,
-        config["init_kwargs"],
-        config["rendering_kwargs"],
-        64,
-        protocol=protocol,
-    )
+    path = _write_parity(tmp_path / "net.pkl", parity, 64, protocol=protocol)
     ckpt = read_official_pkl(path)
     assert all(torch.equal(ckpt.state_dict[name], t) for name, t in state_dict.items())
     assert ckpt.init_kwargs == config["init_kwargs"] and ckpt.neural_rendering_resolution == 64
@@ -116,17 +114,9 @@ def test_tensors_with_python_state_come_back_as_plain_tensors() -> None:
 
 
 def test_module_src_is_never_executed(tmp_path: Path, parity) -> None:
-    state_dict, config = parity
     marker = tmp_path / "module_src_ran"
     src = f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
-    path = write_official_pkl(
-        tmp_path / "net.pkl",
-        state_dict,
-        config["init_kwargs"],
-        config["rendering_kwargs"],
-        64,
-        module_src=src,
-    )
+    path = _write_parity(tmp_path / "net.pkl", parity, 64, module_src=src)
     assert src.encode() in path.read_bytes()
     ckpt = read_official_pkl(path)
     assert ckpt.neural_rendering_resolution == 64

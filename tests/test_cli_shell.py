@@ -7,11 +7,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
+import typer
 from typer.testing import CliRunner
 
 from my3dgen_cli import __version__
 from my3dgen_cli.cli import app
+from my3dgen_cli.commands._shared import ModelOptions, model_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +44,25 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = re.findall(r"^(python3 -m venv .*pytest.*)$", readme, flags=re.M)
     assert commands, "README must give the test command"
     assert commands[0] in ci
+
+
+def test_model_options_reach_a_command_as_one_object() -> None:
+    seen: list[tuple[int, ModelOptions]] = []
+    toy = typer.Typer()
+
+    @toy.command()
+    @model_options()
+    def run(opts: ModelOptions, n: Annotated[int, typer.Option("--n")] = 1) -> None:
+        seen.append((n, opts))
+
+    args = ["--n", "3", "--identity", "me", "--base", "b", "--adapter", "a.safetensors", "-o", "o", "--force",
+            "--json", "--device", "cpu"]
+    assert CliRunner().invoke(toy, args).exit_code == 0
+    assert CliRunner().invoke(toy, []).exit_code == 0
+    assert seen == [(3, ModelOptions("me", "b", Path("a.safetensors"), Path("o"), True, True, "cpu")),
+                    (1, ModelOptions(None, None, None, None, False, False, "auto"))]
+
+
+def test_invert_has_no_adapter_option() -> None:
+    result = CliRunner().invoke(app, ["invert", "x.png", "--adapter", "a.safetensors"])
+    assert result.exit_code == 2 and "No such option: --adapter" in result.output

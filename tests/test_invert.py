@@ -114,6 +114,13 @@ def test_cli_invert_writes_latent_preview_and_tuned_adapter(tmp_path):
     rendered = np.asarray(Image.open(tmp_path / "r" / "face_own.png"))
     preview = np.asarray(Image.open(out / "face.preview.png"))
     np.testing.assert_array_equal(rendered, preview[2:66, 68:132])
+    # The tuned adapter, given to `render --adapter` (base read from its metadata), renders the third tile.
+    r = runner.invoke(app, ["render", "--latent", str(out / "face.latent"), "--own-camera",
+                            "--adapter", str(out / "face.adapter.safetensors"), "-o", str(tmp_path / "t")])
+    assert r.exit_code == 0, r.output
+    tuned = np.asarray(Image.open(tmp_path / "t" / "face_own.png"))
+    np.testing.assert_array_equal(tuned, preview[2:66, 134:198])
+    assert not np.array_equal(tuned, rendered)
 
 
 @pytest.mark.usefixtures("tiny_base")

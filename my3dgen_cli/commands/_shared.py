@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,6 +30,69 @@ AdapterOpt = Annotated[
     typer.Option("--adapter", help="An adapter file (e.g. from `invert --tune`) instead of the identity's.",
                  show_default=False),
 ]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The options of every command that opens a generator: which one, where outputs go, how to report."""
+
+    identity: str | None
+    base: str | None
+    adapter: Path | None
+    out: Path | None
+    force: bool
+    json_mode: bool
+    device: str
+
+    def output(self) -> Any:
+        """The output sink (JSON with --json, else human)."""
+        from my3dgen_cli.cli import output_for
+
+        return output_for(self.json_mode)
+
+    def open(self) -> tuple[Any, Any, Any]:
+        """(G, BaseRef, torch.device): see `open_model`."""
+        return open_model(self.base, self.identity, self.adapter, self.device)
+
+
+# (parameter name, option, default) in the order `--help` lists them, after the command's own options.
+_MODEL_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
+    ("identity", IdentityOpt, None),
+    ("base", BaseOpt, None),
+    ("adapter", AdapterOpt, None),
+    ("out", OutOpt, None),
+    ("force", ForceOpt, False),
+    ("json_mode", JsonOpt, False),
+    ("device", DeviceOpt, "auto"),
+)
+
+
+def model_options(*, adapter: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command the shared options, declared once here, as one `opts: ModelOptions` argument.
+
+    The command's signature (which Typer reads through `inspect.signature`) becomes its own
+    parameters without `opts`, then these options; so `--help` lists them exactly as if each
+    command spelled them out. `adapter=False` leaves out --adapter (opts.adapter is then None).
+    """
+    shared = [(name, opt, default) for name, opt, default in _MODEL_OPTIONS if adapter or name != "adapter"]
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for name, p in sig.parameters.items() if name != "opts"]
+        if len(own) == len(sig.parameters):
+            raise TypeError(f"{fn.__name__} must take an `opts: ModelOptions` parameter")
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=opt)
+                 for name, opt, default in shared]
+
+        @functools.wraps(fn)
+        def run(**kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name, _, _ in shared}
+            return fn(opts=ModelOptions(**{"adapter": None, **values}), **kwargs)
+
+        run.__signature__ = sig.replace(parameters=own + added)  # type: ignore[attr-defined]
+        return run
+
+    return wrap
 
 
 def check_free(paths: Iterable[Path], force: bool) -> None:

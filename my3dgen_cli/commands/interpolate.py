@@ -7,23 +7,15 @@ from typing import Annotated
 
 import typer
 
-from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands._shared import (
-    AdapterOpt,
-    BaseOpt,
-    DeviceOpt,
-    ForceOpt,
-    IdentityOpt,
-    JsonOpt,
-    OutOpt,
-    check_free,
-    written,
-)
+from my3dgen_cli.cli import command
+from my3dgen_cli.commands._shared import ModelOptions, check_free, model_options, written
 from my3dgen_cli.errors import UserInputError
 
 
 @command("interpolate", help="Morph between latents A B [C...] (.latent files, anchor:K or seed:S).")
+@model_options()
 def interpolate(
+    opts: ModelOptions,
     keys: Annotated[list[str], typer.Argument(help="Two or more: a .latent file, anchor:K or seed:S.")],
     frames: Annotated[int, typer.Option("--frames", help="Frames in all, both ends included.")] = 30,
     mode: Annotated[str, typer.Option("--mode", help="linear or slerp.")] = "linear",
@@ -35,22 +27,15 @@ def interpolate(
     fps: Annotated[float, typer.Option("--fps", help="Video frame rate.")] = 24.0,
     strip: Annotated[int, typer.Option("--strip", help="Frames shown in the strip image (evenly spaced).")] = 8,
     batch: Annotated[int, typer.Option("--batch", help="Frames rendered per forward pass.")] = 8,
-    identity: IdentityOpt = None,
-    base: BaseOpt = None,
-    adapter: AdapterOpt = None,
-    out: OutOpt = None,
-    force: ForceOpt = False,
-    json_mode: JsonOpt = False,
-    device: DeviceOpt = "auto",
 ) -> None:
     import torch
 
     from my3dgen_cli import media
-    from my3dgen_cli.commands._shared import open_model, resolve_key
+    from my3dgen_cli.commands._shared import resolve_key
     from my3dgen_cli.eg3d.camera import frontal_camera
     from my3dgen_cli.interpolate import MODES, interpolate_cameras, interpolate_latents
 
-    output = output_for(json_mode)
+    output = opts.output()
     if len(keys) < 2:
         raise UserInputError(f"got {len(keys)} latent(s), expected 2 or more to interpolate between")
     if frames < 2:
@@ -68,16 +53,16 @@ def interpolate(
         sweep = (a, b)
     if batch < 1:
         raise UserInputError(f"--batch: got {batch}, expected 1 or more")
-    if out is not None and out.suffix:
-        raise UserInputError(f"-o {out}: interpolate writes several files; give a folder")
-    folder = out if out is not None else Path("interpolation")
+    if opts.out is not None and opts.out.suffix:
+        raise UserInputError(f"-o {opts.out}: interpolate writes several files; give a folder")
+    folder = opts.out if opts.out is not None else Path("interpolation")
     plan = [("frame", folder / f"frame_{k:04d}.png") for k in range(frames)]
     plan += [("video", folder / "interpolation.mp4"), ("gif", folder / "interpolation.gif"),
              ("strip", folder / "strip.png")]
-    check_free([p for _, p in plan], force)
+    check_free([p for _, p in plan], opts.force)
 
-    G, ref, dev = open_model(base, identity, adapter, device)
-    resolved = [resolve_key(k, G, identity, dev, truncation) for k in keys]
+    G, ref, dev = opts.open()
+    resolved = [resolve_key(k, G, opts.identity, dev, truncation) for k in keys]
     latents = [ws for _, ws, _ in resolved]
     if space == "w":
         latents = [ws.mean(1, keepdim=True).expand_as(ws) for ws in latents]
@@ -101,7 +86,7 @@ def interpolate(
     picks = sorted({round(k * (frames - 1) / (n - 1)) for k in range(n)})
     media.write_png(plan[frames + 2][1], media.grid([images[k] for k in picks]))
     shown = plan[frames:] + [("frames", folder / f"frame_0000..{frames - 1:04d}.png")]
-    output.result({"base": ref.name, "identity": identity, "keys": [name for name, _, _ in resolved],
+    output.result({"base": ref.name, "identity": opts.identity, "keys": [name for name, _, _ in resolved],
                    "frames": frames, "mode": mode, "space": space, "yaw_sweep": sweep,
                    "outputs": [{"kind": k, "path": str(p)} for k, p in plan]},
                   human=written(shown))

@@ -8,17 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands._shared import (
-    BaseOpt,
-    DeviceOpt,
-    ForceOpt,
-    IdentityOpt,
-    JsonOpt,
-    OutOpt,
-    check_free,
-    written,
-)
+from my3dgen_cli.cli import command
+from my3dgen_cli.commands._shared import ModelOptions, check_free, model_options, written
 from my3dgen_cli.errors import UserInputError
 
 
@@ -90,7 +81,9 @@ def _targets(images: list[Path], size: int, yaw: float | None, pitch: float | No
 
 
 @command("invert", help="Find the latent that renders a photo: crop + camera, then optimize (w or w+).")
+@model_options(adapter=False)
 def invert(
+    opts: ModelOptions,
     images: Annotated[list[Path], typer.Argument(help="Photos, or aligned crops with --yaw/--pitch or --labels.")],
     steps: Annotated[int, typer.Option("--steps", help="Optimization steps.")] = 300,
     space: Annotated[str, typer.Option("--space", help="w (one vector) or w+ (one per layer).")] = "w+",
@@ -107,19 +100,13 @@ def invert(
     pitch: Annotated[float | None, typer.Option("--pitch", help="Camera pitch (degrees) of aligned crops.")] = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="dataset.json with the crops' cameras.")] = None,
     use_lpips: Annotated[bool, typer.Option("--lpips/--no-lpips", help="LPIPS-VGG loss (if cached).")] = True,
-    identity: IdentityOpt = None,
-    base: BaseOpt = None,
-    out: OutOpt = None,
-    force: ForceOpt = False,
-    json_mode: JsonOpt = False,
-    device: DeviceOpt = "auto",
 ) -> None:
     from my3dgen_cli import media
-    from my3dgen_cli.commands._shared import identity_anchors, open_model
+    from my3dgen_cli.commands._shared import identity_anchors
     from my3dgen_cli.identity import save_latent
     from my3dgen_cli.invert import InvertConfig, invert_image
 
-    output = output_for(json_mode)
+    output = opts.output()
     try:
         cfg = InvertConfig(steps=steps, space=space, init=init, hull=hull, refine_camera=refine_camera, lr=lr)
     except ValueError as err:
@@ -131,22 +118,22 @@ def invert(
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
         raise UserInputError("two images share a file stem; outputs are named after it")
-    single = out is not None and out.suffix == ".latent"
+    single = opts.out is not None and opts.out.suffix == ".latent"
     if single and len(images) > 1:
-        raise UserInputError(f"-o {out}: one .latent file for {len(images)} images; give a folder")
-    folder = (out.parent if single else out) if out is not None else Path(".")
+        raise UserInputError(f"-o {opts.out}: one .latent file for {len(images)} images; give a folder")
+    folder = (opts.out.parent if single else opts.out) if opts.out is not None else Path(".")
     plan = []
     for stem in stems:
-        lat = out if single else folder / f"{stem}.latent"
+        lat = opts.out if single else folder / f"{stem}.latent"
         row = [("latent", lat), ("preview", lat.with_suffix(".preview.png"))]
         if tune:
             row.append(("tuned adapter", lat.with_suffix(".adapter.safetensors")))
         plan.append(row)
-    check_free([p for row in plan for _, p in row], force)
+    check_free([p for row in plan for _, p in row], opts.force)
 
-    G, ref, dev = open_model(base, identity, None, device)
+    G, ref, dev = opts.open()
     targets = _targets(images, G.img_resolution, yaw, pitch, labels)  # bad images fail before any loss setup
-    anchors, _ = identity_anchors(identity, dev)
+    anchors, _ = identity_anchors(opts.identity, dev)
     if cfg.hull and anchors is None:
         raise UserInputError("--hull needs an identity with anchors (--identity NAME)")
     net = None
@@ -179,12 +166,12 @@ def invert(
                                      "steps": steps, "hull": hull}
             if tune:
                 psnr_t, lpips_t = _tune(G, res, target, tune, tune_rank, net, cfg, original, bar, task)
-                save_adapter_tuned(G, row[2][1], ref, identity, stem)
+                save_adapter_tuned(G, row[2][1], ref, opts.identity, stem)
                 extra["adapter"] = row[2][1].name
                 preview.append(media.to_uint8(_render(G, res)))
                 entry.update(tuned_psnr=round(psnr_t, 3), tuned_lpips=None if lpips_t is None else round(lpips_t, 4))
                 _restore(G, original)
-            save_latent(row[0][1], res.ws, res.camera, base=ref.name, identity=identity,
+            save_latent(row[0][1], res.ws, res.camera, base=ref.name, identity=opts.identity,
                         space=space, extra=extra)
             media.write_png(row[1][1], media.grid(preview))
             entry["files"] = {k: str(p) for k, p in row}
@@ -192,7 +179,7 @@ def invert(
             rows += row
     lines = [f"{e['image']}: PSNR {e['psnr']:.2f} dB" + (f", LPIPS {e['lpips']:.4f}" if e["lpips"] is not None else "")
              + (f"; tuned PSNR {e['tuned_psnr']:.2f} dB" if "tuned_psnr" in e else "") for e in results]
-    output.result({"base": ref.name, "identity": identity, "space": space, "results": results},
+    output.result({"base": ref.name, "identity": opts.identity, "space": space, "results": results},
                   human="\n".join(lines + [written(rows)]))
 
 

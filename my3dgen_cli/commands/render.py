@@ -7,18 +7,8 @@ from typing import Annotated
 
 import typer
 
-from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands._shared import (
-    AdapterOpt,
-    BaseOpt,
-    DeviceOpt,
-    ForceOpt,
-    IdentityOpt,
-    JsonOpt,
-    OutOpt,
-    check_free,
-    written,
-)
+from my3dgen_cli.cli import command
+from my3dgen_cli.commands._shared import ModelOptions, check_free, model_options, written
 from my3dgen_cli.errors import UserInputError
 
 
@@ -37,7 +27,9 @@ def _ints(spec: str, name: str) -> list[int]:
 
 
 @command("render", help="Render a latent, an identity anchor or a seed: views, depth, orbit video, grid, mesh.")
+@model_options()
 def render(
+    opts: ModelOptions,
     latent: Annotated[list[Path] | None, typer.Option("--latent", help="A .latent file (repeatable).")] = None,
     anchor: Annotated[str | None, typer.Option("--anchor", help="Anchor index/indices of --identity: 3, 0,2 or 0:3.")
                       ] = None,
@@ -61,21 +53,13 @@ def render(
                                                    "superresolution's precision).")] = "off",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the renderer (pays off for orbits).")
                         ] = False,
-    identity: IdentityOpt = None,
-    base: BaseOpt = None,
-    adapter: AdapterOpt = None,
-    out: OutOpt = None,
-    force: ForceOpt = False,
-    json_mode: JsonOpt = False,
-    device: DeviceOpt = "auto",
 ) -> None:
     from my3dgen_cli import media
     from my3dgen_cli.commands._shared import anchor as get_anchor
-    from my3dgen_cli.commands._shared import open_model
     from my3dgen_cli.eg3d.camera import lookat_camera
     from my3dgen_cli.render import angle_tag, cameras_for, latent_from_seed, orbit_angles, parse_angles, render_views
 
-    output = output_for(json_mode)
+    output = opts.output()
     if amp not in ("off", "bf16", "fp16"):
         raise UserInputError(f"--amp: got {amp!r}, expected off, bf16 or fp16")
     if not (latent or anchor or seed):
@@ -86,16 +70,16 @@ def render(
     if mesh_res < 8 or mesh_res > 512:
         raise UserInputError(f"--mesh-res: got {mesh_res}, expected 8..512")
 
-    G, ref, dev = open_model(base, identity, adapter, device)
+    G, ref, dev = opts.open()
     if amp == "fp16" and dev.type != "cuda":
         raise UserInputError(f"--amp fp16: needs CUDA, got --device {dev.type} (use bf16 there)")
     sources = []  # (name, ws, stored camera or None)
     for path in latent or []:
         from my3dgen_cli.commands._shared import resolve_key
 
-        sources.append(resolve_key(str(path), G, identity, dev, truncation))
+        sources.append(resolve_key(str(path), G, opts.identity, dev, truncation))
     for k in _ints(anchor, "anchor") if anchor else []:
-        sources.append((f"anchor{k}", *get_anchor(identity, k, dev)))
+        sources.append((f"anchor{k}", *get_anchor(opts.identity, k, dev)))
     for s in _ints(seed, "seed") if seed else []:
         sources.append((f"seed{s}", latent_from_seed(G, s, truncation), None))
     names = [name for name, _, _ in sources]
@@ -103,11 +87,11 @@ def render(
         raise UserInputError(f"two sources share a name ({names}); rename a latent file")
 
     # Plan every output path first, so nothing is written when one of them is taken.
-    single_file = out is not None and out.suffix.lower() == ".png"
+    single_file = opts.out is not None and opts.out.suffix.lower() == ".png"
     n_views = 1 if own_camera else len(yaws) * len(pitches)
     if single_file and (len(sources) > 1 or n_views > 1 or depth or grid or orbit):
-        raise UserInputError(f"-o {out}: one .png holds one view of one source; give a folder for more")
-    folder = (out.parent if single_file else out) if out is not None else Path("renders")
+        raise UserInputError(f"-o {opts.out}: one .png holds one view of one source; give a folder for more")
+    folder = (opts.out.parent if single_file else opts.out) if opts.out is not None else Path("renders")
     plan: list[tuple[str, Path]] = []
     views_plan = []
     for name, _, cam in sources:
@@ -118,7 +102,7 @@ def render(
         else:
             pairs = [(angle_tag(y, p), (y, p)) for p in pitches for y in yaws]
         for tag, _ in pairs:
-            png = out if single_file else folder / f"{name}_{tag}.png"
+            png = opts.out if single_file else folder / f"{name}_{tag}.png"
             plan.append(("image", png))
             if depth:
                 plan += [("depth", folder / f"{name}_{tag}_depth.png"),
@@ -130,7 +114,7 @@ def render(
         views_plan.append(pairs)
     if grid:
         plan.append(("contact sheet", folder / "grid.png"))
-    check_free([p for _, p in plan], force)
+    check_free([p for _, p in plan], opts.force)
 
     near, far = float(G.rendering_kwargs["ray_start"]), float(G.rendering_kwargs["ray_end"])
     paths = iter(p for _, p in plan)
@@ -185,5 +169,6 @@ def render(
             summary.append(entry)
     if grid:
         media.write_png(next(paths), media.grid(sheet, columns=1 if own_camera else len(yaws)))
-    output.result({"base": ref.name, "identity": identity, "outputs": [{"kind": k, "path": str(p)} for k, p in plan],
-                   "sources": summary}, human=written(plan))
+    output.result({"base": ref.name, "identity": opts.identity,
+                   "outputs": [{"kind": k, "path": str(p)} for k, p in plan], "sources": summary},
+                  human=written(plan))
