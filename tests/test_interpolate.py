@@ -74,3 +74,21 @@ def test_cli_interpolate(tmp_path):
     assert forced.exit_code == 0, forced.output
     r = runner.invoke(app, ["interpolate", "seed:1", "--base", "tiny-test"])
     assert r.exit_code == 2 and "expected 2 or more" in r.output
+
+
+@pytest.mark.usefixtures("tiny_base")
+def test_cli_interpolate_to_one_video_file(tmp_path):
+    """The README's form: `-o morph.mp4` writes that video alone; a missing key is named before any work."""
+    G = tiny_generator()
+    save_latent(tmp_path / "a.latent", latent_from_seed(G, 1), lookat_camera(15.0, 0.0), base="tiny-test")
+    video = tmp_path / "morph.mp4"
+    args = ["interpolate", str(tmp_path / "a.latent"), "seed:2", "--frames", "4", "--base", "tiny-test",
+            "-o", str(video)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert media.count_video_frames(video) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.latent", "morph.mp4"]
+    r = runner.invoke(app, [*args[:1], str(tmp_path / "gone.latent"), *args[2:], "--force"])
+    assert r.exit_code == 2 and "gone.latent does not exist" in r.output
+    r = runner.invoke(app, [*args[:-1], str(tmp_path / "morph.png")])
+    assert r.exit_code != 0 and ".mp4 or .gif" in r.output

@@ -138,6 +138,13 @@ def identity_anchors(identity: str | None, device: Any) -> tuple[Any, Any] | tup
     return ws.to(device), cams.to(device)
 
 
+def check_latent_files(specs: Iterable[str]) -> None:
+    """Name a missing .latent file before the (slow) generator is opened, not after."""
+    for spec in specs:
+        if not spec.startswith(("seed:", "anchor:")) and not Path(spec).is_file():
+            raise UserInputError(f"latent: {spec} does not exist (expected a .latent file, anchor:K or seed:S)")
+
+
 def resolve_key(spec: str, G: Any, identity: str | None, device: Any, truncation: float) -> tuple[str, Any, Any]:
     """A latent named on the command line -> (name, ws [1, num_ws, w_dim], camera [1, 25] or None).
 

@@ -12,7 +12,9 @@ from my3dgen_cli.commands._shared import ModelOptions, check_free, model_options
 from my3dgen_cli.errors import UserInputError
 
 
-@command("interpolate", help="Morph between latents A B [C...] (.latent files, anchor:K or seed:S).")
+@command("interpolate", help="Morph between latents A B [C...] (.latent files, anchor:K or seed:S). "
+                              "-o morph.mp4 (or .gif) writes the video alone; -o FOLDER writes frames, video, gif "
+                              "and strip.")
 @model_options()
 def interpolate(
     opts: ModelOptions,
@@ -31,7 +33,7 @@ def interpolate(
     import torch
 
     from my3dgen_cli import media
-    from my3dgen_cli.commands._shared import resolve_key
+    from my3dgen_cli.commands._shared import check_latent_files, resolve_key
     from my3dgen_cli.eg3d.camera import frontal_camera
     from my3dgen_cli.interpolate import MODES, interpolate_cameras, interpolate_latents
 
@@ -53,12 +55,18 @@ def interpolate(
         sweep = (a, b)
     if batch < 1:
         raise UserInputError(f"--batch: got {batch}, expected 1 or more")
-    if opts.out is not None and opts.out.suffix:
-        raise UserInputError(f"-o {opts.out}: interpolate writes several files; give a folder")
-    folder = opts.out if opts.out is not None else Path("interpolation")
-    plan = [("frame", folder / f"frame_{k:04d}.png") for k in range(frames)]
-    plan += [("video", folder / "interpolation.mp4"), ("gif", folder / "interpolation.gif"),
-             ("strip", folder / "strip.png")]
+    video_only = opts.out is not None and opts.out.suffix.lower() in (".mp4", ".gif")
+    if opts.out is not None and opts.out.suffix and not video_only:
+        raise UserInputError(f"-o {opts.out}: expected a .mp4 or .gif file (the video alone) or a folder (frames, "
+                             "video, gif and strip)")
+    check_latent_files(keys)
+    if video_only:
+        plan = [("video" if opts.out.suffix.lower() == ".mp4" else "gif", opts.out)]
+    else:
+        folder = opts.out if opts.out is not None else Path("interpolation")
+        plan = [("frame", folder / f"frame_{k:04d}.png") for k in range(frames)]
+        plan += [("video", folder / "interpolation.mp4"), ("gif", folder / "interpolation.gif"),
+                 ("strip", folder / "strip.png")]
     check_free([p for _, p in plan], opts.force)
 
     G, ref, dev = opts.open()
@@ -78,14 +86,19 @@ def interpolate(
             out_b = G.synthesis(ws_b, c_b, noise_mode="const", sampling="deterministic")["image"]
             images += [media.to_uint8(x) for x in out_b]
             bar.advance(task, len(ws_b))
-    for (_, path), img in zip(plan[:frames], images, strict=True):
-        media.write_png(path, img)
-    media.write_mp4(plan[frames][1], images, fps)
-    media.write_gif(plan[frames + 1][1], images, fps)
-    n = max(2, min(strip, frames))
-    picks = sorted({round(k * (frames - 1) / (n - 1)) for k in range(n)})
-    media.write_png(plan[frames + 2][1], media.grid([images[k] for k in picks]))
-    shown = plan[frames:] + [("frames", folder / f"frame_0000..{frames - 1:04d}.png")]
+    if video_only:
+        (kind, path), = plan
+        (media.write_mp4 if kind == "video" else media.write_gif)(path, images, fps)
+        shown = plan
+    else:
+        for (_, path), img in zip(plan[:frames], images, strict=True):
+            media.write_png(path, img)
+        media.write_mp4(plan[frames][1], images, fps)
+        media.write_gif(plan[frames + 1][1], images, fps)
+        n = max(2, min(strip, frames))
+        picks = sorted({round(k * (frames - 1) / (n - 1)) for k in range(n)})
+        media.write_png(plan[frames + 2][1], media.grid([images[k] for k in picks]))
+        shown = plan[frames:] + [("frames", folder / f"frame_0000..{frames - 1:04d}.png")]
     output.result({"base": ref.name, "identity": opts.identity, "keys": [name for name, _, _ in resolved],
                    "frames": frames, "mode": mode, "space": space, "yaw_sweep": sweep,
                    "outputs": [{"kind": k, "path": str(p)} for k, p in plan]},

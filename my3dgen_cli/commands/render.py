@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command
-from my3dgen_cli.commands._shared import ModelOptions, check_free, model_options, written
+from my3dgen_cli.commands._shared import ModelOptions, check_free, check_latent_files, model_options, written
 from my3dgen_cli.errors import UserInputError
 
 
@@ -70,6 +70,7 @@ def render(
     if mesh_res < 8 or mesh_res > 512:
         raise UserInputError(f"--mesh-res: got {mesh_res}, expected 8..512")
 
+    check_latent_files(str(path) for path in latent or [])
     G, ref, dev = opts.open()
     if amp == "fp16" and dev.type != "cuda":
         raise UserInputError(f"--amp fp16: needs CUDA, got --device {dev.type} (use bf16 there)")
