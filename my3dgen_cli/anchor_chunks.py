@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from my3dgen_cli import anchors
-from my3dgen_cli.distributed import SINGLE, Dist, broadcast_
+from my3dgen_cli.distributed import SINGLE, Dist, broadcast_, fault_hook
 from my3dgen_cli.errors import My3DGenError, UserInputError
 
 CHUNK = 4  # photos projected together (project_to_w's batch)
@@ -127,6 +127,7 @@ def project_anchors(
             chunks = range(round_start, min(round_start + world.world, len(starts)))
             for owner, k in enumerate(chunks):
                 if owner == world.rank:
+                    fault_hook(k, world, "anchors")
                     part = slice(starts[k], starts[k] + CHUNK)
                     ws[part] = anchors.project_to_w(G, images[part], cameras[part], config.anchor_steps,
                                                     space=config.anchor_space, lr=config.anchor_lr, lpips=lpips,
