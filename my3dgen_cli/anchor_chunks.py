@@ -135,9 +135,10 @@ def project_anchors(
             for owner, k in enumerate(chunks):
                 part = slice(starts[k], starts[k] + CHUNK)
                 ws[part] = broadcast_(ws[part].contiguous(), owner, world)
-            done = min(starts[chunks[-1]] + CHUNK, n)
-            if partial is not None and world.is_main and done < n:
-                save_partial_anchors(partial, ws[:done], fingerprint or {})
+            finished = min(starts[chunks[-1]] + CHUNK, n)
+            if partial is not None and world.is_main and finished < n:
+                save_partial_anchors(partial, ws[:finished], fingerprint or {})
+            done = finished  # only now: a Ctrl-C during the save leaves the previous file (atomic write)
     except KeyboardInterrupt:
         saved_path = partial if partial is not None and partial.is_file() else None
         raise AnchorsInterrupted(done if saved_path else 0, n, saved_path) from None
