@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-FAULT_ENV = "MY3DGEN_TEST_FAIL"  # "RANK:STEP": that rank raises after that training step (tests only)
+FAULT_ENV = "MY3DGEN_TEST_FAIL"  # "RANK:STEP" / "RANK:anchors:CHUNK": that rank raises there (tests only)
 
 
 @dataclass(frozen=True)
@@ -146,12 +146,14 @@ def identity_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode("utf-8"))) % (2**31 - 1)
 
 
-def fault_hook(step: int, d: Dist) -> None:
-    """Test hook: with MY3DGEN_TEST_FAIL="R:K", rank R raises after its K-th training step."""
+def fault_hook(step: int, d: Dist, stage: str = "train") -> None:
+    """Test hook: with MY3DGEN_TEST_FAIL="R:K", rank R raises after its K-th training step; with
+    "R:anchors:K", when it starts anchor chunk K (0-based)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    rank, _, at = spec.partition(":")
+    rank, *where, at = spec.split(":")
     me = int(os.environ.get("RANK", d.rank))  # the launcher's rank (batch-file ranks train with world 1)
-    if int(rank) == me and step == int(at):
-        raise RuntimeError(f"{FAULT_ENV}: rank {me} fails after step {step} (test hook)")
+    if (where[0] if where else "train") == stage and int(rank) == me and step == int(at):
+        moment = f"at anchor chunk {step}" if stage == "anchors" else f"after step {step}"
+        raise RuntimeError(f"{FAULT_ENV}: rank {me} fails {moment} (test hook)")

@@ -6,7 +6,9 @@
         anchors.safetensors    ws [N, num_ws, w_dim] + cameras [N, 25] of the training photos
         previews/              photo vs reconstruction grid, crops
         log.json, loss.png     training log
-        checkpoints/           resumable training state (removed when training finishes)
+        checkpoints/           resumable state (removed when training finishes): step-NNNNNN.pt
+                               (training) and anchors.partial.safetensors (the anchors of the photo
+                               chunks projected so far; removed when anchors.safetensors is written)
 
 A `.latent` file (safetensors) holds ws [1, num_ws, w_dim] (w is stored broadcast to every row),
 the camera label [1, 25] and metadata: identity, base, space ("w" or "w+"), version.
@@ -29,6 +31,7 @@ from my3dgen_cli.fileio import atomic_path
 
 LATENT_FORMAT = "my3dgen-latent/1"
 ANCHORS_FORMAT = "my3dgen-anchors/1"
+PARTIAL_ANCHORS_FORMAT = "my3dgen-partial-anchors/1"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -66,6 +69,16 @@ class IdentityPaths:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def partial_anchors(self) -> Path:
+        return self.checkpoints / "anchors.partial.safetensors"
+
+    def resumable(self) -> bool:
+        """True when an unfinished run left something `--resume` continues from: a training
+        checkpoint, partial anchors, or finished anchors without an adapter yet."""
+        return (any(self.checkpoints.glob("step-*.pt")) or self.partial_anchors.is_file()
+                or (self.anchors.is_file() and not self.adapter.is_file()))
 
 
 def identity_paths(name: str) -> IdentityPaths:
@@ -111,6 +124,35 @@ def load_anchors(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
         return f.get_tensor("ws"), f.get_tensor("cameras"), json.loads(meta.get("photos", "[]"))
+
+
+def save_partial_anchors(path: Path, ws: torch.Tensor, fingerprint: dict[str, Any]) -> Path:
+    """ws [M, num_ws, w_dim] of the first M photos, and the settings that made them (JSON metadata)."""
+    from safetensors.torch import save_file
+
+    meta = {"format": PARTIAL_ANCHORS_FORMAT, "fingerprint": json.dumps(fingerprint), "my3dgen_version": __version__}
+    with atomic_path(path) as tmp:
+        save_file({"ws": ws.detach().cpu().float().contiguous()}, str(tmp), metadata=meta)
+    return path
+
+
+def load_partial_anchors(path: Path) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """(ws, fingerprint) from save_partial_anchors; None when there is no such file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != PARTIAL_ANCHORS_FORMAT:
+                raise UserInputError(f"{path}: got format {meta.get('format')!r}, expected {PARTIAL_ANCHORS_FORMAT!r}")
+            return f.get_tensor("ws"), json.loads(meta.get("fingerprint", "{}"))
+    except UserInputError:
+        raise
+    except (SafetensorError, OSError, ValueError) as err:  # ValueError: bad JSON metadata
+        raise UserInputError(f"{path}: not readable partial anchors ({err}); run without --resume to start over"
+                             ) from None
 
 
 @dataclass

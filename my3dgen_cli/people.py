@@ -9,8 +9,8 @@
 paths are read from the batch file's folder. Row i goes to rank i mod world size (static, so
 no coordination and no lock is needed). Each identity is trained by one rank alone, with the
 seed `distributed.identity_seed(seed, name)`, so its adapter does not depend on the rank or the
-number of ranks. On a rerun an identity with an adapter is skipped, one with a checkpoint resumes
-from it, and any other starts over.
+number of ranks. On a rerun an identity with an adapter is skipped, one with a checkpoint (or
+anchors projected before the failure) resumes from it, and any other starts over.
 """
 
 from __future__ import annotations
@@ -65,13 +65,13 @@ def read_batch_file(path: str | Path) -> list[Person]:
 
 
 def state_of(name: str) -> str:
-    """"done" (has its adapter), "partial" (has a checkpoint) or "new"."""
+    """"done" (has its adapter), "partial" (a checkpoint or anchors to resume from) or "new"."""
     from my3dgen_cli.identity import identity_paths
 
     ip = identity_paths(name)
     if ip.adapter.is_file():
         return "done"
-    return "partial" if any(ip.checkpoints.glob("step-*.pt")) else "new"
+    return "partial" if ip.resumable() else "new"
 
 
 def personalize_people(

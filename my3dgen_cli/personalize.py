@@ -2,7 +2,8 @@
 
 Stages (each with a progress bar when run from the CLI):
     1. photos -> 512 px crops + camera labels (faces module), optionally with mirrored copies;
-    2. anchors: each photo projected into W of the frozen base (anchors.project_to_w);
+    2. anchors: each photo projected into W of the frozen base, in chunks saved as they finish
+       (anchor_chunks.project_anchors);
     3. adapter training: LoRA on the default targets, My3DGen's loss + symmetry term (training.py);
     4. the identity folder: adapter, anchors, preview grid, loss log and curve (identity.py layout).
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from my3dgen_cli import __version__
-from my3dgen_cli.distributed import SINGLE, Dist, broadcast_
+from my3dgen_cli.distributed import SINGLE, Dist
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.fileio import write_text_atomic
 from my3dgen_cli.output import Output
@@ -277,14 +278,18 @@ def personalize(
 
     photos: files/folders (read with `read_photos`) or a Photos. generator: use this generator as
     the base (its weights are the base; `base` is the name recorded) instead of opening `base`.
-    nets: loss networks (default: LossNets.load). resume: continue from the newest checkpoint in
-    the identity's checkpoints/ (anchors are reused). force: replace an existing identity.
+    nets: loss networks (default: LossNets.load). resume: continue an interrupted run from the
+    identity's checkpoints/: its newest training checkpoint, or the anchors projected so far (saved
+    after each chunk; checked against the photos, base and anchor settings); finished anchors are
+    reused. force: replace an existing identity.
     world: this process's place in a data-parallel group (distributed.Dist; torchrun): every rank
     calls this with the same arguments, anchors are projected in chunks shared among the ranks,
     training is data-parallel, and only rank 0 writes files (the identity folder must be on a
     filesystem all ranks see when resuming).
-    Raises UserInputError for unusable photos or an existing identity, TrainingInterrupted on Ctrl-C.
+    Raises UserInputError for unusable photos or an existing identity, AnchorsInterrupted or
+    TrainingInterrupted on Ctrl-C (exit code 130; both leave what --resume needs).
     """
+    from my3dgen_cli.anchor_chunks import anchor_fingerprint
     from my3dgen_cli.identity import identity_paths, save_anchors
     from my3dgen_cli.lora import base_fingerprint, count_adapter_parameters, save_adapter
     from my3dgen_cli.training import train_adapter
@@ -294,7 +299,7 @@ def personalize(
     ip = identity_paths(name)
     if ip.adapter.is_file() and not (force or resume):
         raise UserInputError(f"identity {name!r} already exists ({ip.root}); pass --force to replace it")
-    if resume and not any(ip.checkpoints.glob("step-*.pt")):
+    if resume and not ip.resumable():
         raise UserInputError(f"--resume: identity {name!r} has no checkpoint to continue from; run without --resume")
     with out.progress() as bar:
         if not isinstance(photos, Photos):
@@ -327,11 +332,12 @@ def personalize(
         else:
             if not resume and world.is_main:
                 shutil.rmtree(ip.checkpoints, ignore_errors=True)
-            task = bar.add_task("anchors", total=config.anchor_steps * -(-images.shape[0] // 4), status="")
-            ws = _project_shared(G, images, cameras, config, nets.anchor_lpips, world,
-                                 on_step=lambda s, loss: bar.update(task, advance=1, status=f"loss {loss:.4f}"))
+            ws = _anchors(G, images, cameras, config, nets.anchor_lpips, ip.partial_anchors,
+                          anchor_fingerprint(config, photos.names, base, fingerprint, nets.anchor_lpips),
+                          resume, world, bar, out)
             if world.is_main:
                 save_anchors(ip.anchors, ws, cameras, photos.names, {"base": base, "space": config.anchor_space})
+                ip.partial_anchors.unlink(missing_ok=True)
             world.barrier()
         sym_distance = None
         if config.sym:
@@ -363,29 +369,22 @@ def personalize(
                           size, result.steps, final, result.sym_kind, result.seconds)
 
 
-def _project_shared(G: nn.Module, images: torch.Tensor, cameras: torch.Tensor, config: PersonalizeConfig,
-                    lpips: nn.Module | None, world: Dist, on_step: Any, chunk: int = 4) -> torch.Tensor:
-    """Anchors of all photos, chunk k projected by rank k mod world and broadcast from it.
+def _anchors(G: nn.Module, images: torch.Tensor, cameras: torch.Tensor, config: PersonalizeConfig,
+             lpips: nn.Module | None, partial: Path, fingerprint: dict[str, Any], resume: bool, world: Dist,
+             bar: Any, out: Output) -> torch.Tensor:
+    """The anchor stage with its progress bar; photos reused from an interrupted run count as done."""
+    from my3dgen_cli.anchor_chunks import CHUNK, project_anchors
 
-    The chunks are the ones one process uses (project_to_w's batch), so the anchors are the same
-    whatever the number of ranks.
-    """
-    from my3dgen_cli.anchors import project_to_w
-
-    if world.world == 1:
-        return project_to_w(G, images, cameras, config.anchor_steps, space=config.anchor_space,
-                            lr=config.anchor_lr, lpips=lpips, batch=chunk, on_step=on_step)
     n = images.shape[0]
-    ws = torch.empty(n, G.num_ws, G.w_dim, device=images.device)
-    for k, start in enumerate(range(0, n, chunk)):
-        part = slice(start, start + chunk)
-        owner = k % world.world
-        if owner == world.rank:
-            ws[part] = project_to_w(G, images[part], cameras[part], config.anchor_steps, space=config.anchor_space,
-                                    lr=config.anchor_lr, lpips=lpips, batch=chunk, on_step=on_step)
-        part_ws = ws[part].contiguous()
-        ws[part] = broadcast_(part_ws, owner, world)
-    return ws
+    task = bar.add_task("anchors", total=config.anchor_steps * -(-n // CHUNK), status="")
+
+    def reused(m: int) -> None:
+        bar.update(task, advance=config.anchor_steps * -(-m // CHUNK))
+        out.info(f"anchors: reusing {m} of {n} photos projected before the interruption")
+
+    return project_anchors(G, images, cameras, config, lpips, partial=partial, fingerprint=fingerprint,
+                           resume=resume, world=world, on_reused=reused,
+                           on_step=lambda s, loss: bar.update(task, advance=1, status=f"loss {loss:.4f}"))
 
 
 def _write_reports(G: nn.Module, ip: Any, images: torch.Tensor, cameras: torch.Tensor, ws: torch.Tensor,

@@ -1,6 +1,8 @@
 """Personalization on several ranks (gloo on 127.0.0.1, CPU): torchrun runs the real CLI.
 
 - one identity on 2 ranks (data-parallel) = one process with the same batch and seed;
+- a rank that crashes in the anchor stage leaves the anchors of the finished rounds; `--resume`
+  on 2 ranks projects only the rest and equals one process;
 - a batch file of 3 people on 2 ranks: rank 1 fails mid-run (MY3DGEN_TEST_FAIL), a rerun
   finishes only what is missing (the failed person resumes from its checkpoint), and every
   adapter equals the one a single process makes (the seed comes from the name, not the rank).
@@ -111,6 +113,29 @@ def test_two_ranks_equal_one_process(setup):
     assert [r["step"] for r in log_ddp] == [1, 2, 3, 4] and "sym" in log_ddp[0] and "sym" not in log_ddp[1]
     for a, b in zip(log_ddp, log_one, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_anchor_crash_on_two_ranks_resumes_from_the_finished_rounds(setup, person, tmp_path):
+    from my3dgen_cli.identity import identity_paths, load_anchors, load_partial_anchors
+
+    # 9 photos = anchor chunks 0, 1, 2: round 1 is chunk 0 on rank 0 and chunk 1 on rank 1; round 2 is
+    # chunk 2 on rank 0, which crashes as it starts it.
+    photos = write_photos(person, tmp_path / "nine", TRAIN_YAWS + [50.0])
+    args = ["personalize", str(photos), "--name", "ddp", *TRAIN]
+    first = _torchrun([*args, "--quiet"], MY3DGEN_TEST_FAIL="0:anchors:2")
+    assert first.returncode != 0 and "anchor chunk 2" in first.stderr, first.stderr[-3000:]
+    ip = identity_paths("ddp")
+    partial = load_partial_anchors(ip.partial_anchors)
+    assert partial is not None and partial[0].shape[0] == 8 and not ip.anchors.exists()
+    second = _torchrun([*args, "--resume"])  # human mode: rank 0 says what it reuses
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "reusing 8 of 9 photos" in second.stderr + second.stdout
+    assert not ip.partial_anchors.exists()
+    _cli(["personalize", str(photos), "--name", "one", *TRAIN, "--quiet"])
+    ws_ddp, ws_one = load_anchors(ip.anchors)[0], load_anchors(identity_paths("one").anchors)[0]
+    assert torch.equal(ws_ddp[:8], partial[0])
+    assert torch.allclose(ws_ddp, ws_one, atol=1e-6)
+    _assert_same_adapter(_adapter("ddp"), _adapter("one"), ATOL)
 
 
 def test_batch_file_survives_a_failed_rank_and_matches_one_process(setup, tmp_path, monkeypatch):

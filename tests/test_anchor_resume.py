@@ -1,0 +1,144 @@
+"""An interrupt in the anchor stage of `my3dgen personalize` loses at most the chunk in flight.
+
+The real CLI on the tiny config (CPU): 9 photos = anchor chunks of 4, 4 and 1. A Ctrl-C during
+chunk 2 exits 130 and leaves the 4 anchors of chunk 1 in the partial-anchors file; `--resume`
+projects only chunks 2 and 3 (project_to_w calls counted) and ends with the same anchors and
+adapter, bit for bit, as an uninterrupted run. A partial file from other settings or photos is
+refused with a one-line error, and a run without --resume starts over.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from my3dgen_cli import anchors
+from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, write_photos
+
+YAWS = TRAIN_YAWS + [50.0]  # 9 photos: chunks of 4, 4, 1
+ARGS = ["--base", "tiny-test", "--steps", "3", "--anchor-steps", "3", "--batch", "2", "--sym-every", "2",
+        "--device", "cpu", "--checkpoint-every", "0", "--json"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("MY3DGEN_OFFLINE", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def person():
+    return make_person()
+
+
+class CountingProjector:
+    """Wraps anchors.project_to_w: records each call's photo count; Ctrl-C inside call `stop_at` (1-based)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = anchors.project_to_w
+        self.calls: list[int] = []
+        self.stop_at: int | None = None
+        monkeypatch.setattr(anchors, "project_to_w", self)
+
+    def __call__(self, G, images, cameras, *args, on_step=None, **kwargs):
+        self.calls.append(images.shape[0])
+        if len(self.calls) == self.stop_at:
+            def on_step(step: int, loss: float) -> None:  # the user presses Ctrl-C after step 1 of this chunk
+                raise KeyboardInterrupt
+        return self.real(G, images, cameras, *args, on_step=on_step, **kwargs)
+
+
+@pytest.fixture
+def photos(person, tmp_path):
+    pytest.importorskip("my3dgen_cli.eg3d.checkpoint")
+    from my3dgen_cli.generators import save_local_base
+
+    save_local_base(fresh(person), "tiny-test")
+    return write_photos(person, tmp_path / "photos", YAWS)
+
+
+def _run(args: list[str]):
+    from my3dgen_cli.cli import app
+
+    return CliRunner().invoke(app, ["personalize", *args])
+
+
+def _interrupted(photos, counter: CountingProjector, name: str = "ana") -> None:
+    """Run `personalize` and press Ctrl-C during anchor chunk 2."""
+    from my3dgen_cli.identity import identity_paths, load_partial_anchors
+
+    counter.stop_at = 2
+    result = _run([str(photos), "--name", name, *ARGS])
+    counter.stop_at = None
+    assert result.exit_code == 130, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert "interrupted while projecting anchors" in message and "4 of 9 photos" in message, message
+    assert "--resume" in message and "Traceback" not in result.output
+    ip = identity_paths(name)
+    saved = load_partial_anchors(ip.partial_anchors)
+    assert saved is not None and saved[0].shape[0] == 4
+    assert not ip.anchors.exists() and not ip.adapter.exists()
+    assert counter.calls == [4, 4]
+
+
+def test_resume_after_anchor_interrupt_projects_only_missing_chunks(photos, monkeypatch):
+    from my3dgen_cli.identity import identity_paths, load_anchors
+    from my3dgen_cli.lora import read_adapter
+
+    counter = CountingProjector(monkeypatch)
+    _interrupted(photos, counter)
+    counter.calls.clear()
+    resumed = _run([str(photos), "--name", "ana", *ARGS, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert counter.calls == [4, 1]  # chunks 2 and 3; chunk 1 came from the partial file
+    ip = identity_paths("ana")
+    assert ip.adapter.is_file() and not ip.checkpoints.exists()
+
+    counter.calls.clear()
+    whole = _run([str(photos), "--name", "one-go", *ARGS])
+    assert whole.exit_code == 0, whole.output
+    assert counter.calls == [4, 4, 1]
+    ws_a, cams_a, names_a = load_anchors(ip.anchors)
+    ws_b, cams_b, names_b = load_anchors(identity_paths("one-go").anchors)
+    assert names_a == names_b and torch.equal(cams_a, cams_b)
+    assert torch.equal(ws_a, ws_b)  # bit-identical: a chunk's projection does not depend on the process
+    adapter_a, adapter_b = read_adapter(ip.adapter)[0], read_adapter(identity_paths("one-go").adapter)[0]
+    assert adapter_a.keys() == adapter_b.keys()
+    assert all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
+    assert any(t.abs().sum() > 0 for k, t in adapter_a.items() if "lora_B" in k)
+
+
+def test_mismatched_partial_anchors_are_refused_not_reused(photos, monkeypatch):
+    from my3dgen_cli.identity import identity_paths
+
+    counter = CountingProjector(monkeypatch)
+    _interrupted(photos, counter)
+    counter.calls.clear()
+    steps = [*ARGS]
+    steps[steps.index("--anchor-steps") + 1] = "2"
+    other = _run([str(photos), "--name", "ana", *steps, "--resume"])
+    assert other.exit_code == 2 and "Traceback" not in other.output
+    line = other.output.strip().splitlines()[-1]
+    assert "anchor_steps=3" in line and "anchor_steps=2" in line and "without --resume" in line, line
+    (photos / "view8.png").unlink()  # one photo fewer (it is skipped: not on disk, still in dataset.json)
+    fewer = _run([str(photos), "--name", "ana", *ARGS, "--resume"])
+    assert fewer.exit_code == 2 and "9 photos, this run has 8" in fewer.output.strip().splitlines()[-1], fewer.output
+    assert counter.calls == []  # nothing projected from a stale file
+    assert identity_paths("ana").partial_anchors.is_file()  # a refused resume keeps the user's file
+    fresh_run = _run([str(photos), "--name", "ana", *ARGS])  # without --resume: starts over
+    assert fresh_run.exit_code == 0, fresh_run.output
+    assert counter.calls == [4, 4]
+
+
+def test_interrupt_before_the_first_chunk_says_start_over(photos, monkeypatch):
+    counter = CountingProjector(monkeypatch)
+    counter.stop_at = 1
+    result = _run([str(photos), "--name", "ana", *ARGS])
+    assert result.exit_code == 130
+    assert "start over" in result.output.strip().splitlines()[-1]
+    resumed = _run([str(photos), "--name", "ana", *ARGS, "--resume"])
+    assert resumed.exit_code == 2 and "no checkpoint to continue from" in resumed.output
