@@ -41,7 +41,12 @@ def main() -> None:
     ap.add_argument("--config", default="ffhq512-128")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
-    os.environ["MY3DGEN_HOME"] = tempfile.mkdtemp(prefix="my3dgen-open-bench-")
+    with tempfile.TemporaryDirectory(prefix="my3dgen-open-bench-") as home:  # a full base is ~120 MiB
+        os.environ["MY3DGEN_HOME"] = home
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     from my3dgen_cli.eg3d import build_generator
     from my3dgen_cli.generators import open_generator, save_local_base
     from my3dgen_cli.identity import identity_paths
