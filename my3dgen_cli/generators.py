@@ -61,13 +61,25 @@ def save_local_base(G: torch.nn.Module, name: str) -> Path:
 
 
 def open_base(base: str, device: torch.device | str | None = None, offline: bool | None = None):
-    """(generator in eval mode, BaseRef) for a base name or path."""
+    """(generator in eval mode, BaseRef) for a base name or path.
+
+    The fingerprint comes from the base's JSON when stored for this very weights file (no hashing);
+    otherwise (an official .pkl, an older conversion, a file changed since) it is computed and, for
+    a converted base, stored for next time.
+    """
     from my3dgen_cli.eg3d import load_generator
+    from my3dgen_cli.eg3d.fingerprint import store_fingerprint, stored_fingerprint, weights_stamp
     from my3dgen_cli.lora import base_fingerprint
 
     name, path = resolve_base_path(base, offline=offline)
+    stamp = weights_stamp(path)  # before reading: a file replaced meanwhile never borrows a value
     G = load_generator(path, device=device)
-    return G, BaseRef(name=name, path=path, sha256=base_fingerprint(G))
+    sha256 = stored_fingerprint(path, stamp)
+    if sha256 is None:
+        sha256 = base_fingerprint(G)
+        if stamp is not None:
+            store_fingerprint(path, sha256, stamp)
+    return G, BaseRef(name=name, path=path, sha256=sha256)
 
 
 def open_generator(

@@ -165,18 +165,12 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 def base_fingerprint(model: nn.Module) -> str:
     """sha256 over the base weights (names, shapes, float32 bytes), independent of file format.
 
-    Adapters record it; loading on a generator with another fingerprint is refused.
+    Adapters record it; loading on a generator with another fingerprint is refused. Converted bases
+    store it when written (`eg3d.fingerprint`), so `generators.open_base` rarely calls this.
     """
-    import hashlib
+    from my3dgen_cli.eg3d.fingerprint import state_fingerprint
 
-    digest = hashlib.sha256()
-    state = {k: v for k, v in model.state_dict().items() if ".adapter." not in k}
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
+    return state_fingerprint({k: v for k, v in model.state_dict().items() if ".adapter." not in k})
 
 
 def save_adapter(

@@ -14,8 +14,9 @@ Converted format (what the cache keeps, see docs/checkpoints.md)::
     <name>.safetensors   tensors under the official names; header metadata: format, format_version,
                          class_name, source_sha256, conversion_id
     <name>.json          {"init_kwargs", "rendering_kwargs", "neural_rendering_resolution",
-                          "class_name", "source", "format"}: the layout of eg3d_parity/config.json,
-                         so `build_generator(config)` takes it as is
+                          "class_name", "source", "format", "fingerprint"}: the layout of
+                         eg3d_parity/config.json, so `build_generator(config)` takes it as is;
+                         "fingerprint" is the weights' hash for adapters (see fingerprint.py)
 
 The two files are written atomically one after the other and carry the same `conversion_id`, so a
 weights file is never paired with the config of another conversion.
@@ -35,6 +36,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from my3dgen_cli.eg3d.fingerprint import KEY as FINGERPRINT_KEY
+from my3dgen_cli.eg3d.fingerprint import record as fingerprint_record
+from my3dgen_cli.eg3d.fingerprint import state_fingerprint, weights_stamp
 from my3dgen_cli.eg3d.safe_unpickle import EasyDictRecord, ForeignObject, PersistentObject, safe_load
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
 from my3dgen_cli.fileio import write_atomic, write_text_atomic
@@ -268,8 +272,9 @@ def save_converted(
     doc["source"] = source
     doc["format"] = {"name": FORMAT, "version": FORMAT_VERSION, "weights": dst.name}
     doc["format"]["conversion_id"] = conversion_id
+    doc = _plain(doc, "config")
     try:
-        text = json.dumps(_plain(doc, "config"), indent=1, allow_nan=False) + "\n"
+        json.dumps(doc, allow_nan=False)  # refuse before anything is written
     except ValueError as err:
         raise UserInputError(f"config is not JSON-ready: {err}") from None
     metadata = {
@@ -280,8 +285,12 @@ def save_converted(
         "conversion_id": conversion_id,
     }
     tensors = _contiguous_unshared(state_dict, dtype)
+    fingerprint = state_fingerprint(tensors)  # what base_fingerprint gives once loaded (fp32)
     write_atomic(dst, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    write_text_atomic(dst.with_suffix(".json"), text)
+    stamp = weights_stamp(dst)
+    if stamp is not None:
+        doc[FINGERPRINT_KEY] = fingerprint_record(fingerprint, stamp)
+    write_text_atomic(dst.with_suffix(".json"), json.dumps(doc, indent=1) + "\n")
     return dst
 
 
