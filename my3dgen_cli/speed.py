@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from my3dgen_cli.errors import UserInputError
+
 AMP_MODES = ("off", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,7 +54,7 @@ def autocast(device: torch.device, amp: str | bool) -> contextlib.AbstractContex
     if mode == "off":
         return contextlib.nullcontext()
     if mode == "fp16" and device.type != "cuda":
-        raise ValueError(f"amp: got 'fp16' on {device.type}, expected bf16 there (fp16 autocast is CUDA only)")
+        raise UserInputError(f"amp: got 'fp16' on {device.type}, expected bf16 there (fp16 autocast is CUDA only)")
     return torch.autocast(device.type, dtype=_DTYPES[mode])
 
 
