@@ -11,7 +11,8 @@ Exactness (tests/test_scale_speed.py measures each on the tiny config, CPU):
 - activation checkpointing: the same math re-run in backward; gradients equal to ~1e-6.
 - torch.compile: same ops, fused kernels; images equal to ~1e-5.
 - bf16 autocast: 8-bit mantissa in convolutions and matmuls; images differ by a few 1e-2 in [-1, 1].
-  fp16 on CUDA is the official superresolution's precision (EG3D runs its SR blocks in fp16).
+  fp16 on CUDA is the official superresolution's precision (EG3D runs its SR blocks in fp16); training
+  pairs it with a GradScaler (training.py), since fp16 flushes the small gradients of a 512 px loss.
 All default off. Device and dtype come from the tensors; nothing here names a device.
 """
 
