@@ -197,6 +197,24 @@ def test_render_views_copies_to_the_host_once_whatever_the_batch(batch):
     assert len(audit.syncs) == 3 and all("render.py" in s for s in audit.syncs)  # images, depth, cameras
 
 
+def test_evaluation_metrics_on_meta():
+    """evaluate's consistency fed render_views' host images to the loss networks on the device."""
+    from my3dgen_cli.arcface import build_arcface
+    from my3dgen_cli.evaluate import consistency, score
+    from my3dgen_cli.perceptual import build_lpips
+
+    G = _tiny()
+    with torch.device("meta"):
+        lpips, arcface = build_lpips("alex"), build_arcface(None)
+    lpips.to(META)  # (lpips makes its scaling constants with torch.Tensor(), on the CPU)
+    ws, _ = _inputs(G, 1, META)
+    image = torch.zeros(1, 3, 64, 64, device=META)
+    with DeviceAudit():
+        row = score(image, image, lpips, arcface)
+        cons = consistency(G, ws, lpips, arcface)
+    assert set(row) == {"psnr", "ssim", "lpips", "id"} and cons["mirror_lpips"] is not None
+
+
 def test_synthesis_runs_on_fake_cuda_and_autocast_reaches_the_superresolution(monkeypatch):
     """FakeTensors on cuda:0: the CUDA branches (autocast on CUDA) run with CUDA's device and dtype rules."""
     from my3dgen_cli.render import render_views
