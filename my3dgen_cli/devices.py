@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from my3dgen_cli.errors import UserInputError
@@ -11,8 +13,8 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 def pick_device(name: str = "auto") -> torch.device:
     """"auto" = CUDA if available, else MPS, else CPU. An unavailable explicit choice is an error."""
-    if name not in DEVICE_CHOICES and not name.startswith("cuda:"):
-        raise UserInputError(f"--device: got {name!r}, expected one of {', '.join(DEVICE_CHOICES)}")
+    if name not in DEVICE_CHOICES and not re.fullmatch(r"cuda:\d+", name):
+        raise UserInputError(f"--device: got {name!r}, expected one of {', '.join(DEVICE_CHOICES)} or cuda:N")
     cuda = torch.cuda.is_available()
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
@@ -21,4 +23,15 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserInputError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
     if name == "mps" and not mps:
         raise UserInputError("--device mps: Apple MPS is not available on this machine (try --device cpu)")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.index is not None:
+        check_gpu_index(device.index, f"--device {name}")
+    return device
+
+
+def check_gpu_index(index: int, what: str) -> None:
+    """A CUDA index beyond the visible GPUs fails deep inside CUDA; say so in one line instead."""
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise UserInputError(f"{what}: got GPU {index}, but this machine shows {count} GPU(s) "
+                             f"(indices 0..{count - 1}; CUDA_VISIBLE_DEVICES narrows them)")

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from my3dgen_cli.errors import UserInputError
+
 FAULT_ENV = "MY3DGEN_TEST_FAIL"  # "RANK:STEP" / "RANK:anchors:CHUNK": that rank raises there (tests only)
 
 
@@ -68,10 +70,20 @@ def from_env() -> Dist:
 
 
 def device_for(d: Dist, requested: torch.device) -> torch.device:
-    """One GPU per rank: cuda -> cuda:LOCAL_RANK (what NCCL expects); other devices unchanged."""
-    if requested.type == "cuda" and requested.index is None and d.world > 1:
-        return torch.device("cuda", d.local_rank)
-    return requested
+    """One GPU per rank: cuda -> cuda:LOCAL_RANK (what NCCL expects); other devices unchanged.
+
+    Under torchrun an explicit cuda:N would put every rank on one GPU (NCCL refuses), and more
+    ranks per machine than GPUs would fail inside CUDA: both are one-line errors here.
+    """
+    if requested.type != "cuda" or d.world <= 1:
+        return requested
+    if requested.index is not None:
+        raise UserInputError(f"--device {requested} under torchrun: every rank would use that one GPU; "
+                             "pass --device cuda (each rank takes cuda:LOCAL_RANK)")
+    from my3dgen_cli.devices import check_gpu_index
+
+    check_gpu_index(d.local_rank, f"rank {d.rank} (LOCAL_RANK {d.local_rank}, --nproc_per_node too large?)")
+    return torch.device("cuda", d.local_rank)
 
 
 def init_group(d: Dist, device: torch.device, timeout_s: float = 1800.0) -> None:

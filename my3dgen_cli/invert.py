@@ -246,7 +246,7 @@ def invert_image(
         ws=ws, camera=cam, image=image, psnr=psnr(image, target), lpips=None if lp is None else float(lp),
         losses=losses, init_anchor=init_anchor,
         hull_weights=torch.softmax(logits, -1).detach() if cfg.hull else None,
-        camera_delta=(float(angles[0]), float(angles[1])),
+        camera_delta=tuple(angles.detach().tolist()),
     )
 
 

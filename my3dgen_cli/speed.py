@@ -11,7 +11,8 @@ Exactness (tests/test_scale_speed.py measures each on the tiny config, CPU):
 - activation checkpointing: the same math re-run in backward; gradients equal to ~1e-6.
 - torch.compile: same ops, fused kernels; images equal to ~1e-5.
 - bf16 autocast: 8-bit mantissa in convolutions and matmuls; images differ by a few 1e-2 in [-1, 1].
-  fp16 on CUDA is the official superresolution's precision (EG3D runs its SR blocks in fp16).
+  fp16 on CUDA is the official superresolution's precision (EG3D runs its SR blocks in fp16); training
+  pairs it with a GradScaler (training.py), since fp16 flushes the small gradients of a 512 px loss.
 All default off. Device and dtype come from the tensors; nothing here names a device.
 """
 
@@ -27,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from my3dgen_cli.errors import UserInputError
 
 AMP_MODES = ("off", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -52,7 +55,7 @@ def autocast(device: torch.device, amp: str | bool) -> contextlib.AbstractContex
     if mode == "off":
         return contextlib.nullcontext()
     if mode == "fp16" and device.type != "cuda":
-        raise ValueError(f"amp: got 'fp16' on {device.type}, expected bf16 there (fp16 autocast is CUDA only)")
+        raise UserInputError(f"amp: got 'fp16' on {device.type}, expected bf16 there (fp16 autocast is CUDA only)")
     return torch.autocast(device.type, dtype=_DTYPES[mode])
 
 

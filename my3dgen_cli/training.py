@@ -30,7 +30,7 @@ from my3dgen_cli.anchors import perceptual_distance, resize
 from my3dgen_cli.distributed import SINGLE, Dist, fault_hook, reduce_sum, shard, sum_gradients
 from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.fileio import atomic_path
-from my3dgen_cli.speed import activation_checkpointing, autocast
+from my3dgen_cli.speed import activation_checkpointing, autocast, check_amp
 from my3dgen_cli.symmetry import SymmetryDistance, mse_distance, symmetry_cameras, symmetry_loss
 
 CHECKPOINT_FORMAT = "my3dgen-train-checkpoint/1"
@@ -88,8 +88,9 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 
 def save_checkpoint(folder: Path, step: int, params: list[nn.Parameter], opt: torch.optim.Optimizer,
-                    rng: torch.Generator, log: list[dict[str, float]], fingerprint: dict[str, Any]) -> Path:
-    """Write step-NNNNNN.pt atomically and keep the newest KEEP_CHECKPOINTS."""
+                    rng: torch.Generator, log: list[dict[str, float]], fingerprint: dict[str, Any],
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
+    """Write step-NNNNNN.pt atomically and keep the newest KEEP_CHECKPOINTS (fp16: with the loss scale)."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "step": step,
@@ -99,6 +100,8 @@ def save_checkpoint(folder: Path, step: int, params: list[nn.Parameter], opt: to
         "log": log,
         "fingerprint": fingerprint,
     }
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
     path = folder / f"step-{step:06d}.pt"
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -202,6 +205,10 @@ def train_adapter(
     photo_raw = resize(images if raw_images is None else raw_images, G.neural_rendering_resolution)
     rng = torch.Generator().manual_seed(config.seed + 1)
     opt = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas))
+    amp = getattr(config, "amp", False)
+    # fp16 keeps no gradient below ~6e-8: at 512 px the MSE gradient per pixel is about that small,
+    # so fp16 scales the loss up (and the gradients back down before Adam); bf16 has fp32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=check_amp(amp) == "fp16")
     distance = sym_distance or mse_distance()
     fingerprint = {**config.train_fingerprint(), "photos": n, "trainable": n_params}
     log: list[dict[str, float]] = []
@@ -213,10 +220,11 @@ def train_adapter(
                 for p, saved in zip(params, state["params"], strict=True):
                     p.copy_(saved.to(p.device))
             opt.load_state_dict(state["optimizer"])
+            if "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
             rng.set_state(state["rng"])
             start, log = int(state["step"]), list(state["log"])
     accum = int(getattr(config, "accum", 1))
-    amp = getattr(config, "amp", False)
     synth = G.synthesis
     if getattr(config, "compile", False):
         from my3dgen_cli.speed import compiled
@@ -242,15 +250,16 @@ def train_adapter(
                     with autocast(device, amp):
                         out = synth(anchors_ws[chunk], cameras[chunk], noise_mode="const", sampling="deterministic")
                     mse, perc = reconstruction_terms(out, photo[chunk], photo_raw[chunk], lpips)
-                    ((mse + perc) * share).backward()
+                    scaler.scale((mse + perc) * share).backward()
                     totals += torch.stack([mse + perc, mse, perc, torch.zeros_like(mse)]).detach() * share
                 if sym_cams is not None and sym_rank == world.rank:
                     with autocast(device, amp):
                         sym = symmetry_loss(G, anchors_ws[idx[:1]], sym_cams, distance).float()
-                    (config.sym_weight * sym).backward()
+                    scaler.scale(config.sym_weight * sym).backward()
                     totals += torch.stack([config.sym_weight * sym, sym.new_zeros(()), sym.new_zeros(()), sym]).detach()
-                sum_gradients(params, world)
-                opt.step()
+                sum_gradients(params, world)  # summed scaled gradients: every rank sees the same inf/nan
+                scaler.step(opt)  # fp16: unscale, skip the step on inf/nan; otherwise opt.step()
+                scaler.update()
                 step += 1
                 loss, mse_v, perc_v, sym_v = reduce_sum(totals, world).tolist()  # the step's one host sync
                 record = {"step": step, "loss": loss, "mse": mse_v, "lpips": perc_v}
@@ -259,7 +268,7 @@ def train_adapter(
                 log.append(record)
                 if (checkpoint_dir is not None and world.is_main and config.checkpoint_every
                         and step % config.checkpoint_every == 0):
-                    saved.append(save_checkpoint(checkpoint_dir, step, params, opt, rng, log, fingerprint))
+                    saved.append(save_checkpoint(checkpoint_dir, step, params, opt, rng, log, fingerprint, scaler))
                 fault_hook(step, world)
                 if on_step is not None:
                     on_step(step, record)
@@ -268,7 +277,7 @@ def train_adapter(
     except KeyboardInterrupt:
         path = None
         if checkpoint_dir is not None and world.is_main:
-            path = save_checkpoint(checkpoint_dir, step, params, opt, rng, log, fingerprint)
+            path = save_checkpoint(checkpoint_dir, step, params, opt, rng, log, fingerprint, scaler)
         raise TrainingInterrupted(step, path) from None
     finally:
         G.eval()

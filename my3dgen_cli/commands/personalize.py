@@ -85,6 +85,8 @@ def personalize_cmd(
     world = D.from_env()
     out = output_for(json_out, quiet) if world.is_main else Output("quiet")
     dev = D.device_for(world, pick_device(device))
+    if amp and amp_dtype == "fp16" and dev.type != "cuda":  # refused before minutes of anchor projection
+        raise UserInputError(f"--amp-dtype fp16: needs CUDA, got --device {dev.type} (use bf16 there)")
     if dev.type == "cpu":
         from my3dgen_cli.speed import use_all_cores
 

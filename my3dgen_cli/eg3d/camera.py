@@ -34,8 +34,13 @@ def intrinsics(focal: float = FFHQ_FOCAL, center: tuple[float, float] = (0.5, 0.
     return torch.tensor([[focal, 0.0, center[0]], [0.0, focal, center[1]], [0.0, 0.0, 1.0]])
 
 
-def _as_batch(value: float | Sequence[float] | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+def _as_batch(value: float | Sequence[float] | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=torch.float64, device=device).reshape(-1)
+
+
+def _device_of(*values: object) -> torch.device | None:
+    """The device of the first tensor among `values` (None: all plain numbers, so the CPU)."""
+    return next((v.device for v in values if isinstance(v, torch.Tensor)), None)
 
 
 def lookat_cam2world(
@@ -59,12 +64,13 @@ def lookat_cam2world(
         ],
         dim=-1,
     )  # (N, 3), on the sphere around the world origin, not around the pivot
-    target = torch.as_tensor(pivot, dtype=torch.float64).expand_as(origin)
+    device = origin.device  # the constants below follow the angles' device
+    target = torch.as_tensor(pivot, dtype=torch.float64, device=device).expand_as(origin)
     forward = torch.nn.functional.normalize(target - origin, dim=-1)
-    world_up = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).expand_as(forward)
+    world_up = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64, device=device).expand_as(forward)
     right = -torch.nn.functional.normalize(torch.cross(world_up, forward, dim=-1), dim=-1)
     up = torch.nn.functional.normalize(torch.cross(forward, right, dim=-1), dim=-1)
-    cam2world = torch.eye(4, dtype=torch.float64).repeat(origin.shape[0], 1, 1)
+    cam2world = torch.eye(4, dtype=torch.float64, device=device).repeat(origin.shape[0], 1, 1)
     cam2world[:, :3, 0] = right
     cam2world[:, :3, 1] = up
     cam2world[:, :3, 2] = forward
@@ -75,7 +81,7 @@ def lookat_cam2world(
 def make_label(cam2world: torch.Tensor, focal: float = FFHQ_FOCAL) -> torch.Tensor:
     """(N, 4, 4) cam2world -> (N, 25) float32 camera label."""
     n = cam2world.shape[0]
-    k = intrinsics(focal).to(torch.float64).reshape(1, 9).expand(n, 9)
+    k = intrinsics(focal).to(device=cam2world.device, dtype=torch.float64).reshape(1, 9).expand(n, 9)
     return torch.cat([cam2world.reshape(n, 16), k], dim=1).to(torch.float32)
 
 
@@ -91,7 +97,8 @@ def lookat_camera(
 
     yaw and pitch broadcast against each other; scalars give N = 1.
     """
-    yaw_t, pitch_t = torch.broadcast_tensors(_as_batch(yaw), _as_batch(pitch))
+    device = _device_of(yaw, pitch)  # a tensor's device wins; plain numbers give CPU labels
+    yaw_t, pitch_t = torch.broadcast_tensors(_as_batch(yaw, device), _as_batch(pitch, device))
     eg3d_yaw = math.pi / 2 + torch.deg2rad(yaw_t)
     eg3d_pitch = math.pi / 2 - torch.deg2rad(pitch_t)
     return make_label(lookat_cam2world(eg3d_yaw, eg3d_pitch, pivot, radius), focal)
@@ -134,5 +141,6 @@ def mirror_camera(c: torch.Tensor) -> torch.Tensor:
     """
     check_label(c)
     cam2world = c[:, :16].reshape(-1, 4, 4).to(torch.float64)
-    mirrored = _MIRROR @ cam2world @ _MIRROR
+    flip = _MIRROR.to(cam2world.device)
+    mirrored = flip @ cam2world @ flip
     return torch.cat([mirrored.reshape(-1, 16).to(c.dtype), c[:, 16:]], dim=1)
