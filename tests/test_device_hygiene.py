@@ -142,7 +142,8 @@ def test_personalization_on_meta_syncs_once_per_step(tmp_path):
     assert len(in_anchors) == anchor_steps and all("on_step" in s for s in in_anchors), in_anchors
     # Every other sync writes a file (anchors, adapter, previews) or hashes the base weights.
     others = {s.rsplit(" at ", 1)[1].split(":")[0] for s in audit.syncs if s not in in_training + in_anchors}
-    assert others <= {"my3dgen_cli/identity.py", "my3dgen_cli/lora.py", "my3dgen_cli/reports.py"}, others
+    assert others <= {"my3dgen_cli/identity.py", "my3dgen_cli/lora.py", "my3dgen_cli/reports.py",
+                      "my3dgen_cli/eg3d/fingerprint.py"}, others
 
 
 def test_one_training_step_on_meta():
