@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from my3dgen_cli.eg3d.fingerprint import KEY as FINGERPRINT_KEY
 from my3dgen_cli.eg3d.fingerprint import record as fingerprint_record
 from my3dgen_cli.eg3d.fingerprint import state_fingerprint, weights_stamp
+from my3dgen_cli.eg3d.instantiate import assign_state, skeleton
 from my3dgen_cli.eg3d.safe_unpickle import EasyDictRecord, ForeignObject, PersistentObject, safe_load
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
 from my3dgen_cli.fileio import write_atomic, write_text_atomic
@@ -212,13 +213,9 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def expected_shapes(config: str | dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Official names -> shapes of the generator `build_generator(config)` builds (on the meta
-    device: no memory, no init cost)."""
-    from my3dgen_cli.eg3d import build_generator  # lazy: the generator package imports this module
-
-    with torch.device("meta"):
-        generator = build_generator(config)
-    return {name: tuple(t.shape) for name, t in generator.state_dict().items()}
+    """Official names -> shapes of the generator `build_generator(config)` builds (without its
+    random init: no cost)."""
+    return {name: tuple(t.shape) for name, t in skeleton(config).state_dict().items()}
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
@@ -355,21 +352,21 @@ def load_generator(path: str | Path, device: torch.device | str | None = None) -
     path: a converted `.safetensors` (its `.json` beside it) or an official `.pkl` (read with the
     safe reader, `G_ema`; nothing is written). Weights are cast to the generator's dtype (fp16
     storage loads into fp32 parameters). device: where to move the generator (None: CPU).
+    The generator is built without random initialisation and takes the file's tensors as its own
+    (`instantiate.py`); fp32 weights of a converted file stay memory-mapped (read on first use).
     """
-    from my3dgen_cli.eg3d import build_generator  # lazy: the generator package imports this module
-
     path = Path(path)
     if path.suffix == ".pkl":
         ckpt = read_official_pkl(path)
         state_dict, config = ckpt.state_dict, ckpt.config(source={"file": path.name, "network": "G_ema"})
     else:
         state_dict, config = load_converted(path)
-    generator = build_generator(config)
+    generator = skeleton(config)
     try:
         check_state_dict(state_dict, {name: tuple(t.shape) for name, t in generator.state_dict().items()})
     except UserInputError as err:
         raise UserInputError(f"{path}: {err}") from None
-    generator.load_state_dict(state_dict, strict=True)
+    generator = assign_state(generator, state_dict)
     if device is not None:
         generator = generator.to(device)
     return generator.eval()
