@@ -40,7 +40,8 @@ def init_randn(shape: list[int], divisor: float = 1.0) -> torch.Tensor:
     """`torch.randn(shape) / divisor` (the official init), or `torch.empty(shape)` in `skip_random_init`."""
     if not _RANDOM_INIT.get():
         return torch.empty(shape)
-    return torch.randn(shape) / divisor
+    x = torch.randn(shape)
+    return x / divisor if divisor != 1 else x  # x / 1 == x exactly: skip the pass
 
 
 def adapted_weight(layer: nn.Module) -> torch.Tensor:
