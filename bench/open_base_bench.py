@@ -1,25 +1,38 @@
-"""Opening a base for an identity: stored fingerprint vs hashing every weight (the old behaviour).
+"""Opening a base for an identity: where the time goes, and what two changes saved.
 
-    python bench/open_base_bench.py                      # --config ffhq512-128 --repeats 5
+    python bench/open_base_bench.py                         # --compare init --config ffhq512-128 --repeats 5
+    python bench/open_base_bench.py --compare fingerprint   # stored fingerprint vs hashing every open
 
 Makes a random base of --config with `save_local_base` and an identity with a rank-1 adapter on
 it, in a temporary MY3DGEN_HOME, then times `open_generator(identity=...)` (resolve, load the
-weights, fingerprint, attach the adapter) alternately in two modes after one warm-up of each:
-"stored" reads the fingerprint from the base's JSON (this version); "hashed" ignores it and
-hashes the weights, as every open did before. Also times the hash alone.
+weights, fingerprint, attach the adapter) alternately in two modes after one warm-up of each.
+
+--compare init: "assign" builds the generator with its random init skipped and takes the file's
+tensors as its own (this version); "random-init" builds it with random weights and copies the
+file's in, as every open did before. Timed (a) in one process, (b) with one read of every weight
+after the open (assigned weights stay memory-mapped and are read on first use), and (c) each in a
+fresh Python process, as a CLI command opens it (import time excluded). Then the stages of both.
+--compare fingerprint: "stored" reads the fingerprint from the base's JSON; "hashed" ignores it and
+hashes the weights, as every open did before that. Also times the hash alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+
+MODES = ("random-init", "assign")
 
 
 @contextmanager
@@ -36,30 +49,155 @@ def hashing_every_open() -> Iterator[None]:
         fingerprint.stored_fingerprint, fingerprint.store_fingerprint = saved
 
 
+@contextmanager
+def random_init_and_copy() -> Iterator[None]:
+    """load_generator as before: build with random initialisation, then copy the weights in."""
+    from my3dgen_cli.eg3d import build_generator, checkpoint
+
+    def copy_state(G: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+        G.load_state_dict(state_dict, strict=True)
+        return G.eval()
+
+    saved = checkpoint.skeleton, checkpoint.assign_state
+    checkpoint.skeleton, checkpoint.assign_state = build_generator, copy_state
+    try:
+        yield
+    finally:
+        checkpoint.skeleton, checkpoint.assign_state = saved
+
+
+def read_all(G: torch.nn.Module) -> None:
+    """Read every weight once (what the first forward does), so lazily mapped pages count."""
+    with torch.no_grad():
+        for t in G.state_dict().values():
+            t.sum()
+
+
+def timed_open(mode: str, touch: bool = False) -> float:
+    """Seconds for open_generator(identity="bench") in `mode` (+ reading every weight if `touch`)."""
+    from my3dgen_cli.generators import open_generator
+
+    t0 = time.perf_counter()
+    if mode == "random-init":
+        with random_init_and_copy():
+            G, _, _ = open_generator(identity="bench")
+    else:
+        G, _, _ = open_generator(identity="bench")
+    if touch:
+        read_all(G)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--compare", choices=("init", "fingerprint"), default="init")
     ap.add_argument("--config", default="ffhq512-128")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)  # one fresh-process open
     args = ap.parse_args()
+    if args.worker:
+        import my3dgen_cli.generators  # noqa: F401  (import time is not the open's)
+
+        print(json.dumps({"s": timed_open(args.worker)}))
+        return
     with tempfile.TemporaryDirectory(prefix="my3dgen-open-bench-") as home:  # a full base is ~120 MiB
         os.environ["MY3DGEN_HOME"] = home
-        run(args)
+        make_identity(args.config)
+        run_init(args) if args.compare == "init" else run_fingerprint(args)
 
 
-def run(args: argparse.Namespace) -> None:
+def make_identity(config: str) -> None:
+    """A random base "bench-base" and an identity "bench" (rank-1 adapter) made on it."""
     from my3dgen_cli.eg3d import build_generator
-    from my3dgen_cli.generators import open_generator, save_local_base
+    from my3dgen_cli.generators import save_local_base
     from my3dgen_cli.identity import identity_paths
     from my3dgen_cli.lora import add_adapters, base_fingerprint, save_adapter
 
     torch.manual_seed(0)
-    G = build_generator(args.config)
+    G = build_generator(config)
     save_local_base(G, "bench-base")
     add_adapters(G, rank=1)
     adapter = identity_paths("bench").adapter
     adapter.parent.mkdir(parents=True, exist_ok=True)
     save_adapter(G, adapter, "bench-base", base_fingerprint(G))
+
+
+def fresh_open(mode: str) -> float:
+    """One open in a new Python process (what each CLI command pays)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["s"])
+
+
+def alternate(repeats: int, runs: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Each run once as warm-up, then `repeats` rounds of all runs in turn."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            times[key].append(fn())
+    return times
+
+
+def run_init(args: argparse.Namespace) -> None:
+    from my3dgen_cli.generators import open_generator
+
+    G, _, _ = open_generator(identity="bench")
+    n = sum(p.numel() for k, p in G.named_parameters() if ".adapter." not in k)
     del G
+    print(f"{args.config}, {n / 1e6:.1f} M parameters, CPU, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median (min) of {args.repeats} alternating runs after one warm-up each")
+    cases: list[tuple[str, Callable[[str], float]]] = [
+        ("open_generator(identity=...)", timed_open),
+        ("... + read every weight once", lambda m: timed_open(m, touch=True)),
+        ("... in a fresh process", fresh_open),
+    ]
+    for label, fn in cases:
+        times = alternate(args.repeats, {m: (lambda m=m, fn=fn: fn(m)) for m in MODES})
+        for mode, ts in times.items():
+            print(f"{label:<30} {mode:>11}: {_median_min(ts)}")
+        paired = [a - b for a, b in zip(times["random-init"], times["assign"], strict=True)]
+        print(f"{'':<30} {'saved':>11}: {statistics.median(paired):.3f} s (median of pairs)")
+    print_stages(args)
+
+
+def _median_min(ts: list[float]) -> str:
+    return f"{statistics.median(ts):.3f} s ({min(ts):.3f})"
+
+
+def print_stages(args: argparse.Namespace) -> None:
+    """Median time of each stage of load_generator, old path and new, on the bench base."""
+    from my3dgen_cli.eg3d import build_generator
+    from my3dgen_cli.eg3d.checkpoint import load_converted
+    from my3dgen_cli.eg3d.instantiate import assign_state, skeleton
+    from my3dgen_cli.generators import local_bases_dir
+
+    path = local_bases_dir() / "bench-base.safetensors"
+    stages: dict[str, list[float]] = {}
+
+    def stage(name: str, fn: Callable[..., Any], *a: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*a)
+        stages.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    for _ in range(args.repeats):
+        state_dict, config = stage("read safetensors + JSON (mapped)", load_converted, path)
+        G = stage("old: build_generator (random init)", build_generator, config)
+        stage("old: load_state_dict (copy)", G.load_state_dict, state_dict)
+        state_dict, config = load_converted(path)
+        G = stage("new: skeleton (init skipped)", skeleton, config)
+        G = stage("new: load_state_dict(assign=True)", assign_state, G, state_dict)
+        stage("new: first read of every weight", read_all, G)
+    print(f"stages of load_generator (in process), median of {args.repeats}:")
+    for name, ts in stages.items():
+        print(f"  {name:<36}: {statistics.median(ts):.3f} s")
+
+
+def run_fingerprint(args: argparse.Namespace) -> None:
+    from my3dgen_cli.generators import open_generator
+    from my3dgen_cli.lora import base_fingerprint
 
     def timed(mode: str) -> float:
         t0 = time.perf_counter()

@@ -3,9 +3,9 @@
     $MY3DGEN_HOME/cache/              (paths.cache_dir())
     ├── blobs/<sha256>                verified bytes; only ever created by an atomic rename
     ├── refs/<name>.json              manifest: which blob a name is, when and where it came from
-    ├── converted/<sha256>/           base generators converted once from an official .pkl:
-    │   ├── generator.safetensors
-    │   └── generator.json            its config (written by eg3d.checkpoint.convert_pkl)
+    ├── converted/<sha256>/           base generators converted once from an official .pkl
+    │   ├── generator.safetensors     or a plain .safetensors (format = "safetensors"):
+    │   └── generator.json            its config (eg3d.checkpoint.convert_pkl / convert_safetensors)
     ├── partial/<name>.part           an interrupted download, resumed with HTTP Range
     ├── locks/<name>.lock             one process fetches a name at a time; others wait, then reuse
     ├── registries/<hash>.toml        copies of --registry URLs, for offline use
@@ -235,7 +235,8 @@ def import_file(
         return _commit(entry, part, f"file:{src}")
 
 
-def _converter() -> Callable[[Path, Path], Path]:
+def _converter(entry: Entry) -> Callable[[Path, Path], Path]:
+    """convert_pkl for an official pickle; for a plain safetensors, its converter with the entry's config."""
     import importlib
 
     try:
@@ -246,6 +247,8 @@ def _converter() -> Callable[[Path, Path], Path]:
         raise ArtifactError(
             "this my3dgen has no EG3D checkpoint converter (my3dgen_cli.eg3d.checkpoint)"
         ) from None
+    if entry.format == "safetensors":
+        return lambda src, dst: module.convert_safetensors(src, dst, config=entry.config)
     return module.convert_pkl
 
 
@@ -271,27 +274,27 @@ def resolve_base(
     """The converted `.safetensors` of base generator `name` (config beside it, `.json`).
 
     Fetches the official `.pkl` if needed and converts it once with
-    `my3dgen_cli.eg3d.checkpoint.convert_pkl`; `keep_pkl=False` then deletes the `.pkl` blob.
+    `my3dgen_cli.eg3d.checkpoint.convert_pkl`; an entry with `format = "safetensors"` (official
+    tensor names, no config inside) is converted with `convert_safetensors` and the config its
+    entry names. `keep_pkl=False` then deletes the downloaded blob.
     Raises as `ensure`, plus ArtifactError for an entry that is not a base generator.
     """
     entry = get_entry(name, registry)
     if entry.kind != "base-generator":
         raise ArtifactError(f"{name} is a {entry.kind}, not a base generator")
-    if entry.format == "safetensors":
-        return ensure(name, offline=offline, registry=registry, progress=progress, on_wait=on_wait)
     done = converted(name, entry)
     if done is None:
         src = ensure(name, offline=offline, registry=registry, progress=progress, on_wait=on_wait)
         with _locked(name, on_wait):
-            done = converted(name, entry) or _convert(name, src)
+            done = converted(name, entry) or _convert(name, src, entry)
     if not keep_pkl:
         _drop_pkl(name)
     return done
 
 
-def _convert(name: str, src: Path) -> Path:
+def _convert(name: str, src: Path, entry: Entry) -> Path:
     """Convert blob `src` into converted/<sha256>/ via a temp folder renamed at the end (lock held)."""
-    convert_pkl = _converter()
+    convert = _converter(entry)
     ref = read_ref(name)
     if ref is None:
         raise ArtifactError(f"{name}: its cache entry vanished during conversion; fetch again")
@@ -301,7 +304,7 @@ def _convert(name: str, src: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        convert_pkl(src, tmp / CONVERTED_NAME)
+        convert(src, tmp / CONVERTED_NAME)
         for needed in (tmp / CONVERTED_NAME, tmp / "generator.json"):
             if not needed.is_file():
                 raise ArtifactError(f"{name}: the converter did not write {needed.name}")

@@ -125,7 +125,9 @@ def fetch(
     ] = False,
     keep_pkl: Annotated[
         bool,
-        typer.Option("--keep-pkl/--drop-pkl", help="Keep a base generator's official .pkl after conversion."),
+        typer.Option(
+            "--keep-pkl/--drop-pkl", help="Keep a base generator's downloaded .pkl or .safetensors after conversion."
+        ),
     ] = True,
     registry: RegistryOpt = None,
     json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")] = False,
@@ -147,7 +149,7 @@ def fetch(
     results = []
     for name in names:
         entry = zoo.get_entry(name, registry)
-        convert = entry.kind == "base-generator" and entry.format == "eg3d-pkl"
+        convert = entry.kind == "base-generator"  # .pkl or plain .safetensors -> converted pair
         row: dict[str, Any] = {"name": name, "kind": entry.kind}
         with download_progress(output, name) as hook:
             if from_ is not None:

@@ -18,6 +18,9 @@ Converted format (what the cache keeps, see docs/checkpoints.md)::
                          eg3d_parity/config.json, so `build_generator(config)` takes it as is;
                          "fingerprint" is the weights' hash for adapters (see fingerprint.py)
 
+A base published as a plain `.safetensors` (official names, no config) is converted the same way
+with the named config its zoo entry gives (`convert_safetensors`).
+
 The two files are written atomically one after the other and carry the same `conversion_id`, so a
 weights file is never paired with the config of another conversion.
 """
@@ -39,6 +42,7 @@ from safetensors.torch import save_file
 from my3dgen_cli.eg3d.fingerprint import KEY as FINGERPRINT_KEY
 from my3dgen_cli.eg3d.fingerprint import record as fingerprint_record
 from my3dgen_cli.eg3d.fingerprint import state_fingerprint, weights_stamp
+from my3dgen_cli.eg3d.instantiate import assign_state, skeleton
 from my3dgen_cli.eg3d.safe_unpickle import EasyDictRecord, ForeignObject, PersistentObject, safe_load
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
 from my3dgen_cli.fileio import write_atomic, write_text_atomic
@@ -212,13 +216,9 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def expected_shapes(config: str | dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Official names -> shapes of the generator `build_generator(config)` builds (on the meta
-    device: no memory, no init cost)."""
-    from my3dgen_cli.eg3d import build_generator  # lazy: the generator package imports this module
-
-    with torch.device("meta"):
-        generator = build_generator(config)
-    return {name: tuple(t.shape) for name, t in generator.state_dict().items()}
+    """Official names -> shapes of the generator `build_generator(config)` builds (without its
+    random init: no cost)."""
+    return {name: tuple(t.shape) for name, t in skeleton(config).state_dict().items()}
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
@@ -355,21 +355,21 @@ def load_generator(path: str | Path, device: torch.device | str | None = None) -
     path: a converted `.safetensors` (its `.json` beside it) or an official `.pkl` (read with the
     safe reader, `G_ema`; nothing is written). Weights are cast to the generator's dtype (fp16
     storage loads into fp32 parameters). device: where to move the generator (None: CPU).
+    The generator is built without random initialisation and takes the file's tensors as its own
+    (`instantiate.py`); fp32 weights of a converted file stay memory-mapped (read on first use).
     """
-    from my3dgen_cli.eg3d import build_generator  # lazy: the generator package imports this module
-
     path = Path(path)
     if path.suffix == ".pkl":
         ckpt = read_official_pkl(path)
         state_dict, config = ckpt.state_dict, ckpt.config(source={"file": path.name, "network": "G_ema"})
     else:
         state_dict, config = load_converted(path)
-    generator = build_generator(config)
+    generator = skeleton(config)
     try:
         check_state_dict(state_dict, {name: tuple(t.shape) for name, t in generator.state_dict().items()})
     except UserInputError as err:
         raise UserInputError(f"{path}: {err}") from None
-    generator.load_state_dict(state_dict, strict=True)
+    generator = assign_state(generator, state_dict)
     if device is not None:
         generator = generator.to(device)
     return generator.eval()
@@ -389,11 +389,36 @@ def convert_pkl(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     ckpt = read_official_pkl(src)
     config = ckpt.config(source={"file": src.name, "sha256": sha256_file(src), "network": "G_ema"})
+    return _save_checked(ckpt.state_dict, config, src, dst)
+
+
+def convert_safetensors(src: str | Path, dst: str | Path, config: str) -> Path:
+    """A plain `.safetensors` of official-named tensors (a base published without a pickle) ->
+    converted `dst`, with the named EG3D `config` (the zoo entry's `config` field: a safetensors
+    file carries no init or rendering kwargs). Header metadata of `src` is ignored; dtypes kept."""
+    from my3dgen_cli.eg3d.configs import resolve_config
+
+    src, dst = Path(src), Path(dst)
     try:
-        check_state_dict(ckpt.state_dict, expected_shapes(config))
+        doc = resolve_config(config).to_dict()
+    except ValueError as err:
+        raise UserInputError(f"{src}: {err}") from None
+    try:
+        with safe_open(str(src), framework="pt", device="cpu") as f:
+            state_dict = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own SafetensorError for any malformed file
+        raise UserInputError(f"{src}: not a readable safetensors file ({type(err).__name__})") from None
+    doc["source"] = {"file": src.name, "sha256": sha256_file(src), "format": "safetensors", "config": config}
+    return _save_checked(state_dict, doc, src, dst)
+
+
+def _save_checked(state_dict: dict[str, torch.Tensor], config: dict[str, Any], src: Path, dst: Path) -> Path:
+    """save_converted after every name and shape fits `config` and every float is finite."""
+    try:
+        check_state_dict(state_dict, expected_shapes(config))
     except UserInputError as err:
         raise UserInputError(f"{src}: {err}") from None
-    for name, t in ckpt.state_dict.items():
+    for name, t in state_dict.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise UserInputError(f"{src}: {name} holds NaN or infinity; the file is damaged")
-    return save_converted(ckpt.state_dict, config, dst)
+    return save_converted(state_dict, config, dst)

@@ -10,11 +10,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
 
 from my3dgen_cli.eg3d import ops
+
+_RANDOM_INIT: ContextVar[bool] = ContextVar("random_init", default=True)
+
+
+@contextmanager
+def skip_random_init() -> Iterator[None]:
+    """Build layers with uninitialised weights instead of random ones (the caller loads a checkpoint).
+
+    Drawing the ~30 M normals of a full-size generator costs about half a second, all overwritten by
+    the loaded weights. Only `init_randn` tensors are skipped: everything else (zeros, filters,
+    non-persistent buffers) is computed as usual.
+    """
+    token = _RANDOM_INIT.set(False)
+    try:
+        yield
+    finally:
+        _RANDOM_INIT.reset(token)
+
+
+def init_randn(shape: list[int], divisor: float = 1.0) -> torch.Tensor:
+    """`torch.randn(shape) / divisor` (the official init), or `torch.empty(shape)` in `skip_random_init`."""
+    if not _RANDOM_INIT.get():
+        return torch.empty(shape)
+    x = torch.randn(shape)
+    return x / divisor if divisor != 1 else x  # x / 1 == x exactly: skip the pass
 
 
 def adapted_weight(layer: nn.Module) -> torch.Tensor:
@@ -41,7 +68,7 @@ class FullyConnectedLayer(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.activation = activation
-        self.weight = nn.Parameter(torch.randn([out_features, in_features]) / lr_multiplier)
+        self.weight = nn.Parameter(init_randn([out_features, in_features], lr_multiplier))
         self.bias = nn.Parameter(torch.full([out_features], float(bias_init))) if bias else None
         self.weight_gain = lr_multiplier / math.sqrt(in_features)
         self.bias_gain = lr_multiplier
@@ -134,9 +161,9 @@ class SynthesisLayer(nn.Module):
         self.in_channels, self.out_channels, self.w_dim = in_channels, out_channels, w_dim
         self.resolution, self.up, self.conv_clamp = resolution, up, conv_clamp
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
-        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        self.weight = nn.Parameter(init_randn([out_channels, in_channels, kernel_size, kernel_size]))
         self.register_buffer("resample_filter", ops.setup_filter([1, 3, 3, 1]))
-        self.register_buffer("noise_const", torch.randn([resolution, resolution]))
+        self.register_buffer("noise_const", init_randn([resolution, resolution]))
         self.noise_strength = nn.Parameter(torch.zeros([]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
         self.adapter: nn.Module | None = None
@@ -178,7 +205,7 @@ class ToRGBLayer(nn.Module):
         super().__init__()
         self.in_channels, self.out_channels, self.conv_clamp = in_channels, out_channels, conv_clamp
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
-        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, 1, 1]))
+        self.weight = nn.Parameter(init_randn([out_channels, in_channels, 1, 1]))
         self.bias = nn.Parameter(torch.zeros([out_channels]))
         self.weight_gain = 1 / math.sqrt(in_channels)
         self.adapter: nn.Module | None = None
@@ -214,7 +241,7 @@ class SynthesisBlock(nn.Module):
         self.resolution, self.img_channels, self.up = resolution, img_channels, up
         self.register_buffer("resample_filter", ops.setup_filter([1, 3, 3, 1]))
         if in_channels == 0:
-            self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
+            self.const = nn.Parameter(init_randn([out_channels, resolution, resolution]))
         else:
             self.conv0 = SynthesisLayer(
                 in_channels, out_channels, w_dim, resolution, up=2 if up else 1, conv_clamp=conv_clamp
