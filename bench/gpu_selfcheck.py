@@ -7,7 +7,7 @@ Checks, run in this order, each in its own process under its own time cap (a fai
 slow check does not stop the others; the whole run stays within --budget-s, default 540 s):
 
   parity       tiny and ffhq512-128 (random weights, seed 0): CUDA fp32 vs CPU fp32 (TF32 off, and
-               torch's default cuDNN TF32); bf16 and fp16 autocast vs CUDA fp32, against the stated limits
+               torch's default flags: cuDNN TF32 on); bf16 and fp16 autocast vs CUDA fp32, against stated limits
   render       seconds per view and peak memory: neural res 64/128, batch 1/8, fp32/bf16/fp16
   personalize  seconds per training step (fp32, bf16, fp16 + GradScaler, activation checkpointing),
                peak memory, projected minutes per identity for each --budget
@@ -26,6 +26,7 @@ the requested device is missing or an argument is wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -142,7 +143,7 @@ def spawn(name: str, cap: float, args: argparse.Namespace, work: Path) -> dict[s
     cmd += ["--compile-backend", args.compile_backend] if args.compile_backend else []
     from bench.selfcheck_core import child_env
 
-    env = child_env(PYTHONUNBUFFERED="1")
+    env = child_env(PYTHONUNBUFFERED="1", MY3DGEN_OFFLINE="1")  # the checks never need the network
     timed_out = False
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -150,7 +151,8 @@ def spawn(name: str, cap: float, args: argparse.Namespace, work: Path) -> dict[s
             rc = proc.wait(timeout=cap + GRACE_S)
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # the check's own group: its torchrun ranks, compile workers
+            with contextlib.suppress(ProcessLookupError):  # the check's own group: torchrun ranks, compile workers
+                os.killpg(proc.pid, signal.SIGKILL)
             rc = proc.wait()
     try:
         result = json.loads(result_path.read_text())

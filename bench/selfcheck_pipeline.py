@@ -9,6 +9,7 @@ since the crops come with cameras).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -77,7 +78,8 @@ def my3dgen(ctx: Ctx, args: list[str], torchrun: int = 0) -> tuple[subprocess.Co
     try:
         stdout, stderr = proc.communicate(timeout=max(5.0, ctx.left()))
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         return None, time.perf_counter() - t0
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), time.perf_counter() - t0
@@ -186,8 +188,8 @@ def check_cli(ctx: Ctx) -> None:
             ok = proc is not None and proc.returncode == 0
             data = json_of(proc) if ok else {}
             result = last_line(proc) if not ok else _what(name, data)
-            ctx.row("commands", {"command": "my3dgen " + " ".join(args[:1] + [a for a in args[1:] if a.startswith("--")
-                                                                               and a != "--json"]),
+            shown = [Path(a).name if os.sep in a else a for a in args if a != "--json"]  # temp paths: names only
+            ctx.row("commands", {"command": "my3dgen " + " ".join(shown),
                                  "exit": None if proc is None else proc.returncode, "seconds": round(seconds, 1),
                                  "result": result})
             ctx.expect_true(f"{name}: exit code 0", ok, result)

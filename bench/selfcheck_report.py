@@ -57,6 +57,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{fmt(c['summary'])} |")
     for i, c in enumerate(report["checks"], 1):
         lines += ["", f"## {i}. {c['name']}: {c['title']} ({STATUS_MARK.get(c['status'], c['status'])})", ""]
+        if c["summary"]:
+            lines += [f"{c['summary']} ({c['seconds']:.0f} s, cap {c.get('cap_s', 'n/a')} s)", ""]
         if c.get("error"):
             lines += [f"error: `{c['error']}` (log: {c.get('log', 'n/a')})", ""]
         if c["expects"]:

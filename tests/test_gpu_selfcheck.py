@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,15 @@ def test_a_check_that_fails_or_crashes_is_reported_and_the_others_still_run(tmp_
     seen.clear()
     assert gpu_selfcheck.main(["--device", "cpu", "--quick", "--checks", "parity,cli", "--budget-s", "30"]) == 1
     assert seen == [] and "| 2 | cli | NOT RUN |" in capsys.readouterr().out
+
+
+def test_a_check_past_its_cap_is_killed_and_reported_as_timeout(tmp_path, monkeypatch):
+    from bench import gpu_selfcheck
+
+    monkeypatch.setattr(gpu_selfcheck, "GRACE_S", 0)
+    args = gpu_selfcheck.parse_args(["--device", "cpu", "--quick"])
+    start = time.monotonic()
+    result = gpu_selfcheck.spawn("render", 1.0, args, tmp_path)  # 1 s: killed while still importing torch
+    assert time.monotonic() - start < 10
+    assert result["status"] == "timeout" and "killed at its 1 s cap" in result["summary"]
+    assert Path(result["log"]).is_file()
