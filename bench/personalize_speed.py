@@ -38,8 +38,13 @@ def photos_of(G, n: int = 10):
     return out["image"], out["image_raw"][:, :3], cams, w.expand(n, -1, -1)
 
 
-def time_steps(G, data, steps: int, sync, **options) -> float:
-    """Best seconds per step over `steps` steps (after a warm-up step)."""
+def time_steps(G, data, steps: int, sync, *, lpips=None, sym_distance=None, records: list | None = None,
+               **options) -> float:
+    """Best seconds per step over `steps` steps (after a warm-up step).
+
+    lpips / sym_distance: the loss networks (default: pixel losses, symmetry by MSE); records, when
+    given, collects each step's logged losses (bench/gpu_selfcheck.py compares them across variants).
+    """
     images, raws, cams, ws = data
     times: list[float] = []
     last = [time.perf_counter()]
@@ -50,19 +55,23 @@ def time_steps(G, data, steps: int, sync, **options) -> float:
         if step > 1:
             times.append(now - last[0])
         last[0] = now
+        if records is not None:
+            records.append(dict(record))
 
     config = PersonalizeConfig(steps=steps + 1, batch=2, sym=True, sym_loss="lpips", checkpoint_every=0, **options)
-    train_adapter(copy.deepcopy(G), images, cams, ws, config, raw_images=raws, on_step=on_step)
+    train_adapter(copy.deepcopy(G), images, cams, ws, config, raw_images=raws, on_step=on_step, lpips=lpips,
+                  sym_distance=sym_distance)
     return min(times)
 
 
-def time_anchor_step(G, data, sync) -> float:
+def time_anchor_step(G, data, sync, lpips=None) -> float:
+    """Seconds per anchor projection step (one chunk of 4 photos; lpips: the LPIPS-VGG loss or None)."""
     from my3dgen_cli.anchors import project_to_w
 
     images, _, cams, _ = data
     sync()
     t0 = time.perf_counter()
-    project_to_w(G, images[:4], cams[:4], 2)
+    project_to_w(G, images[:4], cams[:4], 2, lpips=lpips)
     sync()
     return (time.perf_counter() - t0) / 2
 
