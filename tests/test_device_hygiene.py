@@ -267,7 +267,25 @@ def gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
 
-    return set_gpus
+    # pick_device("cuda") turns TF32 off process-wide: restore torch's flags after the test.
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield set_gpus
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def test_cuda_means_exact_fp32_unless_tf32_is_asked_for(gpus, monkeypatch):
+    """Parity with the published model on a GPU needs fp32 convolutions, not cuDNN's default TF32."""
+    gpus(1)
+    monkeypatch.delenv("MY3DGEN_TF32", raising=False)
+    torch.backends.cudnn.allow_tf32 = True
+    pick_device("cpu")
+    assert torch.backends.cudnn.allow_tf32  # a CPU run leaves torch's flags alone
+    pick_device("auto")
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    monkeypatch.setenv("MY3DGEN_TF32", "1")
+    pick_device("cuda")
+    assert torch.backends.cudnn.allow_tf32
 
 
 def test_pick_device(gpus):
