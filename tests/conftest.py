@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -26,3 +28,18 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not present beside the project")
     return SHARED
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The CI box has 2 shared cores: more threads only oversubscribe (and make timings noisy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread_offline(one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One thread and no network: training tests use the logged offline fallbacks (pixel losses)."""
+    monkeypatch.setenv("MY3DGEN_OFFLINE", "1")

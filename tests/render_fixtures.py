@@ -37,10 +37,13 @@ def tiny_base(monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
     return G
 
 
-@pytest.fixture
-def one_thread():
-    """Optimization tests on a shared 2-core box: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def assert_same_synthesis(G: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """G renders bit-identically to `reference`: two seeds, two views (an opened base vs its source)."""
+    from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
+
+    z = torch.randn(2, G.z_dim, generator=torch.Generator().manual_seed(0))
+    c = lookat_camera([-25.0, 10.0], 0.0)
+    with torch.no_grad():
+        ours = G.synthesis(G.mapping(z, frontal_camera(2)), c)["image"]
+        expected = reference.synthesis(reference.mapping(z, frontal_camera(2)), c)["image"]
+    assert torch.equal(ours, expected)

@@ -21,13 +21,7 @@ ARGS = ["--base", "tiny-test", "--steps", "3", "--anchor-steps", "3", "--batch",
         "--device", "cpu", "--checkpoint-every", "0", "--json"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("MY3DGEN_OFFLINE", "1")
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_offline")
 
 
 @pytest.fixture(scope="module")

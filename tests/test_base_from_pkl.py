@@ -13,8 +13,8 @@ from zoo_server import FileServer
 
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d import build_generator
-from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
 from my3dgen_cli.generators import open_generator
+from tests.render_fixtures import assert_same_synthesis
 
 
 def test_official_pkl_is_fetched_converted_and_renders_the_same(tmp_path: Path, monkeypatch) -> None:
@@ -39,9 +39,4 @@ def test_official_pkl_is_fetched_converted_and_renders_the_same(tmp_path: Path, 
     monkeypatch.setenv("MY3DGEN_OFFLINE", "1")  # converted once: no network needed from now on
     G, base, adapter = open_generator(base="tiny-base")
     assert adapter is None and base.path.suffix == ".safetensors"
-    z = torch.randn(2, G.z_dim, generator=torch.Generator().manual_seed(0))
-    c = lookat_camera([-25.0, 10.0], 0.0)
-    with torch.no_grad():
-        ours = G.synthesis(G.mapping(z, frontal_camera(2)), c)["image"]
-        expected = source.synthesis(source.mapping(z, frontal_camera(2)), c)["image"]
-    assert torch.equal(ours, expected)
+    assert_same_synthesis(G, source)

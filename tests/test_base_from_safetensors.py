@@ -14,8 +14,8 @@ from zoo_server import FileServer
 
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d import build_generator
-from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
 from my3dgen_cli.generators import open_generator
+from tests.render_fixtures import assert_same_synthesis
 
 
 def _registry(tmp_path: Path, url: str, body: bytes, config: str = "tiny") -> Path:
@@ -42,12 +42,7 @@ def test_safetensors_base_is_fetched_and_renders_the_same(tmp_path: Path, monkey
     monkeypatch.setenv("MY3DGEN_OFFLINE", "1")  # fetched once: no network needed from now on
     G, base, adapter = open_generator(base="tiny-st")
     assert adapter is None and base.path.suffix == ".safetensors" and base.name == "tiny-st"
-    z = torch.randn(2, G.z_dim, generator=torch.Generator().manual_seed(0))
-    c = lookat_camera([-25.0, 10.0], 0.0)
-    with torch.no_grad():
-        ours = G.synthesis(G.mapping(z, frontal_camera(2)), c)["image"]
-        expected = source.synthesis(source.mapping(z, frontal_camera(2)), c)["image"]
-    assert torch.equal(ours, expected)
+    assert_same_synthesis(G, source)
     out = tmp_path / "view.png"
     rendered = CliRunner().invoke(app, ["render", "--base", "tiny-st", "--seed", "1", "-o", str(out)])
     assert rendered.exit_code == 0, rendered.output

@@ -30,12 +30,7 @@ META = torch.device("meta")
 FP16_IMAGE_ATOL, FP16_IMAGE_MEAN_ATOL, FP16_DEPTH_ATOL = 0.02, 0.003, 0.005
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(adapter: bool = True, device: torch.device | str = META) -> torch.nn.Module:

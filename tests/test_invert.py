@@ -17,7 +17,7 @@ from my3dgen_cli.eg3d.camera import camera_angles, lookat_camera
 from my3dgen_cli.identity import load_latent, save_latent
 from my3dgen_cli.invert import InvertConfig, invert_image, psnr, rotate_camera, start_latent
 from my3dgen_cli.render import latent_from_seed
-from tests.render_fixtures import one_thread, tiny_base, tiny_generator  # noqa: F401
+from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU tests on a shared box

@@ -23,14 +23,7 @@ from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, tiny_base,
 HELD_OUT_YAWS = [-75.0, -55.0, 55.0, 75.0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    """The CI box has 2 shared cores: more threads only oversubscribe (and make timings noisy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("MY3DGEN_OFFLINE", "1")
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_offline")
 
 
 def _base(seed: int = 0):

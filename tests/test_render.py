@@ -17,7 +17,7 @@ from my3dgen_cli.eg3d.camera import lookat_camera
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.mesh import density_grid, marching_cubes
 from my3dgen_cli.render import latent_from_seed, parse_angles, render_views
-from tests.render_fixtures import one_thread, tiny_base, tiny_generator  # noqa: F401
+from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")  # small CPU tests on a shared box

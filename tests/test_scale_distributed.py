@@ -33,14 +33,10 @@ ATOL = 2e-5
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("MY3DGEN_OFFLINE", "1")
+def _single_process(one_thread_offline: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No torchrun variables leak in from the environment: the in-process runs are one process."""
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MY3DGEN_TEST_FAIL"):
         monkeypatch.delenv(var, raising=False)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
