@@ -6,14 +6,17 @@ layers on the fused path), and it survives torch.compile, the device audit and t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from my3dgen_cli.eg3d import ops
 from my3dgen_cli.eg3d.layers import SynthesisLayer, ToRGBLayer
 from my3dgen_cli.render import render_views
 from my3dgen_cli.speed import compiled, use_channels_last
 from tests.device_checks import DeviceAudit, fake_cuda
+from tests.render_fixtures import tiny_base  # noqa: F401
 from tests.test_device_hygiene import META, _inputs, _tiny
 
 NHWC = torch.channels_last
@@ -190,3 +193,24 @@ def test_channels_last_mixes_no_devices_and_never_syncs():
                 G.train(training)
                 out = G.synthesis(ws, cams, channels_last=True)
                 assert out["image"].device == device
+
+
+def test_cli_render_channels_last_runs_nhwc_and_writes_the_same_image(tmp_path, request):
+    from typer.testing import CliRunner
+
+    from my3dgen_cli.cli import app
+
+    seen, handles = _conv_inputs(request.getfixturevalue("tiny_base"))  # the generator `render` opens
+    images = {}
+    for flag in ("--no-channels-last", "--channels-last"):
+        seen.clear()
+        r = CliRunner().invoke(app, ["render", "--seed", "3", "--yaw", "20", flag,
+                               "-o", str(tmp_path / f"{flag}.png")])
+        assert r.exit_code == 0, r.output
+        sr = [x for name, x in seen if name.startswith("superresolution") and name != "superresolution.block0.conv0"]
+        on = flag == "--channels-last"
+        assert sr and all(x.reshape(1, -1, *x.shape[2:]).is_contiguous(memory_format=NHWC) == on for x in sr)
+        images[flag] = np.asarray(Image.open(tmp_path / f"{flag}.png"), dtype=np.int16)
+    for h in handles:
+        h.remove()
+    assert np.abs(images["--channels-last"] - images["--no-channels-last"]).max() <= 1  # uint8 rounding at most

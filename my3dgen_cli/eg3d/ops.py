@@ -51,7 +51,7 @@ def bias_act(
     return x
 
 
-def memory_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def nhwc(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """x [N, C, H, W] in channels_last (NHWC) memory when asked, else as it is; no copy if it already is.
 
     Only the strides change, never the values or the shape, so every op gives the same numbers up to
@@ -96,7 +96,7 @@ def upfirdn2d(
     x = x[:, :, max(-py0, 0) : x.shape[2] - max(-py1, 0), max(-px0, 0) : x.shape[3] - max(-px1, 0)]
     kernel = (f * (gain ** (f.ndim / 2))).to(x.dtype).flip([0, 1])
     kernel = kernel[None, None].repeat(int(c), 1, 1, 1)  # int: a static channel count keeps ONNX's Conv typed
-    return F.conv2d(memory_format(x, channels_last), memory_format(kernel, channels_last), groups=c)
+    return F.conv2d(nhwc(x, channels_last), nhwc(kernel, channels_last), groups=c)
 
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
@@ -120,7 +120,7 @@ def conv2d_up2(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor, groups: int = 
         wt = w.reshape(groups, out_channels // groups, in_per_group, kh, kw).transpose(1, 2)
         wt = wt.reshape(groups * in_per_group, out_channels // groups, kh, kw)
     # NHWC of the transposed weight [I, O, k, k] (its own layout, not w's: conv_transpose reads it as is)
-    x = F.conv_transpose2d(memory_format(x, channels_last), memory_format(wt, channels_last), stride=2,
+    x = F.conv_transpose2d(nhwc(x, channels_last), nhwc(wt, channels_last), stride=2,
                            groups=groups)
     fw = f.shape[-1]
     p0 = 1 + (fw + 1) // 2 - (kw - 1)  # padding 1, adjusted as in conv2d_resample
@@ -135,7 +135,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, up: int, f: torch.Tensor | None, gr
         if f is None:
             raise ValueError("conv2d: up=2 needs a resample filter")
         return conv2d_up2(x, w, f, groups=groups, channels_last=channels_last)
-    return F.conv2d(memory_format(x, channels_last), memory_format(w, channels_last), padding=w.shape[-1] // 2,
+    return F.conv2d(nhwc(x, channels_last), nhwc(w, channels_last), padding=w.shape[-1] // 2,
                     groups=groups)
 
 
