@@ -68,7 +68,8 @@ def use_channels_last(requested: bool | None, device: torch.device, amp: str | b
     Half-precision tensor-core convolutions (cuDNN) are NHWC kernels: fed NCHW they transpose around
     each call, which NHWC activations and weights avoid (the official EG3D offers this for its fp16
     blocks as `fp16_channels_last`, off by default there). In fp32, and on CPUs, NCHW kernels are as
-    good or better (docs/benchmarks.md: measured slower on a CPU), so the default is off there.
+    good or better (docs/benchmarks.md: 23 % slower per view on a CPU at batch 1), so the default
+    is off there.
     """
     if requested is not None:
         return bool(requested)
