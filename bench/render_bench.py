@@ -2,10 +2,13 @@
 
     python bench/render_bench.py [--official PATH/TO/NVlabs/eg3d/eg3d] [--device cpu] [--repeats 3]
     python bench/render_bench.py --batches 1,8 --amp bf16 [--compile] --official ...   # + our fast path
+    python bench/render_bench.py --batches 1,4 --channels-last                          # NHWC vs NCHW
+    python bench/render_bench.py --device cuda --amp fp16 --channels-last   # + fp16 in NCHW, alternating
 
 Times are per view (a batch's time / its size), for each neural rendering resolution and batch.
-With --amp or --compile a third column times our fast path (speed.autocast / speed.compiled)
-and its largest pixel difference from our fp32 output is printed beside it.
+With --amp, --compile or --channels-last a third column times our fast path (speed.autocast /
+speed.compiled / NHWC convolutions), alternating with the reference run by run, and its largest
+pixel difference from our fp32 output is printed beside it.
 
 The official implementation is optional: point --official (or $EG3D_OFFICIAL) at the `eg3d/`
 folder of a checkout of NVlabs/eg3d and it is imported from there, given the same random weights,
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--resolutions", default="64,128", help="neural rendering resolutions")
     parser.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd synthesis")
+    parser.add_argument("--channels-last", action="store_true", help="the fast path runs its convs in NHWC")
     parser.add_argument("--config", default="ffhq512-128")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = parser.parse_args()
@@ -80,15 +84,18 @@ def main() -> None:
         theirs = official_generator(args.official, config).to(device)
         theirs.load_state_dict(ours.state_dict(), strict=True)
     batches = [args.batch] if args.batch else [int(b) for b in args.batches.split(",")]
-    fast = args.amp != "off" or args.compile
+    fast = args.amp != "off" or args.compile or args.channels_last
+    fast_nchw = args.amp != "off" or args.compile  # with --channels-last: also time these without it
     synth_fast = compiled(ours.synthesis) if args.compile else ours.synthesis
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    tag = "+".join(([args.amp] if args.amp != "off" else []) + (["compile"] if args.compile else []))
+    tag = "+".join(([args.amp] if args.amp != "off" else []) + (["compile"] if args.compile else [])
+                   + (["channels_last"] if args.channels_last else []))
     print(f"device {device}, config {args.config}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"fast path: {tag or 'none'}; seconds per view (best of {args.repeats})")
     print(f"| neural res | batch | ours fp32 | {'ours ' + tag if fast else 'ours fast'} | official | "
-          "official/ours | official/fast | fast max abs diff |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "official/ours | official/fast | fast max abs diff |" + (" fast in NCHW |" if fast_nchw and
+                                                                   args.channels_last else ""))
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if fast_nchw and args.channels_last else ""))
     for n in batches:
         z = torch.randn(n, ours.z_dim, generator=torch.Generator().manual_seed(1)).to(device)
         c_cond, c = frontal_camera(n).to(device), lookat_camera([20.0] * n, 5.0).to(device)
@@ -97,10 +104,12 @@ def main() -> None:
                 ws = ours.mapping(z, c_cond)
                 runs = {"ours": lambda ws=ws, nrr=nrr, c=c: ours.synthesis(ws, c, neural_rendering_resolution=nrr)}
                 if fast:
-                    def run_fast(ws=ws, nrr=nrr, c=c):
+                    def run_fast(ws=ws, nrr=nrr, c=c, nhwc=args.channels_last):
                         with autocast(device, args.amp):
-                            return synth_fast(ws, c, neural_rendering_resolution=nrr)
+                            return synth_fast(ws, c, neural_rendering_resolution=nrr, channels_last=nhwc)
                     runs["fast"] = run_fast
+                    if args.channels_last and fast_nchw:  # the same fast path in NCHW: NHWC's own share
+                        runs["fast_nchw"] = lambda ws=ws, nrr=nrr, c=c: run_fast(ws, nrr, c, nhwc=False)
                 if theirs is not None:
                     runs["official"] = lambda ws=ws, nrr=nrr, c=c: theirs.synthesis(
                         ws, c, neural_rendering_resolution=nrr, noise_mode="const")
@@ -116,7 +125,8 @@ def main() -> None:
             t_off, t_fast = per.get("official"), per.get("fast")
             print(f"| {nrr} | {n} | {per['ours']:.3f} | {cell(t_fast)} | {cell(t_off)} | "
                   f"{cell(t_off / per['ours'] if t_off else None, '{:.2f}')} | "
-                  f"{cell(t_off / t_fast if t_off and t_fast else None, '{:.2f}')} | {cell(diff, '{:.2g}')} |")
+                  f"{cell(t_off / t_fast if t_off and t_fast else None, '{:.2f}')} | {cell(diff, '{:.2g}')} |"
+                  + (f" {cell(per['fast_nchw'])} |" if "fast_nchw" in per else ""))
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print(f"peak process RSS {peak_rss_mb():.0f} MiB (both models loaded when --official is given)")

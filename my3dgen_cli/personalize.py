@@ -62,6 +62,7 @@ class PersonalizeConfig:
     accum: int = 1  # micro-batches per step (same effective batch, less memory)
     act_checkpointing: bool = False  # recompute activations in backward (less memory, ~1/3 more time)
     compile: bool = False  # torch.compile the generator's synthesis
+    channels_last: bool | None = None  # NHWC convolutions; None = with autocast on CUDA (speed.use_channels_last)
 
     def __post_init__(self) -> None:
         from my3dgen_cli.anchors import SPACES
@@ -112,9 +113,10 @@ class PersonalizeConfig:
 
     def train_fingerprint(self) -> dict[str, Any]:
         """Settings a resumed run must share with the interrupted one (all but checkpoint_every and the
-        exact speed options: activation checkpointing and compile change no number that matters)."""
+        exact speed options: activation checkpointing, compile and channels_last change no number that
+        matters)."""
         d = self.to_dict()
-        for key in ("checkpoint_every", "act_checkpointing", "compile"):
+        for key in ("checkpoint_every", "act_checkpointing", "compile", "channels_last"):
             d.pop(key)
         return d
 

@@ -80,14 +80,16 @@ class Views:
 @torch.no_grad()
 def render_views(G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, batch: int = 8,
                  planes: torch.Tensor | None = None, on_batch=None, *, amp: str | bool = "off",
-                 compile: bool = False) -> Views:
+                 compile: bool = False, channels_last: bool | None = None) -> Views:
     """Render one latent ws [1, num_ws, w_dim] from cameras [N, 25], `batch` views per pass.
 
     amp: "off" (exact fp32), "bf16" or "fp16" (CUDA) autocast (speed.autocast); compile: run a
     torch.compile'd synthesis (built once per generator; pays off from a few dozen views). Outputs
-    stay on the device until the end (one copy to the host, no sync per batch).
+    stay on the device until the end (one copy to the host, no sync per batch). channels_last: NHWC
+    convolutions (same values up to float order); None = on with autocast on CUDA
+    (speed.use_channels_last).
     """
-    from my3dgen_cli.speed import autocast, compiled_synthesis
+    from my3dgen_cli.speed import autocast, compiled_synthesis, use_channels_last
 
     check_label(cameras)
     if ws.ndim != 3 or ws.shape[0] != 1:
@@ -96,15 +98,16 @@ def render_views(G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, batch: i
         raise UserInputError(f"--batch: got {batch}, expected 1 or more")
     cameras = cameras.to(ws.device)
     synth = compiled_synthesis(G) if compile else G.synthesis
+    nhwc = use_channels_last(channels_last, ws.device, amp)
     images, depths = [], []
     with autocast(ws.device, amp):
         if planes is None:
-            planes = G.planes(ws, noise_mode="const")
+            planes = G.planes(ws, noise_mode="const", channels_last=nhwc)
         for start in range(0, cameras.shape[0], batch):
             c = cameras[start:start + batch]
             n = c.shape[0]
             out = synth(ws.expand(n, -1, -1), c, noise_mode="const", sampling="deterministic",
-                        planes=planes.expand(n, -1, -1, -1, -1))
+                        planes=planes.expand(n, -1, -1, -1, -1), channels_last=nhwc)
             images.append(out["image"].float())
             depths.append(out["image_depth"].float())
             if on_batch is not None:

@@ -10,10 +10,13 @@ Exactness (tests/test_scale_speed.py measures each on the tiny config, CPU):
 - "off" / no compile / no checkpointing: the reference.
 - activation checkpointing: the same math re-run in backward; gradients equal to ~1e-6.
 - torch.compile: same ops, fused kernels; images equal to ~1e-5.
+- channels_last: NHWC memory for the backbone and superresolution convolutions; same values, float
+  order only (~1e-6). On by default with CUDA autocast (tensor-core kernels are NHWC), off otherwise.
 - bf16 autocast: 8-bit mantissa in convolutions and matmuls; images differ by a few 1e-2 in [-1, 1].
   fp16 on CUDA is the official superresolution's precision (EG3D runs its SR blocks in fp16); training
   pairs it with a GradScaler (training.py), since fp16 flushes the small gradients of a 512 px loss.
-All default off. Device and dtype come from the tensors; nothing here names a device.
+All default off (channels_last: see `use_channels_last`). Device and dtype come from the tensors;
+nothing here names a device.
 """
 
 from __future__ import annotations
@@ -57,6 +60,20 @@ def autocast(device: torch.device, amp: str | bool) -> contextlib.AbstractContex
     if mode == "fp16" and device.type != "cuda":
         raise UserInputError(f"amp: got 'fp16' on {device.type}, expected bf16 there (fp16 autocast is CUDA only)")
     return torch.autocast(device.type, dtype=_DTYPES[mode])
+
+
+def use_channels_last(requested: bool | None, device: torch.device, amp: str | bool) -> bool:
+    """Whether the convolutions run in NHWC memory: `requested`, or when None, on CUDA with autocast.
+
+    Half-precision tensor-core convolutions (cuDNN) are NHWC kernels: fed NCHW they transpose around
+    each call, which NHWC activations and weights avoid (the official EG3D offers this for its fp16
+    blocks as `fp16_channels_last`, off by default there). In fp32, and on CPUs, NCHW kernels are as
+    good or better (docs/benchmarks.md: 23 % slower per view on a CPU at batch 1), so the default
+    is off there.
+    """
+    if requested is not None:
+        return bool(requested)
+    return device.type == "cuda" and check_amp(amp) != "off"
 
 
 def compiled(fn: Callable, backend: str | None = None, fullgraph: bool = False) -> Callable:

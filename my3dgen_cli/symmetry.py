@@ -66,7 +66,8 @@ def choose_distance(kind: str, identity_net: nn.Module | None, lpips: nn.Module 
 
 
 def mirror_pair(
-    G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, neural_rendering_resolution: int | None = None
+    G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, neural_rendering_resolution: int | None = None,
+    channels_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(I, flip(I')): ws [N, num_ws, w_dim] rendered from cameras [N, 25] and from their mirrors.
 
@@ -75,7 +76,7 @@ def mirror_pair(
     n = ws.shape[0]
     both = G.synthesis(torch.cat([ws, ws]), torch.cat([cameras, mirror_camera(cameras)]),
                        neural_rendering_resolution=neural_rendering_resolution, noise_mode="const",
-                       sampling="deterministic")["image"]
+                       sampling="deterministic", channels_last=channels_last)["image"]
     return both[:n], both[n:].flip(-1)
 
 
@@ -86,8 +87,8 @@ def symmetry_cameras(n: int, max_yaw: float, generator: torch.Generator, pitch: 
 
 
 def symmetry_loss(
-    G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, distance: SymmetryDistance
+    G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, distance: SymmetryDistance, channels_last: bool = False
 ) -> torch.Tensor:
     """The mirror inconsistency of G for latents ws seen from cameras (differentiable in G and ws)."""
-    a, b = mirror_pair(G, ws, cameras.to(ws.device))
+    a, b = mirror_pair(G, ws, cameras.to(ws.device), channels_last=channels_last)
     return distance(a, b)

@@ -30,7 +30,7 @@ from my3dgen_cli.anchors import perceptual_distance, resize
 from my3dgen_cli.distributed import SINGLE, Dist, fault_hook, reduce_sum, shard, sum_gradients
 from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.fileio import atomic_path
-from my3dgen_cli.speed import activation_checkpointing, autocast, check_amp
+from my3dgen_cli.speed import activation_checkpointing, autocast, check_amp, use_channels_last
 from my3dgen_cli.symmetry import SymmetryDistance, mse_distance, symmetry_cameras, symmetry_loss
 
 CHECKPOINT_FORMAT = "my3dgen-train-checkpoint/1"
@@ -178,7 +178,8 @@ def train_adapter(
     [N, 3, r, r] (default: `images` downsampled, as the paper; synthetic tests pass the true raw renders).
 
     Speed (config fields, all optional): amp ("off"/"bf16"/"fp16" or a bool), accum (micro-batches
-    per step: same effective batch, less memory), act_checkpointing, compile. world: data-parallel
+    per step: same effective batch, less memory), act_checkpointing, compile, channels_last (None =
+    on with autocast on CUDA: speed.use_channels_last). world: data-parallel
     group (distributed.Dist): each rank trains its shard of every batch, the adapter gradients are
     summed over ranks (each shard's loss is weighted by its share of the batch, so the sum is the
     whole batch's gradient), the symmetry term runs on one rank per step (in turn), only rank 0
@@ -225,6 +226,7 @@ def train_adapter(
             rng.set_state(state["rng"])
             start, log = int(state["step"]), list(state["log"])
     accum = int(getattr(config, "accum", 1))
+    nhwc = use_channels_last(getattr(config, "channels_last", None), device, amp)
     synth = G.synthesis
     if getattr(config, "compile", False):
         from my3dgen_cli.speed import compiled
@@ -248,13 +250,14 @@ def train_adapter(
                         continue
                     share = chunk.numel() / idx.numel()  # of the whole (all ranks') batch
                     with autocast(device, amp):
-                        out = synth(anchors_ws[chunk], cameras[chunk], noise_mode="const", sampling="deterministic")
+                        out = synth(anchors_ws[chunk], cameras[chunk], noise_mode="const", sampling="deterministic",
+                                    channels_last=nhwc)
                     mse, perc = reconstruction_terms(out, photo[chunk], photo_raw[chunk], lpips)
                     scaler.scale((mse + perc) * share).backward()
                     totals += torch.stack([mse + perc, mse, perc, torch.zeros_like(mse)]).detach() * share
                 if sym_cams is not None and sym_rank == world.rank:
                     with autocast(device, amp):
-                        sym = symmetry_loss(G, anchors_ws[idx[:1]], sym_cams, distance).float()
+                        sym = symmetry_loss(G, anchors_ws[idx[:1]], sym_cams, distance, channels_last=nhwc).float()
                     scaler.scale(config.sym_weight * sym).backward()
                     totals += torch.stack([config.sym_weight * sym, sym.new_zeros(()), sym.new_zeros(()), sym]).detach()
                 sum_gradients(params, world)  # summed scaled gradients: every rank sees the same inf/nan

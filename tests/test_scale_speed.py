@@ -104,6 +104,25 @@ def test_gradient_accumulation_keeps_the_effective_batch(person):
     assert [r["loss"] for r in r1.log] == pytest.approx([r["loss"] for r in r2.log], rel=1e-5)
 
 
+def test_channels_last_training_equals_contiguous(person, monkeypatch):
+    """PersonalizeConfig(channels_last=True) trains in NHWC (unfused convs, symmetry term too) and
+    lands on the same adapter as contiguous, to Adam's float-order noise."""
+    from my3dgen_cli.eg3d import ops
+
+    layouts: list[bool] = []
+    real = ops.F.conv2d
+    monkeypatch.setattr(ops.F, "conv2d", lambda x, *a, **k: layouts.append(
+        x.shape[1] > 3 and x.is_contiguous(memory_format=torch.channels_last)) or real(x, *a, **k))
+    G1, r1 = _train(person)
+    assert not any(layouts)
+    layouts.clear()
+    G2, r2 = _train(person, channels_last=True)
+    assert sum(layouts) > len(layouts) // 2
+    for a, b in zip(adapter_layers(G1).values(), adapter_layers(G2).values(), strict=True):
+        assert torch.allclose(a.lora_B, b.lora_B, atol=ADAM_ATOL) and torch.allclose(a.lora_A, b.lora_A, atol=ADAM_ATOL)
+    assert [r["loss"] for r in r1.log] == pytest.approx([r["loss"] for r in r2.log], rel=1e-5)
+
+
 def test_bf16_training_tracks_fp32(person):
     _, r32 = _train(person)
     _, r16 = _train(person, amp="bf16")

@@ -52,6 +52,9 @@ def personalize_cmd(
                         ] = False,
     act_checkpointing: Annotated[bool, typer.Option("--checkpoint-activations", help="Recompute activations in "
                                                     "backward: less memory, about 1/3 more time.")] = False,
+    channels_last: Annotated[bool | None, typer.Option(
+        "--channels-last/--no-channels-last", help="NHWC memory for the convolutions (same result up to float "
+        "order; default: on with --amp on CUDA).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0 = only on Ctrl-C).")] = 100,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
@@ -97,7 +100,8 @@ def personalize_cmd(
                                anchor_steps=preset_anchor_steps if anchor_steps is None else anchor_steps,
                                mirror=mirror, include_mapping=include_mapping, include_decoder=include_decoder,
                                seed=seed, checkpoint_every=checkpoint_every, amp=amp_dtype if amp else False,
-                               accum=accum, act_checkpointing=act_checkpointing, compile=compile_)
+                               accum=accum, act_checkpointing=act_checkpointing, compile=compile_,
+                               channels_last=channels_last)
     offline = offline or paths.offline()
     if batch_file is not None:
         from my3dgen_cli.people import personalize_people, read_batch_file

@@ -53,6 +53,9 @@ def render(
                                                    "superresolution's precision).")] = "off",
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the renderer (pays off for orbits).")
                         ] = False,
+    channels_last: Annotated[bool | None, typer.Option(
+        "--channels-last/--no-channels-last", help="NHWC memory for the convolutions (same images up to float "
+        "order; default: on with --amp on CUDA).", show_default=False)] = None,
 ) -> None:
     from my3dgen_cli import media
     from my3dgen_cli.commands._shared import anchor as get_anchor
@@ -123,13 +126,13 @@ def render(
     with output.progress() as bar:
         task = bar.add_task("rendering", total=len(sources) * (n_views + (orbit or 0)), status="")
         for (name, ws, cam), pairs in zip(sources, views_plan, strict=True):
-            planes = G.planes(ws, noise_mode="const")
+            planes = G.planes(ws, noise_mode="const", channels_last=bool(channels_last))  # fp32: NHWC only if asked
             if own_camera:
                 cams = cam
             else:
                 cams, _ = cameras_for(yaws, pitches)
             views = render_views(G, ws, cams, batch, planes=planes, on_batch=lambda n: bar.advance(task, n),
-                                 amp=amp, compile=compile_)
+                                 amp=amp, compile=compile_, channels_last=channels_last)
             entry = {"source": name, "views": []}
             for k, (tag, _) in enumerate(pairs):
                 img = media.to_uint8(views.images[k])
@@ -151,7 +154,7 @@ def render(
                 angles = orbit_angles(orbit)
                 ocams = lookat_camera([a for a, _ in angles], [b for _, b in angles])
                 frames = render_views(G, ws, ocams, batch, planes=planes, on_batch=lambda n: bar.advance(task, n),
-                                      amp=amp, compile=compile_)
+                                      amp=amp, compile=compile_, channels_last=channels_last)
                 frames_u8 = [media.to_uint8(f) for f in frames.images]
                 mp4, gif = next(paths), next(paths)
                 media.write_mp4(mp4, frames_u8, fps)

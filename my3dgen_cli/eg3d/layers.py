@@ -178,8 +178,9 @@ class SynthesisLayer(nn.Module):
         noise_mode: str = "const",
         fused_modconv: bool = True,
         generator: torch.Generator | None = None,
+        channels_last: bool = False,
     ) -> torch.Tensor:
-        """x: [N, I, R/up, R/up], w: [N, w_dim] -> [N, O, R, R]."""
+        """x: [N, I, R/up, R/up], w: [N, w_dim] -> [N, O, R, R]; channels_last: convolve in NHWC."""
         in_res = self.resolution // self.up
         ops.check_shape("SynthesisLayer x", x, [None, self.in_channels, in_res, in_res])
         styles = self.affine(w)
@@ -193,7 +194,7 @@ class SynthesisLayer(nn.Module):
             raise ValueError(f"noise_mode: got {noise_mode!r}, expected 'const', 'random' or 'none'")
         x = ops.modulated_conv2d(
             x, self.effective_weight(), styles, noise=noise, up=self.up,
-            resample_filter=self.resample_filter, fused=fused_modconv,
+            resample_filter=self.resample_filter, fused=fused_modconv, channels_last=channels_last,
         )
         return ops.bias_act(x, self.bias.to(x.dtype), act="lrelu", clamp=self.conv_clamp)
 
@@ -213,9 +214,11 @@ class ToRGBLayer(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         return adapted_weight(self)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True,
+                channels_last: bool = False) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain
-        x = ops.modulated_conv2d(x, self.effective_weight(), styles, demodulate=False, fused=fused_modconv)
+        x = ops.modulated_conv2d(x, self.effective_weight(), styles, demodulate=False, fused=fused_modconv,
+                                 channels_last=channels_last)
         return ops.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
 
 
@@ -264,16 +267,24 @@ class SynthesisBlock(nn.Module):
         noise_mode: str = "const",
         fused_modconv: bool = True,
         generator: torch.Generator | None = None,
+        channels_last: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ws: [N, num_conv + 1, w_dim] (toRGB shares its w with the next block's conv0)."""
+        """ws: [N, num_conv + 1, w_dim] (toRGB shares its w with the next block's conv0).
+
+        channels_last: the convolutions run in NHWC memory (as the official fp16 blocks can, with
+        `fp16_channels_last`); x is returned in that layout, img always in NCHW (few channels: the
+        image skip path gains nothing from NHWC).
+        """
         ops.check_shape("SynthesisBlock ws", ws, [None, self.num_conv + self.num_torgb, self.w_dim])
         w_iter = iter(ws.unbind(dim=1))
         if self.in_channels == 0:
             x = self.const.to(ws.dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
         for layer in self.layers():
-            x = layer(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv, generator=generator)
+            x = layer(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv, generator=generator,
+                      channels_last=channels_last)
         if img is not None and self.up:
             img = ops.upsample2d(img, self.resample_filter)
-        y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
+        y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv, channels_last=channels_last)
+        y = y.to(torch.float32, memory_format=torch.contiguous_format)  # no-op unless autocast or NHWC
         img = img + y if img is not None else y
         return x, img

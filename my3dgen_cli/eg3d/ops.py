@@ -51,6 +51,18 @@ def bias_act(
     return x
 
 
+def nhwc(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """x [N, C, H, W] in channels_last (NHWC) memory when asked, else as it is; no copy if it already is.
+
+    Only the strides change, never the values or the shape, so every op gives the same numbers up to
+    the order of its float sums. Applied to the tensors a convolution reads (input and weight), which
+    is where NHWC pays: cuDNN's tensor-core kernels are NHWC, fed NCHW they transpose first.
+    """
+    if not channels_last:
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 def setup_filter(taps: list[float]) -> torch.Tensor:
     """The 2-D FIR filter EG3D registers as `resample_filter`: outer(taps, taps) / sum, float32."""
     f = torch.as_tensor(taps, dtype=torch.float32)
@@ -64,6 +76,7 @@ def upfirdn2d(
     up: int = 1,
     padding: tuple[int, int, int, int] = (0, 0, 0, 0),
     gain: float = 1.0,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """Reference upfirdn2d (no downsampling), in four steps per channel:
 
@@ -71,7 +84,7 @@ def upfirdn2d(
     2. pad by (x0, x1, y0, y1) zeros (negative = crop);
     3. convolve with the 2-D filter `f` (symmetric here, so no flip matters) times gain**(f.ndim/2);
     4. (downsampling is never used by the generator and is not implemented).
-    x: [N, C, H, W]; f: [fh, fw] float32.
+    x: [N, C, H, W]; f: [fh, fw] float32. channels_last: run the filter convolution in NHWC.
     """
     n, c, h, w = x.shape
     if up > 1:
@@ -83,7 +96,7 @@ def upfirdn2d(
     x = x[:, :, max(-py0, 0) : x.shape[2] - max(-py1, 0), max(-px0, 0) : x.shape[3] - max(-px1, 0)]
     kernel = (f * (gain ** (f.ndim / 2))).to(x.dtype).flip([0, 1])
     kernel = kernel[None, None].repeat(int(c), 1, 1, 1)  # int: a static channel count keeps ONNX's Conv typed
-    return F.conv2d(x, kernel, groups=c)
+    return F.conv2d(nhwc(x, channels_last), nhwc(kernel, channels_last), groups=c)
 
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
@@ -93,7 +106,8 @@ def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
     return upfirdn2d(x, f, up=up, padding=(pad[0], pad[1], pad[0], pad[1]), gain=up * up)
 
 
-def conv2d_up2(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor, groups: int = 1) -> torch.Tensor:
+def conv2d_up2(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor, groups: int = 1,
+               channels_last: bool = False) -> torch.Tensor:
     """3x3 convolution at twice the resolution, as the official conv2d_resample(up=2, padding=1).
 
     = conv_transpose2d(stride 2) with the weight as given (correlation convention), then a blur
@@ -105,20 +119,24 @@ def conv2d_up2(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor, groups: int = 
     else:
         wt = w.reshape(groups, out_channels // groups, in_per_group, kh, kw).transpose(1, 2)
         wt = wt.reshape(groups * in_per_group, out_channels // groups, kh, kw)
-    x = F.conv_transpose2d(x, wt, stride=2, groups=groups)
+    # NHWC of the transposed weight [I, O, k, k] (its own layout, not w's: conv_transpose reads it as is)
+    x = F.conv_transpose2d(nhwc(x, channels_last), nhwc(wt, channels_last), stride=2,
+                           groups=groups)
     fw = f.shape[-1]
     p0 = 1 + (fw + 1) // 2 - (kw - 1)  # padding 1, adjusted as in conv2d_resample
     p1 = 1 + (fw - 2) // 2 - (kw - 2)
-    return upfirdn2d(x, f, padding=(p0, p1, p0, p1), gain=4.0)
+    return upfirdn2d(x, f, padding=(p0, p1, p0, p1), gain=4.0, channels_last=channels_last)
 
 
-def conv2d(x: torch.Tensor, w: torch.Tensor, up: int, f: torch.Tensor | None, groups: int = 1) -> torch.Tensor:
-    """Same-size correlation (padding k//2) or the 2x-upsampling conv."""
+def conv2d(x: torch.Tensor, w: torch.Tensor, up: int, f: torch.Tensor | None, groups: int = 1,
+           channels_last: bool = False) -> torch.Tensor:
+    """Same-size correlation (padding k//2) or the 2x-upsampling conv; channels_last: run it in NHWC."""
     if up == 2:
         if f is None:
             raise ValueError("conv2d: up=2 needs a resample filter")
-        return conv2d_up2(x, w, f, groups=groups)
-    return F.conv2d(x, w, padding=w.shape[-1] // 2, groups=groups)
+        return conv2d_up2(x, w, f, groups=groups, channels_last=channels_last)
+    return F.conv2d(nhwc(x, channels_last), nhwc(w, channels_last), padding=w.shape[-1] // 2,
+                    groups=groups)
 
 
 def modulated_conv2d(
@@ -130,6 +148,7 @@ def modulated_conv2d(
     resample_filter: torch.Tensor | None = None,
     demodulate: bool = True,
     fused: bool = True,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """StyleGAN2 modulated convolution.
 
@@ -140,6 +159,10 @@ def modulated_conv2d(
     Demodulation: d[n, o] = rsqrt(sum_{i,kh,kw} (weight * styles[n, i])^2 + 1e-8).
     fused=True runs one grouped convolution with per-sample weights; fused=False scales the
     activations before and after a shared convolution (exports to ONNX, better for large N).
+    channels_last: the convolution reads its input and weight in NHWC memory. Fused, that is NHWC of
+    the grouped image [1, N*I, H, W] (all samples' channels side by side at each pixel), whose
+    [N, I, H, W] view the next layer reshapes back without a copy; plain NHWC [N, H, W, I] would be
+    copied back to NCHW by that reshape at every layer. Same values either way, up to float order.
     """
     batch = x.shape[0]
     out_ch, in_ch, kh, kw = weight.shape
@@ -161,7 +184,7 @@ def modulated_conv2d(
 
     if not fused:
         x = x * styles.to(x.dtype).reshape(batch, -1, 1, 1)
-        x = conv2d(x, weight.to(x.dtype), up, resample_filter)
+        x = conv2d(x, weight.to(x.dtype), up, resample_filter, channels_last=channels_last)
         if dcoefs is not None:
             x = x * dcoefs.to(x.dtype).reshape(batch, -1, 1, 1)
         if noise is not None:
@@ -172,7 +195,7 @@ def modulated_conv2d(
         w = w * dcoefs.reshape(batch, -1, 1, 1, 1)
     x = x.reshape(1, -1, *x.shape[2:])  # [1, N*I, H, W]
     w = w.reshape(-1, in_ch, kh, kw)  # [N*O, I, k, k]
-    x = conv2d(x, w.to(x.dtype), up, resample_filter, groups=batch)
+    x = conv2d(x, w.to(x.dtype), up, resample_filter, groups=batch, channels_last=channels_last)
     x = x.reshape(batch, -1, *x.shape[2:])
     if noise is not None:
         x = x + noise

@@ -89,10 +89,11 @@ class TriPlaneGenerator(nn.Module):
         return self.backbone.mapping(z, c * c_scale, truncation_psi, truncation_cutoff)
 
     def planes(self, ws: torch.Tensor, noise_mode: str = "const", fused_modconv: bool | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """ws -> tri-planes [N, 3, C, R, R]."""
+               generator: torch.Generator | None = None, channels_last: bool = False) -> torch.Tensor:
+        """ws -> tri-planes [N, 3, C, R, R] (contiguous whatever `channels_last`)."""
         fused = (not self.training) if fused_modconv is None else fused_modconv
-        img = self.backbone.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator)
+        img = self.backbone.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator,
+                                      channels_last=channels_last)
         return img.reshape(-1, 3, img.shape[1] // 3, img.shape[-2], img.shape[-1])
 
     def synthesis(
@@ -105,11 +106,14 @@ class TriPlaneGenerator(nn.Module):
         fused_modconv: bool | None = None,
         generator: torch.Generator | None = None,
         planes: torch.Tensor | None = None,
+        channels_last: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Render ws from camera c.
 
         ws: [N, num_ws, w_dim]; c: [N, 25]. fused_modconv None = fused in eval, unfused in training
         (the official "inference_only"). `planes` skips the backbone (render many views of one face).
+        channels_last: backbone and superresolution convolutions run in NHWC memory (speed.py; same
+        values up to float order); the outputs are contiguous either way.
         Returns {"image": [N,3,img,img], "image_raw": [N,C,r,r] (first 3 = rgb),
         "image_depth": [N,1,r,r]} with r the neural rendering resolution.
         """
@@ -121,7 +125,8 @@ class TriPlaneGenerator(nn.Module):
         intrinsics = c[:, 16:25].reshape(-1, 3, 3)
         origins, directions = self.ray_sampler(cam2world, intrinsics, res)
         if planes is None:
-            planes = self.planes(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator)
+            planes = self.planes(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator,
+                                 channels_last=channels_last)
         features, depth, _ = self.renderer(planes, self.decoder, origins, directions, self.rendering_kwargs,
                                            sampling=sampling, generator=generator)
         feature_image = features.permute(0, 2, 1).reshape(-1, features.shape[-1], res, res).contiguous()
@@ -129,7 +134,7 @@ class TriPlaneGenerator(nn.Module):
         rgb_image = feature_image[:, :3]
         image = self.superresolution(
             rgb_image, feature_image, ws, noise_mode=self.rendering_kwargs["superresolution_noise_mode"],
-            fused_modconv=fused, generator=generator,
+            fused_modconv=fused, generator=generator, channels_last=channels_last,
         )
         return {"image": image, "image_raw": feature_image, "image_depth": depth_image}
 
