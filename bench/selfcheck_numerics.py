@@ -47,11 +47,12 @@ def latents(G: torch.nn.Module, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ws, lookat_camera(torch.linspace(-20.0, 25.0, n), 5.0).to(device)
 
 
-def synth(G, ws, cams, nrr: int | None = None, fn=None) -> dict[str, torch.Tensor]:
+def synth(G, ws, cams, nrr: int | None = None, fn=None, channels_last: bool = False) -> dict[str, torch.Tensor]:
     """Deterministic synthesis, outputs as fp32 (autocast may return half)."""
     fn = fn or G.synthesis
+    extra = {"channels_last": True} if channels_last else {}
     with torch.no_grad():
-        out = fn(ws, cams, neural_rendering_resolution=nrr, noise_mode="const", sampling="deterministic")
+        out = fn(ws, cams, neural_rendering_resolution=nrr, noise_mode="const", sampling="deterministic", **extra)
     return {"image": out["image"].float(), "raw": out["image_raw"][:, :3].float(), "depth": out["image_depth"].float()}
 
 
@@ -149,12 +150,13 @@ def check_compile(ctx: Ctx, backend: str | None = None) -> None:
 
 
 def check_render(ctx: Ctx) -> None:
-    """Seconds per view and peak memory at each neural resolution and batch, fp32 / bf16 / fp16, torch defaults."""
+    """Seconds per view and peak memory at each neural resolution and batch, fp32 / bf16 / fp16 (and fp16 in
+    NHWC, the CUDA default of --amp: `speed.use_channels_last`), torch defaults."""
     config = "tiny" if ctx.quick else FULL
     G = seeded_generator(config).to(ctx.device)
     nrr_full = int(G.neural_rendering_resolution)
     batches = (1, 2) if ctx.quick else (1, 8)
-    amps = ["off", "bf16"] + (["fp16"] if ctx.cuda else [])
+    amps = ["off", "bf16"] + (["fp16", "fp16+nhwc"] if ctx.cuda else [])
     repeats = 1 if ctx.quick else 3
     ctx.number("config", config)
     if ctx.cuda:
@@ -168,8 +170,9 @@ def check_render(ctx: Ctx) -> None:
                 continue
 
             def run(amp: str, ws=ws, cams=cams, nrr=nrr) -> dict:
-                with autocast(ctx.device, amp):
-                    return synth(G, ws, cams, nrr)
+                dtype, _, layout = amp.partition("+")
+                with autocast(ctx.device, dtype):
+                    return synth(G, ws, cams, nrr, channels_last=layout == "nhwc")
 
             runs = {amp: (lambda amp=amp: run(amp)) for amp in amps}
             best = interleaved(runs, repeats, ctx.sync)
