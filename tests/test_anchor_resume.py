@@ -48,7 +48,6 @@ class CountingProjector:
 
 @pytest.fixture
 def photos(person, tmp_path):
-    pytest.importorskip("my3dgen_cli.eg3d.checkpoint")
     from my3dgen_cli.generators import save_local_base
 
     save_local_base(fresh(person), "tiny-test")

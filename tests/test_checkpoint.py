@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from my3dgen_cli.eg3d import checkpoint
+from my3dgen_cli.eg3d import build_generator, checkpoint
 from my3dgen_cli.eg3d.checkpoint import (
     check_state_dict,
     convert_pkl,
@@ -254,12 +254,8 @@ def test_check_state_dict_names_first_problem(shared_dir: Path) -> None:
 # --- converted format ---------------------------------------------------------------------------
 
 
-def test_convert_pkl_writes_pair_atomically_and_loads_equal(
-    tmp_path: Path, parity, parity_pkl: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_convert_pkl_writes_pair_atomically_and_loads_equal(tmp_path: Path, parity, parity_pkl: Path) -> None:
     state_dict, config = parity
-    # Until build_generator lands, the shapes come from the parity weights themselves.
-    monkeypatch.setattr(checkpoint, "expected_shapes", lambda cfg: _shapes(state_dict))
     out_dir = tmp_path / "cache"
     dst = convert_pkl(parity_pkl, out_dir / "parity.safetensors")
 
@@ -324,24 +320,14 @@ def test_load_converted_refuses_mismatched_pair(tmp_path: Path) -> None:
         load_converted(a)
 
 
-# --- integration with the generator (needs build_generator on main) -----------------------------
-
-
-def _build_generator_or_skip():
-    try:
-        from my3dgen_cli.eg3d import build_generator
-    except ImportError:
-        pytest.skip("my3dgen_cli.eg3d.build_generator has not landed on this branch yet")
-    return build_generator
+# --- integration with the generator -------------------------------------------------------------
 
 
 def test_expected_shapes_match_official_key_list(shared_dir: Path) -> None:
-    _build_generator_or_skip()
     assert checkpoint.expected_shapes("ffhq512-128") == _key_file_shapes(shared_dir)
 
 
 def test_convert_parity_pkl_against_real_generator(tmp_path: Path, parity, parity_pkl: Path) -> None:
-    build_generator = _build_generator_or_skip()
     dst = convert_pkl(parity_pkl, tmp_path / "parity.safetensors")
     state_dict, config = load_converted(dst)
     generator = build_generator(config)
@@ -349,7 +335,6 @@ def test_convert_parity_pkl_against_real_generator(tmp_path: Path, parity, parit
 
 
 def test_load_generator_from_pkl_and_converted_agree(tmp_path: Path, parity, parity_pkl: Path) -> None:
-    _build_generator_or_skip()
     state_dict, _ = parity
     from_pkl = checkpoint.load_generator(parity_pkl)
     from_converted = checkpoint.load_generator(convert_pkl(parity_pkl, tmp_path / "p.safetensors"))

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skimage.data as skimage_data
 import torch
 from PIL import Image
 from typer.testing import CliRunner
-
-skimage_data = pytest.importorskip("skimage.data")
 
 from my3dgen_cli.cli import app  # noqa: E402
 from my3dgen_cli.eg3d.camera import lookat_camera  # noqa: E402

@@ -236,7 +236,6 @@ def test_cli_identities_lists_json(person):
 
 
 def test_cli_personalize_end_to_end(person, tmp_path):
-    pytest.importorskip("my3dgen_cli.eg3d.checkpoint")  # the converted-base loader (checkpoint branch)
     from PIL import Image
 
     from my3dgen_cli.generators import save_local_base
@@ -276,12 +275,7 @@ def test_rank1_adapter_on_ffhq512_is_small(tmp_path):
 
 def test_cli_personalize_real_photo_through_faces(person, tmp_path):
     """A real photo (scikit-image's public-domain astronaut) and its mirror: detection, crop, pose, anchors."""
-    pytest.importorskip("my3dgen_cli.eg3d.checkpoint")
-    import importlib.util
-
-    if importlib.util.find_spec("mtcnn") is None:  # the detector's weights ship in that wheel (not imported)
-        pytest.skip("the mtcnn wheel is not installed")
-    skdata = pytest.importorskip("skimage.data")
+    import skimage.data as skdata
     from PIL import Image
 
     from my3dgen_cli.eg3d.camera import camera_angles

@@ -47,7 +47,6 @@ def person():
 @pytest.fixture
 def setup(person, tmp_path):
     """A local base "tiny-test" in this test's MY3DGEN_HOME and 5 aligned photos with a dataset.json."""
-    pytest.importorskip("my3dgen_cli.eg3d.checkpoint")
     from my3dgen_cli.generators import save_local_base
 
     save_local_base(fresh(person), "tiny-test")
