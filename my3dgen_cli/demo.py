@@ -3,7 +3,7 @@
     result = run_demo(out_dir, fast=False)      # report at result.report
 
 Without `--base`, the base is the demo's tiny synthetic generator (demo_base.py: the tiny EG3D
-fitted to simple 3-D heads, built once and cached as the local base `demo-tiny`), and the
+fitted to simple 3-D heads, built once and cached as the local base `demo-tiny-v2`), and the
 training photos are renders of a hidden "person" (the base + a low-rank change) from 10 known
 cameras, with 2 more views held out. With `--base NAME --photos DIR` the same steps run on real
 weights and photos (the last photo is held out). Then the real pipeline runs:
@@ -90,7 +90,7 @@ def demo_base(fast: bool, out: Output) -> tuple[str, Path]:
     from my3dgen_cli.generators import local_bases_dir, open_base, save_local_base
     from my3dgen_cli.lora import save_adapter
 
-    name = "demo-tiny-fast" if fast else "demo-tiny"
+    name = db.base_name(fast)
     person = local_bases_dir() / f"{name}.person.safetensors"
     if (local_bases_dir() / f"{name}.safetensors").is_file() and person.is_file():
         return name, person

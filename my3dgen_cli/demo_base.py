@@ -32,6 +32,8 @@ from torch import nn
 
 from my3dgen_cli.eg3d.renderer import march, ray_bundle, sample_from_planes
 
+# The recipe's version is part of the cached base's name: a base built by an older recipe is not reused.
+RECIPE = 2
 SIGMA_INSIDE = 40.0  # raw sigma inside the head (density softplus(sigma - 1) per scene unit)
 SIGMA_OUTSIDE = -6.0
 EDGE = 0.012  # scene units over which density and colours change
@@ -146,10 +148,20 @@ def random_cameras(n: int, gen: torch.Generator, yaw: float = 70.0, pitch: float
     return lookat_camera(yaws, pitches)
 
 
-def _points(p: HeadParams, n_points: int, gen: torch.Generator) -> torch.Tensor:
-    """[N, M, 3]: a quarter anywhere rays go (also outside the tri-plane box), the rest near the surface."""
+def _points(p: HeadParams, n_points: int, gen: torch.Generator, ray_range: tuple[float, float]) -> torch.Tensor:
+    """[N, M, 3]: a quarter on camera rays within the renderer's depth range, the rest near the surface.
+
+    The empty-space points lie where rendered rays go (not in a box around the head): out there,
+    beyond the tri-plane box along one axis, a point still gets the head's features from the
+    other planes, and an unsupervised decoder gives it density that shows up as ghost heads at
+    the image edges.
+    """
     n, n_far = len(p), n_points // 4
-    far = (torch.rand(n, n_far, 3, generator=gen) - 0.5) * 1.6
+    cams = random_cameras(n, gen)
+    origins, dirs = ray_bundle(cams[:, :16].reshape(-1, 4, 4), cams[:, 16:].reshape(-1, 3, 3), 32)
+    ray = torch.randint(0, origins.shape[1], (n, n_far, 1), generator=gen).expand(-1, -1, 3)
+    depth = ray_range[0] + (ray_range[1] - ray_range[0]) * torch.rand(n, n_far, 1, generator=gen)
+    far = origins.gather(1, ray) + depth * dirs.gather(1, ray)
     direction = F.normalize(torch.randn(n, n_points - n_far, 3, generator=gen), dim=-1)
     surface = direction * p.axes[:, None, :] + 0.025 * torch.randn(direction.shape, generator=gen)
     return torch.cat([far, surface], dim=1)
@@ -157,14 +169,20 @@ def _points(p: HeadParams, n_points: int, gen: torch.Generator) -> torch.Tensor:
 
 def _field_loss(G: nn.Module, ws: torch.Tensor, p: HeadParams, gen: torch.Generator, n_points: int) -> torch.Tensor:
     """Density and colour of the decoder at random points vs the analytic field."""
-    pts = _points(p, n_points, gen)
+    options = G.rendering_kwargs
+    pts = _points(p, n_points, gen, (float(options["ray_start"]), float(options["ray_end"])))
     sigma_t, colour_t = head_field(pts, p)
     planes = G.planes(ws, noise_mode="const")
     out = G.decoder(sample_from_planes(planes, pts, float(G.rendering_kwargs["box_warp"])))
     weight = torch.sigmoid(sigma_t / 4)  # colour matters where there is matter
     colour_loss = ((out["rgb"][..., :3] - colour_t) ** 2 * (0.2 + weight)).mean()
-    sigma_loss = F.smooth_l1_loss(out["sigma"] / 10, sigma_t / 10)
-    return sigma_loss + 20 * colour_loss
+    # In raw sigma units (L1 beyond 10): weighted as a tenth of that, the density was drowned by the
+    # colour term and stayed flat for ~300 steps (a --fast base never got past it and was fog).
+    sigma_loss = F.smooth_l1_loss(out["sigma"], sigma_t, beta=10.0)
+    # Raw sigma -1 (density 0.3 per unit) is a small error above but visible fog in a render: in
+    # empty space also penalize the density itself, which fades once it no longer shows.
+    fog = (F.softplus(out["sigma"] - 1) * (sigma_t < 0)).mean()
+    return sigma_loss + 10 * fog + 20 * colour_loss
 
 
 def _sr_loss(G: nn.Module, ws: torch.Tensor, p: HeadParams, cams: torch.Tensor) -> torch.Tensor:
@@ -172,9 +190,13 @@ def _sr_loss(G: nn.Module, ws: torch.Tensor, p: HeadParams, cams: torch.Tensor) 
     with torch.no_grad():
         raw = G.synthesis(ws, cams, noise_mode="const", sampling="deterministic", fused_modconv=False)["image_raw"]
         target = render_heads(p, cams, G.img_resolution)
-        target_raw = F.interpolate(target, size=raw.shape[-2:], mode="area")
     image = G.superresolution(raw[:, :3], raw, ws, noise_mode="const", fused_modconv=False)
-    return F.mse_loss(image, target) + 0.1 * F.mse_loss(raw[:, :3], target_raw)
+    return F.mse_loss(image, target)
+
+
+def base_name(fast: bool) -> str:
+    """The local base name the demo caches this recipe under (`demo-tiny-v2`, `demo-tiny-v2-fast`)."""
+    return f"demo-tiny-v{RECIPE}" + ("-fast" if fast else "")
 
 
 @dataclass(frozen=True)
@@ -192,7 +214,7 @@ class FitConfig:
 
     @classmethod
     def fast(cls) -> FitConfig:
-        return cls(field_steps=200, sr_steps=30, batch=4, points=2048, person_field_steps=80, person_sr_steps=15)
+        return cls(field_steps=300, sr_steps=30, batch=4, points=2048, person_field_steps=80, person_sr_steps=15)
 
 
 def _train(params: list[torch.Tensor], steps: int, lr: float, loss_fn: Callable[[int], torch.Tensor],
@@ -234,6 +256,9 @@ def build_demo_base(seed: int = 0, config: FitConfig | None = None,
             ws = G.mapping(z, cond)
         return _sr_loss(G, ws, head_params(z), random_cameras(cfg.batch, gen))
 
+    with torch.no_grad():  # start from the upsampled neural render (the image skip), not random colour
+        for block in (G.superresolution.block0, G.superresolution.block1):
+            block.torgb.weight.zero_()
     _train(list(G.superresolution.parameters()), cfg.sr_steps, cfg.lr, sr_step, on_step, "superresolution")
     with torch.no_grad():  # truncation needs the mean w of this mapping network
         z = torch.randn(1000, G.z_dim, generator=gen)

@@ -2,7 +2,7 @@
 
 A base is named by
 - a path to a converted `.safetensors` (with its `.json` beside it) or an official `.pkl`;
-- a local base saved with `save_local_base` (e.g. the demo's `demo-tiny`), kept in
+- a local base saved with `save_local_base` (e.g. the demo's `demo-tiny-v2`), kept in
   `<cache>/bases/<name>.safetensors`;
 - a zoo name such as `eg3d-ffhq512-128` (fetched and converted on demand unless offline).
 An identity's adapter records its base's name and weight fingerprint, so `--identity ana` alone is

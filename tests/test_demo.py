@@ -69,6 +69,24 @@ def test_demo_personalized_beats_base_on_held_out_views(env):
     assert data["metrics"]["personalized_better"]["psnr"]
 
 
+def test_demo_base_background_stays_dark(env):
+    """Where the analytic heads show background, the fitted base renders near-black: no ghost heads
+    or fog at the image edges (the base's empty space was once dense where rays leave the tri-plane box)."""
+    from my3dgen_cli import demo_base as db
+    from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
+    from my3dgen_cli.generators import open_base
+
+    G, _ = open_base(db.base_name(fast=True))
+    z = torch.randn(4, G.z_dim, generator=torch.Generator().manual_seed(1))
+    cams = lookat_camera([-50.0, -20.0, 20.0, 50.0], [0.0] * 4)
+    with torch.no_grad():
+        image = G.synthesis(G.mapping(z, frontal_camera(4)), cams, noise_mode="const")["image"]
+    background = (db.render_heads(db.head_params(z), cams, G.img_resolution) < -0.98).all(1)
+    glow = ((image + 1) / 2).amax(1)[background]  # brightest channel, 0 = black
+    assert background.sum() > 1000
+    assert glow.mean() < 0.08, f"mean {glow.mean():.3f}, 95 % {glow.quantile(0.95):.3f}"
+
+
 def test_demo_export_is_onnx_or_says_why(env):
     data = json.loads(env[2].stdout)
     if "path" in data["export"]:
