@@ -237,19 +237,11 @@ def import_file(
 
 def _converter(entry: Entry) -> Callable[[Path, Path], Path]:
     """convert_pkl for an official pickle; for a plain safetensors, its converter with the entry's config."""
-    import importlib
+    from my3dgen_cli.eg3d import checkpoint  # lazy: torch loads only when a base is converted
 
-    try:
-        module = importlib.import_module("my3dgen_cli.eg3d.checkpoint")
-    except ModuleNotFoundError as err:
-        if err.name != "my3dgen_cli.eg3d.checkpoint":
-            raise
-        raise ArtifactError(
-            "this my3dgen has no EG3D checkpoint converter (my3dgen_cli.eg3d.checkpoint)"
-        ) from None
     if entry.format == "safetensors":
-        return lambda src, dst: module.convert_safetensors(src, dst, config=entry.config)
-    return module.convert_pkl
+        return lambda src, dst: checkpoint.convert_safetensors(src, dst, config=entry.config)
+    return checkpoint.convert_pkl
 
 
 def converted(name: str, entry: Entry | None = None) -> Path | None:

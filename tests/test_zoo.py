@@ -268,15 +268,15 @@ def test_mtcnn_weights_come_from_the_installed_wheel(name: str) -> None:
 def test_base_generator_is_converted_once(lab: FileServer, tmp_path, monkeypatch) -> None:
     calls: list[tuple[Path, Path]] = []
 
-    def convert_pkl(src: Path, dst: Path) -> Path:  # stands in for eg3d.checkpoint until integration
+    def convert_pkl(src: Path, dst: Path) -> Path:  # counts conversions (the real one: test_base_from_pkl.py)
         calls.append((src, dst))
         dst.write_bytes(b"safetensors:" + src.read_bytes()[:16])
         dst.with_suffix(".json").write_text("{}")
         return dst
 
-    monkeypatch.setitem(
-        sys.modules, "my3dgen_cli.eg3d.checkpoint", types.SimpleNamespace(convert_pkl=convert_pkl)
-    )
+    from my3dgen_cli.eg3d import checkpoint
+
+    monkeypatch.setattr(checkpoint, "convert_pkl", convert_pkl)
     text = (
         f'[[artifact]]\nname = "tiny-base"\nurl = "{lab.url("/w.bin")}"\nkind = "base-generator"\n'
         f'format = "eg3d-pkl"\nconfig = "tiny"\nlicense = "test"\n'
