@@ -1,7 +1,10 @@
 """Moving bytes into a partial file: HTTP(S) with resume, `package://` and `file://` sources.
 
 Nothing here touches the cache proper: callers (my3dgen_cli.zoo) hold the lock, pass the
-`.part` path, verify the sha256 and rename. Knobs, read at call time:
+`.part` path, verify the sha256 and rename. The caller's `check` looks at each URL's complete
+bytes before they count as downloaded, so a URL serving the wrong file falls back to the next.
+
+Knobs, read at call time:
 
     MY3DGEN_RETRIES   retries per URL after the first attempt (default 3), backoff 0.5 s doubling
     MY3DGEN_TIMEOUT   seconds to connect and between received bytes (default 30)
@@ -19,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from my3dgen_cli.errors import ArtifactError, DownloadError
+from my3dgen_cli.errors import ArtifactError, DownloadError, My3DGenError
 
 ProgressHook = Callable[[int, "int | None"], None]
 """Called as `progress(done_bytes, total_bytes_or_None)` while bytes arrive (done includes a resumed part)."""
@@ -196,14 +199,21 @@ def http_download(
     expected_size: int | None = None,
     progress: ProgressHook | None = None,
     on_attempt: Callable[[str], None] | None = None,
+    check: Callable[[str], None] | None = None,
 ) -> str:
     """Download the first URL that works into `part`, resuming and retrying; returns that URL.
+
+    check: called as `check(url)` once `part` holds a URL's complete bytes; a `My3DGenError` from it
+    (wrong sha256, not the expected kind of file) rejects those bytes: `part` is deleted and the
+    next URL is tried. A single URL whose bytes are rejected raises the rejection's type (message
+    prefixed with the URL).
 
     Raises DownloadError naming every URL tried and why each failed.
     """
     import requests
 
     failures: list[str] = []
+    rejected: list[My3DGenError] = []
     with requests.Session() as session:
         session.headers["User-Agent"] = "my3dgen"
         for url in urls:
@@ -213,7 +223,6 @@ def http_download(
                     on_attempt(url)
                 try:
                     _get_once(session, url, part, expected_size, progress)
-                    return url
                 except _Fatal as err:
                     failures.append(f"{url}: {err}")
                     break
@@ -222,4 +231,16 @@ def http_download(
                         failures.append(f"{url}: {err}")
                         break
                     time.sleep(min(BACKOFF_S * 2**attempt, 8.0))
+                    continue
+                try:
+                    if check:
+                        check(url)
+                except My3DGenError as err:
+                    part.unlink(missing_ok=True)
+                    failures.append(f"{url}: {err}")
+                    rejected.append(err)
+                    break
+                return url
+    if len(failures) == 1 and rejected:
+        raise type(rejected[0])(failures[0])
     raise DownloadError(f"could not download {name}: " + "; ".join(failures))

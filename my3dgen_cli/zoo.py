@@ -16,8 +16,8 @@ A blob is verified (sha256, or the registry's sha256 prefix) *before* it is rena
 
 Library API (other commands call these): `ensure(name) -> Path` (the verified file, fetched on
 demand), `resolve_base(name) -> Path` (a base generator's converted .safetensors),
-`import_file(name, src)`, `get_entry(name)`, `list_entries()`, `cached(name)`, `cache_list()`,
-`verify()`, `remove(name)`.
+`import_file(name, src)`, `import_local_base(name, src)`, `get_entry(name)`, `list_entries()`,
+`cached(name)`, `cache_list()`, `verify()`, `remove(name)`.
 """
 
 from __future__ import annotations
@@ -28,17 +28,26 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from my3dgen_cli import download, paths
 from my3dgen_cli.download import ProgressHook, sha256_file
-from my3dgen_cli.errors import ArtifactError, ChecksumError, OfflineError, UserInputError
+from my3dgen_cli.errors import (
+    ArtifactError,
+    ChecksumError,
+    DownloadError,
+    My3DGenError,
+    OfflineError,
+    UnsafeCheckpointError,
+    UserInputError,
+)
 from my3dgen_cli.fileio import write_text_atomic
-from my3dgen_cli.zoo_registry import Entry, forget_hash, get_entry, list_entries, record_hash
+from my3dgen_cli.zoo_registry import NAME_RE, Entry, forget_hash, get_entry, list_entries, load_registry, record_hash
 
 __all__ = [
-    "Entry", "ensure", "resolve_base", "import_file", "get_entry", "list_entries", "cached",
+    "Entry", "ensure", "resolve_base", "import_file", "import_local_base", "get_entry", "list_entries", "cached",
     "cache_list", "verify", "remove", "is_offline",
 ]  # fmt: skip
 
@@ -125,45 +134,134 @@ def _offline_error(entry: Entry) -> OfflineError:
     )
 
 
-def _commit(entry: Entry, part: Path, source: str) -> Path:
-    """Verify `part` against the registry, move it into blobs/ and write the ref (lock held)."""
+@dataclass
+class _Staged:
+    """Bytes in `partial/` that passed every check, not yet in the cache (see `_stage`)."""
+
+    part: Path
+    sha256: str
+    size: int
+    source: str
+    conversion: Path | None  # temp folder holding generator.safetensors + .json (base generators)
+
+
+def _stage(entry: Entry, part: Path, source: str) -> _Staged:
+    """Check `part` without touching the cache: its sha256 against the registry; a base generator
+    is converted (into a temp folder, with the entry's config checked); a file with no published
+    hash must also be non-empty and open as its format (trust on first use comes only after that).
+
+    On a refusal `part` is deleted and the error names the reason only (callers add name and source).
+    """
     sha, size = sha256_file(part), part.stat().st_size
-    expected = entry.sha256
-    if (expected and sha != expected) or (entry.sha256_prefix and not sha.startswith(entry.sha256_prefix)):
-        part.unlink()
-        want = expected or f"{entry.sha256_prefix}..."
-        hint = (
-            " (recorded on first fetch; `my3dgen cache rm --forget` accepts another file)"
-            if entry.recorded
-            else ""
+    try:
+        if (entry.sha256 and sha != entry.sha256) or (
+            entry.sha256_prefix and not sha.startswith(entry.sha256_prefix)
+        ):
+            want = entry.sha256 or f"{entry.sha256_prefix}..."
+            raise ChecksumError(f"has sha256 {sha}, expected {want}")
+        if entry.sha256 is None and size == 0:
+            raise ChecksumError("is empty (0 bytes)")
+        conversion = _convert_into_temp(entry, part, sha) if entry.kind == "base-generator" else None
+        if conversion is None and entry.sha256 is None:
+            _open_check(entry, part)
+    except My3DGenError as err:
+        part.unlink(missing_ok=True)
+        raise type(err)(_strip_path(str(err), part)) from None
+    return _Staged(part, sha, size, source, conversion)
+
+
+def _strip_path(message: str, part: Path) -> str:
+    """Checkpoint errors start with the path they read: the temporary `.part` name means nothing to a user."""
+    return message.removeprefix(f"{part}: ").replace(str(part), "the file")
+
+
+def _open_check(entry: Entry, path: Path) -> None:
+    """Open `path` as `entry.format` (without running anything in it); a file that does not open raises."""
+    if entry.format == "eg3d-pkl":
+        from my3dgen_cli.eg3d.checkpoint import read_official_pkl
+
+        read_official_pkl(path)
+    elif entry.format == "safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                list(f.keys())
+        except Exception as err:  # safetensors raises its own SafetensorError for any malformed file
+            raise UserInputError(f"is not a readable safetensors file ({type(err).__name__})") from None
+    elif entry.format == "torch-state-dict":
+        import zipfile
+
+        import torch
+
+        try:  # weights_only: torch's restricted unpickler; a zip archive is memory-mapped, not read
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except Exception as err:  # torch raises many types for a damaged or foreign file
+            raise UserInputError(f"is not a readable torch weights file ({type(err).__name__})") from None
+
+
+def _refusal(entry: Entry, err: My3DGenError, source: str) -> My3DGenError:
+    """The one-line error for refused bytes: what was wrong, that nothing was kept, what to do."""
+    return type(err)(f"{entry.name}: {err}; nothing was cached ({_advice(entry, err, source)})")
+
+
+def _advice(entry: Entry, err: My3DGenError, source: str) -> str:
+    from my3dgen_cli.eg3d.checkpoint import ConfigMismatchError
+
+    if isinstance(err, ConfigMismatchError):
+        where = source.removeprefix("file:")
+        return (
+            f"to use this file as it is, pass it as --base {where}, or keep it under a name of its own: "
+            f"`my3dgen fetch NEW-NAME --from {where} --local`"
         )
-        raise ChecksumError(
-            f"{entry.name}: {source} has sha256 {sha}, expected {want}{hint}; nothing was cached"
-        )
+    if entry.recorded:
+        return f"its hash was recorded on first fetch; `my3dgen cache rm {entry.name} --forget` accepts another file"
+    return (
+        f"download {entry.display_filename} again ({entry.url}) and import it with "
+        f"`my3dgen fetch {entry.name} --from {entry.display_filename}`"
+    )
+
+
+def _install(entry: Entry, staged: _Staged) -> Path:
+    """Move staged bytes into blobs/ (and their conversion into converted/), record a first-use hash,
+    then write the ref (lock held). Only checked bytes ever get here."""
+    sha, part = staged.sha256, staged.part
     blob = _blob_path(sha)
     blob.parent.mkdir(parents=True, exist_ok=True)
-    if blob.is_file() and blob.stat().st_size == size:
+    if blob.is_file() and blob.stat().st_size == staged.size:
         part.unlink()
     else:
         os.replace(part, blob)
-    if expected is None:
-        record_hash(entry.name, sha, size, source)
     ref = read_ref(entry.name) or {}
     if ref.get("sha256") != sha:
         ref = {}
+    if staged.conversion is not None:
+        out = _move_conversion(staged.conversion, sha)
+        ref.update(converted=str(out.relative_to(_root())), converted_sha256=sha256_file(out))
+    if entry.sha256 is None:
+        record_hash(entry.name, sha, staged.size, staged.source)
     ref.update(
         name=entry.name,
         kind=entry.kind,
         format=entry.format,
         sha256=sha,
-        size=size,
-        source=source,
+        size=staged.size,
+        source=staged.source,
         fetched_at=time.time(),
         blob=f"blobs/{sha}",
     )
     ref.pop("pkl_dropped", None)
     _write_ref(ref)
     return blob
+
+
+def _commit(entry: Entry, part: Path, source: str) -> Path:
+    """Check `part` and put it into the cache, or raise the refusal with nothing kept (lock held)."""
+    try:
+        staged = _stage(entry, part, source)
+    except My3DGenError as err:
+        raise _refusal(entry, type(err)(f"{source}: {err}"), source) from None
+    return _install(entry, staged)
 
 
 def ensure(
@@ -173,6 +271,7 @@ def ensure(
     registry: Sequence[str] = (),
     progress: ProgressHook | None = None,
     on_wait: Callable[[str], None] | None = None,
+    verify: bool = False,
 ) -> Path:
     """The verified file of artifact `name`, downloading it first if it is not cached.
 
@@ -182,32 +281,59 @@ def ensure(
             sources are local and work offline.
         registry: extra registry files or URLs (beside `MY3DGEN_REGISTRY`).
         progress: `progress(done_bytes, total_bytes_or_None)` while bytes arrive.
+        verify: rehash a cached file first; one that no longer matches is fetched again.
+
+    A base generator is converted before its bytes enter the cache; a file with no published hash
+    is trusted (hash recorded) only once it converted or opened (`_stage`). A URL whose bytes are
+    refused falls back to the mirrors.
 
     Raises:
         ArtifactError: unknown name (with the closest names), or a missing `package://` package.
         OfflineError: not cached and offline.
         DownloadError: every URL failed (each reason given), or too little free disk.
         ChecksumError: the bytes do not match the registry's (or the recorded) sha256.
+        UserInputError: the bytes are not a usable file of the entry's format (or config).
     """
     entry = get_entry(name, registry)
     hit = cached(name, entry)
-    if hit is not None:
+    if hit is not None and not verify:
         return hit
     local = [u for u in entry.urls if download.is_local(u)]
-    if is_offline(offline) and not local:
+    if hit is None and is_offline(offline) and not local:
         raise _offline_error(entry)
     with _locked(name, on_wait):
         entry = get_entry(name, registry)  # another process may have recorded the hash meanwhile
         hit = cached(name, entry)
-        if hit is not None:
+        if hit is not None and (not verify or sha256_file(hit) == hit.name):
             return hit
+        if hit is not None:
+            hit.unlink()  # damaged since it was cached: fetch the bytes again
+            if is_offline(offline) and not local:
+                raise _offline_error(entry)
         part = _part_path(name)
         part.parent.mkdir(parents=True, exist_ok=True)
         if local:
             download.copy_local(local[0], part, progress)
             return _commit(entry, part, local[0])
-        url = download.http_download(name, entry.urls, part, entry.size, progress)
-        return _commit(entry, part, url)
+        staged: list[_Staged] = []
+        refused: list[My3DGenError] = []
+
+        def check(url: str) -> None:
+            try:
+                staged.append(_stage(entry, part, url))
+            except My3DGenError as err:
+                refused.append(err)
+                raise
+
+        try:
+            download.http_download(name, entry.urls, part, entry.size, progress, check=check)
+        except DownloadError as err:
+            if refused:  # some URL served bytes, none of them the right ones
+                raise DownloadError(f"{err}; nothing was cached ({_advice(entry, refused[-1], entry.url)})") from None
+            raise
+        except (ChecksumError, UserInputError, UnsafeCheckpointError) as err:  # the only URL was refused
+            raise _refusal(entry, err, entry.url) from None
+        return _install(entry, staged[-1])
 
 
 def import_file(
@@ -219,7 +345,8 @@ def import_file(
 ) -> Path:
     """Put a file the user downloaded by hand into the cache as `name`, after verifying it.
 
-    Unknown-hash entries record the file's sha256 (trust on first use).
+    Checked as a download is (`_stage`): unknown-hash entries record the file's sha256 (trust on
+    first use) only after it converted or opened; a refused file leaves the cache as it was.
     """
     src = Path(src).expanduser()
     entry = get_entry(name, registry)
@@ -236,22 +363,32 @@ def import_file(
 
 
 def _converter(entry: Entry) -> Callable[[Path, Path], Path]:
-    """convert_pkl for an official pickle; for a plain safetensors, its converter with the entry's config."""
+    """convert_pkl for an official pickle (its config must be the entry's); for a plain safetensors,
+    its converter with the entry's config. The file name recorded is the artifact's usual one."""
     from my3dgen_cli.eg3d import checkpoint  # lazy: torch loads only when a base is converted
 
     if entry.format == "safetensors":
         return lambda src, dst: checkpoint.convert_safetensors(src, dst, config=entry.config)
-    return checkpoint.convert_pkl
+    return lambda src, dst: checkpoint.convert_pkl(
+        src, dst, config=entry.config, source_name=entry.display_filename
+    )
 
 
-def converted(name: str, entry: Entry | None = None) -> Path | None:
-    """A base generator's converted .safetensors when present, else None."""
+def converted(name: str, entry: Entry | None = None, *, verify: bool = False) -> Path | None:
+    """A base generator's converted .safetensors when present, else None.
+
+    verify: also rehash it against the sha256 recorded at conversion (a damaged one counts as absent).
+    """
     entry = entry or get_entry(name)
     ref = read_ref(name)
     if not ref or not ref.get("converted") or (entry.sha256 and ref.get("sha256") != entry.sha256):
         return None
     path = _root() / ref["converted"]
-    return path if path.is_file() and path.with_suffix(".json").is_file() else None
+    if not (path.is_file() and path.with_suffix(".json").is_file()):
+        return None
+    if verify and sha256_file(path) != ref.get("converted_sha256"):
+        return None
+    return path
 
 
 def resolve_base(
@@ -262,52 +399,102 @@ def resolve_base(
     registry: Sequence[str] = (),
     progress: ProgressHook | None = None,
     on_wait: Callable[[str], None] | None = None,
+    verify: bool = False,
 ) -> Path:
     """The converted `.safetensors` of base generator `name` (config beside it, `.json`).
 
     Fetches the official `.pkl` if needed and converts it once with
     `my3dgen_cli.eg3d.checkpoint.convert_pkl`; an entry with `format = "safetensors"` (official
     tensor names, no config inside) is converted with `convert_safetensors` and the config its
-    entry names. `keep_pkl=False` then deletes the downloaded blob.
+    entry names. `keep_pkl=False` then deletes the downloaded blob. `verify=True` rehashes the
+    conversion (and the blob, when it is needed) and redoes whatever no longer matches.
     Raises as `ensure`, plus ArtifactError for an entry that is not a base generator.
     """
     entry = get_entry(name, registry)
     if entry.kind != "base-generator":
         raise ArtifactError(f"{name} is a {entry.kind}, not a base generator")
-    done = converted(name, entry)
+    done = converted(name, entry, verify=verify)
     if done is None:
-        src = ensure(name, offline=offline, registry=registry, progress=progress, on_wait=on_wait)
+        src = ensure(name, offline=offline, registry=registry, progress=progress, on_wait=on_wait, verify=verify)
         with _locked(name, on_wait):
-            done = converted(name, entry) or _convert(name, src, entry)
+            done = converted(name, entry, verify=verify) or _convert(name, src, entry)
     if not keep_pkl:
         _drop_pkl(name)
     return done
 
 
+def _convert_into_temp(entry: Entry, src: Path, sha: str) -> Path:
+    """Convert `src` into a temp folder beside converted/<sha>/ (removed again if anything fails)."""
+    tmp = _root() / "converted" / f".{sha}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _converter(entry)(src, tmp / CONVERTED_NAME)
+        for needed in (tmp / CONVERTED_NAME, tmp / "generator.json"):
+            if not needed.is_file():
+                raise ArtifactError(f"{entry.name}: the converter did not write {needed.name}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_if_empty(tmp.parent)
+        raise
+    return tmp
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty (or gone): leave it
+
+
+def _move_conversion(tmp: Path, sha: str) -> Path:
+    final = _root() / "converted" / sha
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final / CONVERTED_NAME
+
+
 def _convert(name: str, src: Path, entry: Entry) -> Path:
-    """Convert blob `src` into converted/<sha256>/ via a temp folder renamed at the end (lock held)."""
-    convert = _converter(entry)
+    """Convert cached blob `src` into converted/<sha256>/ and note it in the ref (lock held)."""
     ref = read_ref(name)
     if ref is None:
         raise ArtifactError(f"{name}: its cache entry vanished during conversion; fetch again")
     sha = ref["sha256"]
-    final = _root() / "converted" / sha
-    tmp = final.parent / f".{sha}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        convert(src, tmp / CONVERTED_NAME)
-        for needed in (tmp / CONVERTED_NAME, tmp / "generator.json"):
-            if not needed.is_file():
-                raise ArtifactError(f"{name}: the converter did not write {needed.name}")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    out = final / CONVERTED_NAME
+    out = _move_conversion(_convert_into_temp(entry, src, sha), sha)
     ref.update(converted=str(out.relative_to(_root())), converted_sha256=sha256_file(out))
     _write_ref(ref)
     return out
+
+
+def import_local_base(name: str, src: str | os.PathLike[str], *, registry: Sequence[str] = ()) -> Path:
+    """Convert an EG3D `.pkl` the user has (a training snapshot, a fine-tuned or reduced-width
+    generator) into the local base `name`: `<cache>/bases/<name>.safetensors` + `.json`, with the
+    file's own config. `--base name` then opens it (generators.resolve_base_path).
+
+    A registry name is refused (a local base would shadow it), and so is an existing local base
+    (identities made on it would stop matching). Nothing is written unless the file converts.
+    """
+    from my3dgen_cli.eg3d.checkpoint import convert_pkl
+    from my3dgen_cli.generators import local_bases_dir
+
+    src = Path(src).expanduser()
+    if not NAME_RE.match(name):
+        raise UserInputError(f"local base name: got {name!r}, expected lowercase letters, digits, '.', '_', '-'")
+    if name in load_registry(registry):
+        raise UserInputError(
+            f"{name} is a registry artifact; import the file as it (`my3dgen fetch {name} --from {src}`, "
+            "checked against its config) or give the local base another name"
+        )
+    if src.suffix != ".pkl" or not src.is_file():
+        raise UserInputError(f"--from: got {str(src)!r}, expected an existing EG3D network pickle (.pkl)")
+    dst = local_bases_dir() / f"{name}.safetensors"
+    with _locked(f"base-{name}"):
+        if dst.exists() or dst.with_suffix(".json").exists():
+            raise UserInputError(
+                f"a local base {name} exists already ({dst}); delete it and its .json to replace it, "
+                "or pick another name"
+            )
+        return convert_pkl(src, dst)
 
 
 def _refs() -> list[dict[str, Any]]:

@@ -1,7 +1,10 @@
 """Write `.pkl` files shaped like official EG3D network pickles, for tests of the safe reader.
 
 The structure follows NVlabs/eg3d: `training_loop.py` pickles
-`dict(training_set_kwargs=..., G=..., D=..., G_ema=..., augment_pipe=...)` with plain `pickle.dump`;
+`dict(training_set_kwargs=..., G=..., D=..., G_ema=..., augment_pipe=...)` with plain `pickle.dump`,
+after registering the buffer `dataset_label_std` (shape [c_dim]) on G, which G_ema inherits as a copy
+(`layout="snapshot"`, the default). Networks saved again by hand are `layout="network"` (G_ema pickled
+on its own) and `layout="g_ema_dict"` ({"G_ema": G_ema}, no D, no augment_pipe);
 every `@persistent_class` module pickles (torch_utils/persistence.py) as
 `_reconstruct_persistent_obj(meta)`, meta = dict(type='class', version=6, module_src=<source>,
 class_name=<name>, state=<module __dict__>). Non-persistent modules (OSGDecoder, ImportanceRenderer,
@@ -239,6 +242,9 @@ def _augment_pipe(module_src: str) -> torch.nn.Module:
     return pipe
 
 
+LAYOUTS = ("snapshot", "network", "g_ema_dict")
+
+
 def write_official_pkl(
     path: str | Path,
     state_dict: dict[str, torch.Tensor],
@@ -248,24 +254,48 @@ def write_official_pkl(
     extra_globals: dict[str, Any] | None = None,
     module_src: str = DEFAULT_MODULE_SRC,
     protocol: int | None = None,
+    layout: str = "snapshot",
 ) -> Path:
     """Write an official-style network pickle whose G_ema holds `state_dict` (official names).
 
-    G has the same structure with all-zero tensors, so a test can tell which network was read.
-    extra_globals: further top-level entries, pickled before the networks (e.g. an object whose
-    `__reduce__` names `os.system`, to test refusals). protocol: pickle protocol (None = Python's
-    default, as the official training loop used).
+    layout: "snapshot" is what the training loop writes: G, D, G_ema, augment_pipe and
+    training_set_kwargs, with `dataset_label_std` on G and G_ema. G has the same structure with
+    all-zero tensors, so a test can tell which network was read. "network": G_ema (with its
+    `dataset_label_std`) pickled on its own; "g_ema_dict": {"G_ema": G_ema} only.
+    extra_globals: further top-level entries of a dict layout, pickled before the networks (e.g. an
+    object whose `__reduce__` names `os.system`, to test refusals). protocol: pickle protocol (None =
+    Python's default, as the official training loop used).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: got {layout!r}, expected one of {LAYOUTS}")
     g_ema = build_module_tree(
         state_dict, init_kwargs, rendering_kwargs, neural_rendering_resolution, module_src
     )
-    zeros = {name: torch.zeros_like(t) for name, t in state_dict.items()}
-    g = build_module_tree(zeros, init_kwargs, rendering_kwargs, neural_rendering_resolution, module_src)
-    data: dict[str, Any] = dict(extra_globals or {})
-    data["training_set_kwargs"] = dict(
-        EasyDict(class_name="training.dataset.ImageFolderDataset", path="ffhq.zip", resolution=512)
-    )
-    data.update(G=g, D=_discriminator(module_src), G_ema=g_ema, augment_pipe=_augment_pipe(module_src))
+    label_std = torch.rand(int(init_kwargs.get("c_dim", 25)), generator=torch.Generator().manual_seed(5)) * 0.3
+    g_ema.register_buffer("dataset_label_std", label_std.clone())
+    data: Any
+    if layout == "network":
+        data = g_ema
+    elif layout == "g_ema_dict":
+        data = {**(extra_globals or {}), "G_ema": g_ema}
+    else:
+        zeros = {name: torch.zeros_like(t) for name, t in state_dict.items()}
+        g = build_module_tree(zeros, init_kwargs, rendering_kwargs, neural_rendering_resolution, module_src)
+        g.register_buffer("dataset_label_std", label_std.clone())
+        data = dict(extra_globals or {})
+        data["training_set_kwargs"] = dict(
+            EasyDict(class_name="training.dataset.ImageFolderDataset", path="ffhq.zip", resolution=512)
+        )
+        data.update(G=g, D=_discriminator(module_src), G_ema=g_ema, augment_pipe=_augment_pipe(module_src))
+    return _dump(path, data, protocol)
+
+
+def write_discriminator_pkl(path: str | Path, module_src: str = DEFAULT_MODULE_SRC) -> Path:
+    """A pickle of another network: the snapshot's D on its own (not a generator)."""
+    return _dump(path, _discriminator(module_src), None)
+
+
+def _dump(path: str | Path, data: Any, protocol: int | None) -> Path:
     path = Path(path)
     with _official_modules(), path.open("wb") as f:
         pickle.dump(data, f, protocol=protocol)

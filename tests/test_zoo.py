@@ -122,10 +122,15 @@ def test_list_and_json(lab: FileServer) -> None:
 def test_lab_registry_overrides_a_packaged_entry_field_by_field(
     server: FileServer, tmp_path, monkeypatch
 ) -> None:
-    write_registry(tmp_path, monkeypatch, f'name = "arcface-ir-se50"\nurl = "{server.url("/w.bin")}"\n')
+    import torch
+
+    weights = tmp_path / "ir_se50.pth"  # no published hash: trusted only once it opens as torch weights
+    torch.save({"output_layer.weight": torch.ones(2, 2)}, weights)
+    server.state.files["/ir_se50.pth"] = weights.read_bytes()
+    write_registry(tmp_path, monkeypatch, f'name = "arcface-ir-se50"\nurl = "{server.url("/ir_se50.pth")}"\n')
     entry = zoo.get_entry("arcface-ir-se50")
-    assert entry.url == server.url("/w.bin") and entry.kind == "identity-network" and entry.license
-    assert zoo.ensure("arcface-ir-se50").read_bytes() == BODY
+    assert entry.url == server.url("/ir_se50.pth") and entry.kind == "identity-network" and entry.license
+    assert zoo.ensure("arcface-ir-se50").read_bytes() == weights.read_bytes()
 
 
 def test_html_page_is_refused_and_the_mirror_used(server: FileServer, tmp_path, monkeypatch) -> None:
@@ -268,7 +273,8 @@ def test_mtcnn_weights_come_from_the_installed_wheel(name: str) -> None:
 def test_base_generator_is_converted_once(lab: FileServer, tmp_path, monkeypatch) -> None:
     calls: list[tuple[Path, Path]] = []
 
-    def convert_pkl(src: Path, dst: Path) -> Path:  # counts conversions (the real one: test_base_from_pkl.py)
+    def convert_pkl(src: Path, dst: Path, **options: object) -> Path:  # counts (the real one: test_base_from_pkl.py)
+        assert options == {"config": "tiny", "source_name": "w.bin"}
         calls.append((src, dst))
         dst.write_bytes(b"safetensors:" + src.read_bytes()[:16])
         dst.with_suffix(".json").write_text("{}")

@@ -120,6 +120,14 @@ def fetch(
         Path | None,
         typer.Option("--from", help="Import a file downloaded by hand (verified) instead of downloading."),
     ] = None,
+    local: Annotated[
+        bool,
+        typer.Option(
+            "--local",
+            help="With --from FILE.pkl: keep it as a local base generator NAME (any EG3D config, e.g. your own "
+            "training snapshot), not as a registry artifact; then use --base NAME.",
+        ),
+    ] = False,
     offline: Annotated[
         bool, typer.Option("--offline", help="Never use the network (as MY3DGEN_OFFLINE=1).")
     ] = False,
@@ -146,22 +154,34 @@ def fetch(
         raise UserInputError("give at least one artifact NAME, or --list to see them")
     if from_ is not None and len(names) != 1:
         raise UserInputError(f"--from imports one file: got {len(names)} names, expected exactly 1")
+    if local:
+        if from_ is None:
+            raise UserInputError("--local keeps a file you have as a local base: give it with --from FILE.pkl")
+        output.info(f"{names[0]}: converting {from_.name} to a local base")
+        base = zoo.import_local_base(names[0], from_, registry=registry)
+        row = {"name": names[0], "kind": "base-generator", "local": True, "converted": str(base), "path": None}
+        output.result({"artifacts": [row]}, human=f"{names[0]}\t{base}")
+        return
     results = []
     for name in names:
         entry = zoo.get_entry(name, registry)
         convert = entry.kind == "base-generator"  # .pkl or plain .safetensors -> converted pair
         row: dict[str, Any] = {"name": name, "kind": entry.kind}
+        if convert and (from_ is not None or not zoo.converted(name, entry)):
+            output.info(f"{name}: checking it and converting to safetensors")
         with download_progress(output, name) as hook:
             if from_ is not None:
                 zoo.import_file(name, from_, registry=registry, progress=hook)
-            elif not (convert and zoo.converted(name, entry)):  # a converted base needs no .pkl
+            elif not convert or zoo.cached(name, entry) or not zoo.converted(name, entry):
+                # Rehash what is cached: a damaged file is fetched again, never returned.
                 zoo.ensure(
-                    name, offline=offline or None, registry=registry, progress=hook, on_wait=output.info
-                )
+                    name, offline=offline or None, registry=registry, progress=hook, on_wait=output.info,
+                    verify=True,
+                )  # fmt: skip
         if convert:
-            if not zoo.converted(name, entry):
-                output.info(f"{name}: converting to safetensors")
-            base = zoo.resolve_base(name, keep_pkl=keep_pkl, offline=offline or None, registry=registry)
+            base = zoo.resolve_base(
+                name, keep_pkl=keep_pkl, offline=offline or None, registry=registry, verify=True
+            )
             row["converted"] = str(base)
         path = zoo.cached(name, zoo.get_entry(name, registry))
         row["path"] = str(path) if path else None

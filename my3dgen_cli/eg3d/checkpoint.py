@@ -4,6 +4,12 @@ Official network pickle (NVlabs/eg3d `training_loop.py` writes it with plain `pi
 
     {"G": <net>, "D": <net>, "G_ema": <net>, "augment_pipe": <net>, "training_set_kwargs": {...}}
 
+A network saved again on its own (`pickle.dump(G_ema)`, or a dict holding only some of the keys) is
+read too. The training loop registers `dataset_label_std` (the camera labels' std) on G before
+copying it to G_ema, so every official snapshot carries it; the generator never reads it, so it is
+dropped by name (`IGNORED_TENSORS`) and the converted JSON lists it under "dropped". Any other
+tensor the generator does not have is still an error.
+
 Each `<net>` is a `torch_utils.persistence` record: class name, the Python source of its module (which
 the official loader executes; we never do, see `safe_unpickle`) and the module `__dict__`. We walk
 `_parameters`, `_buffers` and `_modules` of that `__dict__` to get the state dict under the official
@@ -14,7 +20,7 @@ Converted format (what the cache keeps, see docs/checkpoints.md)::
     <name>.safetensors   tensors under the official names; header metadata: format, format_version,
                          class_name, source_sha256, conversion_id
     <name>.json          {"init_kwargs", "rendering_kwargs", "neural_rendering_resolution",
-                          "class_name", "source", "format", "fingerprint"}: the layout of
+                          "class_name", "source", "format", "fingerprint", "dropped"?}: the layout of
                          eg3d_parity/config.json, so `build_generator(config)` takes it as is;
                          "fingerprint" is the weights' hash for adapters (see fingerprint.py)
 
@@ -55,6 +61,11 @@ _CLASS_MODULES = {"TriPlaneGenerator": "training.triplane"}
 # Positional parameters of TriPlaneGenerator.__init__ (triplane.py), for pickles made with positional args.
 _TRIPLANE_ARGS = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels")
 _EXPECTED = "expected an EG3D network pickle (.pkl)"
+_GENERATOR_CLASS = "TriPlaneGenerator"
+# Tensors of an official snapshot that the generator never reads, dropped by name (and why).
+IGNORED_TENSORS = {
+    "dataset_label_std": "the camera labels' std over the training set, registered by training_loop.py",
+}
 _CONFIG_KEYS = ("init_kwargs", "rendering_kwargs", "neural_rendering_resolution", "class_name")
 
 
@@ -73,6 +84,7 @@ class OfficialCheckpoint:
     rendering_kwargs: dict[str, Any]
     neural_rendering_resolution: int
     class_name: str
+    dropped: tuple[str, ...] = ()  # names of IGNORED_TENSORS found in the file (not in state_dict)
 
     def config(self, source: dict[str, Any] | None = None) -> dict[str, Any]:
         """The JSON-ready config (same layout as eg3d_parity/config.json)."""
@@ -82,6 +94,7 @@ class OfficialCheckpoint:
             "neural_rendering_resolution": self.neural_rendering_resolution,
             "class_name": self.class_name,
             "source": dict(source or {}),
+            "dropped": list(self.dropped),
         }
 
 
@@ -91,9 +104,13 @@ class OfficialCheckpoint:
 def read_official_pkl(path: str | Path, network: str = "G_ema") -> OfficialCheckpoint:
     """Read `network` ("G_ema", "G") from an official EG3D `.pkl` without executing anything in it.
 
+    The file is a training snapshot (a dict with G, D, G_ema, ...), a dict holding only some of
+    those, or one generator pickled on its own (then that generator is read, whatever `network`).
+    Tensors in `IGNORED_TENSORS` are left out of the state dict and named in `dropped`.
+
     Raises:
-        UserInputError: no such file, not a pickle, truncated, no `network` in it, or a record that
-            does not look like an EG3D network.
+        UserInputError: no such file, not a pickle, truncated, no `network` in it, or a network that
+            is not an EG3D generator (a discriminator, another class).
         UnsafeCheckpointError: the pickle names a global outside the allow-list (`safe_unpickle`).
     """
     path = Path(path)
@@ -112,20 +129,27 @@ def read_official_pkl(path: str | Path, network: str = "G_ema") -> OfficialCheck
             raise UnsafeCheckpointError(f"{path}: {err}") from None
         except UserInputError as err:
             raise UserInputError(f"{path}: {err}") from None
-    if not isinstance(data, dict):
+    if isinstance(data, PersistentObject):  # one network saved on its own
+        net, where = data, "the pickled network"
+    elif isinstance(data, dict):
+        if network not in data:
+            keys = ", ".join(sorted(map(str, data))) or "none"
+            raise UserInputError(f"{path}: has no '{network}' network (keys: {keys}), {_EXPECTED}")
+        net, where = data[network], f"'{network}'"
+    else:
         kind = type(data).__name__
         raise UserInputError(f"{path}: got a pickled {kind}, expected a dict with G, D and G_ema")
-    if network not in data:
-        keys = ", ".join(sorted(map(str, data))) or "none"
-        raise UserInputError(f"{path}: has no '{network}' network (keys: {keys}), {_EXPECTED}")
-    net = data[network]
     if not isinstance(net, PersistentObject):
         kind = type(net).__name__
-        raise UserInputError(f"{path}: '{network}' is a {kind}, expected a persistent network record")
+        raise UserInputError(f"{path}: {where} is a {kind}, expected a persistent network record")
+    if net.class_name != _GENERATOR_CLASS:
+        raise UserInputError(
+            f"{path}: {where} is a {net.class_name}, expected an EG3D generator ({_GENERATOR_CLASS})"
+        )
     try:
         return _checkpoint_from_record(net)
     except UserInputError as err:
-        raise UserInputError(f"{path}: {network}: {err}") from None
+        raise UserInputError(f"{path}: {where}: {err}") from None
 
 
 def _checkpoint_from_record(net: PersistentObject) -> OfficialCheckpoint:
@@ -135,7 +159,7 @@ def _checkpoint_from_record(net: PersistentObject) -> OfficialCheckpoint:
         raise UserInputError(f"init_kwargs is a {type(init_kwargs).__name__}, expected a dict")
     init_args = _plain(state.get("_init_args", ()), "init_args")
     if init_args:
-        if net.class_name != "TriPlaneGenerator" or len(init_args) > len(_TRIPLANE_ARGS):
+        if len(init_args) > len(_TRIPLANE_ARGS):
             raise UserInputError(
                 f"{net.class_name} was built with {len(init_args)} positional arguments; "
                 "expected keyword arguments only"
@@ -151,7 +175,9 @@ def _checkpoint_from_record(net: PersistentObject) -> OfficialCheckpoint:
         raise UserInputError(f"neural_rendering_resolution is {nrr!r}, expected a positive int")
     module = _CLASS_MODULES.get(net.class_name)
     class_name = f"{module}.{net.class_name}" if module else net.class_name
-    return OfficialCheckpoint(_flatten(net), init_kwargs, rendering_kwargs, nrr, class_name)
+    state_dict = _flatten(net)
+    dropped = tuple(name for name in IGNORED_TENSORS if state_dict.pop(name, None) is not None)
+    return OfficialCheckpoint(state_dict, init_kwargs, rendering_kwargs, nrr, class_name, dropped)
 
 
 def _module_state(obj: Any, where: str) -> dict[str, Any]:
@@ -218,7 +244,15 @@ def _plain(value: Any, where: str) -> Any:
 def expected_shapes(config: str | dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Official names -> shapes of the generator `build_generator(config)` builds (without its
     random init: no cost)."""
-    return {name: tuple(t.shape) for name, t in skeleton(config).state_dict().items()}
+    return {name: tuple(t.shape) for name, t in _generator_of(config).state_dict().items()}
+
+
+def _generator_of(config: str | dict[str, Any]) -> torch.nn.Module:
+    """`skeleton(config)`; a config this generator cannot build is the file's fault (UserInputError)."""
+    try:
+        return skeleton(config)
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserInputError(f"its config cannot be built: {type(err).__name__}: {err}") from None
 
 
 def check_state_dict(state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
@@ -246,6 +280,84 @@ def _shape(shape: Any) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
 
 
+# --- configs ------------------------------------------------------------------------------------
+
+# rendering_kwargs that only the official loss reads (pose-conditioning swap, density regularisation):
+# two files that differ only there hold the same generator. Everything else is compared.
+_TRAINING_ONLY = frozenset({"gpc_reg_prob", "density_reg", "density_reg_p_dist", "reg_type"})
+_ABSENT = object()
+
+
+class ConfigMismatchError(UserInputError):
+    """A file holds a generator of another config than the one it is imported as."""
+
+
+def config_differences(found: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    """`key: file value vs expected value` for every generator setting of `expected` that `found`
+    sets otherwise (init kwargs, rendering kwargs, neural rendering resolution).
+
+    Keys only `found` has are not compared (the generator reads only what `expected` names), nor
+    are `_TRAINING_ONLY` rendering kwargs.
+    """
+    diffs: list[str] = []
+    for section in ("init_kwargs", "rendering_kwargs"):
+        got = found.get(section) or {}
+        want = {k: v for k, v in (expected.get(section) or {}).items() if k != "rendering_kwargs"}
+        _diff_dicts(got, want, section, diffs)
+    got_nrr, want_nrr = found.get("neural_rendering_resolution"), expected.get("neural_rendering_resolution")
+    if not _same(got_nrr, want_nrr):
+        diffs.append(f"neural_rendering_resolution: {got_nrr!r} vs {want_nrr!r}")
+    return diffs
+
+
+def _diff_dicts(got: Any, want: dict[str, Any], where: str, diffs: list[str]) -> None:
+    for key, value in want.items():
+        if key in _TRAINING_ONLY:
+            continue
+        other = got.get(key, _ABSENT) if isinstance(got, dict) else _ABSENT
+        if isinstance(value, dict) and isinstance(other, dict):
+            _diff_dicts(other, value, f"{where}.{key}", diffs)
+        elif not _same(other, value):
+            shown = "missing" if other is _ABSENT else repr(other)
+            diffs.append(f"{where}.{key}: {shown} vs {value!r}")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as config values: 1 == 1.0, [0, 0, 0.2] == (0, 0, 0.2); a bool is never a number."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b if type(a) is type(b) or {type(a), type(b)} <= {int, float} else False
+
+
+def config_names(config: dict[str, Any]) -> list[str]:
+    """The named configs (`configs.NAMED_CONFIGS`) that `config` matches: how to call a file's config."""
+    from my3dgen_cli.eg3d.configs import NAMED_CONFIGS
+
+    return [name for name, make in NAMED_CONFIGS.items() if not config_differences(config, make())]
+
+
+def check_config(config: dict[str, Any], expected: str, src: str | Path) -> None:
+    """Raise `ConfigMismatchError` (one line, both configs named, the differing keys) unless the
+    config found in `src` is the named config `expected`."""
+    from my3dgen_cli.eg3d.configs import resolve_config
+
+    try:
+        want = resolve_config(expected).to_dict()
+    except ValueError as err:
+        raise UserInputError(f"{src}: {err}") from None
+    diffs = config_differences(config, want)
+    if diffs:
+        names = config_names(config)
+        found = " / ".join(names) if names else "an unnamed config"
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        raise ConfigMismatchError(
+            f"{src}: holds a generator of {found}, not {expected}: "
+            f"{'; '.join(diffs[:3])}{more} (file vs {expected})"
+        )
+
+
 # --- converted format --------------------------------------------------------------------------
 
 
@@ -258,7 +370,8 @@ def save_converted(
     """Write `dst` (.safetensors) and `dst.with_suffix(".json")`, each atomically; return `dst`.
 
     config: {"init_kwargs", "rendering_kwargs", "neural_rendering_resolution", "class_name"} and
-        optionally "source" (e.g. {"file", "sha256", "network"}). dtype: None keeps each tensor's dtype.
+        optionally "source" (e.g. {"file", "sha256", "network"}) and "dropped" (names of tensors of the
+        source file left out, `IGNORED_TENSORS`). dtype: None keeps each tensor's dtype.
     """
     dst = Path(dst)
     if dst.suffix != ".safetensors":
@@ -270,6 +383,8 @@ def save_converted(
     conversion_id = uuid.uuid4().hex
     doc = {key: config[key] for key in _CONFIG_KEYS}
     doc["source"] = source
+    if config.get("dropped"):
+        doc["dropped"] = list(config["dropped"])
     doc["format"] = {"name": FORMAT, "version": FORMAT_VERSION, "weights": dst.name}
     doc["format"]["conversion_id"] = conversion_id
     doc = _plain(doc, "config")
@@ -364,8 +479,8 @@ def load_generator(path: str | Path, device: torch.device | str | None = None) -
         state_dict, config = ckpt.state_dict, ckpt.config(source={"file": path.name, "network": "G_ema"})
     else:
         state_dict, config = load_converted(path)
-    generator = skeleton(config)
     try:
+        generator = _generator_of(config)
         check_state_dict(state_dict, {name: tuple(t.shape) for name, t in generator.state_dict().items()})
     except UserInputError as err:
         raise UserInputError(f"{path}: {err}") from None
@@ -383,13 +498,23 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def convert_pkl(src: str | Path, dst: str | Path) -> Path:
+def convert_pkl(
+    src: str | Path, dst: str | Path, *, config: str | None = None, source_name: str | None = None
+) -> Path:
     """Official `.pkl` -> converted `dst` (.safetensors + .json), after checking every name and shape
-    against `build_generator(config)`. Tensors keep their dtype (fp32 for released models)."""
+    against `build_generator(config)`. Tensors keep their dtype (fp32 for released models).
+
+    config: the named config the file must hold (a zoo entry's `config`); another one raises
+    `ConfigMismatchError` before anything is written. None: take the file's own config as it is.
+    source_name: the file name to record in the JSON (default: `src`'s; the zoo passes the
+    artifact's usual name, since it converts a download under a temporary name).
+    """
     src, dst = Path(src), Path(dst)
     ckpt = read_official_pkl(src)
-    config = ckpt.config(source={"file": src.name, "sha256": sha256_file(src), "network": "G_ema"})
-    return _save_checked(ckpt.state_dict, config, src, dst)
+    found = ckpt.config(source={"file": source_name or src.name, "sha256": sha256_file(src), "network": "G_ema"})
+    if config is not None:
+        check_config(found, config, source_name or src)
+    return _save_checked(ckpt.state_dict, found, src, dst)
 
 
 def convert_safetensors(src: str | Path, dst: str | Path, config: str) -> Path:
