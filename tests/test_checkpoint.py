@@ -17,15 +17,21 @@ from safetensors.torch import load_file
 
 from my3dgen_cli.eg3d import build_generator, checkpoint
 from my3dgen_cli.eg3d.checkpoint import (
+    ConfigMismatchError,
+    check_config,
     check_state_dict,
+    config_names,
     convert_pkl,
     load_converted,
     read_official_pkl,
     save_converted,
 )
-from my3dgen_cli.eg3d.safe_unpickle import safe_load
+from my3dgen_cli.eg3d.configs import NAMED_CONFIGS
+from my3dgen_cli.eg3d.safe_unpickle import PersistentObject, safe_load
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
-from tests.official_pkl import build_module_tree, write_official_pkl
+from tests.official_pkl import build_module_tree, write_discriminator_pkl, write_official_pkl
+
+RELEASED = ("ffhq512-128", "ffhqrebalanced512-128", "ffhqrebalanced512-64", "afhqcats512-128")
 
 
 def _key_file_shapes(shared: Path) -> dict[str, tuple[int, ...]]:
@@ -85,6 +91,110 @@ def test_round_trip_is_bitwise_and_in_module_order(parity, parity_pkl: Path) -> 
     assert ckpt.class_name == config["class_name"] == "training.triplane.TriPlaneGenerator"
     # Non-registered tensors (ImportanceRenderer.plane_axes) are not part of the state dict.
     assert not any("plane_axes" in name for name in ckpt.state_dict)
+
+
+def test_training_loop_layout_drops_dataset_label_std_and_notes_it(tmp_path: Path, parity, parity_pkl: Path) -> None:
+    with parity_pkl.open("rb") as f:  # the writer made what the training loop makes
+        raw = safe_load(f)
+    assert sorted(raw) == ["D", "G", "G_ema", "augment_pipe", "training_set_kwargs"]
+    assert raw["D"].class_name == "DualDiscriminator" and raw["augment_pipe"].class_name == "AugmentPipe"
+    for net in ("G", "G_ema"):
+        assert raw[net].state["_buffers"]["dataset_label_std"].shape == (25,)
+
+    for net in ("G_ema", "G"):
+        ckpt = read_official_pkl(parity_pkl, network=net)
+        assert ckpt.dropped == ("dataset_label_std",) and "dataset_label_std" not in ckpt.state_dict
+        assert len(ckpt.state_dict) == 176
+    doc = json.loads(convert_pkl(parity_pkl, tmp_path / "p.safetensors").with_suffix(".json").read_text())
+    assert doc["dropped"] == ["dataset_label_std"]
+    assert "dataset_label_std" not in load_file(tmp_path / "p.safetensors")
+
+
+@pytest.mark.parametrize("layout", ["network", "g_ema_dict"])
+def test_networks_saved_again_read_the_same(tmp_path: Path, parity, layout: str) -> None:
+    state_dict, config = parity
+    path = _write_parity(tmp_path / f"{layout}.pkl", parity, layout=layout)
+    with path.open("rb") as f:
+        raw = safe_load(f)
+    assert isinstance(raw, PersistentObject) if layout == "network" else sorted(raw) == ["G_ema"]
+    ckpt = read_official_pkl(path)
+    assert ckpt.dropped == ("dataset_label_std",) and ckpt.init_kwargs == config["init_kwargs"]
+    assert set(ckpt.state_dict) == set(state_dict)
+    assert all(torch.equal(ckpt.state_dict[name], t) for name, t in state_dict.items())
+    G = checkpoint.load_generator(path)
+    assert torch.equal(G.backbone.mapping.w_avg, state_dict["backbone.mapping.w_avg"].float())
+
+
+def test_any_other_unknown_tensor_is_still_an_error(tmp_path: Path, parity) -> None:
+    state_dict, config = parity
+    extra = {**state_dict, "dataset_label_mean": torch.zeros(25, dtype=torch.float16)}
+    path = write_official_pkl(tmp_path / "x.pkl", extra, config["init_kwargs"], config["rendering_kwargs"], 128)
+    assert "dataset_label_mean" in read_official_pkl(path).state_dict
+    with pytest.raises(UserInputError, match=r"unexpected dataset_label_mean \(shape \(25\)\)") as info:
+        checkpoint.load_generator(path)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserInputError, match="unexpected dataset_label_mean"):
+        convert_pkl(path, tmp_path / "out" / "x.safetensors")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_pickle_of_another_network_is_refused(tmp_path: Path, parity) -> None:
+    alone = write_discriminator_pkl(tmp_path / "d.pkl")
+    with pytest.raises(UserInputError) as info:
+        checkpoint.load_generator(alone)
+    assert str(info.value) == (
+        f"{alone}: the pickled network is a DualDiscriminator, expected an EG3D generator (TriPlaneGenerator)"
+    )
+    snapshot = _write_parity(tmp_path / "snap.pkl", parity)
+    with pytest.raises(UserInputError, match="'D' is a DualDiscriminator, expected an EG3D generator"):
+        read_official_pkl(snapshot, network="D")
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+
+def _config_only_pkl(path: Path, config: dict) -> Path:
+    """A pickle whose G_ema has `config` and no tensors: enough for the config check."""
+    return write_official_pkl(
+        path, {}, config["init_kwargs"], config["rendering_kwargs"], config["neural_rendering_resolution"],
+        layout="network",
+    )
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_every_released_config_is_recognised(tmp_path: Path, name: str) -> None:
+    config = NAMED_CONFIGS[name]()
+    config["rendering_kwargs"]["gpc_reg_prob"] = 0.8  # loss-only settings are not compared
+    found = read_official_pkl(_config_only_pkl(tmp_path / f"{name}.pkl", config)).config()
+    check_config(found, name, "x.pkl")
+    assert name in config_names(found)
+    for other in RELEASED:
+        if other not in config_names(found):
+            with pytest.raises(ConfigMismatchError, match=f"holds a generator of .*{name}.*, not {other}: "):
+                check_config(found, other, "x.pkl")
+
+
+def test_another_config_is_refused_naming_both_and_the_keys(tmp_path: Path, parity) -> None:
+    _, config = parity
+    found = read_official_pkl(_write_parity(tmp_path / "p.pkl", parity)).config()
+    with pytest.raises(ConfigMismatchError) as info:
+        check_config(found, "ffhq512-128", "snap.pkl")
+    assert str(info.value) == (
+        "snap.pkl: holds a generator of an unnamed config, not ffhq512-128: "
+        "init_kwargs.channel_base: 4096 vs 32768; init_kwargs.channel_max: 64 vs 512 (file vs ffhq512-128)"
+    )
+    afhq = read_official_pkl(_config_only_pkl(tmp_path / "a.pkl", NAMED_CONFIGS["afhqcats512-128"]())).config()
+    with pytest.raises(ConfigMismatchError) as info:
+        check_config(afhq, "ffhqrebalanced512-64", "a.pkl")
+    assert str(info.value) == (
+        "a.pkl: holds a generator of afhqcats512-128, not ffhqrebalanced512-64: "
+        "rendering_kwargs.avg_camera_pivot: [0, 0, -0.06] vs [0, 0, 0.2]; neural_rendering_resolution: 128 vs 64 "
+        "(file vs ffhqrebalanced512-64)"
+    )
+    dst = tmp_path / "out" / "x.safetensors"
+    with pytest.raises(ConfigMismatchError):
+        convert_pkl(_write_parity(tmp_path / "p.pkl", parity), dst, config="ffhq512-128")
+    assert not dst.parent.exists()
 
 
 def test_reads_the_network_asked_for(parity_pkl: Path) -> None:
