@@ -260,7 +260,7 @@ def _commit(entry: Entry, part: Path, source: str) -> Path:
     try:
         staged = _stage(entry, part, source)
     except My3DGenError as err:
-        raise _refusal(entry, type(err)(f"{source}: {err}"), source) from None
+        raise _refusal(entry, type(err)(f"{source.removeprefix('file:')}: {err}"), source) from None
     return _install(entry, staged)
 
 

@@ -1,13 +1,16 @@
-"""A real HTTP file server on 127.0.0.1 for the zoo tests (Range, drops, 404, request log)."""
+"""A real HTTP file server on 127.0.0.1 for the zoo tests (Range, drops, 404, request log), and a
+listing of the cache to compare before and after a refused file."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
 @dataclass
@@ -121,3 +124,24 @@ def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The cache's fixed folders (zoo.py): made as needed, empty or not they hold nothing by themselves.
+LAYOUT_FOLDERS = {"cache", "blobs", "refs", "converted", "partial", "locks", "registries", "bases"}
+
+
+def tree_listing(root: Path) -> dict[str, tuple[int, str] | None]:
+    """Everything under `root` but lock files and the empty fixed folders: relative path -> (size,
+    sha256), None for any other folder (a leftover temp folder shows up).
+
+    Two equal listings mean byte-identical trees: what a refused file must leave behind.
+    """
+    if not root.exists():
+        return {}
+    listing: dict[str, tuple[int, str] | None] = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if "locks" in rel.parts or (p.is_dir() and p.name in LAYOUT_FOLDERS):
+            continue
+        listing[str(rel)] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()) if p.is_file() else None
+    return listing

@@ -513,7 +513,7 @@ def convert_pkl(
     ckpt = read_official_pkl(src)
     found = ckpt.config(source={"file": source_name or src.name, "sha256": sha256_file(src), "network": "G_ema"})
     if config is not None:
-        check_config(found, config, source_name or src)
+        check_config(found, config, src)
     return _save_checked(ckpt.state_dict, found, src, dst)
 
 
