@@ -200,18 +200,21 @@ def _open_check(entry: Entry, path: Path) -> None:
             raise UserInputError(f"is not a readable torch weights file ({type(err).__name__})") from None
 
 
-def _refusal(entry: Entry, err: My3DGenError, source: str) -> My3DGenError:
-    """The one-line error for refused bytes: what was wrong, that nothing was kept, what to do."""
-    return type(err)(f"{entry.name}: {err}; nothing was cached ({_advice(entry, err, source)})")
+def _refusal(entry: Entry, err: My3DGenError, user_file: Path | None = None) -> My3DGenError:
+    """The one-line error for refused bytes: what was wrong, that nothing was kept, what to do.
+
+    user_file: the file given with --from (None for a download)."""
+    return type(err)(f"{entry.name}: {err}; nothing was cached ({_advice(entry, err, user_file)})")
 
 
-def _advice(entry: Entry, err: My3DGenError, source: str) -> str:
+def _advice(entry: Entry, err: My3DGenError, user_file: Path | None) -> str:
     from my3dgen_cli.eg3d.checkpoint import ConfigMismatchError
 
     if isinstance(err, ConfigMismatchError):
-        where = source.removeprefix("file:")
+        where = user_file or "FILE.pkl"
+        fix = "" if user_file else f"fix the registry entry's config ({entry.config}), or download the file; "
         return (
-            f"to use this file as it is, pass it as --base {where}, or keep it under a name of its own: "
+            f"{fix}to use the file as it is, pass it as --base {where}, or keep it under a name of its own: "
             f"`my3dgen fetch NEW-NAME --from {where} --local`"
         )
     if entry.recorded:
@@ -255,12 +258,12 @@ def _install(entry: Entry, staged: _Staged) -> Path:
     return blob
 
 
-def _commit(entry: Entry, part: Path, source: str) -> Path:
+def _commit(entry: Entry, part: Path, source: str, user_file: Path | None = None) -> Path:
     """Check `part` and put it into the cache, or raise the refusal with nothing kept (lock held)."""
     try:
         staged = _stage(entry, part, source)
     except My3DGenError as err:
-        raise _refusal(entry, type(err)(f"{source.removeprefix('file:')}: {err}"), source) from None
+        raise _refusal(entry, type(err)(f"{user_file or source}: {err}"), user_file) from None
     return _install(entry, staged)
 
 
@@ -329,10 +332,10 @@ def ensure(
             download.http_download(name, entry.urls, part, entry.size, progress, check=check)
         except DownloadError as err:
             if refused:  # some URL served bytes, none of them the right ones
-                raise DownloadError(f"{err}; nothing was cached ({_advice(entry, refused[-1], entry.url)})") from None
+                raise DownloadError(f"{err}; nothing was cached ({_advice(entry, refused[-1], None)})") from None
             raise
         except (ChecksumError, UserInputError, UnsafeCheckpointError) as err:  # the only URL was refused
-            raise _refusal(entry, err, entry.url) from None
+            raise _refusal(entry, err) from None
         return _install(entry, staged[-1])
 
 
@@ -359,7 +362,7 @@ def import_file(
         part = _part_path(name)
         part.parent.mkdir(parents=True, exist_ok=True)
         download.copy_local(src.resolve().as_uri(), part, progress)
-        return _commit(entry, part, f"file:{src}")
+        return _commit(entry, part, f"file:{src}", user_file=src)
 
 
 def _converter(entry: Entry) -> Callable[[Path, Path], Path]:

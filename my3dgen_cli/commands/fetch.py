@@ -167,8 +167,6 @@ def fetch(
         entry = zoo.get_entry(name, registry)
         convert = entry.kind == "base-generator"  # .pkl or plain .safetensors -> converted pair
         row: dict[str, Any] = {"name": name, "kind": entry.kind}
-        if convert and from_ is None and not zoo.converted(name, entry):
-            output.info(f"{name}: fetching, checking and converting to safetensors")
         with download_progress(output, name) as hook:
             if from_ is not None:
                 zoo.import_file(name, from_, registry=registry, progress=hook)

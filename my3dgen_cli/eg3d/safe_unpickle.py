@@ -296,10 +296,13 @@ def safe_load(file: BinaryIO) -> Any:
         raise
     except EOFError:
         raise UserInputError("the file ends early (truncated download?)") from None
+    except pickle.UnpicklingError as err:
+        if "truncated" in str(err):  # how pickle reports a record cut off mid-way (no EOFError then)
+            raise UserInputError("the file ends early (truncated download?)") from None
+        raise UserInputError(f"not a readable pickle ({_one_line(err)})") from None
     except RecursionError:
         raise UserInputError("the pickle nests too deeply") from None
     except (
-        pickle.UnpicklingError,
         ValueError,
         TypeError,
         AttributeError,
