@@ -9,10 +9,16 @@
     ├── partial/<name>.part           an interrupted download, resumed with HTTP Range
     ├── locks/<name>.lock             one process fetches a name at a time; others wait, then reuse
     ├── registries/<hash>.toml        copies of --registry URLs, for offline use
+    ├── bases/<name>.safetensors      local bases (`import_local_base`, `fetch NAME --from F.pkl --local`)
     └── registry.local.json           sha256 and size recorded on first fetch when unpublished
 
 A blob is verified (sha256, or the registry's sha256 prefix) *before* it is renamed into
-`blobs/`, and a ref is written after its blob, so a reader never sees half a file.
+`blobs/`, and a ref is written after its blob, so a reader never sees half a file. A base
+generator is converted before that too (its config checked against the entry's), and a file whose
+hash is not published is trusted on first use only once it converted or opened as its format: a
+refused, empty or truncated file leaves no blob, no ref and no recorded hash. A URL whose bytes are
+refused falls back to the mirrors; `ensure(..., verify=True)` (what `my3dgen fetch` does) rehashes
+a cached file and fetches it again when it no longer matches.
 
 Library API (other commands call these): `ensure(name) -> Path` (the verified file, fetched on
 demand), `resolve_base(name) -> Path` (a base generator's converted .safetensors),

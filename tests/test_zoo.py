@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
-from zoo_server import FileServer, closed_port
+from zoo_server import FileServer, closed_port, serving
 
 from my3dgen_cli import download, zoo
 from my3dgen_cli.cli import app
@@ -26,10 +26,7 @@ SHA = hashlib.sha256(BODY).hexdigest()
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("MY3DGEN_RETRIES", "1")
-    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
-    with FileServer() as srv:
+    with serving(monkeypatch, retries=1) as srv:
         srv.state.files["/w.bin"] = BODY
         yield srv
 

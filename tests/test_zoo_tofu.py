@@ -17,7 +17,7 @@ import pytest
 import torch
 from official_pkl import write_discriminator_pkl, write_official_pkl
 from test_zoo import BODY, SHA, assert_one_line_error, entry_toml, run, write_registry
-from zoo_server import FileServer, tree_listing
+from zoo_server import FileServer, serving, tree_listing
 
 from my3dgen_cli import download, paths, zoo
 from my3dgen_cli.eg3d import build_generator
@@ -26,10 +26,7 @@ from my3dgen_cli.eg3d.checkpoint import load_converted
 
 @pytest.fixture
 def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    monkeypatch.setenv("MY3DGEN_RETRIES", "0")
-    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
-    with FileServer() as srv:
+    with serving(monkeypatch, retries=0) as srv:
         yield srv
 
 

@@ -3,11 +3,13 @@ listing of the cache to compare before and after a refused file."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -117,6 +119,19 @@ class FileServer:
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def serving(monkeypatch, retries: int) -> Iterator[FileServer]:  # type: ignore[no-untyped-def]
+    """A running FileServer, with my3dgen's client set up for tests: no proxy for 127.0.0.1,
+    `retries` per URL (MY3DGEN_RETRIES) and a short backoff."""
+    from my3dgen_cli import download
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("MY3DGEN_RETRIES", str(retries))
+    monkeypatch.setattr(download, "BACKOFF_S", 0.01)
+    with FileServer() as srv:
+        yield srv
 
 
 def closed_port() -> int:

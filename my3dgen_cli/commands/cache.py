@@ -69,7 +69,7 @@ def verify(
     if bad:
         raise ChecksumError(
             f"{len(bad)} of {len(results)} cached artifacts failed verification ({', '.join(bad)}); "
-            f"run `my3dgen cache rm {bad[0]}` and fetch it again"
+            f"`my3dgen fetch {bad[0]}` fetches it again (or remove it: `my3dgen cache rm {bad[0]}`)"
         )
 
 
