@@ -1,6 +1,8 @@
 """Atomic writes: a process-unique temp file in the target folder, then `os.replace`.
 
-A crash or Ctrl-C leaves either the old file or the new one, never half of one.
+A crash or Ctrl-C leaves either the old file or the new one, never half of one. The file gets the
+mode a plain `open(..., "w")` would give (0666 less the umask), not mkstemp's private 0600, so files
+in a shared lab folder stay readable by the group the user chose.
 """
 
 from __future__ import annotations
@@ -10,6 +12,18 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits of a new regular file under the current umask."""
+    return 0o666 & ~_umask()
 
 
 @contextmanager
@@ -22,6 +36,8 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, new_file_mode())
         os.replace(tmp, target)
     finally:
         if tmp.exists():
