@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from my3dgen_cli.errors import UserInputError
+
 
 def _umask() -> int:
     """The process umask (reading it means setting it, so it is set back at once)."""
@@ -26,19 +28,43 @@ def new_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
+def _cannot_write(target: Path, err: OSError) -> UserInputError:
+    """The user named `target`; our temp file is an implementation detail they never saw."""
+    return UserInputError(f"cannot write {target}: {err.strerror or err}")
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path beside `target`; rename it onto `target` if the block succeeds."""
+    """Yield a temp path beside `target`; rename it onto `target` if the block succeeds.
+
+    Raises:
+        UserInputError: the folder cannot be made or written, or `target` cannot be replaced
+            (a folder of that name, a read-only place); the message names `target`.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserInputError(f"cannot write {target}: {blocker} is a file, not a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise _cannot_write(target, err) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        if tmp.exists():
-            os.chmod(tmp, new_file_mode())
-        os.replace(tmp, target)
+        try:
+            yield tmp
+        except OSError as err:
+            if err.filename is not None and Path(err.filename) == tmp:
+                raise _cannot_write(target, err) from None
+            raise
+        try:
+            if tmp.exists():
+                os.chmod(tmp, new_file_mode())
+            os.replace(tmp, target)
+        except OSError as err:
+            raise _cannot_write(target, err) from None
     finally:
         if tmp.exists():
             tmp.unlink()

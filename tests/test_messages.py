@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.fileio import write_text_atomic
 from my3dgen_cli.output import Output, printable
 
@@ -72,3 +73,17 @@ def test_written_files_follow_the_umask(tmp_path: Path, umask: int) -> None:
     finally:
         os.umask(old)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("where", ["afile.txt/x.png", "afile.txt/sub/x.png", "adir"])
+def test_unwritable_outputs_name_the_users_path(tmp_path: Path, where: str) -> None:
+    (tmp_path / "afile.txt").write_text("keep")
+    (tmp_path / "adir").mkdir()
+    target = tmp_path / where
+    with pytest.raises(UserInputError) as info:
+        write_text_atomic(target, "x")
+    message = str(info.value)
+    assert str(target) in message and ".tmp" not in message
+    assert (tmp_path / "afile.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile.txt"]
+    assert list((tmp_path / "adir").iterdir()) == []
