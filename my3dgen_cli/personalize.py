@@ -3,7 +3,7 @@
 Stages (each with a progress bar when run from the CLI):
     1. photos -> 512 px crops + camera labels (faces module), optionally with mirrored copies;
     2. anchors: each photo projected into W of the frozen base, in chunks saved as they finish
-       (anchor_chunks.project_anchors);
+       (anchor_chunks.project_anchors), or a My3DGen dataset folder's own latents (latents_import);
     3. adapter training: LoRA on the default targets, My3DGen's loss + symmetry term (training.py);
     4. the identity folder: adapter, anchors, preview grid, loss log and curve (identity.py layout).
 

@@ -16,7 +16,8 @@ SYM_CHOICES = ("id", "lpips")
                               "Runs data-parallel under torchrun; --batch-file shares many people among ranks.")
 def personalize_cmd(
     photos: Annotated[list[Path] | None, typer.Argument(help="Photo files and/or folders (a folder with an EG3D "
-                                                             "dataset.json is read as aligned crops).")] = None,
+                                                             "dataset.json is read as aligned crops; one with "
+                                                             "image_N_latent.npy too brings its anchors).")] = None,
     name: Annotated[str | None, typer.Option("--name", "-n", help="Identity name (folder under identities/).")
                     ] = None,
     batch_file: Annotated[Path | None, typer.Option("--batch-file", help="CSV of people (name, photos[, labels]) "
