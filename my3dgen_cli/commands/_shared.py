@@ -139,18 +139,25 @@ def identity_anchors(identity: str | None, device: Any) -> tuple[Any, Any] | tup
 
 
 def check_latent_files(specs: Iterable[str]) -> None:
-    """Name a missing .latent file before the (slow) generator is opened, not after."""
+    """Name a missing latent file, or a broken .npy one, before the (slow) generator is opened, not after."""
+    from my3dgen_cli.latents_import import NPY_SUFFIX, camera_beside, read_npy
+
     for spec in specs:
-        if not spec.startswith(("seed:", "anchor:")) and not Path(spec).is_file():
-            raise UserInputError(f"latent: {spec} does not exist (expected a .latent file, anchor:K or seed:S)")
+        if spec.startswith(("seed:", "anchor:")):
+            continue
+        if not Path(spec).is_file():
+            raise UserInputError(f"latent: {spec} does not exist (expected a .latent or .npy file, anchor:K or seed:S)")
+        if Path(spec).suffix.lower() == NPY_SUFFIX:
+            read_npy(spec)
+            camera_beside(spec)
 
 
 def resolve_key(spec: str, G: Any, identity: str | None, device: Any, truncation: float) -> tuple[str, Any, Any]:
     """A latent named on the command line -> (name, ws [1, num_ws, w_dim], camera [1, 25] or None).
 
-    spec: a `.latent` file, `anchor:K` (needs --identity) or `seed:S`.
+    spec: a `.latent` or `.npy` file (latents_import.open_latent), `anchor:K` (needs --identity) or `seed:S`.
     """
-    from my3dgen_cli.identity import load_latent
+    from my3dgen_cli.latents_import import open_latent
     from my3dgen_cli.render import latent_from_seed
 
     if spec.startswith("seed:"):
@@ -165,11 +172,8 @@ def resolve_key(spec: str, G: Any, identity: str | None, device: Any, truncation
         except ValueError:
             raise UserInputError(f"latent: got {spec!r}, expected anchor:INTEGER") from None
         return (f"anchor{k}", *anchor(identity, k, device))
-    lat = load_latent(spec)
-    ws = lat.ws.to(device)
-    if ws.shape[1:] != (G.num_ws, G.w_dim):
-        raise UserInputError(f"{spec}: got ws {list(ws.shape)}, expected [1, {G.num_ws}, {G.w_dim}] for this generator")
-    return Path(spec).stem, ws, lat.camera.to(device)
+    lat = open_latent(spec, G.num_ws, G.w_dim)
+    return Path(spec).stem, lat.ws.to(device), None if lat.camera is None else lat.camera.to(device)
 
 
 def anchor(identity: str | None, k: int, device: Any) -> tuple[Any, Any]:

@@ -12,13 +12,13 @@ from my3dgen_cli.commands._shared import ModelOptions, check_free, model_options
 from my3dgen_cli.errors import UserInputError
 
 
-@command("interpolate", help="Morph between latents A B [C...] (.latent files, anchor:K or seed:S). "
+@command("interpolate", help="Morph between latents A B [C...] (.latent or .npy files, anchor:K or seed:S). "
                               "-o morph.mp4 (or .gif) writes the video alone; -o FOLDER writes frames, video, gif "
                               "and strip.")
 @model_options()
 def interpolate(
     opts: ModelOptions,
-    keys: Annotated[list[str], typer.Argument(help="Two or more: a .latent file, anchor:K or seed:S.")],
+    keys: Annotated[list[str], typer.Argument(help="Two or more: a .latent or .npy file, anchor:K or seed:S.")],
     frames: Annotated[int, typer.Option("--frames", help="Frames in all, both ends included.")] = 30,
     mode: Annotated[str, typer.Option("--mode", help="linear or slerp.")] = "linear",
     space: Annotated[str, typer.Option("--space", help="w+ (per layer) or w (the rows' mean).")] = "w+",

@@ -30,7 +30,8 @@ def _ints(spec: str, name: str) -> list[int]:
 @model_options()
 def render(
     opts: ModelOptions,
-    latent: Annotated[list[Path] | None, typer.Option("--latent", help="A .latent file (repeatable).")] = None,
+    latent: Annotated[list[Path] | None, typer.Option(
+        "--latent", help="A .latent or .npy (EG3D projector / My3DGen) file; repeatable.")] = None,
     anchor: Annotated[str | None, typer.Option("--anchor", help="Anchor index/indices of --identity: 3, 0,2 or 0:3.")
                       ] = None,
     seed: Annotated[str | None, typer.Option("--seed", help="Seed(s) of random faces: 7, 1,2 or 0:9.")] = None,
@@ -101,7 +102,8 @@ def render(
     for name, _, cam in sources:
         if own_camera:
             if cam is None:
-                raise UserInputError(f"--own-camera: {name} has no stored camera (seeds are rendered frontal)")
+                raise UserInputError(f"--own-camera: {name} has no stored camera (seeds have none; an .npy takes it "
+                                      "from a dataset.json beside it)")
             pairs = [("own", None)]
         else:
             pairs = [(angle_tag(y, p), (y, p)) for p in pitches for y in yaws]
