@@ -133,7 +133,7 @@ class TriPlaneGenerator(nn.Module):
                                            sampling=sampling, generator=generator)
         feature_image = features.permute(0, 2, 1).reshape(-1, features.shape[-1], res, res).contiguous()
         depth_image = depth.permute(0, 2, 1).reshape(-1, 1, res, res)
-        rgb_image = feature_image[:, :3]
+        rgb_image = feature_image[:, :3].contiguous()  # outputs are plain NCHW tensors
         image = self.superresolution(
             rgb_image, feature_image, ws, noise_mode=self.rendering_kwargs["superresolution_noise_mode"],
             fused_modconv=fused, generator=generator, channels_last=channels_last,
