@@ -12,8 +12,7 @@ from my3dgen_cli.commands._shared import ModelOptions, check_free, model_options
 from my3dgen_cli.errors import UserInputError
 
 
-@command("interpolate", help="Morph between latents A B [C...] (.latent files, anchor:K or seed:S; seed:0-3 or "
-                              "seed:1,5,9 give several keys, ranges include both ends). "
+@command("interpolate", help="Morph between latents A B [C...] (.latent files, anchor:K or seed:S). "
                               "-o morph.mp4 (or .gif) writes the video alone; -o FOLDER writes frames, video, gif "
                               "and strip.")
 @model_options()
