@@ -18,8 +18,8 @@ from my3dgen_cli.errors import UserInputError
 @model_options()
 def interpolate(
     opts: ModelOptions,
-    keys: Annotated[list[str], typer.Argument(help="Two or more: a .latent or .npy file, anchor:K or "
-                                                   "seed:S (K and S also 1,5,9, 0-3 or 0:3; ranges include both ends).")],
+    keys: Annotated[list[str], typer.Argument(help="Two or more: a .latent or .npy file, anchor:K or seed:S "
+                                                   "(K and S also 1,5,9, 0-3 or 0:3; ranges include both ends).")],
     frames: Annotated[int, typer.Option("--frames", help="Frames in all, both ends included.")] = 30,
     mode: Annotated[str, typer.Option("--mode", help="linear or slerp.")] = "linear",
     space: Annotated[str, typer.Option("--space", help="w+ (per layer) or w (the rows' mean).")] = "w+",
