@@ -114,8 +114,10 @@ class TriPlaneGenerator(nn.Module):
         (the official "inference_only"). `planes` skips the backbone (render many views of one face).
         channels_last: backbone and superresolution convolutions run in NHWC memory (speed.py; same
         values up to float order); the outputs are contiguous either way.
-        Returns {"image": [N,3,img,img], "image_raw": [N,C,r,r] (first 3 = rgb),
-        "image_depth": [N,1,r,r]} with r the neural rendering resolution.
+        Returns, as the official generator, {"image": [N,3,img,img] (superresolved),
+        "image_raw": [N,3,r,r] (the neural render's rgb), "image_depth": [N,1,r,r]}, plus
+        "image_features": [N,C,r,r], the whole feature image that superresolution reads (its first
+        3 channels are image_raw); r is the neural rendering resolution.
         """
         check_label(c)
         ops.check_shape("ws", ws, [c.shape[0], self.num_ws, self.w_dim])
@@ -131,12 +133,12 @@ class TriPlaneGenerator(nn.Module):
                                            sampling=sampling, generator=generator)
         feature_image = features.permute(0, 2, 1).reshape(-1, features.shape[-1], res, res).contiguous()
         depth_image = depth.permute(0, 2, 1).reshape(-1, 1, res, res)
-        rgb_image = feature_image[:, :3]
+        rgb_image = feature_image[:, :3].contiguous()  # outputs are plain NCHW tensors
         image = self.superresolution(
             rgb_image, feature_image, ws, noise_mode=self.rendering_kwargs["superresolution_noise_mode"],
             fused_modconv=fused, generator=generator, channels_last=channels_last,
         )
-        return {"image": image, "image_raw": feature_image, "image_depth": depth_image}
+        return {"image": image, "image_raw": rgb_image, "image_depth": depth_image, "image_features": feature_image}
 
     def forward(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0,
                 truncation_cutoff: int | None = None, **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:
