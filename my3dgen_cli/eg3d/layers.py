@@ -192,6 +192,10 @@ class SynthesisLayer(nn.Module):
             noise = self.noise_const * self.noise_strength
         elif noise_mode != "none":
             raise ValueError(f"noise_mode: got {noise_mode!r}, expected 'const', 'random' or 'none'")
+        if fused_modconv and not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+            return ops.modulated_conv2d_lrelu(x, self.effective_weight(), styles, self.bias, noise=noise, up=self.up,
+                                              resample_filter=self.resample_filter, clamp=self.conv_clamp,
+                                              channels_last=channels_last)
         x = ops.modulated_conv2d(
             x, self.effective_weight(), styles, noise=noise, up=self.up,
             resample_filter=self.resample_filter, fused=fused_modconv, channels_last=channels_last,
