@@ -129,10 +129,13 @@ def sample_weights(weights: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_colors(colors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_s weights[n, m, s] colors[n, m, s, :] as one batched matrix product: [N, M, S, C] -> [N, M, C]."""
+    """sum_s weights[n, m, s] colors[n, m, s, :] as one batched matrix product: [N, M, S, C] -> [N, M, C].
+
+    The result has the dtype the reference's weights * colours has (fp32 weights: fp32 under autocast too).
+    """
     n, m, s, c = colors.shape
     out = torch.bmm(weights.reshape(-1, 1, s).to(colors.dtype), colors.reshape(-1, s, c))
-    return out.reshape(n, m, c)
+    return out.reshape(n, m, c).to(torch.promote_types(weights.dtype, colors.dtype))
 
 
 def coarse_depths(
