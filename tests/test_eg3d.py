@@ -177,6 +177,19 @@ def test_fused_compositing_equals_the_reference_marcher(tiny, n_fine: int) -> No
         assert (fast - reference).abs().max() <= 1e-5
 
 
+def test_fast_softplus_and_its_gradient_equal_torch() -> None:
+    from my3dgen_cli.eg3d.layers import Softplus
+
+    x = torch.cat([torch.linspace(-40, 40, 801), torch.randn(1000) * 3]).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    fast, reference = Softplus()(x), F.softplus(x_ref)
+    assert (fast - reference).abs().max() <= 1e-6
+    assert torch.equal(fast[x > 20], x[x > 20])  # above the threshold: x itself, as torch
+    fast.square().sum().backward()
+    reference.square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_truncation_lerps_towards_w_avg(tiny) -> None:
     z, c_cond, _ = _tiny_inputs()
     tiny.backbone.mapping.w_avg.copy_(torch.randn(64))
