@@ -115,7 +115,7 @@ class Softplus(nn.Softplus):
     For x < -17, 1 + e^x rounds to 1, so the result is 0 instead of e^x < 5e-8 (absolute error below
     that); elsewhere the two agree to float rounding (tests/test_eg3d.py). The tri-plane decoder's
     hidden layer is the only user: there it was the largest element-wise op of a tiny training step.
-    While exporting to ONNX, torch's op (ONNX has Softplus).
+    Inside `ops.reference_paths()`, while exporting to ONNX (which has Softplus) and off the CPU: torch's op.
     """
 
     THRESHOLD = 20.0
@@ -124,7 +124,7 @@ class Softplus(nn.Softplus):
         super().__init__(beta=1.0, threshold=self.THRESHOLD)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export() or x.device.type != "cpu":
+        if not ops.fast_paths() or x.device.type != "cpu":
             return super().forward(x)
         return _SoftplusFn.apply(x)
 
@@ -228,7 +228,7 @@ class SynthesisLayer(nn.Module):
             noise = self.noise_const * self.noise_strength
         elif noise_mode != "none":
             raise ValueError(f"noise_mode: got {noise_mode!r}, expected 'const', 'random' or 'none'")
-        if fused_modconv and not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export():
+        if fused_modconv and not torch.is_grad_enabled() and ops.fast_paths():
             return ops.modulated_conv2d_lrelu(x, self.effective_weight(), styles, self.bias, noise=noise, up=self.up,
                                               resample_filter=self.resample_filter, clamp=self.conv_clamp,
                                               channels_last=channels_last)

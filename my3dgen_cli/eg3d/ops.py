@@ -7,12 +7,35 @@ exists it sits beside the reference and tests check that the two agree.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 
 LRELU_ALPHA = 0.2
 LRELU_GAIN = math.sqrt(2.0)
+_FAST_PATHS: ContextVar[bool] = ContextVar("fast_paths", default=True)
+
+
+@contextmanager
+def reference_paths() -> Iterator[None]:
+    """Run the reference forms instead of the CPU fast paths while open (benchmarks and tests compare them).
+
+    Covers the in-place conv epilogue (`modulated_conv2d_lrelu`), the decoder's Softplus and the
+    renderer's fused compositing. Both give the same values up to float rounding.
+    """
+    token = _FAST_PATHS.set(False)
+    try:
+        yield
+    finally:
+        _FAST_PATHS.reset(token)
+
+
+def fast_paths() -> bool:
+    """Whether the fast paths may run: not inside `reference_paths()`, not while exporting to ONNX."""
+    return _FAST_PATHS.get() and not torch.onnx.is_in_onnx_export()
 
 
 def check_shape(name: str, tensor: torch.Tensor, expected: list[int | None]) -> None:

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from my3dgen_cli.eg3d.ops import fast_paths
+
 SAMPLING_MODES = ("deterministic", "stochastic")
 # (first coordinate, second coordinate) read from each plane; official generate_planes() projected.
 PLANE_AXES = ((0, 1), (0, 2), (2, 0))
@@ -190,7 +192,7 @@ class ImportanceRenderer(nn.Module):
     `fused` (default) composites without moving colours: the merged samples' weights are computed in
     depth order from the densities alone, handed back to each sample's place in the coarse and fine
     passes (`sample_weights`), and each pass's colours enter one batched product (`weighted_colors`).
-    The reference path (`fused = False`, and always while exporting to ONNX) sorts and gathers the
+    The reference path (`fused = False`, `ops.reference_paths()`, ONNX export) sorts and gathers the
     colours and composites them as the official marcher does. Same sums in another order (~1e-7).
     """
 
@@ -212,7 +214,7 @@ class ImportanceRenderer(nn.Module):
         accumulated weight [N,M,1]."""
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling: got {sampling!r}, expected one of {SAMPLING_MODES}")
-        fused = self.fused and not torch.onnx.is_in_onnx_export()
+        fused = self.fused and fast_paths()
         n, m, _ = origins.shape
         depths_c = coarse_depths(n, m, float(options["ray_start"]), float(options["ray_end"]),
                                  int(options["depth_resolution"]), sampling, origins.device, generator)
