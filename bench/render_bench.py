@@ -4,11 +4,14 @@
     python bench/render_bench.py --batches 1,8 --amp bf16 [--compile] --official ...   # + our fast path
     python bench/render_bench.py --batches 1,4 --channels-last                          # NHWC vs NCHW
     python bench/render_bench.py --device cuda --amp fp16 --channels-last   # + fp16 in NCHW, alternating
+    python bench/render_bench.py --reference --official ...   # + ours with ops.reference_paths() (no CPU fast paths)
 
 Times are per view (a batch's time / its size), for each neural rendering resolution and batch.
 With --amp, --compile or --channels-last a third column times our fast path (speed.autocast /
 speed.compiled / NHWC convolutions), alternating with the reference run by run, and its largest
-pixel difference from our fp32 output is printed beside it.
+pixel difference from our fp32 output is printed beside it. --reference adds a column for our fp32
+path with the CPU fast paths off (`ops.reference_paths()`: official-order compositing, allocating conv
+epilogues, torch's softplus), alternating with the others, so one run shows what those paths save.
 
 The official implementation is optional: point --official (or $EG3D_OFFICIAL) at the `eg3d/`
 folder of a checkout of NVlabs/eg3d and it is imported from there, given the same random weights,
@@ -27,7 +30,7 @@ import time
 
 import torch
 
-from my3dgen_cli.eg3d import build_generator
+from my3dgen_cli.eg3d import build_generator, ops
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
 from my3dgen_cli.speed import autocast, compiled
 
@@ -72,6 +75,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="the fast path runs its convs in NHWC")
     parser.add_argument("--config", default="ffhq512-128")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--reference", action="store_true", help="also time our fp32 path without the fast paths")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -94,8 +98,10 @@ def main() -> None:
           f"fast path: {tag or 'none'}; seconds per view (best of {args.repeats})")
     print(f"| neural res | batch | ours fp32 | {'ours ' + tag if fast else 'ours fast'} | official | "
           "official/ours | official/fast | fast max abs diff |" + (" fast in NCHW |" if fast_nchw and
-                                                                   args.channels_last else ""))
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if fast_nchw and args.channels_last else ""))
+                                                                   args.channels_last else "")
+          + (" ours reference | ours/official |" if args.reference else ""))
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if fast_nchw and args.channels_last else "")
+          + ("---:|---:|" if args.reference else ""))
     for n in batches:
         z = torch.randn(n, ours.z_dim, generator=torch.Generator().manual_seed(1)).to(device)
         c_cond, c = frontal_camera(n).to(device), lookat_camera([20.0] * n, 5.0).to(device)
@@ -110,6 +116,11 @@ def main() -> None:
                     runs["fast"] = run_fast
                     if args.channels_last and fast_nchw:  # the same fast path in NCHW: NHWC's own share
                         runs["fast_nchw"] = lambda ws=ws, nrr=nrr, c=c: run_fast(ws, nrr, c, nhwc=False)
+                if args.reference:
+                    def run_reference(ws=ws, nrr=nrr, c=c):
+                        with ops.reference_paths():
+                            return ours.synthesis(ws, c, neural_rendering_resolution=nrr)
+                    runs["reference"] = run_reference
                 if theirs is not None:
                     runs["official"] = lambda ws=ws, nrr=nrr, c=c: theirs.synthesis(
                         ws, c, neural_rendering_resolution=nrr, noise_mode="const")
@@ -126,7 +137,9 @@ def main() -> None:
             print(f"| {nrr} | {n} | {per['ours']:.3f} | {cell(t_fast)} | {cell(t_off)} | "
                   f"{cell(t_off / per['ours'] if t_off else None, '{:.2f}')} | "
                   f"{cell(t_off / t_fast if t_off and t_fast else None, '{:.2f}')} | {cell(diff, '{:.2g}')} |"
-                  + (f" {cell(per['fast_nchw'])} |" if "fast_nchw" in per else ""))
+                  + (f" {cell(per['fast_nchw'])} |" if "fast_nchw" in per else "")
+                  + (f" {cell(per.get('reference'))} | {cell(per['ours'] / t_off if t_off else None, '{:.2f}')} |"
+                     if args.reference else ""))
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print(f"peak process RSS {peak_rss_mb():.0f} MiB (both models loaded when --official is given)")

@@ -91,7 +91,10 @@ def output_for(json_mode: bool, quiet: bool = False) -> Output:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. Thread settings first: they only count before torch loads."""
+    from my3dgen_cli.devices import cpu_thread_env
+
+    cpu_thread_env()
     sys.exit(app())
 
 

@@ -1,19 +1,42 @@
-"""Device choice for commands. Library code takes devices from its tensors; only the CLI picks one."""
+"""Device and CPU-thread choice for commands. Library code takes devices from its tensors; only the CLI picks one.
+
+torch is imported inside the functions: `cpu_thread_env` runs at CLI start, before anything loads torch.
+"""
 
 from __future__ import annotations
 
 import os
 import re
-
-import torch
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING
 
 from my3dgen_cli.errors import UserInputError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
+def cpu_thread_env(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Before torch loads: idle OpenMP threads sleep at once instead of spinning (OMP_WAIT_POLICY=PASSIVE).
+
+    OpenMP's default keeps a finished thread spinning for a while, waiting for the next parallel op.
+    On a loaded machine the spinners steal the cores the working threads need, and every op waits for
+    a thread the scheduler parked: MTCNN on a 2-core box under load took 2.5-4 s per photo with 2
+    spinning threads, 0.6-0.8 s with passive ones (docs/benchmarks.md). libgomp reads the variable
+    when torch loads it, so this must run first; a value the user set is kept.
+    """
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" = CUDA if available, else MPS, else CPU. An unavailable explicit choice is an error."""
+    """"auto" = CUDA if available, else MPS, else CPU. An unavailable explicit choice is an error.
+
+    On the CPU, torch then runs as many threads as this process may use (speed.use_all_cores).
+    """
+    import torch
+
     if name not in DEVICE_CHOICES and not re.fullmatch(r"cuda:\d+", name):
         raise UserInputError(f"--device: got {name!r}, expected one of {', '.join(DEVICE_CHOICES)} or cuda:N")
     cuda = torch.cuda.is_available()
@@ -29,6 +52,10 @@ def pick_device(name: str = "auto") -> torch.device:
         check_gpu_index(device.index, f"--device {name}")
     if device.type == "cuda":
         exact_fp32_on_cuda()
+    if device.type == "cpu":
+        from my3dgen_cli.speed import use_all_cores
+
+        use_all_cores()
     return device
 
 
@@ -41,12 +68,16 @@ def exact_fp32_on_cuda() -> None:
     """
     if os.environ.get("MY3DGEN_TF32", "") == "1":
         return
+    import torch
+
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
 
 
 def check_gpu_index(index: int, what: str) -> None:
     """A CUDA index beyond the visible GPUs fails deep inside CUDA; say so in one line instead."""
+    import torch
+
     count = torch.cuda.device_count()
     if index >= count:
         raise UserInputError(f"{what}: got GPU {index}, but this machine shows {count} GPU(s) "

@@ -254,5 +254,11 @@ class FaceDetector:
 
 @lru_cache(maxsize=1)
 def default_detector() -> FaceDetector:
-    """One shared detector per process (loading and verifying the weights takes ~0.1 s)."""
+    """One shared detector per process (loading and verifying the weights takes ~0.1 s).
+
+    Its many small convolutions run on the cores this process may use, no more (speed.use_all_cores).
+    """
+    from my3dgen_cli.speed import use_all_cores
+
+    use_all_cores()
     return FaceDetector()

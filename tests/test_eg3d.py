@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -48,8 +49,11 @@ def test_full_config_state_dict_equals_the_official_names_and_shapes(shared_dir:
     assert ours == official
 
 
+@pytest.mark.parametrize("path", ["fast", "reference"])
 @pytest.mark.parametrize("case", [0, 1, 2])
-def test_matches_official_implementation(shared_dir: Path, case: int) -> None:
+def test_matches_official_implementation(shared_dir: Path, case: int, path: str) -> None:
+    """Both paths hold parity: the default fast one (fused compositing, in-place conv epilogues, softplus
+    from exp/log) and the reference one (ops.reference_paths())."""
     folder = shared_dir / "eg3d_parity"
     G = build_generator(json.loads((folder / "config.json").read_text()))
     weights = {k: v.float() for k, v in load_file(folder / "weights.safetensors").items()}
@@ -58,7 +62,7 @@ def test_matches_official_implementation(shared_dir: Path, case: int) -> None:
     data = load_file(path)
     with safe_open(path, "pt") as f:
         meta = f.metadata()
-    with torch.no_grad():
+    with torch.no_grad(), ops.reference_paths() if path == "reference" else contextlib.nullcontext():
         ws = G.mapping(data["z"], data["c_cond"], truncation_psi=float(meta["psi"]),
                        truncation_cutoff=int(meta["truncation_cutoff"]))
         out = G.synthesis(ws, data["c_render"], neural_rendering_resolution=int(meta["nrr"]),
@@ -134,6 +138,61 @@ def test_upsampling_conv_equals_the_reference_upfirdn_path() -> None:
     reference = F.conv2d(ops.upfirdn2d(x, f, up=2, padding=(3, 2, 3, 2), gain=4.0), w.flip([2, 3]))
     assert fast.shape == (2, 7, 16, 16)
     assert (fast - reference).abs().max() <= 1e-5
+
+
+def test_symmetric_padding_blur_equals_padding_first() -> None:
+    g = torch.Generator().manual_seed(0)
+    x, bias = torch.randn(2, 5, 9, 9, generator=g), torch.randn(5, generator=g)
+    f = ops.setup_filter([1, 3, 3, 1])
+    fast = ops.upfirdn2d(x, f, padding=(1, 1, 1, 1), gain=4.0, bias=bias)
+    reference = ops.upfirdn2d(F.pad(x, [1, 1, 1, 1]), f, gain=4.0) + bias.reshape(1, -1, 1, 1)
+    assert fast.shape == (2, 5, 8, 8)
+    assert (fast - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("up", [1, 2])
+def test_inference_conv_epilogue_equals_conv_then_bias_act(up: int) -> None:
+    g = torch.Generator().manual_seed(up)
+    x, w = torch.randn(2, 6, 8, 8, generator=g), torch.randn(4, 6, 3, 3, generator=g)
+    styles, bias = torch.randn(2, 6, generator=g), torch.randn(4, generator=g)
+    noise = torch.randn(8 * up, 8 * up, generator=g) * 0.1
+    f = ops.setup_filter([1, 3, 3, 1])
+    reference = ops.bias_act(ops.modulated_conv2d(x, w, styles, noise=noise, up=up, resample_filter=f), bias,
+                             act="lrelu", clamp=0.5)
+    fast = ops.modulated_conv2d_lrelu(x, w, styles, bias, noise=noise, up=up, resample_filter=f, clamp=0.5)
+    assert (reference.abs() == 0.5).any() and (reference < 0).any()  # the clamp and the slope both act
+    assert (fast - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("n_fine", [0, 12])
+def test_fused_compositing_equals_the_reference_marcher(tiny, n_fine: int) -> None:
+    z, c_cond, c = _tiny_inputs()
+    with torch.no_grad():
+        ws = tiny.mapping(z, c_cond)
+        planes = tiny.planes(ws)
+        origins, directions = tiny.ray_sampler(c[:, :16].reshape(-1, 4, 4), c[:, 16:25].reshape(-1, 3, 3), 16)
+        options = {**tiny.rendering_kwargs, "depth_resolution_importance": n_fine}
+        outs = {}
+        for fused in (True, False):
+            tiny.renderer.fused = fused
+            outs[fused] = tiny.renderer(planes, tiny.decoder, origins, directions, options)
+    tiny.renderer.fused = True
+    for fast, reference in zip(outs[True], outs[False], strict=True):
+        assert fast.shape == reference.shape
+        assert (fast - reference).abs().max() <= 1e-5
+
+
+def test_fast_softplus_and_its_gradient_equal_torch() -> None:
+    from my3dgen_cli.eg3d.layers import Softplus
+
+    x = torch.cat([torch.linspace(-40, 40, 801), torch.randn(1000) * 3]).requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    fast, reference = Softplus()(x), F.softplus(x_ref)
+    assert (fast - reference).abs().max() <= 1e-6
+    assert torch.equal(fast[x > 20], x[x > 20])  # above the threshold: x itself, as torch
+    fast.square().sum().backward()
+    reference.square().sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_truncation_lerps_towards_w_avg(tiny) -> None:

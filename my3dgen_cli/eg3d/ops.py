@@ -7,12 +7,35 @@ exists it sits beside the reference and tests check that the two agree.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 
 LRELU_ALPHA = 0.2
 LRELU_GAIN = math.sqrt(2.0)
+_FAST_PATHS: ContextVar[bool] = ContextVar("fast_paths", default=True)
+
+
+@contextmanager
+def reference_paths() -> Iterator[None]:
+    """Run the reference forms instead of the CPU fast paths while open (benchmarks and tests compare them).
+
+    Covers the in-place conv epilogue (`modulated_conv2d_lrelu`), the decoder's Softplus and the
+    renderer's fused compositing. Both give the same values up to float rounding.
+    """
+    token = _FAST_PATHS.set(False)
+    try:
+        yield
+    finally:
+        _FAST_PATHS.reset(token)
+
+
+def fast_paths() -> bool:
+    """Whether the fast paths may run: not inside `reference_paths()`, not while exporting to ONNX."""
+    return _FAST_PATHS.get() and not torch.onnx.is_in_onnx_export()
 
 
 def check_shape(name: str, tensor: torch.Tensor, expected: list[int | None]) -> None:
@@ -77,6 +100,7 @@ def upfirdn2d(
     padding: tuple[int, int, int, int] = (0, 0, 0, 0),
     gain: float = 1.0,
     channels_last: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference upfirdn2d (no downsampling), in four steps per channel:
 
@@ -85,8 +109,15 @@ def upfirdn2d(
     3. convolve with the 2-D filter `f` (symmetric here, so no flip matters) times gain**(f.ndim/2);
     4. (downsampling is never used by the generator and is not implemented).
     x: [N, C, H, W]; f: [fh, fw] float32. channels_last: run the filter convolution in NHWC.
+    bias [C]: added by the filter convolution itself (no pass of its own).
+    Without upsampling and with one padding >= 0 on all sides (the 2x-upsampling conv's blur), the
+    convolution pads by itself: the same zeros, without writing a padded copy first.
     """
     n, c, h, w = x.shape
+    kernel = (f * (gain ** (f.ndim / 2))).to(x.dtype).flip([0, 1])
+    kernel = kernel[None, None].repeat(int(c), 1, 1, 1)  # int: a static channel count keeps ONNX's Conv typed
+    if up == 1 and len(set(padding)) == 1 and padding[0] >= 0:
+        return F.conv2d(nhwc(x, channels_last), nhwc(kernel, channels_last), bias, padding=padding[0], groups=c)
     if up > 1:
         x = x.reshape(n, c, h, 1, w, 1)
         x = F.pad(x, [0, up - 1, 0, 0, 0, up - 1])
@@ -94,9 +125,7 @@ def upfirdn2d(
     px0, px1, py0, py1 = padding
     x = F.pad(x, [max(px0, 0), max(px1, 0), max(py0, 0), max(py1, 0)])
     x = x[:, :, max(-py0, 0) : x.shape[2] - max(-py1, 0), max(-px0, 0) : x.shape[3] - max(-px1, 0)]
-    kernel = (f * (gain ** (f.ndim / 2))).to(x.dtype).flip([0, 1])
-    kernel = kernel[None, None].repeat(int(c), 1, 1, 1)  # int: a static channel count keeps ONNX's Conv typed
-    return F.conv2d(nhwc(x, channels_last), nhwc(kernel, channels_last), groups=c)
+    return F.conv2d(nhwc(x, channels_last), nhwc(kernel, channels_last), bias, groups=c)
 
 
 def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
@@ -107,7 +136,7 @@ def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
 
 
 def conv2d_up2(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor, groups: int = 1,
-               channels_last: bool = False) -> torch.Tensor:
+               channels_last: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
     """3x3 convolution at twice the resolution, as the official conv2d_resample(up=2, padding=1).
 
     = conv_transpose2d(stride 2) with the weight as given (correlation convention), then a blur
@@ -125,17 +154,19 @@ def conv2d_up2(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor, groups: int = 
     fw = f.shape[-1]
     p0 = 1 + (fw + 1) // 2 - (kw - 1)  # padding 1, adjusted as in conv2d_resample
     p1 = 1 + (fw - 2) // 2 - (kw - 2)
-    return upfirdn2d(x, f, padding=(p0, p1, p0, p1), gain=4.0, channels_last=channels_last)
+    return upfirdn2d(x, f, padding=(p0, p1, p0, p1), gain=4.0, channels_last=channels_last, bias=bias)
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, up: int, f: torch.Tensor | None, groups: int = 1,
-           channels_last: bool = False) -> torch.Tensor:
-    """Same-size correlation (padding k//2) or the 2x-upsampling conv; channels_last: run it in NHWC."""
+           channels_last: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same-size correlation (padding k//2) or the 2x-upsampling conv; channels_last: run it in NHWC.
+
+    bias [O]: added per output channel by the (last) convolution itself."""
     if up == 2:
         if f is None:
             raise ValueError("conv2d: up=2 needs a resample filter")
-        return conv2d_up2(x, w, f, groups=groups, channels_last=channels_last)
-    return F.conv2d(nhwc(x, channels_last), nhwc(w, channels_last), padding=w.shape[-1] // 2,
+        return conv2d_up2(x, w, f, groups=groups, channels_last=channels_last, bias=bias)
+    return F.conv2d(nhwc(x, channels_last), nhwc(w, channels_last), bias, padding=w.shape[-1] // 2,
                     groups=groups)
 
 
@@ -199,6 +230,43 @@ def modulated_conv2d(
     x = x.reshape(batch, -1, *x.shape[2:])
     if noise is not None:
         x = x + noise
+    return x
+
+
+def modulated_conv2d_lrelu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    styles: torch.Tensor,
+    bias: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    up: int = 1,
+    resample_filter: torch.Tensor | None = None,
+    clamp: float | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """`bias_act(modulated_conv2d(x, ..., fused=True) + noise, bias, "lrelu", clamp=clamp)` in fewer passes.
+
+    For inference (no autograd graph): lrelu(y) * g == lrelu(g * y) for the gain g > 0, so g goes into
+    the demodulated weight, the bias into the convolution itself, and the noise, the activation and the
+    clamp work in place on the convolution's output: three passes over the activations instead of six
+    new tensors. Same values up to float rounding (tests/test_eg3d.py holds the two together).
+    """
+    batch = x.shape[0]
+    out_ch, in_ch, kh, kw = weight.shape
+    check_shape("modulated_conv2d x", x, [None, in_ch, None, None])
+    check_shape("modulated_conv2d styles", styles, [batch, in_ch])
+    w = weight.unsqueeze(0) * styles.reshape(batch, 1, -1, 1, 1)  # [N, O, I, k, k]
+    dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [N, O]
+    w = (w * (dcoefs * LRELU_GAIN).reshape(batch, -1, 1, 1, 1)).reshape(-1, in_ch, kh, kw)
+    b = (bias * LRELU_GAIN).to(x.dtype).repeat(batch)
+    x = conv2d(x.reshape(1, -1, *x.shape[2:]), w.to(x.dtype), up, resample_filter, groups=batch,
+               channels_last=channels_last, bias=b)
+    x = x.reshape(batch, -1, *x.shape[2:])
+    if noise is not None:
+        x.add_((noise * LRELU_GAIN).to(x.dtype))
+    F.leaky_relu_(x, LRELU_ALPHA)
+    if clamp is not None and clamp >= 0:
+        x.clamp_(-clamp, clamp)
     return x
 
 

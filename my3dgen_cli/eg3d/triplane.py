@@ -17,7 +17,7 @@ from my3dgen_cli.eg3d import ops
 from my3dgen_cli.eg3d.backbone import Backbone
 from my3dgen_cli.eg3d.camera import check_label
 from my3dgen_cli.eg3d.configs import GeneratorConfig
-from my3dgen_cli.eg3d.layers import FullyConnectedLayer
+from my3dgen_cli.eg3d.layers import FullyConnectedLayer, Softplus
 from my3dgen_cli.eg3d.renderer import ImportanceRenderer, ray_bundle
 from my3dgen_cli.eg3d.superres import Superresolution
 
@@ -29,7 +29,7 @@ class OSGDecoder(nn.Module):
         super().__init__()
         self.net = nn.Sequential(
             FullyConnectedLayer(n_features, hidden, lr_multiplier=lr_multiplier),
-            nn.Softplus(),
+            Softplus(),
             FullyConnectedLayer(hidden, 1 + out_features, lr_multiplier=lr_multiplier),
         )
 
