@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,28 +37,14 @@ def tiny_scene() -> Any:
 
 
 def serve(scene: Any, out: Path, orbit_frames: int = 4) -> Iterator[LiveViewer]:
-    """Run the viewer app on 127.0.0.1:<free port> in a thread until the generator is closed."""
+    """Run the viewer app on 127.0.0.1:<free port> in a thread for as long as the fixture lives."""
     from my3dgen_cli.view import server
     from my3dgen_cli.view.saves import Saver
 
     info = {"title": "tiny", "sources": [s.name for s in scene.sources], "seeds": scene.has_seed, "truncation": 0.7}
     app = server.build_app(scene, Saver(scene, out, orbit_frames=orbit_frames), TOKEN, info)
-    sock = server.open_socket("127.0.0.1", 0)
-    uv = server.server_for(app)
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the viewer server did not start")
-        time.sleep(0.02)
-    host, port = sock.getsockname()[:2]
-    try:
-        yield LiveViewer(f"http://{host}:{port}", TOKEN, app, scene, out)
-    finally:
-        uv.should_exit = True
-        thread.join(10)
-        sock.close()
+    with server.running(app) as url:
+        yield LiveViewer(url, TOKEN, app, scene, out)
 
 
 @pytest.fixture(name="viewer")

@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, TypeVar
@@ -264,3 +264,26 @@ def server_for(app: Starlette) -> Any:
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
                             proxy_headers=False, lifespan="on")
     return uvicorn.Server(config)
+
+
+@contextlib.contextmanager
+def running(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve `app` from a background thread for the block: yields its root URL (tests, benchmarks).
+
+    `my3dgen view` itself runs the server in the main thread instead, so that Ctrl-C stops it.
+    """
+    sock = open_socket(host, port)
+    uv = server_for(app)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not uv.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("the viewer's server did not start")
+            time.sleep(0.02)
+        yield url_of(sock, "").removesuffix("/?token=")
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        sock.close()
