@@ -9,6 +9,11 @@ import threading
 import time
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
 import numpy as np
 import pytest
 import requests
@@ -241,3 +246,17 @@ def test_cli_refuses_bad_input_in_one_line(tmp_path: Path):
         assert r.exit_code == 2 and "cannot listen on 127.0.0.1" in r.output and len(r.output.splitlines()) == 1
     finally:
         taken.close()
+
+
+def test_every_page_file_is_served_and_shipped_in_the_wheel():
+    import fnmatch
+
+    from my3dgen_cli.view.server import ASSET_TYPES, load_assets
+
+    folder = Path(__file__).resolve().parents[1] / "my3dgen_cli" / "view" / "assets"
+    files = {p.name for p in folder.iterdir() if p.is_file()}
+    assert files == {"index.html", *ASSET_TYPES} and set(load_assets("t")) == files
+    pyproject = tomllib.loads((folder.parents[2] / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["my3dgen_cli.view"]
+    assert all(any(fnmatch.fnmatch(f"assets/{name}", pat) for pat in patterns) for name in files)
+    assert "starlette" in " ".join(pyproject["project"]["optional-dependencies"]["dev"])
