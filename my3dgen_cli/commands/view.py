@@ -83,7 +83,12 @@ def view(
         uv = server.server_for(app)
         if not no_browser:
             threading.Thread(target=_open_when_started, args=(uv, url, webbrowser.open), daemon=True).start()
-        uv.run(sockets=[sock])
+        try:
+            uv.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn has shut down cleanly and re-raises the Ctrl-C: the normal end
+            pass
+        app.state.scheduler.close()
+        output.info("stopped")
     finally:
         sock.close()
 

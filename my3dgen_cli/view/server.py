@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, TypeVar
@@ -226,14 +226,9 @@ def build_app(scene: Scene, saver: Saver, token: str, info: dict[str, Any], *, l
         Route("/api/frame", frame),
         Route("/api/save/{what}", save, methods=["POST"]),
     ]
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        yield
-        scheduler.close()
-
     app = Starlette(routes=routes, exception_handlers={My3DGenError: user_error, OSError: os_error},
-                    middleware=[Middleware(Guard, token=token, loopback=loopback)], lifespan=lifespan)
-    app.state.scheduler = scheduler
+                    middleware=[Middleware(Guard, token=token, loopback=loopback)])
+    app.state.scheduler = scheduler  # its worker thread ends with `scheduler.close()` when serving stops
     return app
 
 
@@ -258,11 +253,14 @@ def url_of(sock: socket.socket, token: str) -> str:
 
 
 def server_for(app: Starlette) -> Any:
-    """A uvicorn server for `app` (quiet: no access log, no Server header, no proxy headers trusted)."""
+    """A uvicorn server for `app` (quiet: no access log, no Server header, no proxy headers trusted).
+
+    No lifespan events: the app needs none, and a Ctrl-C would log the cancelled lifespan task.
+    """
     import uvicorn
 
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False,
-                            proxy_headers=False, lifespan="on")
+                            proxy_headers=False, lifespan="off")
     return uvicorn.Server(config)
 
 
@@ -287,3 +285,4 @@ def running(app: Starlette, host: str = "127.0.0.1", port: int = 0) -> Iterator[
         uv.should_exit = True
         thread.join(10)
         sock.close()
+        app.state.scheduler.close()
