@@ -23,20 +23,24 @@ from tests.view_fixtures import LiveViewer, serve, tiny_scene
 DOCS_IMAGE = Path(__file__).resolve().parents[1] / "docs" / "images" / "view.png"
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def _scene():
     base = os.environ.get("MY3DGEN_VIEW_DOCS_BASE")
     if not base:
-        return tiny_scene()
+        return tiny_scene(), "tiny"
     from my3dgen_cli.generators import open_base
     from my3dgen_cli.view.scene import Scene, Source
 
-    G, _ = open_base(base)
-    return Scene(G, [Source("seed1", seed=1), Source("seed5", seed=5)])
+    G, ref = open_base(base)
+    return Scene(G, [Source("seed1", seed=1), Source("seed5", seed=5)]), ref.name
 
 
 @pytest.fixture
 def page_viewer(tmp_path: Path) -> Iterator[LiveViewer]:
-    yield from serve(_scene(), tmp_path / "saved")
+    scene, title = _scene()
+    yield from serve(scene, tmp_path / "saved", title=title)
 
 
 @pytest.fixture
@@ -50,7 +54,7 @@ def chromium(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1000,720", "--disable-extensions", "--no-first-run"):
+                "--window-size=1000,760", "--disable-extensions", "--no-first-run"):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
     try:
@@ -97,10 +101,9 @@ def test_page_turns_the_face_with_a_drag_and_the_yaw_slider(chromium, page_viewe
     assert "full" in driver.find_element(By.ID, "caption").text
     if os.environ.get("MY3DGEN_VIEW_DOCS_BASE"):
         wait.until(lambda d: "render" in d.find_element(By.ID, "caption").text)
-        driver.find_element(By.ID, "yaw").send_keys(Keys.HOME)
-        for _ in range(30):
-            driver.find_element(By.ID, "yaw").send_keys(Keys.RIGHT)
-        driver.find_element(By.ID, "mix").send_keys(Keys.PAGE_UP)
-        wait.until(lambda d: shown("-60"))
+        yaw, mix = driver.find_element(By.ID, "yaw"), driver.find_element(By.ID, "mix")
+        yaw.send_keys(Keys.HOME, *[Keys.RIGHT] * 65)  # -90 + 65
+        mix.send_keys(*[Keys.PAGE_UP] * 5)  # 0.1 a step
+        wait.until(lambda d: shown("-25") and image.get_attribute("data-mix") == "0.5")
         DOCS_IMAGE.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(DOCS_IMAGE))

@@ -36,12 +36,12 @@ def tiny_scene() -> Any:
     return Scene(G, [Source("seed1", seed=1), Source("b", ws=latent_from_seed(G, 2))])
 
 
-def serve(scene: Any, out: Path, orbit_frames: int = 4) -> Iterator[LiveViewer]:
+def serve(scene: Any, out: Path, orbit_frames: int = 4, title: str = "tiny") -> Iterator[LiveViewer]:
     """Run the viewer app on 127.0.0.1:<free port> in a thread for as long as the fixture lives."""
     from my3dgen_cli.view import server
     from my3dgen_cli.view.saves import Saver
 
-    info = {"title": "tiny", "sources": [s.name for s in scene.sources], "seeds": scene.has_seed, "truncation": 0.7}
+    info = {"title": title, "sources": [s.name for s in scene.sources], "seeds": scene.has_seed, "truncation": 0.7}
     app = server.build_app(scene, Saver(scene, out, orbit_frames=orbit_frames), TOKEN, info)
     with server.running(app) as url:
         yield LiveViewer(url, TOKEN, app, scene, out)

@@ -28,13 +28,14 @@
     try { return (await response.json()).error || response.statusText; } catch { return response.statusText; }
   }
 
-  function show(blob, quality, yaw, seqShown, renderMs, tripMs) {
+  function show(blob, quality, shownState, seqShown, renderMs, tripMs) {
     const url = URL.createObjectURL(blob);
     img.onload = () => {
       if (shownUrl) URL.revokeObjectURL(shownUrl);
       shownUrl = url;
       img.dataset.quality = quality;
-      img.dataset.yaw = String(yaw);
+      img.dataset.yaw = String(shownState.yaw);  // what is on screen, for scripts and tests
+      img.dataset.mix = String(shownState.mix);
       img.dataset.seq = String(seqShown);
       $("caption").textContent = `${quality} · ${img.naturalWidth}×${img.naturalHeight} px · ` +
         `render ${Math.round(renderMs)} ms · round trip ${Math.round(tripMs)} ms`;
@@ -48,14 +49,14 @@
     wanted = null;
     inFlight = true;
     const mine = ++seq;
-    const yaw = state.yaw;
+    const asked = { ...state };
     const started = performance.now();
     try {
       const response = await fetch(`/api/frame?${query({ quality, client, seq: mine })}`, { cache: "no-store" });
       if (response.status === 200 && mine > shownSeq) {
         shownSeq = mine;
         const blob = await response.blob();
-        show(blob, quality, yaw, mine, Number(response.headers.get("X-Render-Ms")), performance.now() - started);
+        show(blob, quality, asked, mine, Number(response.headers.get("X-Render-Ms")), performance.now() - started);
       } else if (response.status !== 200 && response.status !== 204) {
         say(`frame refused: ${await errorOf(response)}`);
       }
