@@ -37,7 +37,7 @@ def main() -> None:
                            truncation_cutoff=int(meta["truncation_cutoff"]))
             out = G.synthesis(ws, data["c_render"], neural_rendering_resolution=int(meta["nrr"]), noise_mode="const")
         diffs = [(ws - data["ws"]).abs().max(), (out["image"] - data["image"]).abs().max(),
-                 (out["image_raw"][:, :3] - data["image_raw_rgb"]).abs().max(),
+                 (out["image_raw"] - data["image_raw_rgb"]).abs().max(),
                  (out["image_depth"] - data["image_depth"]).abs().max()]
         print(f"{path.stem[4:]:>4} {meta['nrr']:>4} {meta['psi']:>4} " + " ".join(f"{d.item():9.2e}" for d in diffs))
 

@@ -39,7 +39,7 @@ HELD_OUT = [(-90.0, 0.0), (-75.0, 0.0), (-60.0, 0.0), (60.0, 0.0), (75.0, 0.0), 
 def render(G, w, cams):
     with torch.no_grad():
         out = G.synthesis(w.expand(cams.shape[0], -1, -1), cams, noise_mode="const", sampling="deterministic")
-    return out["image"], out["image_raw"][:, :3]
+    return out["image"], out["image_raw"]
 
 
 def make_person(G, seed: int, rank: int, strength: float):

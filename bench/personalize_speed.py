@@ -35,7 +35,7 @@ def photos_of(G, n: int = 10):
         w = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(3)).to(cams.device),
                       frontal_camera(1).to(cams.device), 0.7)
         out = G.synthesis(w.expand(n, -1, -1), cams)
-    return out["image"], out["image_raw"][:, :3], cams, w.expand(n, -1, -1)
+    return out["image"], out["image_raw"], cams, w.expand(n, -1, -1)
 
 
 def time_steps(G, data, steps: int, sync, *, lpips=None, sym_distance=None, records: list | None = None,

@@ -53,7 +53,7 @@ def synth(G, ws, cams, nrr: int | None = None, fn=None, channels_last: bool = Fa
     extra = {"channels_last": True} if channels_last else {}
     with torch.no_grad():
         out = fn(ws, cams, neural_rendering_resolution=nrr, noise_mode="const", sampling="deterministic", **extra)
-    return {"image": out["image"].float(), "raw": out["image_raw"][:, :3].float(), "depth": out["image_depth"].float()}
+    return {"image": out["image"].float(), "raw": out["image_raw"].float(), "depth": out["image_depth"].float()}
 
 
 def compare(ctx: Ctx, label: str, out: dict, ref: dict, tol: str) -> None:

@@ -118,7 +118,7 @@ def demo_base(fast: bool, out: Output) -> tuple[str, Path]:
 def synthetic_photos(base: str, person_adapter: Path, photo_dir: Path) -> tuple[Any, Any]:
     """Render the hidden person: (training Photos, held-out Photos); PNGs + dataset.json written."""
     from my3dgen_cli import demo_base as db
-    from my3dgen_cli.eg3d.camera import lookat_camera
+    from my3dgen_cli.eg3d.camera import camera_rig
     from my3dgen_cli.generators import open_base
     from my3dgen_cli.lora import load_adapter
     from my3dgen_cli.personalize import Photos
@@ -127,7 +127,7 @@ def synthetic_photos(base: str, person_adapter: Path, photo_dir: Path) -> tuple[
     _, ws = db.person_latent(G)
     load_adapter(G, person_adapter, base_sha256=ref.sha256)
     angles = [*zip(TRAIN_YAWS, TRAIN_PITCHES, strict=True), *HELD_OUT]
-    cams = lookat_camera([a for a, _ in angles], [b for _, b in angles])
+    cams = camera_rig(G).lookat([a for a, _ in angles], [b for _, b in angles])
     with torch.no_grad():
         images = G.eval().synthesis(ws.expand(len(angles), -1, -1), cams, noise_mode="const")["image"]
     names = [f"train{k:02d}" for k in range(len(TRAIN_YAWS))] + [f"heldout{k}" for k in range(len(HELD_OUT))]
@@ -220,15 +220,16 @@ def run_demo(
     files["latent"] = save_latent(out_dir / "heldout.latent", inv.ws, inv.camera, ref.name, IDENTITY, "w")
     t = stage("invert", t)
 
-    from my3dgen_cli.eg3d.camera import lookat_camera
+    from my3dgen_cli.eg3d.camera import camera_rig
     from my3dgen_cli.render import orbit_angles, render_views
 
+    rig = camera_rig(G)
     angles = orbit_angles(settings.orbit_frames)
-    orbit = render_views(G, inv.ws, lookat_camera([a for a, _ in angles], [b for _, b in angles]))
+    orbit = render_views(G, inv.ws, rig.lookat([a for a, _ in angles], [b for _, b in angles]))
     frames = [media.to_uint8(im) for im in orbit.images]
     files["orbit_gif"] = media.write_gif(out_dir / "orbit.gif", frames, fps=12)
     sheet_angles = [-50.0, -25.0, 0.0, 25.0, 50.0]
-    sheet = render_views(G, inv.ws, lookat_camera(sheet_angles, 0.0)).images
+    sheet = render_views(G, inv.ws, rig.lookat(sheet_angles, 0.0)).images
     files["contact_sheet"] = media.write_png(out_dir / "contact_sheet.png",
                                              media.grid([_up(media.to_uint8(im), res) for im in sheet]))
     t = stage("orbit", t)
@@ -237,7 +238,7 @@ def run_demo(
 
     a, b = 0, anchors.shape[0] - 1
     ws_path = interpolate_latents([anchors[a:a + 1], anchors[b:b + 1]], settings.interp_frames, "slerp")
-    cam_path = interpolate_cameras(anchor_cams[[a, b]].cpu(), settings.interp_frames)
+    cam_path = interpolate_cameras(anchor_cams[[a, b]].cpu(), settings.interp_frames, rig=rig)
     with torch.no_grad():
         morph = [G.synthesis(w[None].to(dev), c[None].to(dev), noise_mode="const")["image"][0]
                  for w, c in zip(ws_path, cam_path, strict=True)]

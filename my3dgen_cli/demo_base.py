@@ -188,7 +188,7 @@ def _field_loss(G: nn.Module, ws: torch.Tensor, p: HeadParams, gen: torch.Genera
 def _sr_loss(G: nn.Module, ws: torch.Tensor, p: HeadParams, cams: torch.Tensor) -> torch.Tensor:
     """Final image vs the analytic render; the neural render is computed without gradients."""
     with torch.no_grad():
-        raw = G.synthesis(ws, cams, noise_mode="const", sampling="deterministic", fused_modconv=False)["image_raw"]
+        raw = G.synthesis(ws, cams, noise_mode="const", sampling="deterministic", fused_modconv=False)["image_features"]
         target = render_heads(p, cams, G.img_resolution)
     image = G.superresolution(raw[:, :3], raw, ws, noise_mode="const", fused_modconv=False)
     return F.mse_loss(image, target)

@@ -100,12 +100,12 @@ def score(image: torch.Tensor, target: torch.Tensor, lpips: nn.Module | None, ar
 def consistency(G: nn.Module, ws: torch.Tensor, lpips: nn.Module | None, arcface: nn.Module | None,
                 yaws: tuple[float, ...] = CONSISTENCY_YAWS) -> dict[str, float | None]:
     """Mirror consistency (yaw +a vs flipped -a) and identity similarity across yaws of one latent."""
-    from my3dgen_cli.eg3d.camera import lookat_camera
+    from my3dgen_cli.eg3d.camera import camera_rig
     from my3dgen_cli.render import render_views
 
     angles = [0.0] + [s * a for a in yaws for s in (1.0, -1.0)]
     # render_views returns host tensors; the loss networks live on G's device
-    views = render_views(G, ws, lookat_camera(angles, 0.0), batch=len(angles)).images.to(ws.device)
+    views = render_views(G, ws, camera_rig(G).lookat(angles, 0.0), batch=len(angles)).images.to(ws.device)
     left, right = views[1::2], views[2::2].flip(-1)
     out: dict[str, float | None] = {"mirror_lpips": None, "mirror_rmse": None, "id_across_yaws": None}
     if lpips is not None:

@@ -30,7 +30,8 @@ from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.fileio import atomic_path
 
 # `--outputs` name -> synthesis output key
-OUTPUTS: dict[str, str] = {"image": "image", "depth": "image_depth", "raw": "image_raw"}
+OUTPUTS: dict[str, str] = {"image": "image", "depth": "image_depth", "raw": "image_raw",
+                           "features": "image_features"}
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest the TorchScript-based exporter writes
 DEFAULT_TOLERANCE = 1e-3  # fp32 graph vs eager: observed ~2e-6 (tiny) and ~4e-6 (full size); see docs/export.md
@@ -65,7 +66,10 @@ class ExportedGenerator(nn.Module):
 
     forward(ws [N, num_ws, w_dim], camera [N, 25])                  (default)
     forward(z [N, z_dim], c_cond [N, 25], camera [N, 25])           (with_mapping; psi is fixed here)
-    -> a tuple in the order of `outputs`: image [N,3,img,img], depth [N,1,r,r], raw [N,C,r,r].
+    -> a tuple in the order of `outputs`: image [N,3,img,img], depth [N,1,r,r], raw [N,3,r,r] (the
+    neural render's rgb, the official `image_raw`), features [N,C,r,r] (what superresolution reads).
+    Cameras are the caller's: build them on the base's rig (`camera_rig(G)`; the file's metadata
+    `avg_camera_pivot` / `avg_camera_radius` record it).
     Rendering: noise "const", deterministic sampling, unfused modulated conv (the exportable form).
     """
 
@@ -195,18 +199,20 @@ def check_inputs(G: nn.Module, batch_sizes: Sequence[int] = (1, 2), with_mapping
     """Inputs for the export check: one set per batch size, each with its own latents and cameras.
 
     Latents are mapped from seeded z (realistic ws, not raw noise); cameras turn from yaw -30 to
-    +30 degrees with some pitch, so every set sees a different view. CPU float32.
+    +30 degrees with some pitch on G's own rig (its pivot and radius), so every set sees a
+    different view the way the base is used. CPU float32.
     """
-    from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
+    from my3dgen_cli.eg3d.camera import camera_rig
 
     gen = torch.Generator().manual_seed(seed)
     device = next(G.parameters()).device
+    rig = camera_rig(G)
     total, done, sets = sum(batch_sizes), 0, []
     for k, n in enumerate(batch_sizes):
         z = torch.randn(n, G.z_dim, generator=gen)
         yaws = [-30.0 + 60.0 * (done + i + 0.5) / total for i in range(n)]
-        camera = lookat_camera(yaws, 8.0 if k % 2 else -5.0).float()
-        c_cond = frontal_camera(n).float()
+        camera = rig.lookat(yaws, 8.0 if k % 2 else -5.0).float()
+        c_cond = rig.frontal(n).float()
         done += n
         if with_mapping:
             sets.append((z, c_cond, camera))
@@ -261,7 +267,8 @@ def export_onnx(
         props = {"my3dgen_version": __version__, "neural_rendering_resolution": str(wrapper.neural_res),
                  "depth_resolution": str(G.rendering_kwargs["depth_resolution"]),
                  "depth_resolution_importance": str(G.rendering_kwargs["depth_resolution_importance"]),
-                 "truncation_psi": str(truncation_psi) if with_mapping else "", "fp16_weights": str(fp16).lower()}
+                 "truncation_psi": str(truncation_psi) if with_mapping else "", "fp16_weights": str(fp16).lower(),
+                 **rig_metadata(G)}
         rewrite_model(tmp, fp16, {**props, **(metadata or {})})
         check = check_onnx(tmp, wrapper, inputs)
         check.path, check.size = path, tmp.stat().st_size
@@ -271,6 +278,15 @@ def export_onnx(
                 f"(worst output: {check.worst}); nothing written to {path}"
             )
     return check
+
+
+def rig_metadata(G: nn.Module) -> dict[str, str]:
+    """The base's camera rig as ONNX properties: the pivot and radius its camera inputs must use."""
+    from my3dgen_cli.eg3d.camera import camera_rig
+
+    rig = camera_rig(G)
+    return {"avg_camera_pivot": ",".join(f"{v:g}" for v in rig.pivot), "avg_camera_radius": f"{rig.radius:g}",
+            "camera_focal": f"{rig.focal:g}"}
 
 
 def check_onnx(path: str | Path, wrapper: ExportedGenerator, inputs: list[tuple[torch.Tensor, ...]]) -> ExportCheck:

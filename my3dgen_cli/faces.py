@@ -167,14 +167,22 @@ def read_dataset_json(source: str | Path | Mapping[str, Any]) -> dict[str, np.nd
     for entry in labels:
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], str)):
             raise UserInputError(f"{where}: got label entry {str(entry)[:60]}, expected [name, [25 floats]]")
-        value = np.asarray(entry[1], dtype=np.float32).reshape(-1)
-        if value.shape != (25,) or not np.isfinite(value).all():
-            raise UserInputError(f"{where}: label of {entry[0]!r}: got {value.size} values, expected 25")
-        out[entry[0]] = value
+        name, raw = entry
+        numbers = isinstance(raw, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw)
+        if not numbers or len(raw) != 25:
+            got = f"{len(raw)} values" if numbers else str(raw)[:40]
+            raise UserInputError(f"{where}: label of {name!r}: got {got}, expected 25 floats")
+        value = np.asarray(raw, dtype=np.float64)
+        if not np.isfinite(value).all() or np.abs(value).max() > np.finfo(np.float32).max:
+            raise UserInputError(f"{where}: label of {name!r}: got a non-finite value, expected 25 finite floats")
+        if name in out:
+            raise UserInputError(f"{where}: {name!r} is listed twice, expected one label per image")
+        out[name] = value.astype(np.float32)
     return out
 
 
-def _find_label(labels: Mapping[str, np.ndarray], path: Path) -> np.ndarray | None:
+def find_label(labels: Mapping[str, np.ndarray], path: Path) -> np.ndarray | None:
     """Match by relative name, then file name, then stem (a .jpg photo may be listed as .png)."""
     by_name = {Path(k).name: v for k, v in labels.items()}
     by_stem = {Path(k).stem: v for k, v in labels.items()}
@@ -331,7 +339,7 @@ def prepare_faces(
                 raise UserInputError(f"another photo has the stem {path.stem!r} (crops keep the stem)")
             label = None
             if table is not None:
-                label = _find_label(table, path)
+                label = find_label(table, path)
                 if label is None:
                     raise UserInputError("not listed in dataset.json")
             result.faces.append(

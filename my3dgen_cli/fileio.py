@@ -1,6 +1,8 @@
 """Atomic writes: a process-unique temp file in the target folder, then `os.replace`.
 
-A crash or Ctrl-C leaves either the old file or the new one, never half of one.
+A crash or Ctrl-C leaves either the old file or the new one, never half of one. The file gets the
+mode a plain `open(..., "w")` would give (0666 less the umask), not mkstemp's private 0600, so files
+in a shared lab folder stay readable by the group the user chose.
 """
 
 from __future__ import annotations
@@ -11,18 +13,58 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from my3dgen_cli.errors import UserInputError
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The permission bits of a new regular file under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def _cannot_write(target: Path, err: OSError) -> UserInputError:
+    """The user named `target`; our temp file is an implementation detail they never saw."""
+    return UserInputError(f"cannot write {target}: {err.strerror or err}")
+
 
 @contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path beside `target`; rename it onto `target` if the block succeeds."""
+    """Yield a temp path beside `target`; rename it onto `target` if the block succeeds.
+
+    Raises:
+        UserInputError: the folder cannot be made or written, or `target` cannot be replaced
+            (a folder of that name, a read-only place); the message names `target`.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserInputError(f"cannot write {target}: {blocker} is a file, not a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise _cannot_write(target, err) from None
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        os.replace(tmp, target)
+        try:
+            yield tmp
+        except OSError as err:
+            if err.filename is not None and Path(err.filename) == tmp:
+                raise _cannot_write(target, err) from None
+            raise
+        try:
+            if tmp.exists():
+                os.chmod(tmp, new_file_mode())
+            os.replace(tmp, target)
+        except OSError as err:
+            raise _cannot_write(target, err) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -6,15 +6,15 @@ Frames are spread evenly over the path's parameter t in [0, K-1] for K keys: fra
 key 0 and the last frame exactly key K-1. Latents: "linear" lerps each w row; "slerp" walks the
 great circle of each row about the mean of the keys (so the path keeps the keys' distance from
 the centre instead of cutting through it), falling back to lerp for nearly parallel rows.
-Cameras: yaw and pitch are interpolated linearly (degrees) and rebuilt as LookAt cameras; an
-explicit yaw sweep replaces the interpolated yaw.
+Cameras: yaw and pitch are interpolated linearly (degrees) and rebuilt as LookAt cameras on the
+base's rig (its pivot and radius); an explicit yaw sweep replaces the interpolated yaw.
 """
 
 from __future__ import annotations
 
 import torch
 
-from my3dgen_cli.eg3d.camera import camera_angles, lookat_camera
+from my3dgen_cli.eg3d.camera import CameraRig, camera_angles, camera_rig
 
 MODES = ("linear", "slerp")
 
@@ -70,8 +70,12 @@ def interpolate_latents(keys: list[torch.Tensor], frames: int, mode: str = "line
     return torch.stack(out)
 
 
-def interpolate_cameras(keys: torch.Tensor, frames: int, yaw_sweep: tuple[float, float] | None = None) -> torch.Tensor:
-    """keys: cameras [K, 25] -> [frames, 25]; yaw_sweep (from, to) in degrees overrides the yaw."""
+def interpolate_cameras(keys: torch.Tensor, frames: int, yaw_sweep: tuple[float, float] | None = None,
+                        rig: CameraRig | None = None) -> torch.Tensor:
+    """keys: cameras [K, 25] -> [frames, 25]; yaw_sweep (from, to) in degrees overrides the yaw.
+
+    rig: the base's camera rig (`camera_rig(G)`) the in-between cameras are built on; None = FFHQ's.
+    """
     yaws, pitches = camera_angles(keys)
     times = frame_times(keys.shape[0], frames)
     out_yaw, out_pitch = [], []
@@ -83,7 +87,7 @@ def interpolate_cameras(keys: torch.Tensor, frames: int, yaw_sweep: tuple[float,
             out_yaw.append(float(lerp(yaws[i], yaws[i + 1], u)))
         else:
             out_yaw.append(yaw_sweep[0] + (yaw_sweep[1] - yaw_sweep[0]) * k / (frames - 1))
-    cams = lookat_camera(out_yaw, out_pitch)
+    cams = camera_rig(rig).lookat(out_yaw, out_pitch)
     if yaw_sweep is None:  # key frames use the keys' own cameras, bit for bit
         for k, t in enumerate(times):
             if float(t).is_integer():

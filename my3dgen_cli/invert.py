@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from my3dgen_cli.eg3d import ops
-from my3dgen_cli.eg3d.camera import FFHQ_PIVOT, check_label
+from my3dgen_cli.eg3d.camera import FFHQ_PIVOT, camera_rig, check_label
 
 SPACES = ("w", "w+")
 INITS = ("mean", "nearest")
@@ -126,7 +126,7 @@ def _losses(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target: torch.
             net: nn.Module | None, cfg: InvertConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     out = G.synthesis(ws, camera, noise_mode="const", sampling="deterministic")
     image = out["image"]
-    raw = out["image_raw"][:, :3]
+    raw = out["image_raw"]
     target_raw = F.interpolate(target, size=raw.shape[-2:], mode="area")
     loss = cfg.image_weight * F.mse_loss(image, target) + cfg.raw_weight * F.mse_loss(raw, target_raw)
     lp = lpips_distance(net, image, target, cfg.lpips_size)
@@ -215,9 +215,11 @@ def invert_image(
             return mixed.unsqueeze(0).expand(1, G.num_ws, -1)
         return w.expand(1, G.num_ws, -1)
 
+    pivot = camera_rig(G).pivot  # turns go about the base's own pivot
+
     def current_camera() -> torch.Tensor:
         if cfg.refine_camera:
-            return rotate_camera(camera, angles[0], angles[1])
+            return rotate_camera(camera, angles[0], angles[1], pivot)
         return camera
 
     losses: list[float] = []

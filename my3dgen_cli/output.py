@@ -2,18 +2,22 @@
 
 Modes: "human" (rich text), "json" (one JSON document on stdout, nothing else there) and
 "quiet" (results only, no progress). Progress bars show only on a terminal.
+
+Messages are text, never Rich markup: they carry paths, names and file contents that the user
+chose (a folder called `[old]` must print as `[old]`), so only our own prefixes are styled, and
+control characters are shown escaped (a name read from a file cannot move the cursor or hide text).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,6 +26,22 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
+
+# C0/C1 control characters and DEL, except newline and tab (multi-line notes keep their layout).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: object, one_line: bool = False) -> str:
+    """`text` with control characters escaped as `\\xNN` (and newlines too when `one_line`)."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    if one_line:
+        text = text.replace("\n", "\\n").replace("\t", " ")
+    return text
+
+
+def _styled(prefix: str, style: str, message: object, one_line: bool = False) -> Text:
+    return Text.assemble((prefix, style), " ", printable(message, one_line))
 
 
 class Output:
@@ -41,15 +61,16 @@ class Output:
     def info(self, message: str) -> None:
         """A human note (stderr); silent in json and quiet modes."""
         if self.mode == "human":
-            self.err.print(message)
+            self.err.print(Text(printable(message)))
 
     def warn(self, message: str) -> None:
         """A warning (stderr), shown in every mode but json."""
         if self.mode != "json":
-            self.err.print(f"[yellow]warning:[/yellow] {escape(message)}")
+            self.err.print(_styled("warning:", "yellow", message))
 
     def error(self, message: str) -> None:
-        self.err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)  # "[view]" stays
+        """One line on stderr, whatever the message holds."""
+        self.err.print(_styled("error:", "red", message, one_line=True))
 
     def result(self, data: dict[str, Any], human: str | None = None) -> None:
         """The command's result: JSON in json mode, else `human` (or key: value lines)."""
@@ -58,18 +79,18 @@ class Output:
             sys.stdout.flush()
             return
         text = human if human is not None else "\n".join(f"{k}: {v}" for k, v in data.items())
-        self.out.print(text, markup=False)
+        self.out.print(Text(printable(text)))
 
     @contextmanager
     def progress(self, transient: bool = False) -> Iterator[Progress]:
         """A rich Progress on stderr (disabled off a terminal, in json and quiet modes)."""
         columns = (
-            TextColumn("[progress.description]{task.description}"),
+            TextColumn("{task.description}", style="progress.description", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[status]}"),
+            TextColumn("{task.fields[status]}", markup=False),
         )
         with Progress(*columns, console=self.err, disable=not self.show_progress, transient=transient) as bar:
             yield bar

@@ -85,13 +85,14 @@ def personalize_people(
     nets: Any = None,
     offline: bool | None = None,
     output: Output | None = None,
+    reproject: bool = False,
 ) -> list[dict[str, Any]]:
     """Personalize this rank's share of `people` (row i on rank i mod world.world).
 
     config: a PersonalizeConfig; each identity trains with seed identity_seed(config.seed, name).
     generator: a base to copy for each identity (instead of opening `base`). Returns one dict per
     row of this rank: name, state before ("done" -> skipped, "partial" -> resumed, "new"), and the
-    IdentityResult as a dict when trained.
+    IdentityResult as a dict when trained. reproject: project the photos of My3DGen dataset folders too.
     """
     from my3dgen_cli.personalize import personalize
 
@@ -109,7 +110,8 @@ def personalize_people(
         own = replace(config, seed=identity_seed(config.seed, person.name))
         G = copy.deepcopy(generator) if generator is not None else None
         result = personalize(list(person.photos), person.name, own, base, generator=G, device=device, nets=nets,
-                             resume=before == "partial", labels=person.labels, offline=offline, output=out)
+                             resume=before == "partial", labels=person.labels, reproject=reproject,
+                             offline=offline, output=out)
         row["result"] = result.to_dict()
         done.append(row)
     return done

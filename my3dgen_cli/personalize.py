@@ -3,7 +3,7 @@
 Stages (each with a progress bar when run from the CLI):
     1. photos -> 512 px crops + camera labels (faces module), optionally with mirrored copies;
     2. anchors: each photo projected into W of the frozen base, in chunks saved as they finish
-       (anchor_chunks.project_anchors);
+       (anchor_chunks.project_anchors), or a My3DGen dataset folder's own latents (latents_import);
     3. adapter training: LoRA on the default targets, My3DGen's loss + symmetry term (training.py);
     4. the identity folder: adapter, anchors, preview grid, loss log and curve (identity.py layout).
 
@@ -27,6 +27,7 @@ from my3dgen_cli import __version__
 from my3dgen_cli.distributed import SINGLE, Dist
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.fileio import write_text_atomic
+from my3dgen_cli.latents_import import DatasetLatents, dataset_latents
 from my3dgen_cli.output import Output
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")  # as faces.py
@@ -123,12 +124,14 @@ class PersonalizeConfig:
 
 @dataclass
 class Photos:
-    """Training photos: images [N, 3, 512, 512] in [-1, 1], cameras [N, 25], names, skipped files."""
+    """Training photos: images [N, 3, 512, 512] in [-1, 1], cameras [N, 25], names, skipped files, and the
+    latents of a My3DGen dataset folder (the anchors, one per photo in this order) when it came with them."""
 
     images: torch.Tensor
     cameras: torch.Tensor
     names: list[str]
     skipped: list[str] = field(default_factory=list)
+    latents: DatasetLatents | None = None
 
     def mirrored(self) -> Photos:
         """Photos plus their horizontally flipped copies seen from the mirror cameras."""
@@ -140,11 +143,13 @@ class Photos:
 
 
 def read_photos(inputs: str | Path | list[str | Path], labels: str | Path | None = None,
-                aligned: bool | None = None, on_progress: Any = None) -> Photos:
+                aligned: bool | None = None, on_progress: Any = None, reproject: bool = False) -> Photos:
     """The photo front end: files/folders -> Photos through the faces module.
 
     A folder holding an EG3D `dataset.json` is read as aligned crops with known cameras (as EG3D's
-    own datasets) unless `aligned=False`; `labels` names a dataset.json explicitly.
+    own datasets) unless `aligned=False`; `labels` names a dataset.json explicitly. A My3DGen dataset
+    folder (images with `.npy` latents, latents_import) also gives its latents, checked one-to-one
+    against the images and the dataset.json, unless `reproject`.
     """
     items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     for item in items:
@@ -164,8 +169,14 @@ def read_photos(inputs: str | Path | list[str | Path], labels: str | Path | None
         from my3dgen_cli import faces
     except ImportError:  # until the faces module is installed: aligned crops with a dataset.json only
         return _read_aligned(files, labels, aligned, on_progress)
+    latents = None if reproject else dataset_latents([Path(i) for i in items], files,
+                                                     None if labels is None else Path(labels), bool(aligned))
     fs = faces.prepare_faces(items, min_faces=1, labels=labels, aligned=bool(aligned), on_progress=on_progress)
-    return Photos(fs.images(), fs.cameras(), [f.stem for f in fs], [str(s) for s in fs.skipped])
+    if latents is not None and fs.skipped:  # every photo has its latent: one unusable photo breaks the pairing
+        raise UserInputError(f"{fs.skipped[0]} (in a dataset with latents; fix it or pass --reproject)")
+    names = [f.stem for f in fs]
+    return Photos(fs.images(), fs.cameras(), names, [str(s) for s in fs.skipped],
+                  None if latents is None else latents.ordered(names))
 
 
 def _read_aligned(files: list[Path], labels: str | Path | None, aligned: bool, on_progress: Any) -> Photos:
@@ -246,6 +257,7 @@ class IdentityResult:
     final_loss: float
     sym_loss: str | None
     seconds: float
+    anchors: str = "projected"  # "dataset": the My3DGen dataset's own latents, not projected
 
     @property
     def ratio(self) -> float:
@@ -271,6 +283,7 @@ def personalize(
     force: bool = False,
     labels: str | Path | None = None,
     aligned: bool | None = None,
+    reproject: bool = False,
     offline: bool | None = None,
     output: Output | None = None,
     on_step: Any = None,
@@ -283,7 +296,8 @@ def personalize(
     nets: loss networks (default: LossNets.load). resume: continue an interrupted run from the
     identity's checkpoints/: its newest training checkpoint, or the anchors projected so far (saved
     after each chunk; checked against the photos, base and anchor settings); finished anchors are
-    reused. force: replace an existing identity.
+    reused. force: replace an existing identity. A My3DGen dataset folder's own latents (Photos.latents)
+    are the anchors as they are, without projection, unless `reproject` (read_photos).
     world: this process's place in a data-parallel group (distributed.Dist; torchrun): every rank
     calls this with the same arguments, anchors are projected in chunks shared among the ranks,
     training is data-parallel, and only rank 0 writes files (the identity folder must be on a
@@ -306,10 +320,13 @@ def personalize(
     with out.progress() as bar:
         if not isinstance(photos, Photos):
             task = bar.add_task("photos", total=None, status="")
-            photos = read_photos(photos, labels=labels, aligned=aligned,
+            photos = read_photos(photos, labels=labels, aligned=aligned, reproject=reproject,
                                  on_progress=lambda p: bar.update(task, advance=1, status=Path(p).name))
         for skipped in photos.skipped:
             out.warn(f"skipped {skipped}")
+        if config.mirror and photos.latents is not None:
+            raise UserInputError("--mirror: the dataset's latents anchor its photos, not their mirrors; "
+                                 "pass --reproject to project both")
         if config.mirror:
             photos = photos.mirrored()
         if generator is None:
@@ -321,6 +338,7 @@ def personalize(
             G = generator.to(device) if device is not None else generator
             fingerprint = base_fingerprint(G)
         dev = next(G.parameters()).device
+        given_ws = None if photos.latents is None else photos.latents.ws(G.num_ws, G.w_dim).to(dev)
         if dev.type == "cpu":
             out.warn("training on the CPU will be slow (minutes per 100 steps at full size); use --device cuda or mps")
         nets = (nets or LossNets.load(config, offline=offline, output=out)).to(dev)
@@ -331,6 +349,18 @@ def personalize(
             ws = load_anchors(ip.anchors)[0].to(dev)
             if ws.shape[0] != images.shape[0]:
                 raise UserInputError(f"--resume: the saved anchors hold {ws.shape[0]} photos, got {images.shape[0]}")
+        elif given_ws is not None:
+            from my3dgen_cli.latents_import import latent_space
+
+            out.info(f"anchors: the {len(photos.names)} latents of {photos.latents.folder} as they are, "
+                     "no projection (--reproject projects the photos)")
+            ws = given_ws
+            if world.is_main:
+                if not resume:
+                    shutil.rmtree(ip.checkpoints, ignore_errors=True)
+                save_anchors(ip.anchors, ws, cameras, photos.names,
+                             {"base": base, "space": latent_space(ws), "source": "dataset"})
+            world.barrier()
         else:
             if not resume and world.is_main:
                 shutil.rmtree(ip.checkpoints, ignore_errors=True)
@@ -368,7 +398,8 @@ def personalize(
     final = result.log[-1]["loss"] if result.log else float("nan")
     size = ip.adapter.stat().st_size if ip.adapter.is_file() else 0  # 0 on a rank that cannot see rank 0's folder
     return IdentityResult(name, ip.root, base, photos.names, photos.skipped, n_params, full,
-                          size, result.steps, final, result.sym_kind, result.seconds)
+                          size, result.steps, final, result.sym_kind, result.seconds,
+                          "projected" if photos.latents is None else "dataset")
 
 
 def _anchors(G: nn.Module, images: torch.Tensor, cameras: torch.Tensor, config: PersonalizeConfig,

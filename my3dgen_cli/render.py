@@ -1,13 +1,15 @@
 """Rendering latents from many cameras: angle lists, orbits, batched views, depth.
 
     ws = latent_from_seed(G, 7, truncation=0.7)            # [1, num_ws, w_dim]
-    views = render_views(G, ws, cameras_for(parse_angles("-30:30:7"), [0.0]), batch=4)
+    cams, angles = cameras_for(parse_angles("-30:30:7"), [0.0], G)   # on G's own camera pivot/radius
+    views = render_views(G, ws, cams, batch=4)
     views.images   # [N, 3, H, W] in [-1, 1]   views.depth  # [N, 1, r, r] in scene units
 
 The backbone runs once per latent (`G.planes`); only the renderer and superresolution run per
 view. Angles are degrees in camera.py's convention (yaw 0, pitch 0 = frontal; yaw > 0 shows the
-subject's left cheek; pitch > 0 looks down on the face). Sampling is deterministic, so the same
-latent and camera always give the same pixels.
+subject's left cheek; pitch > 0 looks down on the face), on the base's camera rig (the pivot and
+radius of its rendering_kwargs: `camera_rig(G)`). Sampling is deterministic, so the same latent
+and camera always give the same pixels.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from my3dgen_cli.eg3d.camera import check_label, frontal_camera, lookat_camera
+from my3dgen_cli.eg3d.camera import CameraRig, camera_rig, check_label
 from my3dgen_cli.errors import UserInputError
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
@@ -46,10 +48,14 @@ def parse_angles(spec: str, name: str = "angle") -> list[float]:
     return values
 
 
-def cameras_for(yaws: list[float], pitches: list[float]) -> tuple[torch.Tensor, list[tuple[float, float]]]:
-    """Every (yaw, pitch) pair, pitch-major: (cameras [N, 25], angles)."""
+def cameras_for(yaws: list[float], pitches: list[float], rig: CameraRig | nn.Module | None = None
+                ) -> tuple[torch.Tensor, list[tuple[float, float]]]:
+    """Every (yaw, pitch) pair, pitch-major: (cameras [N, 25], angles).
+
+    rig: a generator (its own pivot and radius), a CameraRig, or None for FFHQ's.
+    """
     pairs = [(y, p) for p in pitches for y in yaws]
-    cams = lookat_camera([y for y, _ in pairs], [p for _, p in pairs])
+    cams = camera_rig(rig).lookat([y for y, _ in pairs], [p for _, p in pairs])
     return cams, pairs
 
 
@@ -63,11 +69,11 @@ def orbit_angles(frames: int, yaw_range: float = 30.0, pitch_range: float = 10.0
 
 @torch.no_grad()
 def latent_from_seed(G: nn.Module, seed: int, truncation: float = 0.7) -> torch.Tensor:
-    """ws [1, num_ws, w_dim] for a seed: z ~ N(0, I) from torch.Generator(seed), frontal conditioning."""
+    """ws [1, num_ws, w_dim] for a seed: z ~ N(0, I) from torch.Generator(seed), conditioned on G's frontal camera."""
     device = G.backbone.mapping.w_avg.device
     gen = torch.Generator().manual_seed(int(seed))
     z = torch.randn(1, G.z_dim, generator=gen).to(device)
-    return G.mapping(z, frontal_camera().to(device), truncation_psi=truncation)
+    return G.mapping(z, camera_rig(G).frontal().to(device), truncation_psi=truncation)
 
 
 @dataclass

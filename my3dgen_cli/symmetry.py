@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from my3dgen_cli.eg3d.camera import lookat_camera, mirror_camera
+from my3dgen_cli.eg3d.camera import CameraRig, camera_rig, mirror_camera
 
 SYM_LOSSES = ("id", "lpips")
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -80,10 +80,14 @@ def mirror_pair(
     return both[:n], both[n:].flip(-1)
 
 
-def symmetry_cameras(n: int, max_yaw: float, generator: torch.Generator, pitch: float = 0.0) -> torch.Tensor:
-    """n cameras at yaws drawn uniformly from [-max_yaw, max_yaw] degrees with `generator` (CPU). [n, 25]."""
+def symmetry_cameras(n: int, max_yaw: float, generator: torch.Generator, pitch: float = 0.0,
+                     rig: CameraRig | None = None) -> torch.Tensor:
+    """n cameras at yaws drawn uniformly from [-max_yaw, max_yaw] degrees with `generator` (CPU). [n, 25].
+
+    rig: the base's camera rig (`camera_rig(G)`); None = FFHQ's.
+    """
     yaw = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * max_yaw
-    return lookat_camera(yaw, pitch)
+    return camera_rig(rig).lookat(yaw, pitch)
 
 
 def symmetry_loss(

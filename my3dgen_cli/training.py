@@ -28,6 +28,7 @@ from torch import nn
 
 from my3dgen_cli.anchors import perceptual_distance, resize
 from my3dgen_cli.distributed import SINGLE, Dist, fault_hook, reduce_sum, shard, sum_gradients
+from my3dgen_cli.eg3d.camera import camera_rig
 from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.fileio import atomic_path
 from my3dgen_cli.speed import activation_checkpointing, autocast, check_amp, use_channels_last
@@ -66,7 +67,7 @@ def reconstruction_terms(out: dict[str, torch.Tensor], photo: torch.Tensor, phot
     Each is a mean over the batch, so a batch split into shards weighted by their share sums back
     to the whole batch's value (what data parallelism and gradient accumulation rely on).
     """
-    raw = out["image_raw"][:, :3].float()
+    raw = out["image_raw"].float()
     image = out["image"].float()
     mse = F.mse_loss(raw, photo_raw) + F.mse_loss(image, photo)
     perc = perceptual_distance(lpips, raw, photo_raw) + perceptual_distance(lpips, image, photo, 512)
@@ -75,7 +76,7 @@ def reconstruction_terms(out: dict[str, torch.Tensor], photo: torch.Tensor, phot
 
 def reconstruction_loss(out: dict[str, torch.Tensor], photo: torch.Tensor, photo_raw: torch.Tensor,
                         lpips: nn.Module | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """My3DGen's loss: MSE + LPIPS at the neural resolution (rgb of image_raw) and at full resolution."""
+    """My3DGen's loss: MSE + LPIPS at the neural resolution (image_raw, its rgb) and at full resolution."""
     mse, perc = reconstruction_terms(out, photo, photo_raw, lpips)
     return mse + perc, {"mse": float(mse.detach()), "lpips": float(perc.detach())}
 
@@ -235,13 +236,14 @@ def train_adapter(
     saved: list[Path] = []
     t0 = time.perf_counter()
     G.train()
+    rig = camera_rig(G)  # symmetry views orbit the base's own pivot
     step = start
     try:
         with _sigint_flag() as flag, activation_checkpointing(G, bool(getattr(config, "act_checkpointing", False))):
             while step < config.steps:
                 idx = torch.randperm(n, generator=rng)[: min(config.batch, n)].to(device)
                 do_sym = config.sym and config.sym_every > 0 and step % config.sym_every == 0
-                sym_cams = symmetry_cameras(1, config.sym_yaw, rng).to(device) if do_sym else None
+                sym_cams = symmetry_cameras(1, config.sym_yaw, rng, rig=rig).to(device) if do_sym else None
                 sym_rank = (step // config.sym_every) % world.world  # the symmetry term rotates over ranks
                 opt.zero_grad(set_to_none=True)
                 totals = torch.zeros(4, device=device)  # loss, mse, lpips, sym: this rank's share

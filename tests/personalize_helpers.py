@@ -49,7 +49,7 @@ def views(M, w, yaws):
     c = lookat_camera(torch.tensor(yaws), 0.0)
     with torch.no_grad():
         out = M.synthesis(w.expand(len(yaws), -1, -1), c, noise_mode="const", sampling="deterministic")
-    return out["image"], out["image_raw"][:, :3], c
+    return out["image"], out["image_raw"], c
 
 
 def write_photos(person, folder: Path, yaws) -> Path:

@@ -81,8 +81,8 @@ def test_full_synthesis_on_meta_mixes_no_devices_and_never_syncs():
             for sampling, noise in (("deterministic", "const"), ("stochastic", "random"), ("deterministic", "none")):
                 out = G.synthesis(ws, cams, sampling=sampling, noise_mode=noise)
                 assert {k: (v.device, tuple(v.shape)) for k, v in out.items()} == {
-                    "image": (META, (2, 3, 64, 64)), "image_raw": (META, (2, 16, 32, 32)),
-                    "image_depth": (META, (2, 1, 32, 32))}
+                    "image": (META, (2, 3, 64, 64)), "image_raw": (META, (2, 3, 32, 32)),
+                    "image_depth": (META, (2, 1, 32, 32)), "image_features": (META, (2, 16, 32, 32))}
         sigma = G.sample_density(ws[:1], torch.zeros(1, 10, 3, device=META))
         assert sigma.device == META
 

@@ -64,3 +64,22 @@ def test_doc_script_renders_the_view(with_mapping: bool, tmp_path: Path) -> None
     got = run_script(tmp_path, str(model), str(yaw), *extra)
     assert got.shape == want.shape
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1  # a rounding step at most
+
+
+def test_doc_script_renders_an_afhq_base_from_its_own_pivot(tmp_path: Path) -> None:
+    """The script takes the camera rig from the file's metadata: an AFHQ base orbits (0, 0, -0.06)."""
+    from my3dgen_cli.eg3d.camera import camera_rig
+    from tests.test_camera_rig import afhq_tiny
+
+    G = afhq_tiny()
+    model = tmp_path / "cat.onnx"
+    export_onnx(G, model)
+    rig, yaw = camera_rig(G), -20.0
+    ws = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(5)), rig.frontal(1), 0.7)
+    latent = save_latent(tmp_path / "cat.latent", ws, rig.frontal(1), base="tiny-afhq")
+    with torch.no_grad():
+        want = to_pixels(ExportedGenerator(G)(ws, rig.lookat(yaw))[0])
+        ffhq = to_pixels(ExportedGenerator(G)(ws, lookat_camera(yaw))[0])
+    got = run_script(tmp_path, str(model), str(yaw), str(latent))
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert np.abs(got.astype(int) - ffhq.astype(int)).max() > 1  # FFHQ's pivot would frame it elsewhere

@@ -55,7 +55,7 @@ def test_yaw_plus_minus_of_a_symmetric_scene_are_mirror_images():
     with torch.no_grad():
         cams = lookat_camera([25.0, -25.0], [8.0, 8.0])
         out = G.synthesis(ws.expand(2, -1, -1), cams, planes=planes.expand(2, -1, -1, -1, -1))
-    raw, depth = out["image_raw"], out["image_depth"]
+    raw, depth = out["image_features"], out["image_depth"]
     # float32 ray maths through two mirrored camera matrices: differences ~1e-6, 1e-4 is loose.
     torch.testing.assert_close(raw[0], raw[1].flip(-1), atol=1e-4, rtol=0)
     torch.testing.assert_close(depth[0], depth[1].flip(-1), atol=1e-4, rtol=0)

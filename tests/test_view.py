@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from my3dgen_cli import media
 from my3dgen_cli.cli import app
-from my3dgen_cli.eg3d.camera import lookat_camera
+from my3dgen_cli.eg3d.camera import camera_rig, lookat_camera
 from my3dgen_cli.render import latent_from_seed, render_views
 from my3dgen_cli.view.scene import ViewState
 from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
@@ -73,7 +73,7 @@ def test_two_yaws_give_two_images_and_full_frames_are_the_renderers(viewer: Live
     a, b = _image(left), _image(right)
     assert a.shape == b.shape == (64, 64, 3) and np.abs(a.astype(int) - b).mean() > 1.0
     G = viewer.scene.G
-    expected = render_views(G, latent_from_seed(G, 1, 0.7), lookat_camera(30.0, 0.0)).images[0]
+    expected = render_views(G, latent_from_seed(G, 1, 0.7), camera_rig(G).lookat(30.0, 0.0)).images[0]
     assert np.array_equal(b, media.to_uint8(expected))  # PNG: exactly `my3dgen render`'s pixels
 
     preview = _get(viewer, "/api/frame", yaw=30, quality="preview")

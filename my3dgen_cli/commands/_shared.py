@@ -95,6 +95,55 @@ def model_options(*, adapter: bool = True) -> Callable[[Callable[..., Any]], Cal
     return wrap
 
 
+# Seeds and anchor indices: "7", "1,5,9", EG3D's "0-3" (gen_samples.py) and our "0:3"; every range
+# includes both ends. Seeds stop at 2**32 - 1 as in EG3D (numpy's RandomState); MAX_INDICES keeps a
+# typo such as 0-99999999 from queueing years of renders.
+MAX_SEED = 2**32 - 1
+MAX_INDICES = 10_000
+INDEX_FORMS = "7, 1,5,9, 0-3 or 0:3 (ranges include both ends)"
+
+
+def parse_indices(spec: str, label: str = "--seed", maximum: int = MAX_SEED) -> list[int]:
+    """Non-negative integers from "7", "1,5,9", "0-3" or "0:3" (both ends inclusive), mixed by commas.
+
+    Order is kept. Raises UserInputError (one line starting with `label`) for anything else: a reversed
+    range, a repeated value, a value above `maximum`, or more than MAX_INDICES values.
+    """
+    import re
+
+    values: list[int] = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"([0-9]{1,20})(?:\s*([-:])\s*([0-9]{1,20}))?", part)
+        if not m:
+            raise UserInputError(f"{label}: got {part!r}, expected {INDEX_FORMS}")
+        start = int(m.group(1))
+        stop = int(m.group(3)) if m.group(3) is not None else start
+        if stop < start:
+            raise UserInputError(f"{label}: got {part!r}, a range runs up (START{m.group(2)}END with START <= END)")
+        if stop > maximum:
+            raise UserInputError(f"{label}: got {stop} in {part!r}, expected at most {maximum}")
+        if len(values) + stop - start + 1 > MAX_INDICES:
+            raise UserInputError(f"{label}: {spec!r} names more than {MAX_INDICES} values; give a smaller range")
+        values += range(start, stop + 1)
+    if len(set(values)) != len(values):
+        twice = next(v for k, v in enumerate(values) if v in values[:k])
+        raise UserInputError(f"{label}: {twice} is given twice in {spec!r}")
+    return values
+
+
+def expand_keys(specs: Iterable[str]) -> list[str]:
+    """Latent keys with seed/anchor lists spread out: "seed:0-2" -> seed:0, seed:1, seed:2 (files unchanged)."""
+    out: list[str] = []
+    for spec in specs:
+        kind = next((k for k in ("seed", "anchor") if spec.startswith(f"{k}:")), None)
+        if kind is None:
+            out.append(spec)
+        else:
+            out += [f"{kind}:{v}" for v in parse_indices(spec[len(kind) + 1:], f"latent {spec}")]
+    return out
+
+
 def check_free(paths: Iterable[Path], force: bool) -> None:
     """Refuse to overwrite: the first existing path is named unless --force."""
     for p in paths:
@@ -139,18 +188,25 @@ def identity_anchors(identity: str | None, device: Any) -> tuple[Any, Any] | tup
 
 
 def check_latent_files(specs: Iterable[str]) -> None:
-    """Name a missing .latent file before the (slow) generator is opened, not after."""
+    """Name a missing latent file, or a broken .npy one, before the (slow) generator is opened, not after."""
+    from my3dgen_cli.latents_import import NPY_SUFFIX, camera_beside, read_npy
+
     for spec in specs:
-        if not spec.startswith(("seed:", "anchor:")) and not Path(spec).is_file():
-            raise UserInputError(f"latent: {spec} does not exist (expected a .latent file, anchor:K or seed:S)")
+        if spec.startswith(("seed:", "anchor:")):
+            continue
+        if not Path(spec).is_file():
+            raise UserInputError(f"latent: {spec} does not exist (expected a .latent or .npy file, anchor:K or seed:S)")
+        if Path(spec).suffix.lower() == NPY_SUFFIX:
+            read_npy(spec)
+            camera_beside(spec)
 
 
 def resolve_key(spec: str, G: Any, identity: str | None, device: Any, truncation: float) -> tuple[str, Any, Any]:
     """A latent named on the command line -> (name, ws [1, num_ws, w_dim], camera [1, 25] or None).
 
-    spec: a `.latent` file, `anchor:K` (needs --identity) or `seed:S`.
+    spec: a `.latent` or `.npy` file (latents_import.open_latent), `anchor:K` (needs --identity) or `seed:S`.
     """
-    from my3dgen_cli.identity import load_latent
+    from my3dgen_cli.latents_import import open_latent
     from my3dgen_cli.render import latent_from_seed
 
     if spec.startswith("seed:"):
@@ -165,11 +221,8 @@ def resolve_key(spec: str, G: Any, identity: str | None, device: Any, truncation
         except ValueError:
             raise UserInputError(f"latent: got {spec!r}, expected anchor:INTEGER") from None
         return (f"anchor{k}", *anchor(identity, k, device))
-    lat = load_latent(spec)
-    ws = lat.ws.to(device)
-    if ws.shape[1:] != (G.num_ws, G.w_dim):
-        raise UserInputError(f"{spec}: got ws {list(ws.shape)}, expected [1, {G.num_ws}, {G.w_dim}] for this generator")
-    return Path(spec).stem, ws, lat.camera.to(device)
+    lat = open_latent(spec, G.num_ws, G.w_dim)
+    return Path(spec).stem, lat.ws.to(device), None if lat.camera is None else lat.camera.to(device)
 
 
 def anchor(identity: str | None, k: int, device: Any) -> tuple[Any, Any]:

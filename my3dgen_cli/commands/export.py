@@ -42,7 +42,8 @@ def export(
         typer.Option("--samples", help="Ray samples: N, or COARSE,IMPORTANCE (default: the base's, 48,48)."),
     ] = None,
     outputs: Annotated[
-        str, typer.Option("--outputs", help="ONNX outputs, comma-separated: image, depth, raw.")
+        str, typer.Option("--outputs", help="ONNX outputs, comma-separated: image, depth, raw (the neural "
+                          "render's rgb), features (its 32-channel feature image).")
     ] = "image",
     dynamic_batch: Annotated[
         bool, typer.Option("--dynamic-batch", help="ONNX batch dimension dynamic (default: batch 1).")

@@ -60,7 +60,7 @@ def download_progress(output: Output, label: str) -> Iterator[Any]:
     )
 
     columns = (
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),

@@ -12,13 +12,14 @@ from my3dgen_cli.commands._shared import ModelOptions, check_free, model_options
 from my3dgen_cli.errors import UserInputError
 
 
-@command("interpolate", help="Morph between latents A B [C...] (.latent files, anchor:K or seed:S). "
+@command("interpolate", help="Morph between latents A B [C...] (.latent or .npy files, anchor:K or seed:S). "
                               "-o morph.mp4 (or .gif) writes the video alone; -o FOLDER writes frames, video, gif "
                               "and strip.")
 @model_options()
 def interpolate(
     opts: ModelOptions,
-    keys: Annotated[list[str], typer.Argument(help="Two or more: a .latent file, anchor:K or seed:S.")],
+    keys: Annotated[list[str], typer.Argument(help="Two or more: a .latent or .npy file, anchor:K or seed:S "
+                                                   "(K and S also 1,5,9, 0-3 or 0:3; ranges include both ends).")],
     frames: Annotated[int, typer.Option("--frames", help="Frames in all, both ends included.")] = 30,
     mode: Annotated[str, typer.Option("--mode", help="linear or slerp.")] = "linear",
     space: Annotated[str, typer.Option("--space", help="w+ (per layer) or w (the rows' mean).")] = "w+",
@@ -33,11 +34,12 @@ def interpolate(
     import torch
 
     from my3dgen_cli import media
-    from my3dgen_cli.commands._shared import check_latent_files, resolve_key
-    from my3dgen_cli.eg3d.camera import frontal_camera
+    from my3dgen_cli.commands._shared import check_latent_files, expand_keys, resolve_key
+    from my3dgen_cli.eg3d.camera import camera_rig
     from my3dgen_cli.interpolate import MODES, interpolate_cameras, interpolate_latents
 
     output = opts.output()
+    keys = expand_keys(keys)
     if len(keys) < 2:
         raise UserInputError(f"got {len(keys)} latent(s), expected 2 or more to interpolate between")
     if frames < 2:
@@ -74,10 +76,11 @@ def interpolate(
     latents = [ws for _, ws, _ in resolved]
     if space == "w":
         latents = [ws.mean(1, keepdim=True).expand_as(ws) for ws in latents]
-    key_cams = torch.cat([cam if cam is not None and not frontal else frontal_camera().to(dev)
+    rig = camera_rig(G)
+    key_cams = torch.cat([cam if cam is not None and not frontal else rig.frontal().to(dev)
                           for _, _, cam in resolved])
     ws_path = interpolate_latents(latents, frames, mode)
-    cams = interpolate_cameras(key_cams.cpu(), frames, sweep).to(dev)
+    cams = interpolate_cameras(key_cams.cpu(), frames, sweep, rig).to(dev)
     images = []
     with output.progress() as bar, torch.no_grad():
         task = bar.add_task("interpolating", total=frames, status="")

@@ -46,18 +46,17 @@ def load_crop(path: Path, size: int) -> Any:
     return x.unsqueeze(0)
 
 
-def _targets(images: list[Path], size: int, yaw: float | None, pitch: float | None, labels: Path | None):
-    """[(stem, target [1,3,size,size], camera [1,25])] from crops + camera, or via face detection."""
+def _targets(images: list[Path], size: int, yaw: float | None, pitch: float | None, labels: Path | None, rig):
+    """[(stem, target [1,3,size,size], camera [1,25])] from crops + camera (--yaw/--pitch on the base's
+    camera rig), or via face detection."""
     import torch
     import torch.nn.functional as F
-
-    from my3dgen_cli.eg3d.camera import lookat_camera
 
     for p in images:
         if not p.is_file():
             raise UserInputError(f"image not found: {p}")
     if yaw is not None or pitch is not None:
-        cam = lookat_camera(yaw or 0.0, pitch or 0.0)
+        cam = rig.lookat(yaw or 0.0, pitch or 0.0)
         return [(p.stem, load_crop(p, size), cam) for p in images]
     if labels is not None:
         table = _read_labels(labels)
@@ -132,7 +131,10 @@ def invert(
     check_free([p for row in plan for _, p in row], opts.force)
 
     G, ref, dev = opts.open()
-    targets = _targets(images, G.img_resolution, yaw, pitch, labels)  # bad images fail before any loss setup
+    from my3dgen_cli.eg3d.camera import camera_rig
+
+    # bad images fail before any loss setup; --yaw/--pitch cameras sit on the base's rig
+    targets = _targets(images, G.img_resolution, yaw, pitch, labels, camera_rig(G))
     anchors, _ = identity_anchors(opts.identity, dev)
     if cfg.hull and anchors is None:
         raise UserInputError("--hull needs an identity with anchors (--identity NAME)")

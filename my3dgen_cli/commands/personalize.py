@@ -16,7 +16,8 @@ SYM_CHOICES = ("id", "lpips")
                               "Runs data-parallel under torchrun; --batch-file shares many people among ranks.")
 def personalize_cmd(
     photos: Annotated[list[Path] | None, typer.Argument(help="Photo files and/or folders (a folder with an EG3D "
-                                                             "dataset.json is read as aligned crops).")] = None,
+                                                             "dataset.json is read as aligned crops; one with "
+                                                             "image_N_latent.npy too brings its anchors).")] = None,
     name: Annotated[str | None, typer.Option("--name", "-n", help="Identity name (folder under identities/).")
                     ] = None,
     batch_file: Annotated[Path | None, typer.Option("--batch-file", help="CSV of people (name, photos[, labels]) "
@@ -43,6 +44,8 @@ def personalize_cmd(
     labels: Annotated[Path | None, typer.Option(help="EG3D dataset.json with the photos' cameras.")] = None,
     aligned: Annotated[bool | None, typer.Option("--aligned/--detect", help="Photos are EG3D crops "
                                                  "(default: when a dataset.json is found).")] = None,
+    reproject: Annotated[bool, typer.Option("--reproject", help="Project the photos even when a My3DGen dataset "
+                                            "folder brings its own latents (image_N_latent.npy).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (under torchrun: cuda = cuda:LOCAL_RANK).")
                       ] = "auto",
     amp: Annotated[bool, typer.Option("--amp", help="Mixed precision autocast (bf16; see --amp-dtype).")] = False,
@@ -107,14 +110,16 @@ def personalize_cmd(
         from my3dgen_cli.people import personalize_people, read_batch_file
 
         people = read_batch_file(batch_file)
-        rows = personalize_people(people, config, base, world=world, device=dev, offline=offline, output=out)
+        rows = personalize_people(people, config, base, world=world, device=dev, offline=offline, output=out,
+                                  reproject=reproject)
         lines = [f"rank {world.rank}/{world.world}: {len(rows)} of {len(people)} people"]
         lines += [f"  {r['name']}: {'skipped (done)' if r['state'] == 'done' else r['state'] + ' -> done'}"
                   for r in rows]
         out.result({"rank": world.rank, "world": world.world, "people": rows}, "\n".join(lines))
         return
     check_name(name)
-    given = read_photos(list(photos), labels=labels, aligned=aligned)  # bad photos fail before the base loads
+    # bad photos (and a dataset.json or latents that do not match them) fail before the base loads
+    given = read_photos(list(photos), labels=labels, aligned=aligned, reproject=reproject)
     with D.process_group(world, dev):
         result = personalize(given, name, config, base=base, device=dev, resume=resume, force=force,
                              offline=offline, output=out, world=world)

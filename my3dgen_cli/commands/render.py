@@ -8,32 +8,28 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command
-from my3dgen_cli.commands._shared import ModelOptions, check_free, check_latent_files, model_options, written
+from my3dgen_cli.commands._shared import (
+    ModelOptions,
+    check_free,
+    check_latent_files,
+    model_options,
+    parse_indices,
+    written,
+)
 from my3dgen_cli.errors import UserInputError
-
-
-def _ints(spec: str, name: str) -> list[int]:
-    out = []
-    for part in spec.split(","):
-        try:
-            if ":" in part:
-                a, b = (int(x) for x in part.split(":"))
-                out += list(range(a, b + 1))
-            else:
-                out.append(int(part))
-        except ValueError:
-            raise UserInputError(f"--{name}: got {part!r}, expected integers like 3, 1,4 or 0:7") from None
-    return out
 
 
 @command("render", help="Render a latent, an identity anchor or a seed: views, depth, orbit video, grid, mesh.")
 @model_options()
 def render(
     opts: ModelOptions,
-    latent: Annotated[list[Path] | None, typer.Option("--latent", help="A .latent file (repeatable).")] = None,
-    anchor: Annotated[str | None, typer.Option("--anchor", help="Anchor index/indices of --identity: 3, 0,2 or 0:3.")
-                      ] = None,
-    seed: Annotated[str | None, typer.Option("--seed", help="Seed(s) of random faces: 7, 1,2 or 0:9.")] = None,
+    latent: Annotated[list[Path] | None, typer.Option(
+        "--latent", help="A .latent or .npy (EG3D projector / My3DGen) file; repeatable.")] = None,
+    anchor: Annotated[str | None, typer.Option("--anchor", help="Anchor index/indices of --identity: 3, 0,2, 0-3 or "
+                                                                "0:3 (ranges include both ends).")] = None,
+    seed: Annotated[str | None, typer.Option("--seed", help="Seed(s) of random faces: 7, 1,5,9, 0-3 (EG3D's "
+                                                            "gen_samples.py form) or 0:3; ranges include both ends.")
+                    ] = None,
     truncation: Annotated[float, typer.Option("--truncation", help="Truncation psi for seeds.")] = 0.7,
     yaw: Annotated[str, typer.Option("--yaw", help="Degrees: 30, -30,0,30 or start:stop:count.")] = "0",
     pitch: Annotated[str, typer.Option("--pitch", help="Degrees, same forms as --yaw.")] = "0",
@@ -59,7 +55,7 @@ def render(
 ) -> None:
     from my3dgen_cli import media
     from my3dgen_cli.commands._shared import anchor as get_anchor
-    from my3dgen_cli.eg3d.camera import lookat_camera
+    from my3dgen_cli.eg3d.camera import camera_rig
     from my3dgen_cli.render import angle_tag, cameras_for, latent_from_seed, orbit_angles, parse_angles, render_views
 
     output = opts.output()
@@ -68,6 +64,8 @@ def render(
     if not (latent or anchor or seed):
         raise UserInputError("nothing to render: give --latent FILE, --anchor K (with --identity) or --seed S")
     yaws, pitches = parse_angles(yaw, "yaw"), parse_angles(pitch, "pitch")
+    anchors = parse_indices(anchor, "--anchor") if anchor else []
+    seeds = parse_indices(seed, "--seed") if seed else []
     if mesh is not None and mesh.suffix.lower() != ".ply":
         raise UserInputError(f"--mesh: got {mesh}, expected a .ply file")
     if mesh_res < 8 or mesh_res > 512:
@@ -82,9 +80,9 @@ def render(
         from my3dgen_cli.commands._shared import resolve_key
 
         sources.append(resolve_key(str(path), G, opts.identity, dev, truncation))
-    for k in _ints(anchor, "anchor") if anchor else []:
+    for k in anchors:
         sources.append((f"anchor{k}", *get_anchor(opts.identity, k, dev)))
-    for s in _ints(seed, "seed") if seed else []:
+    for s in seeds:
         sources.append((f"seed{s}", latent_from_seed(G, s, truncation), None))
     names = [name for name, _, _ in sources]
     if len(set(names)) != len(names):
@@ -101,7 +99,8 @@ def render(
     for name, _, cam in sources:
         if own_camera:
             if cam is None:
-                raise UserInputError(f"--own-camera: {name} has no stored camera (seeds are rendered frontal)")
+                raise UserInputError(f"--own-camera: {name} has no stored camera (seeds have none; an .npy takes it "
+                                      "from a dataset.json beside it)")
             pairs = [("own", None)]
         else:
             pairs = [(angle_tag(y, p), (y, p)) for p in pitches for y in yaws]
@@ -130,7 +129,7 @@ def render(
             if own_camera:
                 cams = cam
             else:
-                cams, _ = cameras_for(yaws, pitches)
+                cams, _ = cameras_for(yaws, pitches, G)
             views = render_views(G, ws, cams, batch, planes=planes, on_batch=lambda n: bar.advance(task, n),
                                  amp=amp, compile=compile_, channels_last=channels_last)
             entry = {"source": name, "views": []}
@@ -152,7 +151,7 @@ def render(
                 entry["views"].append(view)
             if orbit:
                 angles = orbit_angles(orbit)
-                ocams = lookat_camera([a for a, _ in angles], [b for _, b in angles])
+                ocams = camera_rig(G).lookat([a for a, _ in angles], [b for _, b in angles])
                 frames = render_views(G, ws, ocams, batch, planes=planes, on_batch=lambda n: bar.advance(task, n),
                                       amp=amp, compile=compile_, channels_last=channels_last)
                 frames_u8 = [media.to_uint8(f) for f in frames.images]

@@ -28,8 +28,8 @@ def _check_extra() -> None:
 @model_options()
 def view(
     opts: ModelOptions,
-    latent: Annotated[list[Path] | None, typer.Option("--latent", help="A .latent file (give two to interpolate).")
-                      ] = None,
+    latent: Annotated[list[Path] | None, typer.Option(
+        "--latent", help="A .latent or .npy file (give two to interpolate).")] = None,
     anchor: Annotated[str | None, typer.Option("--anchor", help="Anchor(s) of --identity: 3 or 0,3.")] = None,
     seed: Annotated[str | None, typer.Option("--seed", help="Seed(s) of random faces: 7 or 1,2.")] = None,
     truncation: Annotated[float, typer.Option("--truncation", help="Starting truncation psi for seeds.")] = 0.7,
@@ -107,15 +107,14 @@ def _sources(opts: ModelOptions, G, dev, latent: list[Path] | None, anchor: str 
              truncation: float) -> list:
     """The latents named on the command line (default: anchor 0 of the identity, else seed 0)."""
     from my3dgen_cli.commands._shared import anchor as get_anchor
-    from my3dgen_cli.commands._shared import identity_anchors, resolve_key
-    from my3dgen_cli.commands.render import _ints
+    from my3dgen_cli.commands._shared import identity_anchors, parse_indices, resolve_key
     from my3dgen_cli.view.scene import Source
 
     sources = [Source(name, ws=ws) for name, ws, _ in
                (resolve_key(str(path), G, opts.identity, dev, truncation) for path in latent or [])]
     sources += [Source(f"anchor{k}", ws=get_anchor(opts.identity, k, dev)[0])
-                for k in (_ints(anchor, "anchor") if anchor else [])]
-    sources += [Source(f"seed{s}", seed=s) for s in (_ints(seed, "seed") if seed else [])]
+                for k in (parse_indices(anchor, "--anchor") if anchor else [])]
+    sources += [Source(f"seed{s}", seed=s) for s in (parse_indices(seed, "--seed") if seed else [])]
     if not sources:
         has_anchors = identity_anchors(opts.identity, dev)[0] is not None
         sources = [Source("anchor0", ws=get_anchor(opts.identity, 0, dev)[0]) if has_anchors

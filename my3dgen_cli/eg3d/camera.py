@@ -5,7 +5,9 @@ Convention (the one EG3D's FFHQ dataset.json uses, stated once here):
   the frontal view (the subject's own left).
 - Camera: OpenCV cam2world, columns = camera x (image right), y (image down), z (forward),
   origin. The camera sits on a sphere of radius 2.7 around the *world origin* and looks at the
-  pivot (0, 0, 0.2) (AFHQ: (0, 0, -0.06)).
+  pivot (0, 0, 0.2) (AFHQ: (0, 0, -0.06)). Pivot and radius belong to the base: its
+  rendering_kwargs `avg_camera_pivot` / `avg_camera_radius`, read by `camera_rig(G)`;
+  `lookat_camera` without them uses FFHQ's.
 - Angles here are in degrees. yaw 0, pitch 0 is frontal. yaw > 0 moves the camera towards +x
   (it sees more of the subject's left cheek); pitch > 0 moves the camera up (it looks down on the
   face). EG3D's LookAt sampler takes radians with frontal at (pi/2, pi/2):
@@ -18,7 +20,9 @@ Convention (the one EG3D's FFHQ dataset.json uses, stated once here):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -104,9 +108,65 @@ def lookat_camera(
     return make_label(lookat_cam2world(eg3d_yaw, eg3d_pitch, pivot, radius), focal)
 
 
-def frontal_camera(n: int = 1, pivot: Sequence[float] = FFHQ_PIVOT) -> torch.Tensor:
+def frontal_camera(n: int = 1, pivot: Sequence[float] = FFHQ_PIVOT, radius: float = CAMERA_RADIUS) -> torch.Tensor:
     """The conditioning camera EG3D's mapping network is given at inference: (n, 25)."""
-    return lookat_camera(0.0, 0.0, pivot=pivot).expand(n, LABEL_DIM).clone()
+    return lookat_camera(0.0, 0.0, pivot=pivot, radius=radius).expand(n, LABEL_DIM).clone()
+
+
+@dataclass(frozen=True)
+class CameraRig:
+    """Where a base's cameras sit: on a sphere of `radius` about the world origin, aimed at `pivot`.
+
+    A base was trained on its dataset's average camera (FFHQ: pivot (0, 0, 0.2); AFHQ: (0, 0,
+    -0.06)); rendering it from another pivot frames the subject off-centre. `camera_rig(G)`
+    reads a generator's own, so every command orbits each base the way it was trained.
+    """
+
+    pivot: tuple[float, float, float] = FFHQ_PIVOT
+    radius: float = CAMERA_RADIUS
+    focal: float = FFHQ_FOCAL
+
+    def lookat(self, yaw: float | Sequence[float] | torch.Tensor = 0.0,
+               pitch: float | Sequence[float] | torch.Tensor = 0.0) -> torch.Tensor:
+        """`lookat_camera` on this rig: degrees (0, 0 = frontal) -> (N, 25) float32."""
+        return lookat_camera(yaw, pitch, radius=self.radius, pivot=self.pivot, focal=self.focal)
+
+    def frontal(self, n: int = 1) -> torch.Tensor:
+        """The mapping network's conditioning camera on this rig: (n, 25)."""
+        return frontal_camera(n, pivot=self.pivot, radius=self.radius)
+
+
+FFHQ_RIG = CameraRig()
+
+
+def camera_rig(source: Any = None) -> CameraRig:
+    """The camera rig of a generator (its `rendering_kwargs`), of a rendering_kwargs dict, or FFHQ's (None).
+
+    A CameraRig passes through unchanged. Raises ValueError when `avg_camera_pivot` is not 3
+    finite numbers or `avg_camera_radius` not a positive number (missing included: the official
+    code's silent default pivot (0, 0, 0) would frame every view off-centre).
+    """
+    if source is None:
+        return FFHQ_RIG
+    if isinstance(source, CameraRig):
+        return source
+    kwargs = source if isinstance(source, Mapping) else getattr(source, "rendering_kwargs", None)
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"camera_rig: got {type(source).__name__}, expected a generator or its rendering_kwargs")
+    pivot, radius = kwargs.get("avg_camera_pivot"), kwargs.get("avg_camera_radius")
+    try:
+        pivot_t = () if isinstance(pivot, str) else tuple(float(v) for v in pivot)
+    except (TypeError, ValueError):
+        pivot_t = ()
+    try:
+        radius_f = float(radius)
+    except (TypeError, ValueError):
+        radius_f = float("nan")
+    if len(pivot_t) != 3 or not all(map(math.isfinite, pivot_t)):
+        raise ValueError(f"rendering_kwargs.avg_camera_pivot: got {pivot!r}, expected 3 numbers")
+    if not (math.isfinite(radius_f) and radius_f > 0):
+        raise ValueError(f"rendering_kwargs.avg_camera_radius: got {radius!r}, expected a positive number")
+    return CameraRig(pivot_t, radius_f)  # type: ignore[arg-type]
 
 
 def check_label(c: torch.Tensor) -> None:

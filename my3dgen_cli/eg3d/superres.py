@@ -1,4 +1,4 @@
-"""EG3D superresolution: the raw neural render (32-ch features, first 3 = rgb) -> final image.
+"""EG3D superresolution: the neural render (its rgb `image_raw` and the 32-ch `image_features`) -> final image.
 
 One class covers the official variants; `SR_SPECS` gives each one's fixed widths. All layers use
 the *last* w. The input is first resized to the module's input resolution (bilinear,

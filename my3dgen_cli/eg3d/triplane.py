@@ -102,7 +102,8 @@ class TriPlaneGenerator(nn.Module):
         """Volume-render tri-planes [N, 3, C, R, R] from cameras c [N, 25], without superresolution.
 
         Returns (features [N, C, r, r], first 3 = rgb in [-1, 1]; depth [N, 1, r, r]) at the neural
-        rendering resolution r: the cheap part of `synthesis`, for previews of cached planes.
+        rendering resolution r: synthesis' "image_features" and "image_depth", the cheap part of
+        `synthesis`, for previews of cached planes.
         """
         check_label(c)
         res = int(neural_rendering_resolution or self.neural_rendering_resolution)
@@ -130,8 +131,10 @@ class TriPlaneGenerator(nn.Module):
         (the official "inference_only"). `planes` skips the backbone (render many views of one face).
         channels_last: backbone and superresolution convolutions run in NHWC memory (speed.py; same
         values up to float order); the outputs are contiguous either way.
-        Returns {"image": [N,3,img,img], "image_raw": [N,C,r,r] (first 3 = rgb),
-        "image_depth": [N,1,r,r]} with r the neural rendering resolution.
+        Returns, as the official generator, {"image": [N,3,img,img] (superresolved),
+        "image_raw": [N,3,r,r] (the neural render's rgb), "image_depth": [N,1,r,r]}, plus
+        "image_features": [N,C,r,r], the whole feature image that superresolution reads (its first
+        3 channels are image_raw); r is the neural rendering resolution.
         """
         check_label(c)
         ops.check_shape("ws", ws, [c.shape[0], self.num_ws, self.w_dim])
@@ -140,12 +143,12 @@ class TriPlaneGenerator(nn.Module):
             planes = self.planes(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator,
                                  channels_last=channels_last)
         feature_image, depth_image = self.render_planes(planes, c, neural_rendering_resolution, sampling, generator)
-        rgb_image = feature_image[:, :3]
+        rgb_image = feature_image[:, :3].contiguous()  # outputs are plain NCHW tensors
         image = self.superresolution(
             rgb_image, feature_image, ws, noise_mode=self.rendering_kwargs["superresolution_noise_mode"],
             fused_modconv=fused, generator=generator, channels_last=channels_last,
         )
-        return {"image": image, "image_raw": feature_image, "image_depth": depth_image}
+        return {"image": image, "image_raw": rgb_image, "image_depth": depth_image, "image_features": feature_image}
 
     def forward(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0,
                 truncation_cutoff: int | None = None, **synthesis_kwargs: Any) -> dict[str, torch.Tensor]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from my3dgen_cli import media
-from my3dgen_cli.eg3d.camera import lookat_camera
+from my3dgen_cli.eg3d.camera import camera_rig
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.interpolate import lerp
 from my3dgen_cli.render import angle_tag, latent_from_seed, render_views
@@ -95,6 +95,7 @@ class Scene:
             raise UserInputError(f"view: got {len(sources)} latents, expected 1 (or 2 to interpolate between)")
         self.G, self.sources, self.cache_size = G, sources, cache_size
         self.device = G.backbone.mapping.w_avg.device
+        self.rig = camera_rig(G)  # the base's own pivot and radius, as `my3dgen render` uses
         self._planes: OrderedDict[tuple[float, float], torch.Tensor] = OrderedDict()
 
     @property
@@ -126,7 +127,7 @@ class Scene:
         return ws, self._planes[key]
 
     def camera(self, state: ViewState) -> torch.Tensor:
-        return lookat_camera(state.yaw, state.pitch).to(self.device)
+        return self.rig.lookat(state.yaw, state.pitch).to(self.device)
 
     @torch.no_grad()
     def frame(self, state: ViewState, quality: str) -> np.ndarray:
@@ -146,7 +147,7 @@ class Scene:
     def orbit(self, state: ViewState, angles: list[tuple[float, float]], batch: int = 8) -> list[np.ndarray]:
         """Full frames of the state's latent from (yaw, pitch) pairs (an orbit video's frames)."""
         ws, planes = self.planes(state)
-        cams = lookat_camera([y for y, _ in angles], [p for _, p in angles])
+        cams = self.rig.lookat([y for y, _ in angles], [p for _, p in angles])
         views = render_views(self.G, ws, cams, batch=batch, planes=planes)
         return [media.to_uint8(image) for image in views.images]
 
