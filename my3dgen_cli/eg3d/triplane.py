@@ -96,6 +96,23 @@ class TriPlaneGenerator(nn.Module):
                                       channels_last=channels_last)
         return img.reshape(-1, 3, img.shape[1] // 3, img.shape[-2], img.shape[-1])
 
+    def render_planes(self, planes: torch.Tensor, c: torch.Tensor, neural_rendering_resolution: int | None = None,
+                      sampling: str = "deterministic", generator: torch.Generator | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Volume-render tri-planes [N, 3, C, R, R] from cameras c [N, 25], without superresolution.
+
+        Returns (features [N, C, r, r], first 3 = rgb in [-1, 1]; depth [N, 1, r, r]) at the neural
+        rendering resolution r: synthesis' "image_features" and "image_depth", the cheap part of
+        `synthesis`, for previews of cached planes.
+        """
+        check_label(c)
+        res = int(neural_rendering_resolution or self.neural_rendering_resolution)
+        origins, directions = self.ray_sampler(c[:, :16].reshape(-1, 4, 4), c[:, 16:25].reshape(-1, 3, 3), res)
+        features, depth, _ = self.renderer(planes, self.decoder, origins, directions, self.rendering_kwargs,
+                                           sampling=sampling, generator=generator)
+        feature_image = features.permute(0, 2, 1).reshape(-1, features.shape[-1], res, res).contiguous()
+        return feature_image, depth.permute(0, 2, 1).reshape(-1, 1, res, res)
+
     def synthesis(
         self,
         ws: torch.Tensor,
@@ -121,18 +138,11 @@ class TriPlaneGenerator(nn.Module):
         """
         check_label(c)
         ops.check_shape("ws", ws, [c.shape[0], self.num_ws, self.w_dim])
-        res = int(neural_rendering_resolution or self.neural_rendering_resolution)
         fused = (not self.training) if fused_modconv is None else fused_modconv
-        cam2world = c[:, :16].reshape(-1, 4, 4)
-        intrinsics = c[:, 16:25].reshape(-1, 3, 3)
-        origins, directions = self.ray_sampler(cam2world, intrinsics, res)
         if planes is None:
             planes = self.planes(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator,
                                  channels_last=channels_last)
-        features, depth, _ = self.renderer(planes, self.decoder, origins, directions, self.rendering_kwargs,
-                                           sampling=sampling, generator=generator)
-        feature_image = features.permute(0, 2, 1).reshape(-1, features.shape[-1], res, res).contiguous()
-        depth_image = depth.permute(0, 2, 1).reshape(-1, 1, res, res)
+        feature_image, depth_image = self.render_planes(planes, c, neural_rendering_resolution, sampling, generator)
         rgb_image = feature_image[:, :3].contiguous()  # outputs are plain NCHW tensors
         image = self.superresolution(
             rgb_image, feature_image, ws, noise_mode=self.rendering_kwargs["superresolution_noise_mode"],
