@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -45,10 +46,10 @@ class Output:
     def warn(self, message: str) -> None:
         """A warning (stderr), shown in every mode but json."""
         if self.mode != "json":
-            self.err.print(f"[yellow]warning:[/yellow] {message}")
+            self.err.print(f"[yellow]warning:[/yellow] {escape(message)}")  # "my3dgen[mesh]" is no tag
 
     def error(self, message: str) -> None:
-        self.err.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+        self.err.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False)
 
     def result(self, data: dict[str, Any], human: str | None = None) -> None:
         """The command's result: JSON in json mode, else `human` (or key: value lines)."""
