@@ -28,10 +28,11 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory):
     def no_fitting(*args, **kwargs):
         raise AssertionError("the demo fitted a base; it should use the shipped one")
 
-    mp.setattr(db, "build_demo_base", no_fitting)  # a fresh home must not train the base or the person
-    mp.setattr(db, "fit_person", no_fitting)
     out = home / "report"
-    result = CliRunner().invoke(app, ["demo", "--fast", "-o", str(out), "--json"])
+    with pytest.MonkeyPatch.context() as guard:  # a fresh home must not train the base or the person
+        guard.setattr(db, "build_demo_base", no_fitting)
+        guard.setattr(db, "fit_person", no_fitting)
+        result = CliRunner().invoke(app, ["demo", "--fast", "-o", str(out), "--json"])
     yield home, out, result
     mp.undo()
     torch.set_num_threads(threads)
