@@ -3,8 +3,9 @@
     result = run_demo(out_dir, fast=False)      # report at result.report
 
 Without `--base`, the base is the demo's tiny synthetic generator (demo_base.py: the tiny EG3D
-fitted to simple 3-D heads, built once and cached as the local base `demo-tiny-v2`), and the
-training photos are renders of a hidden "person" (the base + a low-rank change) from 10 known
+fitted to simple 3-D heads; it ships inside the wheel as the zoo entry `demo-tiny-v2`, so only the
+adapter is trained here; `--rebuild-base` fits it again from the recipe), and the training photos
+are renders of a hidden "person" (the base + a low-rank change, shipped beside it) from 10 known
 cameras, with 2 more views held out. With `--base NAME --photos DIR` the same steps run on real
 weights and photos (the last photo is held out). Then the real pipeline runs:
 
@@ -33,6 +34,8 @@ IDENTITY = "demo"
 TRAIN_YAWS = (-45.0, -35.0, -25.0, -15.0, -5.0, 5.0, 15.0, 25.0, 35.0, 45.0)
 TRAIN_PITCHES = (0.0, 8.0, -6.0, 4.0, -3.0, 6.0, -8.0, 3.0, -4.0, 0.0)
 HELD_OUT = ((-60.0, 5.0), (55.0, -5.0))
+ORIGINS = {"shipped": "shipped with my3dgen, checked against its zoo sha256; not trained here",
+           "cached": "cached by an earlier my3dgen", "rebuilt": "fitted in this run from the recipe (--rebuild-base)"}
 SECTIONS = ("about", "photos", "training", "inversion", "orbit", "interpolation", "metrics", "export", "files")
 
 
@@ -68,9 +71,11 @@ class DemoResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     steps: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     export: dict[str, Any] = field(default_factory=dict)
+    base_origin: str = "given"  # shipped, cached, rebuilt (synthetic) or given (--base)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out_dir": str(self.out_dir), "report": str(self.report), "base": self.base,
+                "base_origin": self.base_origin,
                 "seconds": round(self.seconds, 1), "files": {k: str(v) for k, v in self.files.items()},
                 "metrics": self.metrics, "stages": self.steps, "export": self.export}
 
@@ -84,18 +89,40 @@ def default_out_dir() -> Path:
 # --- the synthetic base and person ---------------------------------------------------------------
 
 
-def demo_base(fast: bool, out: Output) -> tuple[str, Path]:
-    """(local base name, person adapter path): built on first use, then read from the cache."""
+def demo_base(fast: bool, out: Output, rebuild: bool = False) -> tuple[str, Path, str]:
+    """(base name, person adapter path, origin): the shipped pair, or one fitted from the recipe.
+
+    origin is "shipped" (the zoo entries `demo-tiny-v2` and `demo-tiny-v2-person`, packaged in the
+    wheel: copied into the cache and checked against their sha256, no training), "cached" (a local
+    base of that name with its person, from an earlier my3dgen that built it in the first demo: it
+    shadows the zoo entry of the same name, so it is the one `--identity demo` finds) or "rebuilt"
+    (`--rebuild-base`: fitted now from demo_base.py's recipe, `--fast` with its shorter step counts,
+    and cached as `demo-tiny-v2[-fast]-rebuilt`).
+    """
+    from my3dgen_cli import demo_base as db
+    from my3dgen_cli import zoo
+    from my3dgen_cli.generators import local_bases_dir
+
+    if rebuild:
+        name = db.rebuilt_name(fast)
+        return name, build_demo_pair(name, db.FitConfig.fast() if fast else db.FitConfig(), out), "rebuilt"
+    name = db.SHIPPED_BASE
+    person = local_bases_dir() / f"{name}.person.safetensors"
+    if (local_bases_dir() / f"{name}.safetensors").is_file() and person.is_file():
+        return name, person, "cached"
+    zoo.resolve_base(name, offline=True)  # package:// sources are local: offline is fine
+    return name, zoo.ensure(db.SHIPPED_PERSON, offline=True), "shipped"
+
+
+def build_demo_pair(name: str, cfg: Any, out: Output) -> Path:
+    """Fit the demo base and its hidden person from the recipe; cache them as local base `name` and
+    `<name>.person.safetensors` beside it. Returns the person adapter's path."""
     from my3dgen_cli import demo_base as db
     from my3dgen_cli.generators import local_bases_dir, open_base, save_local_base
     from my3dgen_cli.lora import save_adapter
 
-    name = db.base_name(fast)
     person = local_bases_dir() / f"{name}.person.safetensors"
-    if (local_bases_dir() / f"{name}.safetensors").is_file() and person.is_file():
-        return name, person
-    cfg = db.FitConfig.fast() if fast else db.FitConfig()
-    out.info(f"building the demo base {name!r} (once; cached in {local_bases_dir()})")
+    out.info(f"fitting the demo base {name!r} from its recipe (minutes; cached in {local_bases_dir()})")
     with out.progress() as bar:
         tasks: dict[str, Any] = {}
         totals = {"field": cfg.field_steps, "superresolution": cfg.sr_steps, "person": cfg.person_field_steps,
@@ -112,7 +139,7 @@ def demo_base(fast: bool, out: Output) -> tuple[str, Path]:
         z, ws = db.person_latent(G)
         db.fit_person(G, z, ws, config=cfg, on_step=on_step)
     save_adapter(G, person, name, ref.sha256, {"person_seed": 3, "note": "the demo's hidden person; not an identity"})
-    return name, person
+    return person
 
 
 def synthetic_photos(base: str, person_adapter: Path, photo_dir: Path) -> tuple[Any, Any]:
@@ -156,14 +183,20 @@ def run_demo(
     photos: Path | None = None,
     device: str = "cpu",
     output: Output | None = None,
+    rebuild_base: bool = False,
 ) -> DemoResult:
-    """Run the pipeline into `out_dir` (default: <data>/demo, replaced) and write report.html."""
+    """Run the pipeline into `out_dir` (default: <data>/demo, replaced) and write report.html.
+
+    The synthetic base is the shipped one unless `rebuild_base` (fit it from the recipe first).
+    """
     from my3dgen_cli import media
     from my3dgen_cli.personalize import LossNets, PersonalizeConfig, personalize, read_photos
 
     out = output or Output("quiet")
     if (base is None) != (photos is None):
         raise UserInputError("--base and --photos go together: a real base needs real photos (or give neither)")
+    if rebuild_base and base is not None:
+        raise UserInputError("--rebuild-base rebuilds the synthetic demo base; it does not go with --base")
     synthetic = base is None
     settings = DemoSettings.for_run(fast, synthetic)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
@@ -183,8 +216,10 @@ def run_demo(
         return now
 
     t = t0
+    origin = "given"
     if synthetic:
-        base, person = demo_base(fast, out)
+        base, person, origin = demo_base(fast, out, rebuild=rebuild_base)
+        out.info(f"demo base: {base} ({origin})")
         train, held = synthetic_photos(base, person, out_dir / "photos")
         files["photos"] = out_dir / "photos"
     else:
@@ -267,7 +302,7 @@ def run_demo(
         [_up(media.to_uint8(x), res) for x in (target[0], inv.image[0])]))
     files["identity"] = ip.root
     result = DemoResult(out_dir, out_dir / "report.html", base, time.perf_counter() - t0, files,
-                        evaluation.to_dict(), stages, export_info)
+                        evaluation.to_dict(), stages, export_info, origin)
     result.steps["total"] = round(result.seconds, 1)
     write_text_atomic(result.report, render_report(result, synthetic, ident.to_dict(), evaluation, inv.psnr,
                                                    held.names[0], settings))
@@ -317,7 +352,8 @@ def render_report(result: DemoResult, synthetic: bool, ident: dict[str, Any], ev
                  "nose, hair, eyes and a mouth; colours and proportions vary with z). The &ldquo;person&rdquo; is "
                  "this base plus a hidden low-rank change (other colours, a wider face, a bigger nose), seen in 10 "
                  "training views with known cameras; 2 more views are held out. Everything below is the real "
-                 "pipeline on it.</p>")
+                 f"pipeline on it.</p><p>Base <code>{html.escape(result.base)}</code> "
+                 f"({html.escape(ORIGINS[result.base_origin])}).</p>")
     else:
         about = f"<p>Base <code>{html.escape(result.base)}</code> on your photos; the last photo is held out.</p>"
     ex = result.export

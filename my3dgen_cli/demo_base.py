@@ -91,8 +91,11 @@ def person_params(z: torch.Tensor) -> HeadParams:
                    mouth=torch.tensor([[0.15, 0.25, 0.75]], device=z.device).expand(n, 3))
 
 
+HEAD_FIELDS = ("skin", "hair", "axes", "nose", "hairline", "mouth")
+
+
 def _select(p: HeadParams, index: torch.Tensor) -> HeadParams:
-    return HeadParams(*(getattr(p, f)[index] for f in ("skin", "hair", "axes", "nose", "hairline", "mouth")))
+    return HeadParams(*(getattr(p, f)[index] for f in HEAD_FIELDS))
 
 
 def head_field(points: torch.Tensor, p: HeadParams) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,8 +198,35 @@ def _sr_loss(G: nn.Module, ws: torch.Tensor, p: HeadParams, cams: torch.Tensor) 
 
 
 def base_name(fast: bool) -> str:
-    """The local base name the demo caches this recipe under (`demo-tiny-v2`, `demo-tiny-v2-fast`)."""
+    """The name of this recipe's base (`demo-tiny-v2`; `demo-tiny-v2-fast` with FitConfig.fast())."""
     return f"demo-tiny-v{RECIPE}" + ("-fast" if fast else "")
+
+
+# The full recipe's base and person ship inside the wheel (my3dgen_cli/demo_assets/, zoo entries
+# with sha256); `my3dgen demo --rebuild-base` fits them again as local bases named by rebuilt_name.
+SHIPPED_BASE = base_name(fast=False)
+SHIPPED_PERSON = f"{SHIPPED_BASE}-person"
+
+
+def rebuilt_name(fast: bool) -> str:
+    """The local base `--rebuild-base` caches (never the shipped name, so nothing shadows the zoo entry)."""
+    return f"{base_name(fast)}-rebuilt"
+
+
+@torch.no_grad()
+def fidelity_psnr(G: nn.Module, seed: int = 1234, latents: int = 2) -> float:
+    """PSNR (dB) of the base's renders vs the analytic heads: `latents` z never seen in fitting
+    (their own seed) at 5 yaws, pitch 0. How well the base learned the family; used to check a
+    rebuilt base against the shipped one."""
+    from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
+    from my3dgen_cli.metrics import psnr
+
+    z = torch.randn(latents, G.z_dim, generator=torch.Generator().manual_seed(seed))
+    yaws = [-50.0, -25.0, 0.0, 25.0, 50.0]
+    which = torch.arange(latents).repeat_interleave(len(yaws))
+    cams = lookat_camera(yaws * latents, [0.0] * len(which))
+    image = G.eval().synthesis(G.mapping(z, frontal_camera(latents))[which], cams, noise_mode="const")["image"]
+    return float(psnr(image, render_heads(_select(head_params(z), which), cams, G.img_resolution)).mean())
 
 
 @dataclass(frozen=True)

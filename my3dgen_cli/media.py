@@ -1,10 +1,11 @@
-"""Writers for what render/invert/interpolate produce: PNG (8- and 16-bit), GIF, MP4, PLY, grids.
+"""Writers for what render/invert/interpolate produce: PNG (8- and 16-bit), GIF, MP4, meshes, grids.
 
 Every writer goes through `fileio.atomic_path`, so an interrupted run never leaves half a file.
 Images are handled as uint8 arrays [H, W, 3] (RGB); tensors in EG3D's [-1, 1] range are converted
 with `to_uint8`. MP4 uses imageio-ffmpeg (its ffmpeg binary ships inside the wheel), H.264 yuv420p,
-frames padded to even sizes; GIF uses Pillow. PLY is written here (binary little-endian or ASCII)
-and read back by `read_ply` (used by the tests and handy for scripts).
+frames padded to even sizes; GIF uses Pillow. PLY is written here (binary little-endian or ASCII, with
+optional vertex colours) and read back by `read_ply` (used by the tests and handy for scripts); .obj
+and .glb go through trimesh, the optional `mesh` extra, imported only when asked for.
 """
 
 from __future__ import annotations
@@ -141,34 +142,80 @@ def count_video_frames(path: str | Path) -> int:
     return sum(1 for _ in reader)
 
 
+MESH_SUFFIXES = (".ply", ".obj", ".glb")
+MESH_EXTRA = "pip install 'my3dgen[mesh]'"
+
+
+def check_mesh_suffix(path: str | Path) -> str:
+    """The mesh format of `path` (".ply", ".obj" or ".glb"); .obj/.glb need trimesh (the `mesh` extra).
+
+    Called before any work is done, so a missing extra costs one line, not a finished render.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in MESH_SUFFIXES:
+        raise UserInputError(f"mesh: got {path}, expected a {', '.join(MESH_SUFFIXES)} file")
+    if suffix != ".ply":
+        try:
+            import trimesh  # noqa: F401
+        except ImportError:
+            raise UserInputError(f"{suffix} meshes need trimesh: {MESH_EXTRA} (.ply works without it)") from None
+    return suffix
+
+
+def write_mesh(path: str | Path, mesh, binary: bool = True, comment: str = "my3dgen mesh") -> Path:
+    """A `mesh.Mesh` -> .ply (written here), or .obj / .glb (through trimesh), chosen by the suffix."""
+    suffix = check_mesh_suffix(path)
+    if suffix == ".ply":
+        return write_ply(path, mesh.vertices, mesh.faces, binary=binary, comment=comment, colors=mesh.colors)
+    import trimesh
+
+    colors = None if mesh.colors is None else np.concatenate(
+        [mesh.colors, np.full((len(mesh.colors), 1), 255, dtype=np.uint8)], axis=1)
+    shape = trimesh.Trimesh(vertices=mesh.vertices, faces=mesh.faces, vertex_colors=colors, process=False)
+    data = shape.export(file_type=suffix[1:])
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
 def write_ply(path: str | Path, vertices: np.ndarray, faces: np.ndarray, binary: bool = True,
-              comment: str = "my3dgen mesh") -> Path:
-    """Triangle mesh -> PLY. vertices: float [V, 3]; faces: int [F, 3] (0-based)."""
+              comment: str = "my3dgen mesh", colors: np.ndarray | None = None) -> Path:
+    """Triangle mesh -> PLY. vertices: float [V, 3]; faces: int [F, 3] (0-based); colors: uint8 [V, 3] or None."""
     v = np.ascontiguousarray(vertices, dtype="<f4")
     f = np.ascontiguousarray(faces, dtype="<i4")
     if v.ndim != 2 or v.shape[1] != 3 or f.ndim != 2 or f.shape[1] != 3:
         raise ValueError(f"PLY: got vertices {v.shape} and faces {f.shape}, expected [V, 3] and [F, 3]")
+    if colors is not None and np.shape(colors) != v.shape:
+        raise ValueError(f"PLY: got colours {np.shape(colors)}, expected {v.shape} like the vertices")
+    fields = [("xyz", "<f4", (3,))] + ([("rgb", "u1", (3,))] if colors is not None else [])
+    rows = np.zeros(len(v), dtype=fields)
+    rows["xyz"] = v
+    if colors is not None:
+        rows["rgb"] = np.asarray(colors, dtype=np.uint8)
     header = (
         "ply\n"
         f"format {'binary_little_endian' if binary else 'ascii'} 1.0\n"
         f"comment {comment}\n"
         f"element vertex {len(v)}\n"
         "property float x\nproperty float y\nproperty float z\n"
-        f"element face {len(f)}\n"
+        + ("property uchar red\nproperty uchar green\nproperty uchar blue\n" if colors is not None else "")
+        + f"element face {len(f)}\n"
         "property list uchar int vertex_indices\n"
         "end_header\n"
     ).encode("ascii")
     with atomic_path(path) as tmp, open(tmp, "wb") as out:
         out.write(header)
         if binary:
-            out.write(v.tobytes())
-            rows = np.zeros(len(f), dtype=[("n", "u1"), ("idx", "<i4", (3,))])
-            rows["n"] = 3
-            rows["idx"] = f
             out.write(rows.tobytes())
+            face_rows = np.zeros(len(f), dtype=[("n", "u1"), ("idx", "<i4", (3,))])
+            face_rows["n"] = 3
+            face_rows["idx"] = f
+            out.write(face_rows.tobytes())
         else:
-            for x, y, z in v:
-                out.write(f"{x:.6g} {y:.6g} {z:.6g}\n".encode("ascii"))
+            for row in rows:
+                xyz = " ".join(f"{x:.6g}" for x in row["xyz"])
+                rgb = "".join(f" {c}" for c in row["rgb"]) if colors is not None else ""
+                out.write(f"{xyz}{rgb}\n".encode("ascii"))
             for a, b, c in f:
                 out.write(f"3 {a} {b} {c}\n".encode("ascii"))
     return Path(path)
@@ -184,16 +231,19 @@ def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     fmt = next(line.split()[1] for line in header if line.startswith("format"))
     counts = {line.split()[1]: int(line.split()[2]) for line in header if line.startswith("element")}
     nv, nf = counts.get("vertex", 0), counts.get("face", 0)
+    colored = "property uchar red" in header
     body = data[end + len(b"end_header\n"):]
     if fmt == "binary_little_endian":
-        verts = np.frombuffer(body, dtype="<f4", count=nv * 3).reshape(nv, 3)
-        rows = np.frombuffer(body, dtype=[("n", "u1"), ("idx", "<i4", (3,))], count=nf, offset=nv * 12)
+        vertex = [("xyz", "<f4", (3,))] + ([("rgb", "u1", (3,))] if colored else [])
+        verts = np.frombuffer(body, dtype=vertex, count=nv)["xyz"]
+        rows = np.frombuffer(body, dtype=[("n", "u1"), ("idx", "<i4", (3,))], count=nf,
+                             offset=nv * np.dtype(vertex).itemsize)
         if nf and not (rows["n"] == 3).all():
             raise ValueError(f"{path}: only triangle faces are supported")
         return verts.copy(), rows["idx"].copy()
     if fmt == "ascii":
         lines = body.decode("ascii").split("\n")
-        verts = np.array([[float(t) for t in lines[i].split()] for i in range(nv)], dtype=np.float32).reshape(nv, 3)
+        verts = np.array([[float(t) for t in lines[i].split()[:3]] for i in range(nv)], dtype=np.float32)
         faces = np.array([[int(t) for t in lines[nv + i].split()[1:4]] for i in range(nf)], dtype=np.int64)
-        return verts, faces.reshape(nf, 3)
+        return verts.reshape(nv, 3), faces.reshape(nf, 3)
     raise ValueError(f"{path}: got PLY format {fmt!r}, expected binary_little_endian or ascii")

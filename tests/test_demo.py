@@ -1,4 +1,4 @@
-"""`my3dgen demo --fast` end to end (offline, CPU) and `my3dgen eval` on the demo identity."""
+"""`my3dgen demo --fast` end to end (offline, CPU, the shipped base) and `my3dgen eval` on the demo identity."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from my3dgen_cli import demo_base as db
 from my3dgen_cli.cli import app
 from my3dgen_cli.demo import SECTIONS
 
@@ -23,8 +24,15 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MY3DGEN_HOME", str(home))
     mp.setenv("MY3DGEN_OFFLINE", "1")
+
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("the demo fitted a base; it should use the shipped one")
+
     out = home / "report"
-    result = CliRunner().invoke(app, ["demo", "--fast", "-o", str(out), "--json"])
+    with pytest.MonkeyPatch.context() as guard:  # a fresh home must not train the base or the person
+        guard.setattr(db, "build_demo_base", no_fitting)
+        guard.setattr(db, "fit_person", no_fitting)
+        result = CliRunner().invoke(app, ["demo", "--fast", "-o", str(out), "--json"])
     yield home, out, result
     mp.undo()
     torch.set_num_threads(threads)
@@ -62,6 +70,77 @@ def test_demo_runs_and_report_has_every_section_and_file(env):
     assert len(list((out / "photos").glob("train*.png"))) == 10
 
 
+def test_fresh_home_demo_uses_the_shipped_base_without_training(env):
+    """No base training (the fixture makes fitting raise): the zoo entries, checked and converted in the cache."""
+    from my3dgen_cli import zoo
+    from my3dgen_cli.generators import local_bases_dir
+
+    home, out, result = env
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["base"], data["base_origin"]) == (db.SHIPPED_BASE, "shipped")
+    assert "fitted" not in " ".join(data["stages"])
+    assert not local_bases_dir().is_dir() or not list(local_bases_dir().glob("demo-tiny*"))
+    assert zoo.converted(db.SHIPPED_BASE) is not None and zoo.cached(db.SHIPPED_PERSON) is not None
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "shipped with my3dgen" in page
+    from my3dgen_cli.lora import read_adapter
+
+    _, meta = read_adapter(home / "identities" / "demo" / "adapter.safetensors")
+    assert meta["base_name"] == db.SHIPPED_BASE  # `--identity demo` finds the shipped base by name
+
+
+@pytest.mark.parametrize("name", [db.SHIPPED_BASE, db.SHIPPED_PERSON])
+def test_shipped_blob_matches_its_zoo_entry(name: str):
+    from my3dgen_cli import zoo
+    from my3dgen_cli.download import resolve_local, sha256_file
+
+    entry = zoo.get_entry(name)
+    blob = resolve_local(entry.url)
+    assert blob.parent.name == "demo_assets" and blob.suffix == ".safetensors"
+    assert sha256_file(blob) == entry.sha256 and blob.stat().st_size == entry.size
+    assert entry.size < 1_000_000  # the wheel stays small
+
+
+def test_rebuild_base_fits_from_the_recipe_under_its_own_name(monkeypatch: pytest.MonkeyPatch):
+    """`--rebuild-base` plumbing on a 2-step recipe: a local base and person, never the shipped name."""
+    from my3dgen_cli.demo import demo_base
+    from my3dgen_cli.generators import local_bases_dir, open_base
+    from my3dgen_cli.lora import load_adapter
+    from my3dgen_cli.output import Output
+
+    tiny = db.FitConfig(field_steps=2, sr_steps=1, batch=2, points=256, person_field_steps=1, person_sr_steps=1)
+    monkeypatch.setattr(db.FitConfig, "fast", classmethod(lambda cls: tiny))
+    torch.set_num_threads(1)
+    name, person, origin = demo_base(fast=True, out=Output("quiet"), rebuild=True)
+    assert (name, origin) == ("demo-tiny-v2-fast-rebuilt", "rebuilt")
+    assert (local_bases_dir() / f"{name}.safetensors").is_file() and person.is_file()
+    G, ref = open_base(name)
+    load_adapter(G, person, base_sha256=ref.sha256)  # the person belongs to the rebuilt base
+    again = demo_base(fast=False, out=Output("quiet"))  # the shipped pair is still what a plain demo uses
+    assert again[0] == db.SHIPPED_BASE and again[2] == "shipped"
+
+
+def test_rebuild_base_refuses_a_real_base(tmp_path: Path):
+    result = CliRunner().invoke(app, ["demo", "--rebuild-base", "--base", "eg3d-ffhq512-128", "--photos",
+                                      str(tmp_path), "-o", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "--rebuild-base" in result.output
+
+
+@pytest.mark.slow
+def test_rebuilt_base_matches_the_shipped_one():
+    """The recipe is reproducible: a base fitted now renders the analytic heads as well as the shipped
+    one, within 0.5 dB (the same machine gives the same weights; other CPUs/BLAS differ by float order)."""
+    from my3dgen_cli.generators import open_base
+
+    torch.set_num_threads(2)
+    shipped, _ = open_base(db.SHIPPED_BASE)
+    rebuilt = db.build_demo_base(seed=0, config=db.FitConfig())
+    ours, theirs = db.fidelity_psnr(rebuilt), db.fidelity_psnr(shipped)
+    assert theirs > 20.0, f"shipped base {theirs:.2f} dB"
+    assert abs(ours - theirs) < 0.5, f"rebuilt {ours:.2f} dB vs shipped {theirs:.2f} dB"
+
+
 def test_demo_personalized_beats_base_on_held_out_views(env):
     data = json.loads(env[2].stdout)
     mean = data["metrics"]["mean"]
@@ -72,11 +151,10 @@ def test_demo_personalized_beats_base_on_held_out_views(env):
 def test_demo_base_background_stays_dark(env):
     """Where the analytic heads show background, the fitted base renders near-black: no ghost heads
     or fog at the image edges (the base's empty space was once dense where rays leave the tri-plane box)."""
-    from my3dgen_cli import demo_base as db
     from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
     from my3dgen_cli.generators import open_base
 
-    G, _ = open_base(db.base_name(fast=True))
+    G, _ = open_base(db.SHIPPED_BASE)
     z = torch.randn(4, G.z_dim, generator=torch.Generator().manual_seed(1))
     cams = lookat_camera([-50.0, -20.0, 20.0, 50.0], [0.0] * 4)
     with torch.no_grad():

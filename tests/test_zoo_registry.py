@@ -25,6 +25,7 @@ def test_registry_is_read_from_the_top_level_zoo_folder() -> None:
     assert {
         "eg3d-ffhq512-128", "eg3d-ffhqrebalanced512-128", "eg3d-ffhqrebalanced512-64", "eg3d-afhqcats512-128",
         "lpips-alexnet", "lpips-vgg16", "arcface-ir-se50", "mtcnn-pnet", "mtcnn-rnet", "mtcnn-onet",
+        "demo-tiny-v2", "demo-tiny-v2-person",
     } == set(PACKAGED)  # fmt: skip
 
 
@@ -45,7 +46,9 @@ def test_packaged_entry(name: str) -> None:
     assert all(u.startswith(("https://", "package://")) for u in entry.urls)
     if entry.url.startswith("package://"):
         assert entry.sha256 and entry.size, "files inside a wheel have a known hash"
-    if entry.kind == "base-generator":
+    if entry.kind == "base-generator" and entry.url.startswith("package://"):  # the demo's, in the wheel
+        assert entry.format == "safetensors" and entry.config == "tiny"
+    elif entry.kind == "base-generator":
         assert entry.format == "eg3d-pkl" and entry.url == NGC.format(entry.config)
         assert entry.sha256 is None, "unpublished: recorded on first fetch"
     if entry.kind == "lpips-backbone":

@@ -39,7 +39,8 @@ def render(
     fps: Annotated[float, typer.Option("--fps", help="Video frame rate.")] = 24.0,
     depth: Annotated[bool, typer.Option("--depth", help="Also write depth maps (16-bit PNG + colour preview).")
                      ] = False,
-    mesh: Annotated[Path | None, typer.Option("--mesh", help="Extract a mesh to this .ply file.")] = None,
+    mesh: Annotated[Path | None, typer.Option("--mesh", help="Extract a vertex-coloured mesh to this .ply, .obj or "
+                                                            ".glb file (.obj/.glb: the mesh extra).")] = None,
     mesh_res: Annotated[int, typer.Option("--mesh-res", help="Marching-cubes grid size per axis.")] = 128,
     mesh_level: Annotated[float, typer.Option("--mesh-level", help="Density level of the surface.")] = 10.0,
     ascii_ply: Annotated[bool, typer.Option("--ascii", help="Write the PLY as text instead of binary.")] = False,
@@ -66,8 +67,8 @@ def render(
     yaws, pitches = parse_angles(yaw, "yaw"), parse_angles(pitch, "pitch")
     anchors = parse_indices(anchor, "--anchor") if anchor else []
     seeds = parse_indices(seed, "--seed") if seed else []
-    if mesh is not None and mesh.suffix.lower() != ".ply":
-        raise UserInputError(f"--mesh: got {mesh}, expected a .ply file")
+    if mesh is not None:
+        media.check_mesh_suffix(mesh)
     if mesh_res < 8 or mesh_res > 512:
         raise UserInputError(f"--mesh-res: got {mesh_res}, expected 8..512")
 
@@ -113,7 +114,7 @@ def render(
         if orbit:
             plan += [("orbit video", folder / f"{name}_orbit.mp4"), ("orbit gif", folder / f"{name}_orbit.gif")]
         if mesh is not None:
-            plan.append(("mesh", mesh if len(sources) == 1 else mesh.with_name(f"{mesh.stem}_{name}.ply")))
+            plan.append(("mesh", mesh if len(sources) == 1 else mesh.with_name(f"{mesh.stem}_{name}{mesh.suffix}")))
         views_plan.append(pairs)
     if grid:
         plan.append(("contact sheet", folder / "grid.png"))
@@ -162,13 +163,13 @@ def render(
             if mesh is not None:
                 from my3dgen_cli.mesh import extract_mesh
 
-                ply = next(paths)
+                mesh_path = next(paths)
                 try:
-                    verts, faces = extract_mesh(G, ws, mesh_res, mesh_level)
+                    shape = extract_mesh(G, ws, mesh_res, mesh_level)
                 except ValueError as err:
                     raise UserInputError(f"{name}: {err} (--mesh-level)") from None
-                media.write_ply(ply, verts, faces, binary=not ascii_ply, comment=f"my3dgen {name}")
-                entry.update(mesh=str(ply), vertices=len(verts), faces=len(faces))
+                media.write_mesh(mesh_path, shape, binary=not ascii_ply, comment=f"my3dgen {name}")
+                entry.update(mesh=str(mesh_path), vertices=len(shape.vertices), faces=len(shape.faces))
             summary.append(entry)
     if grid:
         media.write_png(next(paths), media.grid(sheet, columns=1 if own_camera else len(yaws)))
