@@ -240,9 +240,8 @@ def run_demo(
     t = stage("personalize", t)
 
     from my3dgen_cli.anchors import resize
-    from my3dgen_cli.commands._shared import identity_anchors
     from my3dgen_cli.generators import open_generator
-    from my3dgen_cli.identity import identity_paths, save_latent
+    from my3dgen_cli.identity import identity_anchors, identity_paths, save_latent
     from my3dgen_cli.invert import InvertConfig, invert_image
 
     G, ref, _ = open_generator(identity=IDENTITY, device=device)

@@ -134,8 +134,8 @@ def evaluate(
 ) -> EvalResult:
     """Invert each photo (images [N, 3, H, W] in [-1, 1], cameras [N, 25]) under base and personalized."""
     from my3dgen_cli.anchors import resize
-    from my3dgen_cli.commands._shared import identity_anchors
     from my3dgen_cli.generators import open_generator
+    from my3dgen_cli.identity import identity_anchors
     from my3dgen_cli.invert import InvertConfig, invert_image
 
     G, ref, _ = open_generator(identity=identity, device=device)

@@ -126,6 +126,17 @@ def load_anchors(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         return f.get_tensor("ws"), f.get_tensor("cameras"), json.loads(meta.get("photos", "[]"))
 
 
+def identity_anchors(identity: str | None, device: Any) -> tuple[Any, Any] | tuple[None, None]:
+    """(ws [K, num_ws, w_dim], cameras [K, 25]) of an identity, or (None, None) without one / without anchors."""
+    if identity is None:
+        return None, None
+    path = identity_paths(identity).anchors
+    if not path.is_file():
+        return None, None
+    ws, cams, _ = load_anchors(path)
+    return ws.to(device), cams.to(device)
+
+
 def save_partial_anchors(path: Path, ws: torch.Tensor, fingerprint: dict[str, Any]) -> Path:
     """ws [M, num_ws, w_dim] of the first M photos, and the settings that made them (JSON metadata)."""
     from safetensors.torch import save_file

@@ -174,19 +174,6 @@ def open_model(base: str | None, identity: str | None, adapter: Path | None, dev
     return G.eval(), ref, dev
 
 
-def identity_anchors(identity: str | None, device: Any) -> tuple[Any, Any] | tuple[None, None]:
-    """(ws [K, num_ws, w_dim], cameras [K, 25]) of an identity, or (None, None) without one / without anchors."""
-    if identity is None:
-        return None, None
-    from my3dgen_cli.identity import identity_paths, load_anchors
-
-    path = identity_paths(identity).anchors
-    if not path.is_file():
-        return None, None
-    ws, cams, _ = load_anchors(path)
-    return ws.to(device), cams.to(device)
-
-
 def check_latent_files(specs: Iterable[str]) -> None:
     """Name a missing latent file, or a broken .npy one, before the (slow) generator is opened, not after."""
     from my3dgen_cli.latents_import import NPY_SUFFIX, camera_beside, read_npy
@@ -229,6 +216,8 @@ def anchor(identity: str | None, k: int, device: Any) -> tuple[Any, Any]:
     """(ws [1, num_ws, w_dim], camera [1, 25]) of the identity's anchor k."""
     if identity is None:
         raise UserInputError("anchors belong to an identity: add --identity NAME")
+    from my3dgen_cli.identity import identity_anchors
+
     ws, cams = identity_anchors(identity, device)
     if ws is None:
         raise UserInputError(f"identity {identity!r} has no anchors.safetensors")

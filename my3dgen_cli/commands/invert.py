@@ -101,8 +101,7 @@ def invert(
     use_lpips: Annotated[bool, typer.Option("--lpips/--no-lpips", help="LPIPS-VGG loss (if cached).")] = True,
 ) -> None:
     from my3dgen_cli import media
-    from my3dgen_cli.commands._shared import identity_anchors
-    from my3dgen_cli.identity import save_latent
+    from my3dgen_cli.identity import identity_anchors, save_latent
     from my3dgen_cli.invert import InvertConfig, invert_image
 
     output = opts.output()

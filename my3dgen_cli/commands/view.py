@@ -107,7 +107,8 @@ def _sources(opts: ModelOptions, G, dev, latent: list[Path] | None, anchor: str 
              truncation: float) -> list:
     """The latents named on the command line (default: anchor 0 of the identity, else seed 0)."""
     from my3dgen_cli.commands._shared import anchor as get_anchor
-    from my3dgen_cli.commands._shared import identity_anchors, parse_indices, resolve_key
+    from my3dgen_cli.commands._shared import parse_indices, resolve_key
+    from my3dgen_cli.identity import identity_anchors
     from my3dgen_cli.view.scene import Source
 
     sources = [Source(name, ws=ws) for name, ws, _ in
