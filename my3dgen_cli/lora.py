@@ -160,7 +160,7 @@ def add_extras(model: nn.Module, names: Iterable[str]) -> list[nn.Parameter]:
         if name not in params:
             raise UserInputError(f"trained extra {name}: the generator has no such parameter")
         if name not in saved:
-            saved[name] = params[name].detach().cpu().clone()
+            saved[name] = params[name].detach().clone()
         params[name].requires_grad_(True)
         out.append(params[name])
     return out
