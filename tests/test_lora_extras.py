@@ -27,9 +27,10 @@ from my3dgen_cli.lora import (
     write_adapter,
 )
 from my3dgen_cli.personalize import PersonalizeConfig
-from my3dgen_cli.training import TrainingInterrupted, train_adapter
-from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, views
+from my3dgen_cli.training import TrainingInterrupted
+from tests.personalize_helpers import fresh, make_person
 from tests.test_lora import _render, _tiny
+from tests.test_personalize import _train
 
 pytestmark = pytest.mark.usefixtures("one_thread_offline")
 
@@ -106,20 +107,6 @@ def test_an_extra_outside_the_trained_set_is_refused_by_name(tmp_path) -> None:
     with pytest.raises(UserInputError, match=r"backbone\.mapping\.fc0\.weight"):
         load_adapter(H, path)
     assert extra_names(H) == [] and not hasattr(H, "_my3dgen_adapter_config"), "nothing attached"
-
-
-def _train(person, config, folder, stop_at=None, resume=False):
-    _, w, hidden = person
-    G = fresh(person)
-    images, raws, cams = views(hidden, w, TRAIN_YAWS[:4])
-
-    def on_step(step, record):
-        if stop_at is not None and step == stop_at:
-            raise KeyboardInterrupt
-
-    result = train_adapter(G, images, cams, w.expand(4, -1, -1), config, checkpoint_dir=folder, resume=resume,
-                           on_step=on_step, raw_images=raws)
-    return G, result
 
 
 def test_training_with_extras_trains_them_and_resumes_exactly(tmp_path) -> None:
