@@ -121,6 +121,8 @@ def load_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]
     if state.get("format") != CHECKPOINT_FORMAT:
         raise UserInputError(f"{files[-1]}: got format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     saved = state["fingerprint"]
+    if "train_extras" in fingerprint:  # a checkpoint older than the option trained the LoRA factors only
+        saved = {"train_extras": False, **saved}
     for key in sorted(set(saved) | set(fingerprint)):
         if saved.get(key) != fingerprint.get(key):
             raise UserInputError(f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, "
