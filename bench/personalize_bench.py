@@ -6,8 +6,9 @@ degrees. Held-out: views the training never saw, including profiles (+-60, +-75,
 pitched views. Every method gets the same anchors (each photo projected into W of the frozen base)
 and renders held-out views from the mean anchor w.
 
-Methods: no tuning (base), LoRA rank 1 (no symmetry), LoRA + symmetry, full fine-tuning of the
-same layers (backbone synthesis + superresolution). Reported: held-out PSNR / SSIM (and LPIPS-alex
+Methods: no tuning (base), LoRA rank 1 (no symmetry), LoRA + symmetry, each with the LoRA factors
+only and with My3DGen's trained extras (b4.const, biases, noise strengths: `--train-extras`), and full
+fine-tuning of the same layers (backbone synthesis + superresolution). Reported: held-out PSNR / SSIM (and LPIPS-alex
 when its verified weights are cached), mirror MSE (profile view vs the flipped opposite profile,
 what the symmetry term penalizes), trainable parameters, seconds per step.
 
@@ -110,13 +111,16 @@ def main() -> None:
     base_mirror = mirror_inconsistency(base, w_mean, sym_cams)
     rows.append(("no tuning", *metrics(pred.cpu(), target.cpu(), lpips), 0, None, base_mirror))
     sym_distance = choose_distance("id", None, lpips)
-    methods = (("LoRA r1", False, False), ("LoRA r1 + sym", True, False), ("full fine-tune", False, True))
-    for label, sym, full in methods:
+    methods = (("LoRA r1 (factors only)", False, False, False), ("LoRA r1 + extras", False, True, False),
+               ("LoRA r1 + sym (factors only)", True, False, False), ("LoRA r1 + extras + sym", True, True, False),
+               ("full fine-tune", False, False, True))
+    for label, sym, extras, full in methods:
         G = copy.deepcopy(base)
         params = None
         if full:
             params = [p for n, p in G.named_parameters() if n.startswith(("backbone.synthesis.", "superresolution."))]
-        config = PersonalizeConfig(steps=args.steps, batch=args.batch, sym=sym, seed=args.seed, checkpoint_every=0)
+        config = PersonalizeConfig(steps=args.steps, batch=args.batch, sym=sym, seed=args.seed, checkpoint_every=0,
+                                   train_extras=extras)
         result = train_adapter(G, photos, train_cams, anchors, config, lpips=lpips, sym_distance=sym_distance,
                                params=params, raw_images=raws)
         pred, _ = render(G, w_mean, test_cams)

@@ -11,6 +11,12 @@ Decompositions (delta is added to the stored weight, scale = alpha / rank):
                            A [r*k, in*k*k], B [out, r*k].
 - conv, "peft" style:      A [r, in*k*k], B [out, r] (fewer parameters, as peft's Conv2d LoRA).
 A is Kaiming-uniform (a = sqrt 5, as nn.Linear), B zeros.
+
+Trained extras. My3DGen's wrappers also leave the first block's constant, every bias of the
+adapted layers and their noise strengths trainable (`EXTRA_TARGETS`, 24,791 values at full size).
+An adapter can carry those tensors under their official names beside the factors: they replace the
+base's values while the adapter is attached (the base's own are kept aside and put back by
+`remove_adapters`), and stay in the weights when merged.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from my3dgen_cli import __version__
 from my3dgen_cli.errors import IncompatibleAdapterError, UserInputError
 from my3dgen_cli.fileio import atomic_path
 
-ADAPTER_FORMAT = "my3dgen-lora/1"
+ADAPTER_FORMAT = "my3dgen-lora/1"  # LoRA factors only: what older versions read
+ADAPTER_FORMAT_EXTRAS = "my3dgen-lora/2"  # factors + trained extras (written only when there are extras)
 CONV_STYLES = ("my3dgen", "peft")
 
 # Every synthesis block of the backbone (conv0, conv1, torgb and their affine FCs) and both
@@ -40,6 +47,13 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 )
 MAPPING_TARGETS: tuple[str, ...] = (r"backbone\.mapping\.(embed|fc\d+)",)
 DECODER_TARGETS: tuple[str, ...] = (r"decoder\.net\.\d+",)
+# The other tensors My3DGen trains (official names): b4.const, the conv / ToRGB / affine biases and the
+# noise strengths of the backbone synthesis and both superresolution blocks.
+EXTRA_TARGETS: tuple[str, ...] = (
+    r"backbone\.synthesis\.b4\.const",
+    r"(backbone\.synthesis\.b\d+|superresolution\.block[01])\.(conv0|conv1|torgb)(\.affine)?\.bias",
+    r"(backbone\.synthesis\.b\d+|superresolution\.block[01])\.(conv0|conv1)\.noise_strength",
+)
 
 
 class LoRA(nn.Module):
@@ -128,17 +142,53 @@ def adapter_layers(model: nn.Module) -> dict[str, LoRA]:
     return {name: m.adapter for name, m in _adaptable_layers(model).items() if isinstance(m.adapter, LoRA)}
 
 
+def match_extras(model: nn.Module, targets: Iterable[str] = EXTRA_TARGETS) -> list[str]:
+    """Names of the model's parameters fully matching any of `targets` (default: My3DGen's trained set)."""
+    patterns = [re.compile(t) for t in targets]
+    return [name for name, _ in model.named_parameters() if any(p.fullmatch(name) for p in patterns)]
+
+
+def add_extras(model: nn.Module, names: Iterable[str]) -> list[nn.Parameter]:
+    """Make the named base parameters part of the adapter: trainable, with the base's values kept aside.
+
+    Call after `add_adapters` (which freezes every base weight). Returns the parameters (model order).
+    """
+    params = dict(model.named_parameters())
+    saved: dict[str, torch.Tensor] = model.__dict__.setdefault("_my3dgen_extras", {})
+    out = []
+    for name in names:
+        if name not in params:
+            raise UserInputError(f"trained extra {name}: the generator has no such parameter")
+        if name not in saved:
+            saved[name] = params[name].detach().clone()
+        params[name].requires_grad_(True)
+        out.append(params[name])
+    return out
+
+
+def extra_names(model: nn.Module) -> list[str]:
+    """Names of the base parameters the attached adapter replaces (its trained extras)."""
+    return list(model.__dict__.get("_my3dgen_extras", {}))
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`{layer}.lora_A` / `{layer}.lora_B` tensors of every attached adapter (contiguous, CPU)."""
+    """`{layer}.lora_A` / `{layer}.lora_B` of every attached adapter, then the trained extras under their
+    official names (contiguous, CPU)."""
     out = {}
     for name, adapter in adapter_layers(model).items():
         out[f"{name}.lora_A"] = adapter.lora_A.detach().cpu().contiguous()
         out[f"{name}.lora_B"] = adapter.lora_B.detach().cpu().contiguous()
+    params = dict(model.named_parameters())
+    for name in extra_names(model):
+        out[name] = params[name].detach().cpu().contiguous()
     return out
 
 
 def count_adapter_parameters(model: nn.Module) -> int:
-    return sum(a.lora_A.numel() + a.lora_B.numel() for a in adapter_layers(model).values())
+    """Trainable values of the adapter: LoRA factors plus trained extras."""
+    params = dict(model.named_parameters())
+    lora = sum(a.lora_A.numel() + a.lora_B.numel() for a in adapter_layers(model).values())
+    return lora + sum(params[n].numel() for n in extra_names(model))
 
 
 def merge_adapters(model: nn.Module, safe: bool = True) -> nn.Module:
@@ -152,13 +202,19 @@ def merge_adapters(model: nn.Module, safe: bool = True) -> nn.Module:
                 raise ValueError(f"merging the adapter of {name} gives non-finite weights")
             layer.weight.copy_(merged)
         layer.adapter = None
+    model.__dict__.pop("_my3dgen_extras", None)  # the trained extras already are the weights
     return model
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
-    """Detach every adapter, leaving the base weights as they were (unload)."""
+    """Detach every adapter and put the base's own values of the trained extras back (unload)."""
     for layer in _adaptable_layers(model).values():
         layer.adapter = None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in model.__dict__.pop("_my3dgen_extras", {}).items():
+            params[name].copy_(value)
+            params[name].requires_grad_(False)
     return model
 
 
@@ -170,33 +226,51 @@ def base_fingerprint(model: nn.Module) -> str:
     """
     from my3dgen_cli.eg3d.fingerprint import state_fingerprint
 
-    return state_fingerprint({k: v for k, v in model.state_dict().items() if ".adapter." not in k})
+    state = {k: v for k, v in model.state_dict().items() if ".adapter." not in k}
+    state.update(model.__dict__.get("_my3dgen_extras", {}))  # the base's own values, not the trained ones
+    return state_fingerprint(state)
 
 
 def save_adapter(
     model: nn.Module, path: str | Path, base_name: str, base_sha256: str, extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write the adapters as safetensors (atomically) with the metadata needed to re-attach them."""
-    from safetensors.torch import save_file
-
+    """Write the adapters (and trained extras) as safetensors (atomically) with the metadata needed to
+    re-attach them."""
     config = getattr(model, "_my3dgen_adapter_config", None)
     if config is None:
         raise ValueError("save_adapter: the model has no adapters")
+    return write_adapter(path, adapter_state_dict(model), config, base_name, base_sha256, extra)
+
+
+def write_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], base_name: str,
+                  base_sha256: str, extra: dict[str, Any] | None = None) -> Path:
+    """Write adapter tensors (`<layer>.lora_A/B`, then extras under official names) atomically.
+
+    config: {"rank", "alpha", "targets", "style"} as `add_adapters` takes them. The format is
+    `ADAPTER_FORMAT` without extras (readable by older versions), `ADAPTER_FORMAT_EXTRAS` with.
+    """
+    from safetensors.torch import save_file
+
+    has_extras = any(not _is_factor(k) for k in tensors)
     meta = {
-        "format": ADAPTER_FORMAT,
+        "format": ADAPTER_FORMAT_EXTRAS if has_extras else ADAPTER_FORMAT,
         "my3dgen_version": __version__,
         "base_name": base_name,
         "base_sha256": base_sha256,
         "rank": str(config["rank"]),
         "alpha": str(config["alpha"]),
         "style": config["style"],
-        "targets": json.dumps(config["targets"]),
+        "targets": json.dumps(list(config["targets"])),
         "extra": json.dumps(extra or {}),
     }
     path = Path(path)
     with atomic_path(path) as tmp:
-        save_file(adapter_state_dict(model), str(tmp), metadata=meta)
+        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp), metadata=meta)
     return path
+
+
+def _is_factor(name: str) -> bool:
+    return name.endswith((".lora_A", ".lora_B"))
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -212,8 +286,9 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise UserInputError(f"{path}: not a readable safetensors adapter ({err})") from None
-    if raw.get("format") != ADAPTER_FORMAT:
-        raise UserInputError(f"{path}: got format {raw.get('format')!r}, expected {ADAPTER_FORMAT!r}")
+    if raw.get("format") not in (ADAPTER_FORMAT, ADAPTER_FORMAT_EXTRAS):
+        raise UserInputError(f"{path}: got format {raw.get('format')!r}, expected {ADAPTER_FORMAT!r} "
+                             f"or {ADAPTER_FORMAT_EXTRAS!r}")
     meta: dict[str, Any] = dict(raw)
     meta["rank"] = int(raw["rank"])
     meta["alpha"] = float(raw["alpha"])
@@ -223,7 +298,8 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 
 
 def load_adapter(model: nn.Module, path: str | Path, base_sha256: str | None = None) -> dict[str, Any]:
-    """Attach the adapters saved at `path` to `model`; refuse a base with another fingerprint.
+    """Attach the adapters saved at `path` to `model` (and put its trained extras in place); refuse a
+    base with another fingerprint, a tensor of another shape, or an extra outside `EXTRA_TARGETS`.
 
     base_sha256: the model's fingerprint if already known (else computed). Returns the metadata.
     """
@@ -234,14 +310,29 @@ def load_adapter(model: nn.Module, path: str | Path, base_sha256: str | None = N
             f"{path} was made on base {meta['base_name']!r} (sha256 {meta['base_sha256'][:12]}), "
             f"not on this generator (sha256 {actual[:12]})"
         )
+    extras = [k for k in tensors if not _is_factor(k)]
+    allowed = set(match_extras(model))
+    params = dict(model.named_parameters())
+    for name in extras:
+        if name not in allowed or tuple(params[name].shape) != tuple(tensors[name].shape):
+            got = tuple(tensors[name].shape)
+            raise UserInputError(f"{path}: trained extra {name} (shape {got}) is not a bias, noise strength or "
+                                 "const of this generator")
     add_adapters(model, rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"], style=meta["style"])
     layers = adapter_layers(model)
     expected = {f"{n}.lora_{ab}" for n in layers for ab in "AB"}
-    if set(tensors) != expected:
-        missing = sorted(expected - set(tensors))[:1] or sorted(set(tensors) - expected)[:1]
+    factors = {k for k in tensors if _is_factor(k)}
+    if factors != expected:
+        missing = sorted(expected - factors)[:1] or sorted(factors - expected)[:1]
         raise UserInputError(f"{path}: adapter tensors do not match the generator (first mismatch: {missing[0]})")
     with torch.no_grad():
         for name, adapter in layers.items():
-            adapter.lora_A.copy_(tensors[f"{name}.lora_A"])
-            adapter.lora_B.copy_(tensors[f"{name}.lora_B"])
+            for ab in ("lora_A", "lora_B"):
+                saved = tensors[f"{name}.{ab}"]
+                if saved.shape != getattr(adapter, ab).shape:
+                    raise UserInputError(f"{path}: {name}.{ab}: got shape {tuple(saved.shape)}, "
+                                         f"expected {tuple(getattr(adapter, ab).shape)}")
+                getattr(adapter, ab).copy_(saved)
+        for name, param in zip(extras, add_extras(model, extras), strict=True):
+            param.copy_(tensors[name])
     return meta

@@ -44,6 +44,7 @@ class PersonalizeConfig:
     style: str = "my3dgen"
     include_mapping: bool = False
     include_decoder: bool = False
+    train_extras: bool = True  # also train My3DGen's extras: b4.const, biases, noise strengths (lora.EXTRA_TARGETS)
     steps: int = 1000
     batch: int = 2
     lr: float = 0.0025

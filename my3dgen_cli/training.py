@@ -4,7 +4,9 @@ Per step, for a batch of anchors (photo, camera, anchor latent w):
     loss = MSE(raw render, photo at the neural resolution) + MSE(image, photo)
          + LPIPS(raw render, photo at neural res.) + LPIPS(image, photo)     (LPIPS when available)
 and every `sym_every` steps the symmetry term (symmetry.py) for one anchor latent at a random yaw.
-Adam(lr, betas) on the adapter factors only; the base weights never change.
+Adam(lr, betas) on the adapter: the LoRA factors and, with `train_extras` (My3DGen's set, the default),
+the biases, noise strengths and b4.const, whose base values are kept aside (lora.add_extras); the
+other base weights never change.
 
 Reproducibility: batches and symmetry yaws come from one explicit CPU `torch.Generator`; rendering
 is deterministic. A checkpoint holds the trainable tensors, Adam's state, the step, that generator's
@@ -120,6 +122,8 @@ def load_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> dict[str, Any]
     if state.get("format") != CHECKPOINT_FORMAT:
         raise UserInputError(f"{files[-1]}: got format {state.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     saved = state["fingerprint"]
+    if "train_extras" in fingerprint:  # a checkpoint older than the option trained the LoRA factors only
+        saved = {"train_extras": False, **saved}
     for key in sorted(set(saved) | set(fingerprint)):
         if saved.get(key) != fingerprint.get(key):
             raise UserInputError(f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, "
@@ -170,7 +174,8 @@ def train_adapter(
 
     images: [N, 3, H, W] in [-1, 1]; cameras: [N, 25]; anchors_ws: [N, num_ws, w_dim]; all on G's
     device. config: a PersonalizeConfig (rank, alpha, targets(), style, steps, batch, lr, betas, sym,
-    sym_every, sym_weight, sym_yaw, seed, checkpoint_every, amp). Adapters are attached here unless
+    sym_every, sym_weight, sym_yaw, seed, checkpoint_every, amp, train_extras). Adapters (and, with
+    train_extras, the trained extras: lora.EXTRA_TARGETS) are attached here unless
     `params` (the tensors to train, e.g. all synthesis weights for full fine-tuning) is given.
     sym_distance: the symmetry distance (None = pixel MSE). checkpoint_dir: where checkpoints go
     (every config.checkpoint_every steps and on interrupt); resume: continue from its newest one.
@@ -186,7 +191,7 @@ def train_adapter(
     whole batch's gradient), the symmetry term runs on one rank per step (in turn), only rank 0
     writes checkpoints. Every rank gets the same data and config.
     """
-    from my3dgen_cli.lora import add_adapters
+    from my3dgen_cli.lora import add_adapters, add_extras, match_extras
 
     n = images.shape[0]
     if n == 0 or cameras.shape != (n, 25) or anchors_ws.shape[0] != n:
@@ -196,6 +201,8 @@ def train_adapter(
     if params is None:
         params = add_adapters(G, rank=config.rank, alpha=config.alpha, targets=config.targets(),
                               style=config.style, generator=init_gen)
+        if getattr(config, "train_extras", False):
+            params += add_extras(G, match_extras(G))
     else:
         for p in G.parameters():
             p.requires_grad_(False)

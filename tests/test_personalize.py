@@ -14,7 +14,14 @@ from typer.testing import CliRunner
 
 from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.eg3d.camera import lookat_camera
-from my3dgen_cli.lora import adapter_layers, add_adapters, count_adapter_parameters, load_adapter
+from my3dgen_cli.lora import (
+    adapter_layers,
+    add_adapters,
+    count_adapter_parameters,
+    extra_names,
+    load_adapter,
+    remove_adapters,
+)
 from my3dgen_cli.personalize import LossNets, PersonalizeConfig, Photos, describe_identity, personalize
 from my3dgen_cli.symmetry import lpips_distance, mirror_pair, mse_distance, symmetry_loss
 from my3dgen_cli.training import TrainingInterrupted, train_adapter
@@ -65,12 +72,16 @@ def test_training_changes_only_adapters_and_recovers_the_person(person):
     # Held-out views (55-75 degrees, never trained on): the hidden change is mostly recovered.
     assert tuned_err < 0.3 * base_err, (base_err, tuned_err)
     assert result.log[-1]["loss"] < result.log[0]["loss"]
+    trained = set(extra_names(G))  # by default My3DGen's extras (biases, noise strengths, const) train too
+    assert trained and "backbone.synthesis.b4.const" in trained
     for name, tensor in G.state_dict().items():
-        if ".adapter." in name:
+        if ".adapter." in name or name in trained:
             continue
         assert torch.equal(tensor, state[name]), f"base tensor {name} changed"
     assert any(a.lora_B.abs().sum() > 0 for a in adapter_layers(G).values())
     assert result.parameters == count_adapter_parameters(G)
+    remove_adapters(G)
+    assert all(torch.equal(t, state[k]) for k, t in G.state_dict().items()), "unloading restores the base"
 
 
 def test_symmetry_term_is_differentiable_and_lowers_mirror_inconsistency(person):
