@@ -119,9 +119,9 @@ def parse_snapshot(g_ema: Any) -> Snapshot:
 
     Raises UserInputError naming the first tensor that is not where a known wrapper puts it.
     """
-    from my3dgen_cli.eg3d.checkpoint import _checkpoint_from_record
+    from my3dgen_cli.eg3d.checkpoint import checkpoint_from_record
 
-    config = _checkpoint_from_record(g_ema).config()
+    config = checkpoint_from_record(g_ema).config()
     snap = Snapshot(config, {}, {}, {})
     _walk(g_ema, "", "", snap)
     if not snap.factors:

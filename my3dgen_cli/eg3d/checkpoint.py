@@ -147,12 +147,12 @@ def read_official_pkl(path: str | Path, network: str = "G_ema") -> OfficialCheck
             f"{path}: {where} is a {net.class_name}, expected an EG3D generator ({_GENERATOR_CLASS})"
         )
     try:
-        return _checkpoint_from_record(net)
+        return checkpoint_from_record(net)
     except UserInputError as err:
         raise UserInputError(f"{path}: {where}: {err}") from None
 
 
-def _checkpoint_from_record(net: PersistentObject) -> OfficialCheckpoint:
+def checkpoint_from_record(net: PersistentObject) -> OfficialCheckpoint:
     state = net.state
     init_kwargs = _plain(state.get("_init_kwargs", {}), "init_kwargs")
     if not isinstance(init_kwargs, dict):
