@@ -3,7 +3,7 @@
     python bench/export_bench.py [--config ffhq512-128] [--neural-res 64 128] [--threads 2] [--repeats 3]
 
 Random weights (timing and parity do not depend on the training). For each neural rendering
-resolution: export the ONNX graph (batch 1, fp32) with `my3dgen_cli.export.export_onnx`, which
+resolution: export the ONNX graph (batch 1, fp32) with `my3dgen_cli.use.export.export_onnx`, which
 also checks it against PyTorch (max abs diff on two views), then time one view in PyTorch eager
 (the default inference path: fused modulated conv, deterministic sampling) and in onnxruntime,
 both with the same number of threads, alternating the two (a shared machine loads both alike);
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from my3dgen_cli.eg3d import build_generator  # noqa: E402
-from my3dgen_cli.export import check_inputs, export_onnx  # noqa: E402
+from my3dgen_cli.use.export import check_inputs, export_onnx  # noqa: E402
 
 
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:

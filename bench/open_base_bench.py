@@ -38,7 +38,7 @@ MODES = ("random-init", "assign")
 @contextmanager
 def hashing_every_open() -> Iterator[None]:
     """open_base as before: no stored value is read or written."""
-    from my3dgen_cli.eg3d import fingerprint
+    from my3dgen_cli.weights import fingerprint
 
     saved = fingerprint.stored_fingerprint, fingerprint.store_fingerprint
     fingerprint.stored_fingerprint = lambda *_: None
@@ -52,7 +52,8 @@ def hashing_every_open() -> Iterator[None]:
 @contextmanager
 def random_init_and_copy() -> Iterator[None]:
     """load_generator as before: build with random initialisation, then copy the weights in."""
-    from my3dgen_cli.eg3d import build_generator, checkpoint
+    from my3dgen_cli.eg3d import build_generator
+    from my3dgen_cli.weights import checkpoint
 
     def copy_state(G: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
         G.load_state_dict(state_dict, strict=True)
@@ -169,9 +170,9 @@ def _median_min(ts: list[float]) -> str:
 def print_stages(args: argparse.Namespace) -> None:
     """Median time of each stage of load_generator, old path and new, on the bench base."""
     from my3dgen_cli.eg3d import build_generator
-    from my3dgen_cli.eg3d.checkpoint import load_converted
-    from my3dgen_cli.eg3d.instantiate import assign_state, skeleton
     from my3dgen_cli.generators import local_bases_dir
+    from my3dgen_cli.weights.checkpoint import load_converted
+    from my3dgen_cli.weights.instantiate import assign_state, skeleton
 
     path = local_bases_dir() / "bench-base.safetensors"
     stages: dict[str, list[float]] = {}

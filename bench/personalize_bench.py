@@ -23,14 +23,14 @@ import time
 
 import torch
 
-from my3dgen_cli.anchors import project_to_w
 from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
 from my3dgen_cli.lora import adapter_layers, add_adapters
-from my3dgen_cli.perceptual import perceptual_loss
-from my3dgen_cli.personalize import PersonalizeConfig
-from my3dgen_cli.symmetry import choose_distance
-from my3dgen_cli.training import train_adapter
+from my3dgen_cli.losses.perceptual import perceptual_loss
+from my3dgen_cli.personalize.anchors import project_to_w
+from my3dgen_cli.personalize.pipeline import PersonalizeConfig
+from my3dgen_cli.personalize.symmetry import choose_distance
+from my3dgen_cli.personalize.training import train_adapter
 
 TRAIN_YAWS = torch.linspace(-35.0, 35.0, 10)
 HELD_OUT = [(-90.0, 0.0), (-75.0, 0.0), (-60.0, 0.0), (60.0, 0.0), (75.0, 0.0), (90.0, 0.0),
@@ -57,7 +57,7 @@ def make_person(G, seed: int, rank: int, strength: float):
 
 def mirror_inconsistency(G, w, cams):
     """Mean MSE between each view and the flipped view from the mirror camera (0 = symmetric face)."""
-    from my3dgen_cli.symmetry import mirror_pair
+    from my3dgen_cli.personalize.symmetry import mirror_pair
 
     with torch.no_grad():
         a, b = mirror_pair(G, w.expand(cams.shape[0], -1, -1), cams)

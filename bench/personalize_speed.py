@@ -28,8 +28,8 @@ import torch
 
 from my3dgen_cli.eg3d import build_generator, ops
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
-from my3dgen_cli.personalize import LossNets, PersonalizeConfig, Photos, personalize
-from my3dgen_cli.training import train_adapter
+from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, Photos, personalize
+from my3dgen_cli.personalize.training import train_adapter
 
 
 def photos_of(G, n: int = 10):
@@ -70,7 +70,7 @@ def time_steps(G, data, steps: int, sync, *, lpips=None, sym_distance=None, reco
 
 def time_anchor_step(G, data, sync, lpips=None) -> float:
     """Seconds per anchor projection step (one chunk of 4 photos; lpips: the LPIPS-VGG loss or None)."""
-    from my3dgen_cli.anchors import project_to_w
+    from my3dgen_cli.personalize.anchors import project_to_w
 
     images, _, cams, _ = data
     sync()

@@ -198,15 +198,15 @@ def loss_nets(ctx: Ctx) -> tuple:
     """(training LPIPS-alex, anchor LPIPS-VGG, symmetry distance) with random weights: the paper's
     losses at their real cost. LPIPS needs the `lpips` package; without it, pixel losses (said in a note).
     --quick: pixel losses and MSE symmetry (seconds on a CPU)."""
-    from my3dgen_cli.arcface import build_arcface
-    from my3dgen_cli.symmetry import identity_distance
+    from my3dgen_cli.losses.arcface import build_arcface
+    from my3dgen_cli.personalize.symmetry import identity_distance
 
     if ctx.quick:
         ctx.note("--quick: pixel losses and MSE symmetry (no LPIPS / ArcFace cost)")
         return None, None, None
     sym = identity_distance(build_arcface(None).to(ctx.device))
     try:
-        from my3dgen_cli.perceptual import build_lpips
+        from my3dgen_cli.losses.perceptual import build_lpips
 
         alex, vgg = build_lpips("alex").to(ctx.device), build_lpips("vgg").to(ctx.device)
     except ImportError:
@@ -218,7 +218,7 @@ def loss_nets(ctx: Ctx) -> tuple:
 def check_personalize(ctx: Ctx) -> None:
     """Seconds per training step (10 photos, batch 2, ArcFace symmetry every 4th step) per variant, peak
     memory, and the projected time of one identity for each --budget."""
-    from my3dgen_cli.personalize import BUDGETS
+    from my3dgen_cli.personalize.pipeline import BUDGETS
 
     config = "tiny" if ctx.quick else FULL
     steps = 1 if ctx.quick else 3

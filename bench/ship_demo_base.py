@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/ship_demo_base.py      # a few minutes of CPU
 
-Fits both from `my3dgen_cli/demo_base.py`'s recipe (FitConfig(), seed 0; what `my3dgen demo
+Fits both from `my3dgen_cli/demo/base.py`'s recipe (FitConfig(), seed 0; what `my3dgen demo
 --rebuild-base` fits) in a temporary MY3DGEN_HOME, copies them to `my3dgen_cli/demo_assets/` and
 writes `zoo/demo-tiny-vN.toml` and `zoo/demo-tiny-vN-person.toml` with their sha256 and size.
 Run it when the recipe changes (bump demo_base.RECIPE first), then re-measure the demo
@@ -19,11 +19,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "my3dgen_cli" / "demo_assets"
-LICENSE = "MIT (my3dgen; fitted by my3dgen_cli/demo_base.py to analytic heads, no face data)"
+LICENSE = "MIT (my3dgen; fitted by my3dgen_cli/demo/base.py to analytic heads, no face data)"
 
 
 def entry(name: str, description: str, kind: str, file: Path, sha256: str, extra: str = "") -> str:
-    return (f"# Built by bench/ship_demo_base.py from my3dgen_cli/demo_base.py; ships in the wheel.\n"
+    return (f"# Built by bench/ship_demo_base.py from my3dgen_cli/demo/base.py; ships in the wheel.\n"
             f'name = "{name}"\ndescription = "{description}"\nkind = "{kind}"\n'
             f'url = "package://my3dgen_cli/demo_assets/{file.name}"\nmirrors = []\n'
             f'sha256 = "{sha256}"\nsize = {file.stat().st_size}\nformat = "safetensors"\n{extra}'
@@ -34,11 +34,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home:
         os.environ["MY3DGEN_HOME"] = home
         sys.path.insert(0, str(ROOT))
-        from my3dgen_cli import demo_base as db
-        from my3dgen_cli.demo import build_demo_pair
-        from my3dgen_cli.download import sha256_file
+        from my3dgen_cli.demo import base as db
+        from my3dgen_cli.demo.run import build_demo_pair
         from my3dgen_cli.generators import local_bases_dir
         from my3dgen_cli.output import Output
+        from my3dgen_cli.zoo.download import sha256_file
 
         name = db.SHIPPED_BASE
         person = build_demo_pair(name, db.FitConfig(), Output())

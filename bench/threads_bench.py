@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = {
     "faces": (
-        "import numpy as np; from skimage import data; from my3dgen_cli.faces_detect import default_detector\n"
+        "import numpy as np; from skimage import data; from my3dgen_cli.faces.detect import default_detector\n"
         "img = np.concatenate([data.astronaut()] * 2, 1); d = default_detector(); d.detect(img)\n"
         "call = lambda: d.detect(img)\n"
     ),

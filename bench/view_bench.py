@@ -39,7 +39,7 @@ def open_generator(args: argparse.Namespace):
 
     name = args.base
     if name is None:
-        from my3dgen_cli.demo import demo_base
+        from my3dgen_cli.demo.run import demo_base
         from my3dgen_cli.output import Output
 
         name, _ = demo_base(fast=False, out=Output("human"))

@@ -44,15 +44,15 @@ def resolve_base_path(base: str, offline: bool | None = None) -> tuple[str, Path
     local = local_bases_dir() / f"{base}.safetensors"
     if local.is_file():
         return base, local
-    from my3dgen_cli import zoo
+    from my3dgen_cli.zoo import cache as zoo
 
     return base, zoo.resolve_base(base, offline=offline)
 
 
 def save_local_base(G: torch.nn.Module, name: str) -> Path:
     """Keep a generator's weights as a named local base (converted format)."""
-    from my3dgen_cli.eg3d.checkpoint import save_converted
     from my3dgen_cli.identity import check_name
+    from my3dgen_cli.weights.checkpoint import save_converted
 
     dst = local_bases_dir() / f"{check_name(name)}.safetensors"
     state = {k: v for k, v in G.state_dict().items() if ".adapter." not in k}
@@ -68,8 +68,8 @@ def open_base(base: str, device: torch.device | str | None = None, offline: bool
     a converted base, stored for next time.
     """
     from my3dgen_cli.eg3d import load_generator
-    from my3dgen_cli.eg3d.fingerprint import store_fingerprint, stored_fingerprint, weights_stamp
     from my3dgen_cli.lora import base_fingerprint
+    from my3dgen_cli.weights.fingerprint import store_fingerprint, stored_fingerprint, weights_stamp
 
     name, path = resolve_base_path(base, offline=offline)
     stamp = weights_stamp(path)  # before reading: a file replaced meanwhile never borrows a value

@@ -224,7 +224,7 @@ def base_fingerprint(model: nn.Module) -> str:
     Adapters record it; loading on a generator with another fingerprint is refused. Converted bases
     store it when written (`eg3d.fingerprint`), so `generators.open_base` rarely calls this.
     """
-    from my3dgen_cli.eg3d.fingerprint import state_fingerprint
+    from my3dgen_cli.weights.fingerprint import state_fingerprint
 
     state = {k: v for k, v in model.state_dict().items() if ".adapter." not in k}
     state.update(model.__dict__.get("_my3dgen_extras", {}))  # the base's own values, not the trained ones

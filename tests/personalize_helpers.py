@@ -54,7 +54,7 @@ def views(M, w, yaws):
 
 def write_photos(person, folder: Path, yaws) -> Path:
     """The person's views as PNGs plus an EG3D dataset.json (aligned crops with known cameras)."""
-    from my3dgen_cli.reports import to_pil
+    from my3dgen_cli.personalize.reports import to_pil
 
     _, w, hidden = person
     images, _, cams = views(hidden, w, yaws)

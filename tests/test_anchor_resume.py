@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from my3dgen_cli import anchors
+from my3dgen_cli.personalize import anchors
 from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, write_photos
 
 YAWS = TRAIN_YAWS + [50.0]  # 9 photos: chunks of 4, 4, 1

@@ -120,7 +120,7 @@ def test_lookat_camera_keeps_ffhq_defaults_and_takes_pivot_and_radius() -> None:
 
 
 def test_seed_latents_are_conditioned_on_the_base_frontal_camera() -> None:
-    from my3dgen_cli.render import latent_from_seed
+    from my3dgen_cli.use.render import latent_from_seed
 
     # Frontal cameras of the two pivots coincide (both on the z axis); the radius tells them apart.
     G = afhq_tiny(radius=3.1)
@@ -164,7 +164,7 @@ def test_interpolate_command_uses_the_afhq_pivot(afhq_base: str, recorded, tmp_p
 
 
 def test_interpolated_cameras_between_afhq_keys_stay_on_its_rig() -> None:
-    from my3dgen_cli.interpolate import interpolate_cameras
+    from my3dgen_cli.use.interpolate import interpolate_cameras
 
     rig = camera_rig(afhq_tiny())
     keys = rig.lookat([-20.0, 30.0], [5.0, -5.0])
@@ -188,7 +188,7 @@ def test_invert_command_yaw_pitch_camera_is_on_the_afhq_rig(afhq_base: str, reco
 def test_onnx_export_of_an_afhq_base_uses_its_rig(tmp_path: Path) -> None:
     import onnx
 
-    from my3dgen_cli.export import check_inputs, export_onnx
+    from my3dgen_cli.use.export import check_inputs, export_onnx
 
     G = afhq_tiny()
     for with_mapping in (False, True):

@@ -13,8 +13,8 @@ from PIL import Image
 
 from my3dgen_cli.eg3d import ops
 from my3dgen_cli.eg3d.layers import SynthesisLayer, ToRGBLayer
-from my3dgen_cli.render import render_views
 from my3dgen_cli.speed import compiled, use_channels_last
+from my3dgen_cli.use.render import render_views
 from tests.device_checks import DeviceAudit, fake_cuda
 from tests.render_fixtures import tiny_base  # noqa: F401
 from tests.test_device_hygiene import META, _inputs, _tiny

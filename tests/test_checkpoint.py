@@ -15,8 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from my3dgen_cli.eg3d import build_generator, checkpoint
-from my3dgen_cli.eg3d.checkpoint import (
+from my3dgen_cli.eg3d import build_generator
+from my3dgen_cli.eg3d.configs import NAMED_CONFIGS
+from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
+from my3dgen_cli.weights import checkpoint
+from my3dgen_cli.weights.checkpoint import (
     ConfigMismatchError,
     check_config,
     check_state_dict,
@@ -26,9 +29,7 @@ from my3dgen_cli.eg3d.checkpoint import (
     read_official_pkl,
     save_converted,
 )
-from my3dgen_cli.eg3d.configs import NAMED_CONFIGS
-from my3dgen_cli.eg3d.safe_unpickle import PersistentObject, safe_load
-from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
+from my3dgen_cli.weights.safe_unpickle import PersistentObject, safe_load
 from tests.official_pkl import build_module_tree, write_discriminator_pkl, write_official_pkl
 
 RELEASED = ("ffhq512-128", "ffhqrebalanced512-128", "ffhqrebalanced512-64", "afhqcats512-128")

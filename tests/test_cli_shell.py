@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from my3dgen_cli import __version__
 from my3dgen_cli.cli import app
-from my3dgen_cli.commands._shared import ModelOptions, model_options
+from my3dgen_cli.commands.options import ModelOptions, model_options
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from my3dgen_cli import demo_base as db
 from my3dgen_cli.cli import app
-from my3dgen_cli.demo import SECTIONS
+from my3dgen_cli.demo import base as db
+from my3dgen_cli.demo.run import SECTIONS
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_demo_runs_and_report_has_every_section_and_file(env):
 
 def test_fresh_home_demo_uses_the_shipped_base_without_training(env):
     """No base training (the fixture makes fitting raise): the zoo entries, checked and converted in the cache."""
-    from my3dgen_cli import zoo
     from my3dgen_cli.generators import local_bases_dir
+    from my3dgen_cli.zoo import cache as zoo
 
     home, out, result = env
     assert result.exit_code == 0, result.output
@@ -92,8 +92,8 @@ def test_fresh_home_demo_uses_the_shipped_base_without_training(env):
 
 @pytest.mark.parametrize("name", [db.SHIPPED_BASE, db.SHIPPED_PERSON])
 def test_shipped_blob_matches_its_zoo_entry(name: str):
-    from my3dgen_cli import zoo
-    from my3dgen_cli.download import resolve_local, sha256_file
+    from my3dgen_cli.zoo import cache as zoo
+    from my3dgen_cli.zoo.download import resolve_local, sha256_file
 
     entry = zoo.get_entry(name)
     blob = resolve_local(entry.url)
@@ -104,7 +104,7 @@ def test_shipped_blob_matches_its_zoo_entry(name: str):
 
 def test_rebuild_base_fits_from_the_recipe_under_its_own_name(monkeypatch: pytest.MonkeyPatch):
     """`--rebuild-base` plumbing on a 2-step recipe: a local base and person, never the shipped name."""
-    from my3dgen_cli.demo import demo_base
+    from my3dgen_cli.demo.run import demo_base
     from my3dgen_cli.generators import local_bases_dir, open_base
     from my3dgen_cli.lora import load_adapter
     from my3dgen_cli.output import Output

@@ -15,13 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from my3dgen_cli import distributed as D
 from my3dgen_cli.devices import pick_device
 from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.eg3d import renderer as renderer_module
 from my3dgen_cli.eg3d.camera import camera_angles, frontal_camera, lookat_camera, mirror_camera
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.lora import adapter_layers, add_adapters
+from my3dgen_cli.personalize import distributed as D
 from tests.device_checks import DeviceAudit, DeviceMixError, HostSyncError, fake_cuda
 
 META = torch.device("meta")
@@ -113,9 +113,9 @@ def test_lora_forward_and_backward_on_meta():
 
 def test_personalization_on_meta_syncs_once_per_step(tmp_path):
     """The whole personalize(): anchors, training with LPIPS-alex and the ArcFace symmetry term, files."""
-    from my3dgen_cli.arcface import build_arcface
-    from my3dgen_cli.perceptual import build_lpips
-    from my3dgen_cli.personalize import LossNets, PersonalizeConfig, personalize
+    from my3dgen_cli.losses.arcface import build_arcface
+    from my3dgen_cli.losses.perceptual import build_lpips
+    from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, personalize
     from tests.personalize_helpers import TRAIN_YAWS, make_person, write_photos
 
     person = make_person()
@@ -137,13 +137,13 @@ def test_personalization_on_meta_syncs_once_per_step(tmp_path):
     assert len(in_anchors) == anchor_steps and all("on_step" in s for s in in_anchors), in_anchors
     # Every other sync writes a file (anchors, adapter, previews) or hashes the base weights.
     others = {s.rsplit(" at ", 1)[1].split(":")[0] for s in audit.syncs if s not in in_training + in_anchors}
-    assert others <= {"my3dgen_cli/identity.py", "my3dgen_cli/lora.py", "my3dgen_cli/reports.py",
-                      "my3dgen_cli/eg3d/fingerprint.py"}, others
+    assert others <= {"my3dgen_cli/identity.py", "my3dgen_cli/lora.py", "my3dgen_cli/personalize/reports.py",
+                      "my3dgen_cli/weights/fingerprint.py"}, others
 
 
 def test_one_training_step_on_meta():
-    from my3dgen_cli.personalize import PersonalizeConfig
-    from my3dgen_cli.training import train_adapter
+    from my3dgen_cli.personalize.pipeline import PersonalizeConfig
+    from my3dgen_cli.personalize.training import train_adapter
 
     G = _tiny(adapter=False)
     ws, cams = _inputs(G, 3, META)
@@ -158,8 +158,8 @@ def test_one_training_step_on_meta():
 
 def test_inversion_on_meta():
     """Anchor projection never syncs; invert_image reads its loss once per step (the progress log)."""
-    from my3dgen_cli.anchors import project_to_w
-    from my3dgen_cli.invert import InvertConfig, invert_image, tune_adapter
+    from my3dgen_cli.personalize.anchors import project_to_w
+    from my3dgen_cli.use.invert import InvertConfig, invert_image, tune_adapter
 
     G = _tiny()
     anchors, cams = _inputs(G, 3, META)
@@ -182,7 +182,7 @@ def test_inversion_on_meta():
 
 @pytest.mark.parametrize("batch", [1, 2, 5])
 def test_render_views_copies_to_the_host_once_whatever_the_batch(batch):
-    from my3dgen_cli.render import latent_from_seed, render_views
+    from my3dgen_cli.use.render import latent_from_seed, render_views
 
     G = _tiny()
     audit = DeviceAudit()
@@ -195,9 +195,9 @@ def test_render_views_copies_to_the_host_once_whatever_the_batch(batch):
 
 def test_evaluation_metrics_on_meta():
     """evaluate's consistency fed render_views' host images to the loss networks on the device."""
-    from my3dgen_cli.arcface import build_arcface
-    from my3dgen_cli.evaluate import consistency, score
-    from my3dgen_cli.perceptual import build_lpips
+    from my3dgen_cli.losses.arcface import build_arcface
+    from my3dgen_cli.losses.perceptual import build_lpips
+    from my3dgen_cli.use.evaluate import consistency, score
 
     G = _tiny()
     with torch.device("meta"):
@@ -213,7 +213,7 @@ def test_evaluation_metrics_on_meta():
 
 def test_synthesis_runs_on_fake_cuda_and_autocast_reaches_the_superresolution(monkeypatch):
     """FakeTensors on cuda:0: the CUDA branches (autocast on CUDA) run with CUDA's device and dtype rules."""
-    from my3dgen_cli.render import render_views
+    from my3dgen_cli.use.render import render_views
 
     G = _tiny(device="cpu")
     seen: list[torch.dtype] = []
@@ -380,8 +380,8 @@ def test_fp16_training_scales_the_loss_so_small_gradients_survive(monkeypatch, t
     """
     import contextlib
 
-    from my3dgen_cli import training
-    from my3dgen_cli.personalize import PersonalizeConfig
+    from my3dgen_cli.personalize import training
+    from my3dgen_cli.personalize.pipeline import PersonalizeConfig
     from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, views
 
     person = make_person()

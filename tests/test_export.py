@@ -16,7 +16,10 @@ from typer.testing import CliRunner
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d import build_generator, load_generator
 from my3dgen_cli.errors import IncompatibleAdapterError, UserInputError
-from my3dgen_cli.export import (
+from my3dgen_cli.generators import open_base, open_generator, save_local_base
+from my3dgen_cli.identity import identity_paths
+from my3dgen_cli.lora import add_adapters, base_fingerprint, save_adapter
+from my3dgen_cli.use.export import (
     ExportedGenerator,
     check_inputs,
     export_onnx,
@@ -25,9 +28,6 @@ from my3dgen_cli.export import (
     parse_outputs,
     parse_samples,
 )
-from my3dgen_cli.generators import open_base, open_generator, save_local_base
-from my3dgen_cli.identity import identity_paths
-from my3dgen_cli.lora import add_adapters, base_fingerprint, save_adapter
 
 TOL = 1e-3  # the CLI default; the tiny graph is observed at ~1e-5
 
@@ -99,7 +99,7 @@ def test_onnx_matches_pytorch_dynamic_batch(ana: str, tmp_path: Path) -> None:
 
 
 def test_onnx_with_mapping_neural_res_and_samples(ana: str, tmp_path: Path) -> None:
-    from my3dgen_cli.export import set_render_options
+    from my3dgen_cli.use.export import set_render_options
 
     G, _, _, _ = merged_generator(identity=ana)
     set_render_options(G, neural_res=64, samples=(8, 8))  # 64 -> 32 px SR input: the antialiased resize

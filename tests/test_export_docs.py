@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
-from my3dgen_cli.export import ExportedGenerator, export_onnx, merged_generator
 from my3dgen_cli.identity import save_latent
+from my3dgen_cli.use.export import ExportedGenerator, export_onnx, merged_generator
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "export.md"
 

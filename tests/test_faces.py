@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from my3dgen_cli.cli import app  # noqa: E402
 from my3dgen_cli.eg3d.camera import lookat_camera  # noqa: E402
 from my3dgen_cli.errors import ChecksumError, UserInputError  # noqa: E402
-from my3dgen_cli.faces import prepare_face, prepare_faces, read_dataset_json  # noqa: E402
-from my3dgen_cli.faces_detect import default_detector  # noqa: E402
+from my3dgen_cli.faces.detect import default_detector  # noqa: E402
+from my3dgen_cli.faces.prepare import prepare_face, prepare_faces, read_dataset_json  # noqa: E402
 
 
 def eye_angle(landmarks: np.ndarray) -> float:
@@ -59,7 +59,7 @@ def test_detector_finds_the_astronaut(astronaut: np.ndarray) -> None:
 
 
 def test_weights_are_verified(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from my3dgen_cli import faces_detect
+    from my3dgen_cli.faces import detect as faces_detect
 
     registry = tmp_path / "lab.toml"
     registry.write_text(f'name = "mtcnn-pnet"\nsha256 = "{"0" * 64}"\n')

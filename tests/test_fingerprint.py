@@ -18,11 +18,12 @@ from typer.testing import CliRunner
 
 from my3dgen_cli import lora
 from my3dgen_cli.cli import app
-from my3dgen_cli.eg3d import build_generator, fingerprint, load_generator
-from my3dgen_cli.eg3d.checkpoint import convert_pkl, save_converted
+from my3dgen_cli.eg3d import build_generator, load_generator
 from my3dgen_cli.errors import IncompatibleAdapterError
 from my3dgen_cli.generators import open_base, open_generator, save_local_base
 from my3dgen_cli.identity import identity_paths
+from my3dgen_cli.weights import fingerprint
+from my3dgen_cli.weights.checkpoint import convert_pkl, save_converted
 from tests.official_pkl import write_official_pkl
 
 

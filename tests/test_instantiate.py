@@ -19,11 +19,11 @@ from torch import nn
 
 from my3dgen_cli.eg3d import build_generator, load_generator
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
-from my3dgen_cli.eg3d.checkpoint import convert_pkl, load_converted, read_official_pkl, save_converted
-from my3dgen_cli.eg3d.instantiate import skeleton
 from my3dgen_cli.generators import open_base, open_generator, save_local_base
 from my3dgen_cli.identity import identity_paths
 from my3dgen_cli.lora import add_adapters, base_fingerprint, load_adapter, merge_adapters, save_adapter
+from my3dgen_cli.weights.checkpoint import convert_pkl, load_converted, read_official_pkl, save_converted
+from my3dgen_cli.weights.instantiate import skeleton
 
 
 def _source() -> nn.Module:
@@ -146,7 +146,7 @@ def test_building_for_shapes_leaves_module_level_tensors_alone() -> None:
     """In a fresh process, taking the shapes first must not touch camera.py's module-level tensor:
     shapes used to be taken under `torch.device("meta")`, which made it a meta tensor for good."""
     code = (
-        "from my3dgen_cli.eg3d.checkpoint import expected_shapes\n"
+        "from my3dgen_cli.weights.checkpoint import expected_shapes\n"
         "expected_shapes('tiny')\n"
         "from my3dgen_cli.eg3d.camera import lookat_camera, mirror_camera\n"
         "print(float((mirror_camera(lookat_camera(30.0, 5.0)) - lookat_camera(-30.0, 5.0)).abs().max()))\n"

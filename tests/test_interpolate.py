@@ -14,8 +14,8 @@ from my3dgen_cli import media
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
 from my3dgen_cli.identity import save_latent
-from my3dgen_cli.interpolate import frame_times, interpolate_cameras, interpolate_latents, slerp
-from my3dgen_cli.render import latent_from_seed
+from my3dgen_cli.use.interpolate import frame_times, interpolate_cameras, interpolate_latents, slerp
+from my3dgen_cli.use.render import latent_from_seed
 from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
 
 runner = CliRunner()

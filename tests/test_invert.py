@@ -15,8 +15,8 @@ from my3dgen_cli import media
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d.camera import camera_angles, lookat_camera
 from my3dgen_cli.identity import load_latent, save_latent
-from my3dgen_cli.invert import InvertConfig, invert_image, psnr, rotate_camera, start_latent
-from my3dgen_cli.render import latent_from_seed
+from my3dgen_cli.use.invert import InvertConfig, invert_image, psnr, rotate_camera, start_latent
+from my3dgen_cli.use.render import latent_from_seed
 from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
 
 runner = CliRunner()

@@ -17,13 +17,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from my3dgen_cli import anchors, media
+from my3dgen_cli import media
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d.camera import lookat_camera
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.identity import save_latent
-from my3dgen_cli.latents_import import image_stem, open_latent, read_npy
-from my3dgen_cli.render import latent_from_seed
+from my3dgen_cli.latents import image_stem, open_latent, read_npy
+from my3dgen_cli.personalize import anchors
+from my3dgen_cli.use.render import latent_from_seed
 from tests.personalize_helpers import fresh, make_person, views
 from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
 
@@ -211,7 +212,7 @@ class CountingProjector:
 
 def _dataset(person, folder: Path, yaws=(-20.0, 0.0, 25.0)) -> tuple[Path, torch.Tensor, torch.Tensor]:
     """A My3DGen-style folder: image_N.png, image_N_latent.npy (1, num_ws, w_dim) float32, dataset.json."""
-    from my3dgen_cli.reports import to_pil
+    from my3dgen_cli.personalize.reports import to_pil
 
     _, w, hidden = person
     images, _, cams = views(hidden, w, list(yaws))

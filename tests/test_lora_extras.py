@@ -26,8 +26,8 @@ from my3dgen_cli.lora import (
     save_adapter,
     write_adapter,
 )
-from my3dgen_cli.personalize import PersonalizeConfig
-from my3dgen_cli.training import TrainingInterrupted
+from my3dgen_cli.personalize.pipeline import PersonalizeConfig
+from my3dgen_cli.personalize.training import TrainingInterrupted
 from tests.personalize_helpers import fresh, make_person
 from tests.test_lora import _render, _tiny
 from tests.test_personalize import _train

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from my3dgen_cli import media
 from my3dgen_cli.cli import app
-from my3dgen_cli.mesh import (
+from my3dgen_cli.use.mesh import (
     TRIM_VALUE,
     Mesh,
     density_grid,
@@ -22,7 +22,7 @@ from my3dgen_cli.mesh import (
     trim_width,
     vertex_colors,
 )
-from my3dgen_cli.render import latent_from_seed
+from my3dgen_cli.use.render import latent_from_seed
 from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
 
 trimesh = pytest.importorskip("trimesh")  # the `mesh` extra; in `dev`, so CI runs these

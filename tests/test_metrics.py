@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from my3dgen_cli.metrics import psnr, ssim
+from my3dgen_cli.losses.metrics import psnr, ssim
 
 
 def test_psnr_and_ssim_match_skimage() -> None:

@@ -17,12 +17,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from my3dgen_cli import media, my3dgen_import
+from my3dgen_cli import media
 from my3dgen_cli.cli import app
-from my3dgen_cli.eg3d.checkpoint import save_converted
 from my3dgen_cli.eg3d.configs import resolve_config
 from my3dgen_cli.generators import local_bases_dir, open_generator
-from my3dgen_cli.my3dgen_import import import_snapshot
+from my3dgen_cli.weights import my3dgen_snapshot as my3dgen_import
+from my3dgen_cli.weights.checkpoint import save_converted
+from my3dgen_cli.weights.my3dgen_snapshot import import_snapshot
 
 runner = CliRunner()
 SNAPSHOT = "my3dgen_snapshot/network-snapshot-000000.pkl.xz"
@@ -95,7 +96,7 @@ def test_import_on_its_base_reproduces_the_official_outputs(shared_dir, cached_r
 def test_own_base_is_the_base_the_snapshot_started_from(shared_dir, cached_reader) -> None:
     """Without --base the wrap-time copy gives the untrained biases: the stored base is ../shared/eg3d_parity
     bit for bit (so every case matches as on that base), and the identity renders the official outputs."""
-    from my3dgen_cli.eg3d.checkpoint import load_converted
+    from my3dgen_cli.weights.checkpoint import load_converted
 
     result = import_snapshot(shared_dir / SNAPSHOT, "ana")
     assert result.base == "ana-base" and result.base_created
@@ -204,7 +205,7 @@ def test_unknown_lora_layout_names_the_first_unknown_tensor(shared_dir, cached_r
         edit, table, where = lambda t: {**t, "lora_E": torch.zeros(1, 1)}, "_parameters", CONV
         named = f"{CONV}.lora_E"
     else:
-        from my3dgen_cli.eg3d.safe_unpickle import PersistentObject
+        from my3dgen_cli.weights.safe_unpickle import PersistentObject
 
         def edit(t):
             old = t["conv0"]

@@ -22,9 +22,9 @@ from my3dgen_cli.lora import (
     load_adapter,
     remove_adapters,
 )
-from my3dgen_cli.personalize import LossNets, PersonalizeConfig, Photos, describe_identity, personalize
-from my3dgen_cli.symmetry import lpips_distance, mirror_pair, mse_distance, symmetry_loss
-from my3dgen_cli.training import TrainingInterrupted, train_adapter
+from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, Photos, describe_identity, personalize
+from my3dgen_cli.personalize.symmetry import lpips_distance, mirror_pair, mse_distance, symmetry_loss
+from my3dgen_cli.personalize.training import TrainingInterrupted, train_adapter
 from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, tiny_base, views
 
 HELD_OUT_YAWS = [-75.0, -55.0, 55.0, 75.0]
@@ -85,7 +85,7 @@ def test_training_changes_only_adapters_and_recovers_the_person(person):
 
 
 def test_symmetry_term_is_differentiable_and_lowers_mirror_inconsistency(person):
-    from my3dgen_cli.perceptual import build_lpips
+    from my3dgen_cli.losses.perceptual import build_lpips
 
     G = _fresh(person)
     w = person[1]
@@ -109,8 +109,8 @@ def test_symmetry_term_is_differentiable_and_lowers_mirror_inconsistency(person)
 
 
 def test_identity_distance_arcface_names_and_gradient():
-    from my3dgen_cli.arcface import build_arcface
-    from my3dgen_cli.symmetry import identity_distance
+    from my3dgen_cli.losses.arcface import build_arcface
+    from my3dgen_cli.personalize.symmetry import identity_distance
 
     net = build_arcface(None)
     names = net.state_dict()
@@ -130,7 +130,7 @@ def test_identity_distance_arcface_names_and_gradient():
 
 
 def _train(person, config, tmp_path, stop_at=None, resume=False):
-    from my3dgen_cli.perceptual import build_lpips
+    from my3dgen_cli.losses.perceptual import build_lpips
 
     _, w, hidden = person
     G = _fresh(person)
@@ -163,7 +163,7 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(person, tmp_path):
 
 
 def test_personalize_writes_identity_folder_and_round_trips(person):
-    from my3dgen_cli.perceptual import build_lpips
+    from my3dgen_cli.losses.perceptual import build_lpips
 
     _, w, hidden = person
     G = _fresh(person)
@@ -234,7 +234,7 @@ def test_cli_bad_name_and_flags_are_one_line(tmp_path):
 
 
 def test_cli_identities_lists_json(person):
-    from my3dgen_cli.perceptual import build_lpips
+    from my3dgen_cli.losses.perceptual import build_lpips
 
     assert "no identities" in _cli(["identities"]).output
     _, w, hidden = person
@@ -250,7 +250,7 @@ def test_cli_personalize_end_to_end(person, tmp_path):
     from PIL import Image
 
     from my3dgen_cli.generators import save_local_base
-    from my3dgen_cli.reports import to_pil
+    from my3dgen_cli.personalize.reports import to_pil
 
     _, w, hidden = person
     save_local_base(_fresh(person), "tiny-test")

@@ -15,8 +15,8 @@ from my3dgen_cli import media
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d.camera import lookat_camera
 from my3dgen_cli.errors import UserInputError
-from my3dgen_cli.mesh import density_grid, marching_cubes
-from my3dgen_cli.render import latent_from_seed, parse_angles, render_views
+from my3dgen_cli.use.mesh import density_grid, marching_cubes
+from my3dgen_cli.use.render import latent_from_seed, parse_angles, render_views
 from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
 
 runner = CliRunner()

@@ -21,8 +21,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from my3dgen_cli.distributed import Dist, identity_seed, shard
 from my3dgen_cli.lora import read_adapter
+from my3dgen_cli.personalize.distributed import Dist, identity_seed, shard
 from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, write_photos
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def test_anchor_crash_on_two_ranks_resumes_from_the_finished_rounds(setup, perso
 
 def test_batch_file_survives_a_failed_rank_and_matches_one_process(setup, tmp_path, monkeypatch):
     from my3dgen_cli.identity import identity_paths
-    from my3dgen_cli.people import state_of
+    from my3dgen_cli.personalize.people import state_of
 
     csv = tmp_path / "people.csv"
     csv.write_text("name,photos,labels\nann,photos,\nbob,photos,photos/dataset.json\ncid,photos,\n")

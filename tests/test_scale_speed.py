@@ -11,10 +11,10 @@ from my3dgen_cli import speed
 from my3dgen_cli.eg3d.camera import lookat_camera
 from my3dgen_cli.eg3d.layers import SynthesisBlock
 from my3dgen_cli.lora import adapter_layers, add_adapters
-from my3dgen_cli.personalize import PersonalizeConfig
-from my3dgen_cli.render import render_views
+from my3dgen_cli.personalize.pipeline import PersonalizeConfig
+from my3dgen_cli.personalize.training import train_adapter
 from my3dgen_cli.speed import activation_checkpointing, autocast, check_amp, compiled
-from my3dgen_cli.training import train_adapter
+from my3dgen_cli.use.render import render_views
 from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, views
 
 # bf16 keeps 8 mantissa bits: ~0.4 % per product, a few 1e-2 after ~20 layers on images in [-1, 1].

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from my3dgen_cli.cli import app
-from my3dgen_cli.commands._shared import MAX_INDICES, MAX_SEED, expand_keys, parse_indices
+from my3dgen_cli.commands.options import MAX_INDICES, MAX_SEED, expand_keys, parse_indices
 from my3dgen_cli.errors import UserInputError
 from tests.render_fixtures import tiny_base  # noqa: F401
 

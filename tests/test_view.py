@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from my3dgen_cli import media
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d.camera import camera_rig, lookat_camera
-from my3dgen_cli.render import latent_from_seed, render_views
+from my3dgen_cli.use.render import latent_from_seed, render_views
 from my3dgen_cli.view.scene import ViewState
 from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
 from tests.view_fixtures import LiveViewer, viewer_fixture  # noqa: F401

@@ -15,9 +15,10 @@ import pytest
 from typer.testing import CliRunner
 from zoo_server import FileServer, closed_port, serving
 
-from my3dgen_cli import download, zoo
 from my3dgen_cli.cli import app
 from my3dgen_cli.errors import ArtifactError, ChecksumError, DownloadError, OfflineError
+from my3dgen_cli.zoo import cache as zoo
+from my3dgen_cli.zoo import download
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = os.urandom(300_000) + b"end"  # several 64 KiB server chunks
@@ -232,7 +233,7 @@ def test_from_imports_and_checks(lab: FileServer, tmp_path: Path) -> None:
 
 def test_two_processes_fetch_once(lab: FileServer) -> None:
     lab.state.chunk_delay_s = 0.05  # ~0.25 s per download, so the two overlap
-    code = "from my3dgen_cli import zoo; print(zoo.ensure('test-weights'))"
+    code = "from my3dgen_cli.zoo import cache; print(cache.ensure('test-weights'))"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, text=True
@@ -277,7 +278,7 @@ def test_base_generator_is_converted_once(lab: FileServer, tmp_path, monkeypatch
         dst.with_suffix(".json").write_text("{}")
         return dst
 
-    from my3dgen_cli.eg3d import checkpoint
+    from my3dgen_cli.weights import checkpoint
 
     monkeypatch.setattr(checkpoint, "convert_pkl", convert_pkl)
     text = (

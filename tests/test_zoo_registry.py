@@ -11,9 +11,9 @@ except ModuleNotFoundError:  # Python 3.10
 
 import pytest
 
-from my3dgen_cli import zoo
 from my3dgen_cli.errors import UserInputError
-from my3dgen_cli.zoo_registry import FIELDS, load_registry, packaged_registry_dir
+from my3dgen_cli.zoo import cache as zoo
+from my3dgen_cli.zoo.registry import FIELDS, load_registry, packaged_registry_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGED = sorted(p.stem for p in (ROOT / "zoo").glob("*.toml"))

@@ -19,9 +19,11 @@ from official_pkl import write_discriminator_pkl, write_official_pkl
 from test_zoo import BODY, SHA, assert_one_line_error, entry_toml, run, write_registry
 from zoo_server import FileServer, serving, tree_listing
 
-from my3dgen_cli import download, paths, zoo
+from my3dgen_cli import paths
 from my3dgen_cli.eg3d import build_generator
-from my3dgen_cli.eg3d.checkpoint import load_converted
+from my3dgen_cli.weights.checkpoint import load_converted
+from my3dgen_cli.zoo import cache as zoo
+from my3dgen_cli.zoo import download
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from my3dgen_cli.render import latent_from_seed
+from my3dgen_cli.use.render import latent_from_seed
 from tests.render_fixtures import tiny_generator
 
 TOKEN = "test-token-0123456789abcdef"

@@ -125,7 +125,7 @@ class FileServer:
 def serving(monkeypatch, retries: int) -> Iterator[FileServer]:  # type: ignore[no-untyped-def]
     """A running FileServer, with my3dgen's client set up for tests: no proxy for 127.0.0.1,
     `retries` per URL (MY3DGEN_RETRIES) and a short backoff."""
-    from my3dgen_cli import download
+    from my3dgen_cli.zoo import download
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("MY3DGEN_RETRIES", str(retries))

@@ -20,7 +20,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document f
 @cache_app.command("ls", help="List cached artifacts.")
 @one_line_errors
 def ls(json_mode: JsonOpt = False) -> None:
-    from my3dgen_cli import paths, zoo
+    from my3dgen_cli import paths
+    from my3dgen_cli.zoo import cache as zoo
 
     output = output_for(json_mode)
     rows = zoo.cache_list()
@@ -57,7 +58,7 @@ def verify(
     ] = None,
     json_mode: JsonOpt = False,
 ) -> None:
-    from my3dgen_cli import zoo
+    from my3dgen_cli.zoo import cache as zoo
 
     output = output_for(json_mode)
     results = zoo.verify(names or [])
@@ -83,7 +84,7 @@ def rm(
     ] = False,
     json_mode: JsonOpt = False,
 ) -> None:
-    from my3dgen_cli import zoo
+    from my3dgen_cli.zoo import cache as zoo
 
     output = output_for(json_mode)
     results = [zoo.remove(name, forget=forget) for name in names]

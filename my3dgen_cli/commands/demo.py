@@ -1,4 +1,4 @@
-"""`my3dgen demo` and `my3dgen eval`: thin wrappers over my3dgen_cli.demo and my3dgen_cli.evaluate."""
+"""`my3dgen demo` and `my3dgen eval`: thin wrappers over my3dgen_cli.demo.run and my3dgen_cli.use.evaluate."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands._shared import DeviceOpt, JsonOpt
+from my3dgen_cli.commands.options import DeviceOpt, JsonOpt
 
 
 @command("demo", help="Run the whole pipeline offline on a tiny synthetic base (or --base/--photos) and write "
@@ -26,7 +26,7 @@ def demo_cmd(
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
-    from my3dgen_cli.demo import run_demo
+    from my3dgen_cli.demo.run import run_demo
     from my3dgen_cli.devices import pick_device
 
     o = output_for(json_out)
@@ -51,11 +51,11 @@ def eval_cmd(
     device: DeviceOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
-    from my3dgen_cli.arcface import identity_network
     from my3dgen_cli.devices import pick_device
-    from my3dgen_cli.evaluate import evaluate
-    from my3dgen_cli.perceptual import perceptual_loss
-    from my3dgen_cli.personalize import read_photos
+    from my3dgen_cli.losses.arcface import identity_network
+    from my3dgen_cli.losses.perceptual import perceptual_loss
+    from my3dgen_cli.personalize.pipeline import read_photos
+    from my3dgen_cli.use.evaluate import evaluate
 
     o = output_for(json_out)
     given = read_photos(list(photos), labels=labels)

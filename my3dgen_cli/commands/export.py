@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands._shared import BaseOpt, ForceOpt, JsonOpt, check_free
+from my3dgen_cli.commands.options import BaseOpt, ForceOpt, JsonOpt, check_free
 from my3dgen_cli.errors import UserInputError
 
 FORMATS = ("onnx", "safetensors")
@@ -65,7 +65,7 @@ def export(
     json_mode: JsonOpt = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Results only.")] = False,
 ) -> None:
-    from my3dgen_cli import export as lib
+    from my3dgen_cli.use import export as lib
 
     out = output_for(json_mode, quiet)
     output = lib.check_writable(output)

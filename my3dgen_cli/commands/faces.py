@@ -34,7 +34,7 @@ def faces(
 ) -> None:
     """Find the face in each photo, cut EG3D's 512 px crop and estimate its camera."""
     from my3dgen_cli.errors import UserInputError
-    from my3dgen_cli.faces import check_outdir, expand_inputs, prepare_faces, write_faces
+    from my3dgen_cli.faces.prepare import check_outdir, expand_inputs, prepare_faces, write_faces
 
     out = output_for(json_mode, quiet)
     if aligned and labels is None:

@@ -76,7 +76,7 @@ def download_progress(output: Output, label: str) -> Iterator[Any]:
 
 
 def _list(output: Output, registry: list[str]) -> None:
-    from my3dgen_cli import zoo
+    from my3dgen_cli.zoo import cache as zoo
 
     rows = []
     for entry in zoo.list_entries(registry):
@@ -141,7 +141,7 @@ def fetch(
     json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, results only.")] = False,
 ) -> None:
-    from my3dgen_cli import zoo
+    from my3dgen_cli.zoo import cache as zoo
 
     output = output_for(json_mode, quiet)
     names, registry = names or [], registry or []

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command
-from my3dgen_cli.commands._shared import ModelOptions, check_free, model_options, written
+from my3dgen_cli.commands.options import ModelOptions, check_free, model_options, written
 from my3dgen_cli.errors import UserInputError
 
 
@@ -34,9 +34,9 @@ def interpolate(
     import torch
 
     from my3dgen_cli import media
-    from my3dgen_cli.commands._shared import check_latent_files, expand_keys, resolve_key
+    from my3dgen_cli.commands.options import check_latent_files, expand_keys, resolve_key
     from my3dgen_cli.eg3d.camera import camera_rig
-    from my3dgen_cli.interpolate import MODES, interpolate_cameras, interpolate_latents
+    from my3dgen_cli.use.interpolate import MODES, interpolate_cameras, interpolate_latents
 
     output = opts.output()
     keys = expand_keys(keys)

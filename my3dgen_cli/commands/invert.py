@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from my3dgen_cli.cli import command
-from my3dgen_cli.commands._shared import ModelOptions, check_free, model_options, written
+from my3dgen_cli.commands.options import ModelOptions, check_free, model_options, written
 from my3dgen_cli.errors import UserInputError
 
 
@@ -68,7 +68,7 @@ def _targets(images: list[Path], size: int, yaw: float | None, pitch: float | No
             out.append((p.stem, load_crop(p, size), torch.tensor([label])))
         return out
     try:
-        from my3dgen_cli.faces import prepare_faces
+        from my3dgen_cli.faces.prepare import prepare_faces
     except ImportError:
         raise UserInputError("face detection is not available in this build: pass aligned crops with "
                              "--yaw/--pitch or --labels dataset.json") from None
@@ -102,7 +102,7 @@ def invert(
 ) -> None:
     from my3dgen_cli import media
     from my3dgen_cli.identity import identity_anchors, save_latent
-    from my3dgen_cli.invert import InvertConfig, invert_image
+    from my3dgen_cli.use.invert import InvertConfig, invert_image
 
     output = opts.output()
     try:
@@ -139,7 +139,7 @@ def invert(
         raise UserInputError("--hull needs an identity with anchors (--identity NAME)")
     net = None
     if use_lpips:
-        from my3dgen_cli.perceptual import perceptual_loss
+        from my3dgen_cli.losses.perceptual import perceptual_loss
 
         net = perceptual_loss("vgg", required=False)
         if net is None:
@@ -192,8 +192,8 @@ def _render(G, res):
 
 
 def _tune(G, res, target, steps, rank, net, cfg, original, bar, task):
-    from my3dgen_cli.invert import tune_adapter
     from my3dgen_cli.lora import add_adapters
+    from my3dgen_cli.use.invert import tune_adapter
 
     if not original:  # a bare base: a fresh adapter (B = 0, so tuning starts from the base exactly)
         add_adapters(G, rank=rank)

@@ -1,4 +1,4 @@
-"""`my3dgen personalize` and `my3dgen identities`: thin wrappers over my3dgen_cli.personalize."""
+"""`my3dgen personalize` and `my3dgen identities`: thin wrappers over my3dgen_cli.personalize.pipeline."""
 
 from __future__ import annotations
 
@@ -82,12 +82,12 @@ def personalize_cmd(
         raise UserInputError("personalize needs PHOTOS and --name NAME (or --batch-file FILE)")
     if amp_dtype not in ("bf16", "fp16"):
         raise UserInputError(f"--amp-dtype: got {amp_dtype!r}, expected bf16 or fp16")
-    from my3dgen_cli import distributed as D
     from my3dgen_cli import paths
     from my3dgen_cli.devices import pick_device
     from my3dgen_cli.identity import check_name
     from my3dgen_cli.output import Output
-    from my3dgen_cli.personalize import BUDGETS, PersonalizeConfig, personalize, read_photos
+    from my3dgen_cli.personalize import distributed as D
+    from my3dgen_cli.personalize.pipeline import BUDGETS, PersonalizeConfig, personalize, read_photos
 
     if budget not in BUDGETS:
         raise UserInputError(f"--budget: got {budget!r}, expected one of {', '.join(BUDGETS)}")
@@ -111,7 +111,7 @@ def personalize_cmd(
                                channels_last=channels_last)
     offline = offline or paths.offline()
     if batch_file is not None:
-        from my3dgen_cli.people import personalize_people, read_batch_file
+        from my3dgen_cli.personalize.people import personalize_people, read_batch_file
 
         people = read_batch_file(batch_file)
         rows = personalize_people(people, config, base, world=world, device=dev, offline=offline, output=out,
@@ -158,7 +158,7 @@ def identities_list(json_out: JsonOpt = False) -> None:
 
 def _list_identities(json_out: bool) -> None:
     from my3dgen_cli.identity import list_identities
-    from my3dgen_cli.personalize import describe_identity
+    from my3dgen_cli.personalize.pipeline import describe_identity
 
     out = output_for(json_out)
     rows = [describe_identity(n) for n in list_identities()]
@@ -188,7 +188,7 @@ def identities_import(
     json_out: JsonOpt = False,
 ) -> None:
     from my3dgen_cli import paths
-    from my3dgen_cli.my3dgen_import import import_snapshot
+    from my3dgen_cli.weights.my3dgen_snapshot import import_snapshot
 
     out = output_for(json_out)
     with out.progress() as bar:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command
-from my3dgen_cli.commands._shared import (
+from my3dgen_cli.commands.options import (
     ModelOptions,
     check_free,
     check_latent_files,
@@ -55,9 +55,16 @@ def render(
         "order; default: on with --amp on CUDA).", show_default=False)] = None,
 ) -> None:
     from my3dgen_cli import media
-    from my3dgen_cli.commands._shared import anchor as get_anchor
+    from my3dgen_cli.commands.options import anchor as get_anchor
     from my3dgen_cli.eg3d.camera import camera_rig
-    from my3dgen_cli.render import angle_tag, cameras_for, latent_from_seed, orbit_angles, parse_angles, render_views
+    from my3dgen_cli.use.render import (
+        angle_tag,
+        cameras_for,
+        latent_from_seed,
+        orbit_angles,
+        parse_angles,
+        render_views,
+    )
 
     output = opts.output()
     if amp not in ("off", "bf16", "fp16"):
@@ -78,7 +85,7 @@ def render(
         raise UserInputError(f"--amp fp16: needs CUDA, got --device {dev.type} (use bf16 there)")
     sources = []  # (name, ws, stored camera or None)
     for path in latent or []:
-        from my3dgen_cli.commands._shared import resolve_key
+        from my3dgen_cli.commands.options import resolve_key
 
         sources.append(resolve_key(str(path), G, opts.identity, dev, truncation))
     for k in anchors:
@@ -161,7 +168,7 @@ def render(
                 media.write_gif(gif, frames_u8, fps)
                 entry.update(orbit_mp4=str(mp4), orbit_gif=str(gif), orbit_frames=orbit)
             if mesh is not None:
-                from my3dgen_cli.mesh import extract_mesh
+                from my3dgen_cli.use.mesh import extract_mesh
 
                 mesh_path = next(paths)
                 try:

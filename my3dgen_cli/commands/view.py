@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command
-from my3dgen_cli.commands._shared import ModelOptions, check_latent_files, model_options
+from my3dgen_cli.commands.options import ModelOptions, check_latent_files, model_options
 from my3dgen_cli.errors import My3DGenError, UserInputError
 
 MISSING_EXTRA = 'my3dgen view needs its web server packages ({missing} missing): pip install "my3dgen[view]"'
@@ -106,8 +106,8 @@ def _open_when_started(uv, url: str, open_url) -> None:
 def _sources(opts: ModelOptions, G, dev, latent: list[Path] | None, anchor: str | None, seed: str | None,
              truncation: float) -> list:
     """The latents named on the command line (default: anchor 0 of the identity, else seed 0)."""
-    from my3dgen_cli.commands._shared import anchor as get_anchor
-    from my3dgen_cli.commands._shared import parse_indices, resolve_key
+    from my3dgen_cli.commands.options import anchor as get_anchor
+    from my3dgen_cli.commands.options import parse_indices, resolve_key
     from my3dgen_cli.identity import identity_anchors
     from my3dgen_cli.view.scene import Source
 

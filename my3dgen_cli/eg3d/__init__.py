@@ -30,6 +30,6 @@ def count_parameters(module: Any) -> int:
 
 def load_generator(path: str | Path, device: Any = None) -> TriPlaneGenerator:
     """Load weights strictly into a generator built from their config. See checkpoint.py."""
-    from my3dgen_cli.eg3d.checkpoint import load_generator as _load
+    from my3dgen_cli.weights.checkpoint import load_generator as _load
 
     return _load(path, device=device)

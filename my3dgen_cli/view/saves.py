@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from my3dgen_cli import media
-from my3dgen_cli.render import orbit_angles
+from my3dgen_cli.use.render import orbit_angles
 from my3dgen_cli.view.scene import Scene, ViewState
 
 

@@ -21,8 +21,8 @@ from torch import nn
 from my3dgen_cli import media
 from my3dgen_cli.eg3d.camera import camera_rig
 from my3dgen_cli.errors import UserInputError
-from my3dgen_cli.interpolate import lerp
-from my3dgen_cli.render import angle_tag, latent_from_seed, render_views
+from my3dgen_cli.use.interpolate import lerp
+from my3dgen_cli.use.render import angle_tag, latent_from_seed, render_views
 
 QUALITIES = ("preview", "full")
 MODES = ("rgb", "depth")

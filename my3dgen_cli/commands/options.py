@@ -176,7 +176,7 @@ def open_model(base: str | None, identity: str | None, adapter: Path | None, dev
 
 def check_latent_files(specs: Iterable[str]) -> None:
     """Name a missing latent file, or a broken .npy one, before the (slow) generator is opened, not after."""
-    from my3dgen_cli.latents_import import NPY_SUFFIX, camera_beside, read_npy
+    from my3dgen_cli.latents import NPY_SUFFIX, camera_beside, read_npy
 
     for spec in specs:
         if spec.startswith(("seed:", "anchor:")):
@@ -193,8 +193,8 @@ def resolve_key(spec: str, G: Any, identity: str | None, device: Any, truncation
 
     spec: a `.latent` or `.npy` file (latents_import.open_latent), `anchor:K` (needs --identity) or `seed:S`.
     """
-    from my3dgen_cli.latents_import import open_latent
-    from my3dgen_cli.render import latent_from_seed
+    from my3dgen_cli.latents import open_latent
+    from my3dgen_cli.use.render import latent_from_seed
 
     if spec.startswith("seed:"):
         try:

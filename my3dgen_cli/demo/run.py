@@ -99,9 +99,9 @@ def demo_base(fast: bool, out: Output, rebuild: bool = False) -> tuple[str, Path
     (`--rebuild-base`: fitted now from demo_base.py's recipe, `--fast` with its shorter step counts,
     and cached as `demo-tiny-v2[-fast]-rebuilt`).
     """
-    from my3dgen_cli import demo_base as db
-    from my3dgen_cli import zoo
+    from my3dgen_cli.demo import base as db
     from my3dgen_cli.generators import local_bases_dir
+    from my3dgen_cli.zoo import cache as zoo
 
     if rebuild:
         name = db.rebuilt_name(fast)
@@ -117,7 +117,7 @@ def demo_base(fast: bool, out: Output, rebuild: bool = False) -> tuple[str, Path
 def build_demo_pair(name: str, cfg: Any, out: Output) -> Path:
     """Fit the demo base and its hidden person from the recipe; cache them as local base `name` and
     `<name>.person.safetensors` beside it. Returns the person adapter's path."""
-    from my3dgen_cli import demo_base as db
+    from my3dgen_cli.demo import base as db
     from my3dgen_cli.generators import local_bases_dir, open_base, save_local_base
     from my3dgen_cli.lora import save_adapter
 
@@ -144,11 +144,11 @@ def build_demo_pair(name: str, cfg: Any, out: Output) -> Path:
 
 def synthetic_photos(base: str, person_adapter: Path, photo_dir: Path) -> tuple[Any, Any]:
     """Render the hidden person: (training Photos, held-out Photos); PNGs + dataset.json written."""
-    from my3dgen_cli import demo_base as db
+    from my3dgen_cli.demo import base as db
     from my3dgen_cli.eg3d.camera import camera_rig
     from my3dgen_cli.generators import open_base
     from my3dgen_cli.lora import load_adapter
-    from my3dgen_cli.personalize import Photos
+    from my3dgen_cli.personalize.pipeline import Photos
 
     G, ref = open_base(base)
     _, ws = db.person_latent(G)
@@ -190,7 +190,7 @@ def run_demo(
     The synthetic base is the shipped one unless `rebuild_base` (fit it from the recipe first).
     """
     from my3dgen_cli import media
-    from my3dgen_cli.personalize import LossNets, PersonalizeConfig, personalize, read_photos
+    from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, personalize, read_photos
 
     out = output or Output("quiet")
     if (base is None) != (photos is None):
@@ -226,7 +226,7 @@ def run_demo(
         given = read_photos(photos)
         if given.images.shape[0] < 3:
             raise UserInputError(f"--photos: got {given.images.shape[0]} usable photos, expected 3 or more")
-        from my3dgen_cli.personalize import Photos
+        from my3dgen_cli.personalize.pipeline import Photos
 
         train = Photos(given.images[:-1], given.cameras[:-1], given.names[:-1], given.skipped)
         held = Photos(given.images[-1:], given.cameras[-1:], given.names[-1:])
@@ -239,10 +239,10 @@ def run_demo(
                         output=out)
     t = stage("personalize", t)
 
-    from my3dgen_cli.anchors import resize
     from my3dgen_cli.generators import open_generator
     from my3dgen_cli.identity import identity_anchors, identity_paths, save_latent
-    from my3dgen_cli.invert import InvertConfig, invert_image
+    from my3dgen_cli.personalize.anchors import resize
+    from my3dgen_cli.use.invert import InvertConfig, invert_image
 
     G, ref, _ = open_generator(identity=IDENTITY, device=device)
     dev = next(G.parameters()).device
@@ -255,7 +255,7 @@ def run_demo(
     t = stage("invert", t)
 
     from my3dgen_cli.eg3d.camera import camera_rig
-    from my3dgen_cli.render import orbit_angles, render_views
+    from my3dgen_cli.use.render import orbit_angles, render_views
 
     rig = camera_rig(G)
     angles = orbit_angles(settings.orbit_frames)
@@ -268,7 +268,7 @@ def run_demo(
                                              media.grid([_up(media.to_uint8(im), res) for im in sheet]))
     t = stage("orbit", t)
 
-    from my3dgen_cli.interpolate import interpolate_cameras, interpolate_latents
+    from my3dgen_cli.use.interpolate import interpolate_cameras, interpolate_latents
 
     a, b = 0, anchors.shape[0] - 1
     ws_path = interpolate_latents([anchors[a:a + 1], anchors[b:b + 1]], settings.interp_frames, "slerp")
@@ -285,7 +285,7 @@ def run_demo(
         files["onnx"] = Path(export_info["path"])
     t = stage("export", t)
 
-    from my3dgen_cli.evaluate import evaluate
+    from my3dgen_cli.use.evaluate import evaluate
 
     lpips = nets.train_lpips
     evaluation = evaluate(IDENTITY, held.images, held.cameras, held.names, steps=settings.eval_steps, device=device,
@@ -322,7 +322,7 @@ def _copy(src: Path, dst: Path) -> Path:
 def _export(path: Path, out: Output) -> dict[str, Any]:
     """ONNX export of the demo identity, checked by onnxruntime; a skip (with its reason) without it."""
     try:
-        from my3dgen_cli import export as lib
+        from my3dgen_cli.use import export as lib
 
         G, ref, _, merge_diff = lib.merged_generator(identity=IDENTITY, device="cpu", offline=True)
         check = lib.export_onnx(G, path, metadata={"identity": IDENTITY, "base": ref.name})

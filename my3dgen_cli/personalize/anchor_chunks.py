@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from my3dgen_cli import anchors
-from my3dgen_cli.distributed import SINGLE, Dist, broadcast_, fault_hook
 from my3dgen_cli.errors import My3DGenError, UserInputError
+from my3dgen_cli.personalize import anchors
+from my3dgen_cli.personalize.distributed import SINGLE, Dist, broadcast_, fault_hook
 
 CHUNK = 4  # photos projected together (project_to_w's batch)
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from torch import nn
 
-from my3dgen_cli.distributed import SINGLE, Dist, identity_seed
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.output import Output
+from my3dgen_cli.personalize.distributed import SINGLE, Dist, identity_seed
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def personalize_people(
     row of this rank: name, state before ("done" -> skipped, "partial" -> resumed, "new"), and the
     IdentityResult as a dict when trained. reproject: project the photos of My3DGen dataset folders too.
     """
-    from my3dgen_cli.personalize import personalize
+    from my3dgen_cli.personalize.pipeline import personalize
 
     out = output or Output("quiet")
     done: list[dict[str, Any]] = []

@@ -93,7 +93,7 @@ class ImportResult:
 
 def read_snapshot_record(path: str | Path) -> Any:
     """The G_ema record of a snapshot (`.pkl`, or xz-compressed as `.pkl.xz`), read with the safe reader."""
-    from my3dgen_cli.eg3d.safe_unpickle import PersistentObject, safe_load
+    from my3dgen_cli.weights.safe_unpickle import PersistentObject, safe_load
 
     path = Path(path)
     if not path.is_file():
@@ -119,7 +119,7 @@ def parse_snapshot(g_ema: Any) -> Snapshot:
 
     Raises UserInputError naming the first tensor that is not where a known wrapper puts it.
     """
-    from my3dgen_cli.eg3d.checkpoint import checkpoint_from_record
+    from my3dgen_cli.weights.checkpoint import checkpoint_from_record
 
     config = checkpoint_from_record(g_ema).config()
     snap = Snapshot(config, {}, {}, {})
@@ -133,7 +133,7 @@ def parse_snapshot(g_ema: Any) -> Snapshot:
 
 
 def _state(obj: Any, where: str) -> dict[str, Any]:
-    from my3dgen_cli.eg3d.safe_unpickle import ForeignObject, PersistentObject
+    from my3dgen_cli.weights.safe_unpickle import ForeignObject, PersistentObject
 
     if isinstance(obj, (PersistentObject, ForeignObject)) and isinstance(obj.state, dict):
         return obj.state
@@ -229,8 +229,8 @@ def convert_snapshot(snap: Snapshot) -> Converted:
     Raises UserInputError naming the first tensor of an unknown layout (a name with no place in the
     plain generator, a factor of another shape, another rank per layer, a merged wrapper).
     """
-    from my3dgen_cli.eg3d.instantiate import skeleton
     from my3dgen_cli.lora import DEFAULT_TARGETS, match_extras, match_targets
+    from my3dgen_cli.weights.instantiate import skeleton
 
     try:
         model = skeleton(snap.config)
@@ -335,11 +335,11 @@ def import_snapshot(path: str | Path, name: str, base: str | None = None, force:
                     offline: bool | None = None) -> ImportResult:
     """`identities import`: read, check and convert a My3DGen snapshot; write identities/<name>/adapter.safetensors
     (and, without `base`, a local base `<name>-base`). Nothing is written before every check passed."""
-    from my3dgen_cli.eg3d.checkpoint import save_converted, sha256_file
-    from my3dgen_cli.eg3d.fingerprint import state_fingerprint
     from my3dgen_cli.generators import local_bases_dir, open_base
     from my3dgen_cli.identity import check_name, identity_paths
     from my3dgen_cli.lora import DEFAULT_TARGETS, write_adapter
+    from my3dgen_cli.weights.checkpoint import save_converted, sha256_file
+    from my3dgen_cli.weights.fingerprint import state_fingerprint
 
     check_name(name)
     path = Path(path)

@@ -76,7 +76,7 @@ class InvertResult:
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean PSNR in dB of [N, 3, H, W] images in [-1, 1] (metrics.psnr: mapped and clipped to [0, 1])."""
-    from my3dgen_cli.metrics import psnr as psnr_per_image
+    from my3dgen_cli.losses.metrics import psnr as psnr_per_image
 
     return float(psnr_per_image(a.detach(), b.detach()).mean())
 
@@ -85,7 +85,7 @@ def lpips_distance(net: nn.Module | None, a: torch.Tensor, b: torch.Tensor, size
     """Mean LPIPS of [N,3,H,W] images in [-1, 1], or None without a net."""
     if net is None:
         return None
-    from my3dgen_cli.anchors import resize
+    from my3dgen_cli.personalize.anchors import resize
 
     if a.shape[-1] > size:  # LPIPS at <= `size` px, as the anchor projection does
         a, b = resize(a, size), resize(b, size)

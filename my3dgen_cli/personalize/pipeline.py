@@ -7,7 +7,7 @@ Stages (each with a progress bar when run from the CLI):
     3. adapter training: LoRA on the default targets, My3DGen's loss + symmetry term (training.py);
     4. the identity folder: adapter, anchors, preview grid, loss log and curve (identity.py layout).
 
-    from my3dgen_cli.personalize import PersonalizeConfig, personalize
+    from my3dgen_cli.personalize.pipeline import PersonalizeConfig, personalize
     result = personalize("photos/", "ana", PersonalizeConfig(steps=500))
 """
 
@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from my3dgen_cli import __version__
-from my3dgen_cli.distributed import SINGLE, Dist
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.fileio import write_text_atomic
-from my3dgen_cli.latents_import import DatasetLatents, dataset_latents
+from my3dgen_cli.latents import DatasetLatents, dataset_latents
 from my3dgen_cli.output import Output
+from my3dgen_cli.personalize.distributed import SINGLE, Dist
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")  # as faces.py
 # --budget presets: (training steps, anchor projection steps per photo). "paper" = My3DGen's defaults.
@@ -67,10 +67,10 @@ class PersonalizeConfig:
     channels_last: bool | None = None  # NHWC convolutions; None = with autocast on CUDA (speed.use_channels_last)
 
     def __post_init__(self) -> None:
-        from my3dgen_cli.anchors import SPACES
         from my3dgen_cli.lora import CONV_STYLES
+        from my3dgen_cli.personalize.anchors import SPACES
+        from my3dgen_cli.personalize.symmetry import SYM_LOSSES
         from my3dgen_cli.speed import AMP_MODES
-        from my3dgen_cli.symmetry import SYM_LOSSES
 
         if not isinstance(self.amp, bool) and self.amp not in AMP_MODES:
             raise UserInputError(f"amp: got {self.amp!r}, expected a bool or one of {', '.join(AMP_MODES)}")
@@ -167,7 +167,7 @@ def read_photos(inputs: str | Path | list[str | Path], labels: str | Path | None
         raise UserInputError(f"photos: no image files in {', '.join(str(i) for i in items)} "
                              f"(expected {', '.join(IMAGE_SUFFIXES)})")
     try:
-        from my3dgen_cli import faces
+        from my3dgen_cli.faces import prepare as faces
     except ImportError:  # until the faces module is installed: aligned crops with a dataset.json only
         return _read_aligned(files, labels, aligned, on_progress)
     latents = None if reproject else dataset_latents([Path(i) for i in items], files,
@@ -221,8 +221,8 @@ class LossNets:
     @classmethod
     def load(cls, config: PersonalizeConfig, offline: bool | None = None, output: Output | None = None) -> LossNets:
         """LPIPS-VGG for anchors, LPIPS-alex for training, ArcFace for symmetry: from the zoo, with one warning each."""
-        from my3dgen_cli.arcface import identity_network
-        from my3dgen_cli.perceptual import perceptual_loss
+        from my3dgen_cli.losses.arcface import identity_network
+        from my3dgen_cli.losses.perceptual import perceptual_loss
 
         out = output or Output("quiet")
         vgg = perceptual_loss("vgg", offline=offline, required=False)
@@ -306,10 +306,10 @@ def personalize(
     Raises UserInputError for unusable photos or an existing identity, AnchorsInterrupted or
     TrainingInterrupted on Ctrl-C (exit code 130; both leave what --resume needs).
     """
-    from my3dgen_cli.anchor_chunks import anchor_fingerprint
     from my3dgen_cli.identity import identity_paths, save_anchors
     from my3dgen_cli.lora import base_fingerprint, count_adapter_parameters, save_adapter
-    from my3dgen_cli.training import train_adapter
+    from my3dgen_cli.personalize.anchor_chunks import anchor_fingerprint
+    from my3dgen_cli.personalize.training import train_adapter
 
     config = config or PersonalizeConfig()
     out = output or Output("quiet")
@@ -351,7 +351,7 @@ def personalize(
             if ws.shape[0] != images.shape[0]:
                 raise UserInputError(f"--resume: the saved anchors hold {ws.shape[0]} photos, got {images.shape[0]}")
         elif given_ws is not None:
-            from my3dgen_cli.latents_import import latent_space
+            from my3dgen_cli.latents import latent_space
 
             out.info(f"anchors: the {len(photos.names)} latents of {photos.latents.folder} as they are, "
                      "no projection (--reproject projects the photos)")
@@ -374,7 +374,7 @@ def personalize(
             world.barrier()
         sym_distance = None
         if config.sym:
-            from my3dgen_cli.symmetry import choose_distance
+            from my3dgen_cli.personalize.symmetry import choose_distance
 
             sym_distance = choose_distance(config.sym_loss, nets.identity, nets.train_lpips)
         task = bar.add_task("training", total=config.steps, status="")
@@ -407,7 +407,7 @@ def _anchors(G: nn.Module, images: torch.Tensor, cameras: torch.Tensor, config: 
              lpips: nn.Module | None, partial: Path, fingerprint: dict[str, Any], resume: bool, world: Dist,
              bar: Any, out: Output) -> torch.Tensor:
     """The anchor stage with its progress bar; photos reused from an interrupted run count as done."""
-    from my3dgen_cli.anchor_chunks import CHUNK, project_anchors
+    from my3dgen_cli.personalize.anchor_chunks import CHUNK, project_anchors
 
     n = images.shape[0]
     task = bar.add_task("anchors", total=config.anchor_steps * -(-n // CHUNK), status="")
@@ -424,7 +424,7 @@ def _anchors(G: nn.Module, images: torch.Tensor, cameras: torch.Tensor, config: 
 def _write_reports(G: nn.Module, ip: Any, images: torch.Tensor, cameras: torch.Tensor, ws: torch.Tensor,
                    log: list[dict[str, float]]) -> None:
     """previews/grid.png (photo | personalized render, one row per photo), log.json, loss.png."""
-    from my3dgen_cli.reports import loss_plot, preview_grid, save_png
+    from my3dgen_cli.personalize.reports import loss_plot, preview_grid, save_png
 
     renders = []
     with torch.no_grad():

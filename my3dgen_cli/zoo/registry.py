@@ -117,9 +117,9 @@ class Entry:
 
 def packaged_registry_dir() -> Path:
     """`zoo/` of a source checkout, or the copy installed inside the package."""
-    here = Path(__file__).resolve().parent
-    installed = here / "zoo_registry_data"
-    return installed if installed.is_dir() else here.parent / "zoo"
+    package = Path(__file__).resolve().parents[1]  # my3dgen_cli/
+    installed = package / "zoo_registry_data"
+    return installed if installed.is_dir() else package.parent / "zoo"
 
 
 def _tables(doc: Mapping[str, Any], origin: str) -> list[dict[str, Any]]:

@@ -82,14 +82,14 @@ def _mean(rows: list[dict[str, float | None]], key: str) -> float | None:
 def score(image: torch.Tensor, target: torch.Tensor, lpips: nn.Module | None, arcface: nn.Module | None
           ) -> dict[str, float | None]:
     """Metrics of one reconstruction [1, 3, H, W] against its photo, both in [-1, 1]."""
-    from my3dgen_cli import metrics
+    from my3dgen_cli.losses import metrics
 
     row: dict[str, float | None] = {"psnr": float(metrics.psnr(image, target)[0]),
                                     "ssim": float(metrics.ssim(image, target)[0]), "lpips": None, "id": None}
     if lpips is not None:
         row["lpips"] = float(metrics.lpips_distance(lpips, image, target)[0])
     if arcface is not None:
-        from my3dgen_cli.arcface import identity_features
+        from my3dgen_cli.losses.arcface import identity_features
 
         a, b = identity_features(arcface, image), identity_features(arcface, target)
         row["id"] = float(torch.nn.functional.cosine_similarity(a, b)[0])
@@ -101,7 +101,7 @@ def consistency(G: nn.Module, ws: torch.Tensor, lpips: nn.Module | None, arcface
                 yaws: tuple[float, ...] = CONSISTENCY_YAWS) -> dict[str, float | None]:
     """Mirror consistency (yaw +a vs flipped -a) and identity similarity across yaws of one latent."""
     from my3dgen_cli.eg3d.camera import camera_rig
-    from my3dgen_cli.render import render_views
+    from my3dgen_cli.use.render import render_views
 
     angles = [0.0] + [s * a for a in yaws for s in (1.0, -1.0)]
     # render_views returns host tensors; the loss networks live on G's device
@@ -113,7 +113,7 @@ def consistency(G: nn.Module, ws: torch.Tensor, lpips: nn.Module | None, arcface
     else:
         out["mirror_rmse"] = float((left - right).square().mean().sqrt())
     if arcface is not None:
-        from my3dgen_cli.arcface import identity_features
+        from my3dgen_cli.losses.arcface import identity_features
 
         f = identity_features(arcface, views)
         out["id_across_yaws"] = float(torch.nn.functional.cosine_similarity(f[1:], f[:1].expand(len(f) - 1, -1)).mean())
@@ -133,10 +133,10 @@ def evaluate(
     on_step: Any = None,
 ) -> EvalResult:
     """Invert each photo (images [N, 3, H, W] in [-1, 1], cameras [N, 25]) under base and personalized."""
-    from my3dgen_cli.anchors import resize
     from my3dgen_cli.generators import open_generator
     from my3dgen_cli.identity import identity_anchors
-    from my3dgen_cli.invert import InvertConfig, invert_image
+    from my3dgen_cli.personalize.anchors import resize
+    from my3dgen_cli.use.invert import InvertConfig, invert_image
 
     G, ref, _ = open_generator(identity=identity, device=device)
     from my3dgen_cli.generators import open_base

@@ -219,7 +219,7 @@ def fidelity_psnr(G: nn.Module, seed: int = 1234, latents: int = 2) -> float:
     (their own seed) at 5 yaws, pitch 0. How well the base learned the family; used to check a
     rebuilt base against the shipped one."""
     from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
-    from my3dgen_cli.metrics import psnr
+    from my3dgen_cli.losses.metrics import psnr
 
     z = torch.randn(latents, G.z_dim, generator=torch.Generator().manual_seed(seed))
     yaws = [-50.0, -25.0, 0.0, 25.0, 50.0]

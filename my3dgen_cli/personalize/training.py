@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from my3dgen_cli.anchors import perceptual_distance, resize
-from my3dgen_cli.distributed import SINGLE, Dist, fault_hook, reduce_sum, shard, sum_gradients
 from my3dgen_cli.eg3d.camera import camera_rig
 from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.fileio import atomic_path
+from my3dgen_cli.personalize.anchors import perceptual_distance, resize
+from my3dgen_cli.personalize.distributed import SINGLE, Dist, fault_hook, reduce_sum, shard, sum_gradients
+from my3dgen_cli.personalize.symmetry import SymmetryDistance, mse_distance, symmetry_cameras, symmetry_loss
 from my3dgen_cli.speed import activation_checkpointing, autocast, check_amp, use_channels_last
-from my3dgen_cli.symmetry import SymmetryDistance, mse_distance, symmetry_cameras, symmetry_loss
 
 CHECKPOINT_FORMAT = "my3dgen-train-checkpoint/1"
 KEEP_CHECKPOINTS = 2

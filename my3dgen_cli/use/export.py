@@ -178,7 +178,7 @@ def merged_generator(
 def export_safetensors(G: nn.Module, path: str | Path, source: dict[str, Any] | None = None,
                        fp16: bool = False) -> Path:
     """The merged generator in the converted format (safetensors + .json): loadable as a base."""
-    from my3dgen_cli.eg3d.checkpoint import save_converted
+    from my3dgen_cli.weights.checkpoint import save_converted
 
     path = Path(path)
     if path.suffix != ".safetensors":

@@ -38,8 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from my3dgen_cli import download, paths
-from my3dgen_cli.download import ProgressHook, sha256_file
+from my3dgen_cli import paths
 from my3dgen_cli.errors import (
     ArtifactError,
     ChecksumError,
@@ -50,7 +49,9 @@ from my3dgen_cli.errors import (
     UserInputError,
 )
 from my3dgen_cli.fileio import write_text_atomic
-from my3dgen_cli.zoo_registry import NAME_RE, Entry, forget_hash, get_entry, list_entries, load_registry, record_hash
+from my3dgen_cli.zoo import download
+from my3dgen_cli.zoo.download import ProgressHook, sha256_file
+from my3dgen_cli.zoo.registry import NAME_RE, Entry, forget_hash, get_entry, list_entries, load_registry, record_hash
 
 __all__ = [
     "Entry", "ensure", "resolve_base", "import_file", "import_local_base", "get_entry", "list_entries", "cached",
@@ -184,7 +185,7 @@ def _strip_path(message: str, part: Path) -> str:
 def _open_check(entry: Entry, path: Path) -> None:
     """Open `path` as `entry.format` (without running anything in it); a file that does not open raises."""
     if entry.format == "eg3d-pkl":
-        from my3dgen_cli.eg3d.checkpoint import read_official_pkl
+        from my3dgen_cli.weights.checkpoint import read_official_pkl
 
         read_official_pkl(path)
     elif entry.format == "safetensors":
@@ -214,7 +215,7 @@ def _refusal(entry: Entry, err: My3DGenError, user_file: Path | None = None) -> 
 
 
 def _advice(entry: Entry, err: My3DGenError, user_file: Path | None) -> str:
-    from my3dgen_cli.eg3d.checkpoint import ConfigMismatchError
+    from my3dgen_cli.weights.checkpoint import ConfigMismatchError
 
     if isinstance(err, ConfigMismatchError):
         where = user_file or "FILE.pkl"
@@ -374,7 +375,7 @@ def import_file(
 def _converter(entry: Entry) -> Callable[[Path, Path], Path]:
     """convert_pkl for an official pickle (its config must be the entry's); for a plain safetensors,
     its converter with the entry's config. The file name recorded is the artifact's usual one."""
-    from my3dgen_cli.eg3d import checkpoint  # lazy: torch loads only when a base is converted
+    from my3dgen_cli.weights import checkpoint  # lazy: torch loads only when a base is converted
 
     if entry.format == "safetensors":
         return lambda src, dst: checkpoint.convert_safetensors(src, dst, config=entry.config)
@@ -413,7 +414,7 @@ def resolve_base(
     """The converted `.safetensors` of base generator `name` (config beside it, `.json`).
 
     Fetches the official `.pkl` if needed and converts it once with
-    `my3dgen_cli.eg3d.checkpoint.convert_pkl`; an entry with `format = "safetensors"` (official
+    `my3dgen_cli.weights.checkpoint.convert_pkl`; an entry with `format = "safetensors"` (official
     tensor names, no config inside) is converted with `convert_safetensors` and the config its
     entry names. `keep_pkl=False` then deletes the downloaded blob. `verify=True` rehashes the
     conversion (and the blob, when it is needed) and redoes whatever no longer matches.
@@ -483,8 +484,8 @@ def import_local_base(name: str, src: str | os.PathLike[str], *, registry: Seque
     A registry name is refused (a local base would shadow it), and so is an existing local base
     (identities made on it would stop matching). Nothing is written unless the file converts.
     """
-    from my3dgen_cli.eg3d.checkpoint import convert_pkl
     from my3dgen_cli.generators import local_bases_dir
+    from my3dgen_cli.weights.checkpoint import convert_pkl
 
     src = Path(src).expanduser()
     if not NAME_RE.match(name):

@@ -20,7 +20,7 @@ ZOO_NAMES = {"alex": "lpips-alexnet", "vgg": "lpips-vgg16"}
 
 
 def _backbone_state(net: str, offline: bool | None) -> dict[str, torch.Tensor]:
-    from my3dgen_cli import zoo
+    from my3dgen_cli.zoo import cache as zoo
 
     path = zoo.ensure(ZOO_NAMES[net], offline=offline)
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -35,7 +35,7 @@ class SymmetryDistance:
 
 def identity_distance(net: nn.Module) -> SymmetryDistance:
     """1 - cosine of ArcFace IR-SE50 features (pSp's face crop, 112 px), mean over the batch."""
-    from my3dgen_cli.arcface import identity_features
+    from my3dgen_cli.losses.arcface import identity_features
 
     def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         fa, fb = identity_features(net, a), identity_features(net, b)
@@ -45,7 +45,7 @@ def identity_distance(net: nn.Module) -> SymmetryDistance:
 
 
 def lpips_distance(lpips: nn.Module) -> SymmetryDistance:
-    from my3dgen_cli.anchors import perceptual_distance
+    from my3dgen_cli.personalize.anchors import perceptual_distance
 
     return SymmetryDistance(lambda a, b: perceptual_distance(lpips, a, b), "lpips")
 

@@ -102,7 +102,7 @@ def camera_beside(latent: str | Path) -> Any:
     """The camera [1, 25] of a latent file's image from the dataset.json in its folder; None without one."""
     import torch
 
-    from my3dgen_cli.faces import find_label, read_dataset_json
+    from my3dgen_cli.faces.prepare import find_label, read_dataset_json
 
     latent = Path(latent)
     dataset = latent.parent / "dataset.json"
@@ -177,7 +177,7 @@ def read_latent_dataset(folder: Path, images: list[Path], labels: Path) -> Datas
     (`latents_of_image`); every label must name an image of the folder and every latent file an image.
     Anything else is one line naming the first mismatch, before any file is written.
     """
-    from my3dgen_cli.faces import read_dataset_json
+    from my3dgen_cli.faces.prepare import read_dataset_json
 
     table = read_dataset_json(labels)
     listed = {Path(name).name for name in table}

@@ -1,6 +1,6 @@
 """Photos in: find the face, cut EG3D's 512 px crop, estimate its camera.
 
-    from my3dgen_cli.faces import prepare_faces
+    from my3dgen_cli.faces.prepare import prepare_faces
     faces = prepare_faces(["photos/"], min_faces=1)      # a folder and/or files
     faces.cameras()   # (N, 25) EG3D labels     faces.images()   # (N, 3, 512, 512) in [-1, 1]
     faces.skipped     # [Skipped(source, reason)] for files that gave no usable face
@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from my3dgen_cli.errors import UserInputError
-from my3dgen_cli.faces_align import (
+from my3dgen_cli.faces.align import (
     CROP_SIZE,
     CropTransform,
     crop_transform,
@@ -206,7 +206,7 @@ def detect_symmetric(image: np.ndarray, detector: Any = None) -> list[tuple[np.n
     The detector runs on the photo and on its mirror; matching detections (IoU > 0.3) are
     averaged, so detect_symmetric(mirror) is the mirror of detect_symmetric(photo).
     """
-    from my3dgen_cli.faces_detect import default_detector
+    from my3dgen_cli.faces.detect import default_detector
 
     detector = detector or default_detector()
     w = image.shape[1]

@@ -45,13 +45,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from my3dgen_cli.eg3d.fingerprint import KEY as FINGERPRINT_KEY
-from my3dgen_cli.eg3d.fingerprint import record as fingerprint_record
-from my3dgen_cli.eg3d.fingerprint import state_fingerprint, weights_stamp
-from my3dgen_cli.eg3d.instantiate import assign_state, skeleton
-from my3dgen_cli.eg3d.safe_unpickle import EasyDictRecord, ForeignObject, PersistentObject, safe_load
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
 from my3dgen_cli.fileio import write_atomic, write_text_atomic
+from my3dgen_cli.weights.fingerprint import KEY as FINGERPRINT_KEY
+from my3dgen_cli.weights.fingerprint import record as fingerprint_record
+from my3dgen_cli.weights.fingerprint import state_fingerprint, weights_stamp
+from my3dgen_cli.weights.instantiate import assign_state, skeleton
+from my3dgen_cli.weights.safe_unpickle import EasyDictRecord, ForeignObject, PersistentObject, safe_load
 
 FORMAT = "my3dgen-eg3d"
 FORMAT_VERSION = 1

@@ -137,7 +137,7 @@ def build_arcface(path: str | Path | None = None) -> IRSE50:
 
 def identity_network(offline: bool | None = None) -> IRSE50 | None:
     """The verified pretrained IR-SE50 from the zoo, or None when it is not cached and cannot be fetched."""
-    from my3dgen_cli import zoo
+    from my3dgen_cli.zoo import cache as zoo
 
     try:
         path = zoo.ensure(ZOO_NAME, offline=offline)

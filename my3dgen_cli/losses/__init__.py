@@ -1,0 +1,1 @@
+"""What training and inversion measure: perceptual distance (LPIPS), ArcFace identity, metrics."""

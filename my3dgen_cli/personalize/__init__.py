@@ -1,0 +1,1 @@
+"""Photos -> identity: anchors (projection), adapter training, symmetry, many people, distributed."""

@@ -1,0 +1,1 @@
+"""What an identity is for: invert, render, interpolate, export, meshes, evaluation."""
