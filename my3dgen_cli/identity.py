@@ -17,7 +17,12 @@ the camera label [1, 25] and metadata: identity, base, space ("w" or "w+"), vers
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,7 +103,32 @@ def list_identities() -> list[str]:
     root = paths.identities_dir()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / "adapter.safetensors").is_file())
+    # Dot-folders are identities being built or retired by `building_identity`, not identities.
+    return sorted(p.name for p in root.iterdir()
+                  if not p.name.startswith(".") and (p / "adapter.safetensors").is_file())
+
+
+@contextmanager
+def building_identity(name: str) -> Iterator[IdentityPaths]:
+    """Build an identity in a hidden folder beside `identities/<name>` and swap it in only when complete.
+
+    A failure or Ctrl-C inside the block leaves the old identity (if any) exactly as it was and
+    removes the half-built one; after the block, readers see either the old folder or the new one.
+    """
+    final = identity_paths(check_name(name)).root
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    building = final.with_name(f".{name}.new-{tag}")
+    building.mkdir()
+    try:
+        yield IdentityPaths(building)
+        retired = final.with_name(f".{name}.old-{tag}")
+        if final.exists():
+            os.replace(final, retired)
+        os.replace(building, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
 
 
 def save_anchors(path: Path, ws: torch.Tensor, cameras: torch.Tensor, photos: list[str],

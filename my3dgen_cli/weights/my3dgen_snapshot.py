@@ -336,7 +336,7 @@ def import_snapshot(path: str | Path, name: str, base: str | None = None, force:
     """`identities import`: read, check and convert a My3DGen snapshot; write identities/<name>/adapter.safetensors
     (and, without `base`, a local base `<name>-base`). Nothing is written before every check passed."""
     from my3dgen_cli.generators import local_bases_dir, open_base
-    from my3dgen_cli.identity import check_name, identity_paths
+    from my3dgen_cli.identity import building_identity, check_name, identity_paths
     from my3dgen_cli.lora import DEFAULT_TARGETS, write_adapter
     from my3dgen_cli.weights.checkpoint import save_converted, sha256_file
     from my3dgen_cli.weights.fingerprint import state_fingerprint
@@ -379,6 +379,7 @@ def import_snapshot(path: str | Path, name: str, base: str | None = None, force:
     meta = {"imported_from": {"file": path.name, "sha256": sha, "format": "my3dgen-snapshot", "network": _NETWORK},
             "parameters": lora_n + extra_n, "lora_parameters": lora_n, "extra_parameters": extra_n,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": __version__}
-    write_adapter(ip.adapter, {**converted.factors, **converted.extras}, config, base_name, base_sha, meta)
+    with building_identity(name) as new:  # an old identity of this name stays whole until the swap
+        write_adapter(new.adapter, {**converted.factors, **converted.extras}, config, base_name, base_sha, meta)
     return ImportResult(name, ip.root, base_name, base_file is not None, converted.rank, converted.alpha, lora_n,
                         extra_n, ip.adapter.stat().st_size, notes)

@@ -1,0 +1,69 @@
+"""Replacing an identity is atomic: the old one stays whole until the new one is complete."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from my3dgen_cli import paths
+from my3dgen_cli.identity import building_identity, identity_paths, list_identities
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _listing(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _old_identity(name: str) -> Path:
+    ip = identity_paths(name)
+    ip.root.mkdir(parents=True)
+    ip.adapter.write_bytes(b"old adapter")
+    ip.anchors.write_bytes(b"old anchors")
+    return ip.root
+
+
+def test_a_failure_while_building_keeps_the_old_identity() -> None:
+    root = _old_identity("ana")
+    before = _listing(paths.identities_dir())
+    with pytest.raises(RuntimeError), building_identity("ana") as new:
+        new.adapter.write_bytes(b"half")
+        raise RuntimeError("killed half-way")
+    assert _listing(paths.identities_dir()) == before
+    assert sorted(p.name for p in root.parent.iterdir()) == ["ana"]
+
+
+def test_a_finished_build_replaces_the_whole_folder() -> None:
+    _old_identity("ana")
+    with building_identity("ana") as new:
+        new.adapter.write_bytes(b"new adapter")
+    ip = identity_paths("ana")
+    assert ip.adapter.read_bytes() == b"new adapter"
+    assert not ip.anchors.exists(), "a file of the old identity must not survive beside the new adapter"
+    assert sorted(p.name for p in ip.root.parent.iterdir()) == ["ana"]
+    assert list_identities() == ["ana"]
+
+
+def test_a_killed_process_leaves_the_old_identity(tmp_path: Path) -> None:
+    root = _old_identity("ana")
+    before = _listing(root)
+    code = (
+        "import time\n"
+        "from my3dgen_cli.identity import building_identity\n"
+        "with building_identity('ana') as new:\n"
+        "    new.adapter.write_bytes(b'half')\n"
+        "    print('building', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "building"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert _listing(root) == before
+    assert list_identities() == ["ana"], "a half-built dot-folder is not an identity"
