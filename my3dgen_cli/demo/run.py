@@ -2,7 +2,7 @@
 
     result = run_demo(out_dir, fast=False)      # report at result.report
 
-Without `--base`, the base is the demo's tiny synthetic generator (demo_base.py: the tiny EG3D
+Without `--base`, the base is the demo's tiny synthetic generator (demo/base.py: the tiny EG3D
 fitted to simple 3-D heads; it ships inside the wheel as the zoo entry `demo-tiny-v2`, so only the
 adapter is trained here; `--rebuild-base` fits it again from the recipe), and the training photos
 are renders of a hidden "person" (the base + a low-rank change, shipped beside it) from 10 known
@@ -96,7 +96,7 @@ def demo_base(fast: bool, out: Output, rebuild: bool = False) -> tuple[str, Path
     wheel: copied into the cache and checked against their sha256, no training), "cached" (a local
     base of that name with its person, from an earlier my3dgen that built it in the first demo: it
     shadows the zoo entry of the same name, so it is the one `--identity demo` finds) or "rebuilt"
-    (`--rebuild-base`: fitted now from demo_base.py's recipe, `--fast` with its shorter step counts,
+    (`--rebuild-base`: fitted now from demo/base.py's recipe, `--fast` with its shorter step counts,
     and cached as `demo-tiny-v2[-fast]-rebuilt`).
     """
     from my3dgen_cli.demo import base as db
