@@ -135,5 +135,6 @@ def prune(
     freed = sum(r["size"] for r in rows)
     verb = "would remove" if dry_run else "removed"
     lines = [f"{verb} {r['kind']} {r['name']} ({human_size(r['size'])}): {r['reason']}" for r in rows]
-    lines.append(f"{verb} {len(rows)} items, {human_size(freed)}" if rows else "nothing to prune")
+    items = f"{len(rows)} item{'s' * (len(rows) != 1)}"
+    lines.append(f"{verb} {items}, {human_size(freed)}" if rows else "nothing to prune")
     output.result({"removed": rows, "freed": freed, "dry_run": dry_run}, human="\n".join(lines))
