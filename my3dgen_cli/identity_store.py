@@ -18,6 +18,7 @@ import os
 import shutil
 import uuid
 import zipfile
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -124,7 +125,10 @@ def export_identity(name: str, output: Path, force: bool = False) -> dict[str, A
     from my3dgen_cli.lora import read_adapter
 
     ip = require_identity(name)
-    _, meta = read_adapter(ip.adapter)
+    try:
+        _, meta = read_adapter(ip.adapter)
+    except _FOLDER_PROBLEMS as err:
+        raise UserInputError(f"identity {name} is broken ({_reason(err, ip.root)}); nothing was exported") from None
     if output.exists() and not force:
         raise UserInputError(f"{output} exists; pass --force to replace it")
     files = {m: ip.root / m for m in ARCHIVE_FILES if (ip.root / m).is_file()}
@@ -174,16 +178,20 @@ def _read_bounded(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, dst
     limit = min(info.file_size, bound)
     got = 0
     chunks: list[bytes] = []
-    with zf.open(info) as src, (dst.open("wb") if dst is not None else _NullSink()) as out:
-        while block := src.read(1 << 20):
-            got += len(block)
-            if got > limit:
-                raise _refuse(archive, f"member {info.filename} unpacks to more than its declared "
-                                       f"{info.file_size:,} bytes (or the {bound:,}-byte bound)")
-            if dst is None:
-                chunks.append(block)
-            else:
-                out.write(block)
+    try:
+        with zf.open(info) as src, (dst.open("wb") if dst is not None else _NullSink()) as out:
+            while block := src.read(1 << 20):
+                got += len(block)
+                if got > limit:
+                    raise _refuse(archive, f"member {info.filename} unpacks to more than its declared "
+                                           f"{info.file_size:,} bytes (or the {bound:,}-byte bound)")
+                if dst is None:
+                    chunks.append(block)
+                else:
+                    out.write(block)
+    # a damaged member fails its CRC or inflate; an encrypted or exotically compressed one cannot be read
+    except (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError) as err:
+        raise _refuse(archive, f"member {info.filename} cannot be unpacked ({err})") from None
     return b"".join(chunks)
 
 

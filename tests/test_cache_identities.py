@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from render_fixtures import tiny_generator
 from safetensors.torch import save_file
+from test_zoo import assert_one_line_error as one_line_error
 from typer.testing import CliRunner
 
 from my3dgen_cli import identity_store
@@ -27,16 +28,6 @@ MEMBERS = ("adapter.safetensors", "anchors.safetensors", "log.json", "previews/g
 
 def run(*args: str):
     return CliRunner().invoke(app, list(args))
-
-
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code != 0, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -197,6 +188,24 @@ def test_hostile_archives_are_refused_and_change_nothing(case: str, ana: Path, t
     one_line_error(run("identities", "import", str(bad), "--name", "ana", "--force"), needle)
     assert tree(isolated_home) == before
     assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
+
+
+def test_damaged_bytes_and_a_broken_identity_are_one_line(ana: Path, tmp_path: Path, isolated_home: Path) -> None:
+    good = tmp_path / "good.zip"
+    assert run("identities", "export", "ana", "-o", str(good)).exit_code == 0
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as zf:
+        info = zf.getinfo("adapter.safetensors")
+    middle = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+    data[middle] ^= 0xFF  # inside the adapter's compressed bytes: inflate or the CRC fails
+    damaged = tmp_path / "damaged.zip"
+    damaged.write_bytes(bytes(data))
+    before = tree(isolated_home)
+    one_line_error(run("identities", "import", str(damaged), "--name", "bob"), "adapter.safetensors")
+    assert tree(isolated_home) == before
+    save_file({"x.lora_A": torch.zeros(1, 1)}, str(ana / "adapter.safetensors"), metadata={"format": "my3dgen-lora/1"})
+    one_line_error(run("identities", "export", "ana", "-o", str(tmp_path / "x.zip")), "broken", "rank")
+    assert not (tmp_path / "x.zip").exists()
 
 
 def test_a_huge_member_stops_at_the_bound(ana: Path, tmp_path: Path, isolated_home: Path,
