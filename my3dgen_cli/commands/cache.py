@@ -101,10 +101,9 @@ def rm(
 def _remove_cached(name: str, forget: bool) -> dict[str, Any]:
     """A zoo name (blob, conversion, partial download) or a local base; an identity only with --identity."""
     from my3dgen_cli.errors import ArtifactError
-    from my3dgen_cli.generators import local_bases_dir
     from my3dgen_cli.zoo import cache as zoo
 
-    if (local_bases_dir() / f"{name}.safetensors").is_file() and "/" not in name:
+    if zoo.is_local_base(name):
         return zoo.remove_local_base(name)
     try:
         return zoo.remove(name, forget=forget)

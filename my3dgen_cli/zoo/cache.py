@@ -615,12 +615,21 @@ def _row(kind: str, name: str, path: Path, **extra: Any) -> dict[str, Any]:
     return {"kind": kind, "name": name, "size": size, "last_used": last, "path": str(path), **extra}
 
 
+def _bases_dir() -> Path:
+    """`generators.local_bases_dir()`, without importing torch (listing the cache stays quick)."""
+    return _root() / "bases"
+
+
+def is_local_base(name: str) -> bool:
+    """True when `name` is a local base (`bases/NAME.safetensors`)."""
+    return "/" not in name and "\\" not in name and not name.startswith(".") and (
+        _bases_dir() / f"{name}.safetensors").is_file()
+
+
 def inventory() -> list[dict[str, Any]]:
     """Everything in the cache folder, one row each (kind, name, size, last_used, path): blobs (named by the
     refs that use them, `unreferenced` otherwise), converted bases, local bases (the demo's too) and partial
     downloads. Rows of `prune_candidates()` are among them."""
-    from my3dgen_cli.generators import local_bases_dir
-
     root, refs = _root(), _refs()
     users: dict[str, list[str]] = {}
     for ref in refs:
@@ -632,7 +641,7 @@ def inventory() -> list[dict[str, Any]]:
         if conv.is_dir() and not conv.name.startswith("."):
             rows.append(_row("converted", ", ".join(users.get(conv.name, [])) or "unreferenced", conv,
                              sha256=conv.name))
-    bases = local_bases_dir()
+    bases = _bases_dir()
     for weights in sorted(bases.glob("*.safetensors")) if bases.is_dir() else []:
         row = _row("local-base", weights.stem, weights)
         sidecar = weights.with_suffix(".json")
@@ -703,30 +712,25 @@ def remove_path(path: str | os.PathLike[str]) -> None:
 
 def remove_local_base(name: str) -> dict[str, Any]:
     """Delete the local base `name` (`bases/NAME.safetensors` and its `.json`); identities made on it stop opening."""
-    from my3dgen_cli.generators import local_bases_dir
-
-    weights = local_bases_dir() / f"{name}.safetensors"
-    if "/" in name or "\\" in name or name.startswith("."):
-        raise UserInputError(f"local base name: got {name!r}, expected a name, not a path")
+    if not is_local_base(name):
+        raise ArtifactError(f"{name} is not a local base (`my3dgen cache ls` shows what is)")
+    weights = _bases_dir() / f"{name}.safetensors"
     removed = []
     with _locked(f"base-{name}"):
         for path in (weights, weights.with_suffix(".json")):
             if path.is_file():
                 path.unlink()
                 removed.append(str(path))
-    if not removed:
-        raise ArtifactError(f"{name} is not a local base (`my3dgen cache ls` shows what is)")
     return {"name": name, "removed": removed, "forgot_recorded_hash": False}
 
 
 def verify_local_bases() -> list[dict[str, Any]]:
     """Reread every local base (`bases/NAME.safetensors` + `.json`): it must open as a converted base, and its
     weights must still have the fingerprint recorded when it was first opened (identities made on it record it)."""
-    from my3dgen_cli.generators import local_bases_dir
     from my3dgen_cli.weights.checkpoint import load_converted
     from my3dgen_cli.weights.fingerprint import KEY, state_fingerprint
 
-    folder = local_bases_dir()
+    folder = _bases_dir()
     results = []
     for weights in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
         status, detail = "ok", "opens; no fingerprint recorded yet"
