@@ -101,7 +101,7 @@ def main() -> None:
 # Command modules register themselves on `app` when imported; they must not import torch at import.
 # `--help` lists commands in this order (the workflow's); each module may register several.
 COMMAND_MODULES: tuple[str, ...] = (
-    "fetch", "faces", "personalize", "invert", "render", "interpolate", "view", "export", "demo", "cache",
+    "fetch", "faces", "personalize", "identities", "invert", "render", "interpolate", "view", "export", "demo", "cache",
 )
 
 

@@ -1,9 +1,9 @@
-"""`my3dgen cache ls | verify | rm`: inspect and tidy the local artifact cache."""
+"""`my3dgen cache ls | verify | rm | prune`: see and tidy what my3dgen keeps on disk."""
 
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -11,46 +11,41 @@ from my3dgen_cli.cli import app, one_line_errors, output_for
 from my3dgen_cli.commands.fetch import format_table, human_size
 from my3dgen_cli.errors import ChecksumError
 
-cache_app = typer.Typer(help="Inspect the local artifact cache (ls, verify, rm).", no_args_is_help=True)
+cache_app = typer.Typer(help="See and tidy the local cache and identities (ls, verify, rm, prune).",
+                        no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
 
 
-@cache_app.command("ls", help="List cached artifacts.")
+@cache_app.command("ls", help="List what my3dgen keeps on disk: blobs, converted and local bases (the demo's too), "
+                              "partial downloads and identities, with size, last use and the total.")
 @one_line_errors
 def ls(json_mode: JsonOpt = False) -> None:
     from my3dgen_cli import paths
+    from my3dgen_cli.identity_store import identity_rows
     from my3dgen_cli.zoo import cache as zoo
 
     output = output_for(json_mode)
-    rows = zoo.cache_list()
-    if output.mode == "json":
-        output.result({"cache_dir": str(paths.cache_dir()), "cached": rows})
-        return
+    rows = zoo.inventory() + identity_rows()
+    total = sum(r["size"] for r in rows)
+    doc = {"cache_dir": str(paths.cache_dir()), "identities_dir": str(paths.identities_dir()), "items": rows,
+           "total_size": total, "cached": zoo.cache_list()}
     if not rows:
-        output.info(
-            f"the cache ({paths.cache_dir()}) is empty; `my3dgen fetch --list` shows what can be fetched"
-        )
+        output.result(doc, f"nothing stored yet ({paths.cache_dir()}); `my3dgen fetch --list` shows what can "
+                           "be fetched")
         return
-    table = []
-    for r in rows:
-        fetched = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["fetched_at"])) if r["fetched_at"] else "?"
-        table.append(
-            (
-                r["name"],
-                r["kind"] or "?",
-                human_size(r["size"]),
-                r["sha256"][:12],
-                "yes" if r["converted"] else "-",
-                fetched,
-            )
-        )
-    headers = ("name", "kind", "size", "sha256", "converted", "fetched")
-    output.result({"cached": rows}, human=format_table(headers, table))
+    table = [(r["kind"], r["name"], human_size(r["size"]), _when(r["last_used"]), r["path"]) for r in rows]
+    table.append(("total", f"{len(rows)} items", human_size(total), "", ""))
+    output.result(doc, human=format_table(("kind", "name", "size", "last used", "path"), table))
 
 
-@cache_app.command("verify", help="Rehash cached artifacts (all, or the NAMEs given).")
+def _when(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(stamp)) if stamp else "?"
+
+
+@cache_app.command("verify", help="Rehash cached artifacts and converted bases, and reread local bases (all, or "
+                                  "the NAMEs given).")
 @one_line_errors
 def verify(
     names: Annotated[
@@ -61,7 +56,10 @@ def verify(
     from my3dgen_cli.zoo import cache as zoo
 
     output = output_for(json_mode)
-    results = zoo.verify(names or [])
+    names = names or []
+    local = [r for r in zoo.verify_local_bases() if not names or r["name"] in names]
+    zoo_names = [n for n in names if n not in {r["name"] for r in local}]
+    results = (zoo.verify(zoo_names) if zoo_names or not names else []) + local
     output.result(
         {"results": results},
         human="\n".join(f"{r['name']}\t{r['status']}\t{r['detail']}" for r in results) or "nothing cached",
@@ -74,18 +72,68 @@ def verify(
         )
 
 
-@cache_app.command("rm", help="Remove artifacts from the cache.")
+@cache_app.command("rm", help="Remove cached artifacts and local bases by name (identities with --identity).")
 @one_line_errors
 def rm(
-    names: Annotated[list[str], typer.Argument(help="Names to remove.", show_default=False)],
+    names: Annotated[list[str], typer.Argument(help="Names to remove (`my3dgen cache ls`).", show_default=False)],
     forget: Annotated[
         bool,
         typer.Option("--forget", help="Also forget a sha256 recorded on first fetch (accept another file)."),
     ] = False,
+    identity: Annotated[
+        bool, typer.Option("--identity", help="The NAMEs are identities: delete them (as `my3dgen identities rm`).")
+    ] = False,
     json_mode: JsonOpt = False,
 ) -> None:
+    output = output_for(json_mode)
+    if identity:
+        from my3dgen_cli.identity import identity_paths
+        from my3dgen_cli.identity_store import remove_identity
+
+        for name in names:
+            identity_paths(name)  # every name is checked before anything is removed
+        results = [remove_identity(name) for name in names]
+    else:
+        results = [_remove_cached(name, forget) for name in names]
+    output.result({"removed": results}, human="\n".join(f"removed {r['name']}" for r in results))
+
+
+def _remove_cached(name: str, forget: bool) -> dict[str, Any]:
+    """A zoo name (blob, conversion, partial download) or a local base; an identity only with --identity."""
+    from my3dgen_cli.errors import ArtifactError
+    from my3dgen_cli.zoo import cache as zoo
+
+    if zoo.is_local_base(name):
+        return zoo.remove_local_base(name)
+    try:
+        return zoo.remove(name, forget=forget)
+    except ArtifactError:
+        from my3dgen_cli import paths
+
+        if "/" not in name and (paths.identities_dir() / name).is_dir():
+            raise ArtifactError(f"{name} is an identity, not a cached artifact; remove it with "
+                                f"`my3dgen identities rm {name}` (or `my3dgen cache rm {name} --identity`)") from None
+        raise
+
+
+@cache_app.command("prune", help="Remove partial downloads, blobs and conversions no name refers to, and leftover "
+                                 "identity build folders (.NAME.new-*, .NAME.old-*) of processes that are gone.")
+@one_line_errors
+def prune(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    from my3dgen_cli.identity_store import leftover_builds
     from my3dgen_cli.zoo import cache as zoo
 
     output = output_for(json_mode)
-    results = [zoo.remove(name, forget=forget) for name in names]
-    output.result({"removed": results}, human="\n".join(f"removed {r['name']}" for r in results))
+    rows = zoo.prune_candidates() + leftover_builds()
+    if not dry_run:
+        for row in rows:
+            zoo.remove_path(row["path"])
+    freed = sum(r["size"] for r in rows)
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{verb} {r['kind']} {r['name']} ({human_size(r['size'])}): {r['reason']}" for r in rows]
+    items = f"{len(rows)} item{'s' * (len(rows) != 1)}"
+    lines.append(f"{verb} {items}, {human_size(freed)}" if rows else "nothing to prune")
+    output.result({"removed": rows, "freed": freed, "dry_run": dry_run}, human="\n".join(lines))

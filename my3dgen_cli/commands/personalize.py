@@ -1,4 +1,4 @@
-"""`my3dgen personalize` and `my3dgen identities`: thin wrappers over my3dgen_cli.personalize.pipeline."""
+"""`my3dgen personalize`: a thin wrapper over my3dgen_cli.personalize.pipeline."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from my3dgen_cli.cli import app, command, one_line_errors, output_for
+from my3dgen_cli.cli import command, output_for
 
 SYM_CHOICES = ("id", "lpips")
 TRAIN_EXTRAS_HELP = ("Also train what My3DGen trains beside the LoRA factors: b4.const, biases and noise strengths "
@@ -135,70 +135,3 @@ def personalize_cmd(
     if world.is_main:
         out.result(result.to_dict(), human)
 
-
-identities_app = typer.Typer(help="List personalized identities (no subcommand) or import one from a My3DGen "
-                                  "snapshot.", invoke_without_command=True)
-app.add_typer(identities_app, name="identities")
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
-
-
-@identities_app.callback(invoke_without_command=True)
-@one_line_errors
-def identities_cmd(ctx: typer.Context, json_out: JsonOpt = False) -> None:
-    if ctx.invoked_subcommand is None:
-        _list_identities(json_out)
-
-
-@identities_app.command("list", help="List personalized identities (what `my3dgen identities` prints).")
-@one_line_errors
-def identities_list(json_out: JsonOpt = False) -> None:
-    _list_identities(json_out)
-
-
-def _list_identities(json_out: bool) -> None:
-    from my3dgen_cli.identity import list_identities
-    from my3dgen_cli.personalize.pipeline import describe_identity
-
-    out = output_for(json_out)
-    rows = [describe_identity(n) for n in list_identities()]
-    if not rows:
-        out.result({"identities": []}, "no identities yet; make one with `my3dgen personalize PHOTOS --name NAME`")
-        return
-    lines = [f"{'name':<20} {'base':<22} {'params':>9} {'size':>9} {'photos':>6}  created"]
-    for r in rows:
-        lines.append(f"{r['name']:<20} {r['base']:<22} {r['parameters']:>9,} {r['bytes'] / 1024:>7.0f}KB "
-                     f"{r['photos']:>6}  {r['created']}")
-    out.result({"identities": rows}, "\n".join(lines))
-
-
-@identities_app.command("import", help="Import a snapshot written by the official My3DGen code (.pkl or .pkl.xz) "
-                                       "as an identity: its LoRA factors and trained biases, noise strengths and "
-                                       "const become a regular adapter.")
-@one_line_errors
-def identities_import(
-    snapshot: Annotated[Path, typer.Argument(help="network-snapshot-NNNNNN.pkl (or .pkl.xz) of a My3DGen run.")],
-    name: Annotated[str, typer.Option("--name", "-n", help="Identity name (folder under identities/).")],
-    base: Annotated[str | None, typer.Option(help="The base it was trained on (zoo name, local base or file); its "
-                                                  "frozen weights must equal the snapshot's. Default: the snapshot's "
-                                                  "own frozen weights become the local base NAME-base.",
-                                             show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing identity (and NAME-base).")] = False,
-    offline: Annotated[bool, typer.Option("--offline", help="Use only cached artifacts.")] = False,
-    json_out: JsonOpt = False,
-) -> None:
-    from my3dgen_cli import paths
-    from my3dgen_cli.weights.my3dgen_snapshot import import_snapshot
-
-    out = output_for(json_out)
-    with out.progress() as bar:
-        bar.add_task(f"importing {snapshot.name}", total=None, status="")
-        result = import_snapshot(snapshot, name, base=base, force=force, offline=offline or paths.offline())
-    human = (f"identity {result.name}: imported from {snapshot.name} on base {result.base}"
-             f"{' (created from the snapshot)' if result.base_created else ''}\n"
-             f"adapter: rank {result.rank}, alpha {result.alpha:g}: {result.lora_parameters:,} LoRA + "
-             f"{result.extra_parameters:,} trained extras = {result.lora_parameters + result.extra_parameters:,} "
-             f"parameters, {result.adapter_bytes / 1024:.0f} KiB\n"
-             + "".join(f"note: {n}\n" for n in result.notes)
-             + f"folder: {result.folder}")
-    out.result(result.to_dict(), human)

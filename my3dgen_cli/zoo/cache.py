@@ -594,3 +594,156 @@ def remove(name: str, *, forget: bool = False) -> dict[str, Any]:
     if not removed and not forgot:
         raise ArtifactError(f"{name} is not in the cache (`my3dgen cache ls` shows what is)")
     return {"name": name, "removed": removed, "forgot_recorded_hash": forgot}
+
+
+def _usage(path: Path) -> tuple[int, float]:
+    """(bytes, last use) of a file or a folder's files: last use is the latest atime or mtime seen."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    size, last = 0, 0.0
+    for p in files:
+        try:
+            st = p.stat()
+        except OSError:
+            continue  # removed while we looked
+        size += st.st_size
+        last = max(last, st.st_atime, st.st_mtime)
+    return size, last
+
+
+def _row(kind: str, name: str, path: Path, **extra: Any) -> dict[str, Any]:
+    size, last = _usage(path)
+    return {"kind": kind, "name": name, "size": size, "last_used": last, "path": str(path), **extra}
+
+
+def _bases_dir() -> Path:
+    """`generators.local_bases_dir()`, without importing torch (listing the cache stays quick)."""
+    return _root() / "bases"
+
+
+def is_local_base(name: str) -> bool:
+    """True when `name` is a local base (`bases/NAME.safetensors`)."""
+    return "/" not in name and "\\" not in name and not name.startswith(".") and (
+        _bases_dir() / f"{name}.safetensors").is_file()
+
+
+def inventory() -> list[dict[str, Any]]:
+    """Everything in the cache folder, one row each (kind, name, size, last_used, path): blobs (named by the
+    refs that use them, `unreferenced` otherwise), converted bases, local bases (the demo's too) and partial
+    downloads. Rows of `prune_candidates()` are among them."""
+    root, refs = _root(), _refs()
+    users: dict[str, list[str]] = {}
+    for ref in refs:
+        users.setdefault(ref["sha256"], []).append(ref["name"])
+    rows = []
+    for blob in sorted((root / "blobs").glob("*")) if (root / "blobs").is_dir() else []:
+        rows.append(_row("blob", ", ".join(users.get(blob.name, [])) or "unreferenced", blob, sha256=blob.name))
+    for conv in sorted((root / "converted").glob("*")) if (root / "converted").is_dir() else []:
+        if conv.is_dir() and not conv.name.startswith("."):
+            rows.append(_row("converted", ", ".join(users.get(conv.name, [])) or "unreferenced", conv,
+                             sha256=conv.name))
+    bases = _bases_dir()
+    for weights in sorted(bases.glob("*.safetensors")) if bases.is_dir() else []:
+        row = _row("local-base", weights.stem, weights)
+        sidecar = weights.with_suffix(".json")
+        if sidecar.is_file():
+            size, last = _usage(sidecar)
+            row.update(size=row["size"] + size, last_used=max(row["last_used"], last))
+        rows.append(row)
+    for part in sorted((root / "partial").glob("*.part")) if (root / "partial").is_dir() else []:
+        rows.append(_row("partial", part.stem, part))
+    return rows
+
+
+def _in_use(name: str) -> bool:
+    """True while another process holds `locks/<name>.lock` (a download or conversion in progress)."""
+    from filelock import FileLock, Timeout
+
+    path = _root() / "locks" / f"{name}.lock"
+    if not path.is_file():
+        return False
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def prune_candidates() -> list[dict[str, Any]]:
+    """What `prune` removes: partial downloads nobody is writing, blobs and conversions no ref names, and
+    conversion temp folders of processes that are gone (inventory rows, plus the `reason`)."""
+    root, refs = _root(), _refs()
+    used = {r["sha256"] for r in refs}
+    converted = {r["sha256"] for r in refs if r.get("converted")}
+    rows = []
+    for row in inventory():
+        if row["kind"] == "partial" and not _in_use(row["name"]):
+            rows.append({**row, "reason": "partial download"})
+        elif row["kind"] == "blob" and row["sha256"] not in used:
+            rows.append({**row, "reason": "no cached name refers to it"})
+        elif row["kind"] == "converted" and row["sha256"] not in converted:
+            rows.append({**row, "reason": "no cached name refers to it"})
+    for tmp in sorted((root / "converted").glob(".*.tmp")) if (root / "converted").is_dir() else []:
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not (pid.isdigit() and pid_alive(int(pid))):
+            rows.append({**_row("conversion-leftover", tmp.name, tmp), "reason": "left by an interrupted conversion"})
+    return rows
+
+
+def remove_path(path: str | os.PathLike[str]) -> None:
+    """Delete one inventory row's file or folder."""
+    target = Path(path)
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
+
+
+def remove_local_base(name: str) -> dict[str, Any]:
+    """Delete the local base `name` (`bases/NAME.safetensors` and its `.json`); identities made on it stop opening."""
+    if not is_local_base(name):
+        raise ArtifactError(f"{name} is not a local base (`my3dgen cache ls` shows what is)")
+    weights = _bases_dir() / f"{name}.safetensors"
+    removed = []
+    with _locked(f"base-{name}"):
+        for path in (weights, weights.with_suffix(".json")):
+            if path.is_file():
+                path.unlink()
+                removed.append(str(path))
+    return {"name": name, "removed": removed, "forgot_recorded_hash": False}
+
+
+def verify_local_bases() -> list[dict[str, Any]]:
+    """Reread every local base (`bases/NAME.safetensors` + `.json`): it must open as a converted base, and its
+    weights must still have the fingerprint recorded when it was first opened (identities made on it record it)."""
+    from my3dgen_cli.weights.checkpoint import load_converted
+    from my3dgen_cli.weights.fingerprint import KEY, state_fingerprint
+
+    folder = _bases_dir()
+    results = []
+    for weights in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        status, detail = "ok", "opens; no fingerprint recorded yet"
+        try:
+            state, config = load_converted(weights)
+        except My3DGenError as err:
+            results.append({"name": weights.stem, "status": "corrupt", "detail": str(err)})
+            continue
+        recorded = config.get(KEY)
+        if isinstance(recorded, dict) and isinstance(recorded.get("sha256"), str):
+            if state_fingerprint(state) == recorded["sha256"]:
+                detail = "weights match their recorded fingerprint"
+            else:
+                status, detail = "corrupt", "weights no longer match their recorded fingerprint"
+        results.append({"name": weights.stem, "status": status, "detail": detail})
+    return results
