@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands.options import DeviceOpt, JsonOpt
+from my3dgen_cli.commands.options import MAX_STEPS, DeviceOpt, JsonOpt, check_range
+from my3dgen_cli.errors import UserInputError
 
 
 @command("demo", help="Run the whole pipeline offline on a tiny synthetic base (or --base/--photos) and write "
@@ -58,6 +59,9 @@ def eval_cmd(
     from my3dgen_cli.use.evaluate import evaluate
 
     o = output_for(json_out)
+    check_range("--steps", steps, 0, MAX_STEPS)
+    if space not in ("w", "w+"):
+        raise UserInputError(f"--space: got {space!r}, expected w or w+")
     given = read_photos(list(photos), labels=labels)
     lpips = perceptual_loss("alex", required=False)
     arcface = identity_network()
