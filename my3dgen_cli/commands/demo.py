@@ -24,6 +24,8 @@ def demo_cmd(
                                              "--photos.", show_default=False)] = None,
     photos: Annotated[Path | None, typer.Option("--photos", help="Photo folder for --base (last photo held out).",
                                                 show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an identity named `demo` that the demo did not "
+                                        "make.")] = False,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
@@ -32,7 +34,7 @@ def demo_cmd(
 
     o = output_for(json_out)
     result = run_demo(out, fast=fast, base=base, photos=photos, device=str(pick_device(device)), output=o,
-                      rebuild_base=rebuild_base)
+                      rebuild_base=rebuild_base, force=force)
     mean = result.metrics["mean"]
     human = (f"demo finished in {result.seconds:.0f} s (base {result.base}, {result.base_origin})\n"
              f"held-out PSNR: base {mean['base']['psnr']:.2f} dB, personalized {mean['personalized']['psnr']:.2f} dB\n"
