@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands.options import DeviceOpt, JsonOpt
+from my3dgen_cli.commands.options import MAX_STEPS, DeviceOpt, JsonOpt, check_range
+from my3dgen_cli.errors import UserInputError
 
 
 @command("demo", help="Run the whole pipeline offline on a tiny synthetic base (or --base/--photos) and write "
@@ -23,6 +24,8 @@ def demo_cmd(
                                              "--photos.", show_default=False)] = None,
     photos: Annotated[Path | None, typer.Option("--photos", help="Photo folder for --base (last photo held out).",
                                                 show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an identity named `demo` that the demo did not "
+                                        "make.")] = False,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
@@ -31,7 +34,7 @@ def demo_cmd(
 
     o = output_for(json_out)
     result = run_demo(out, fast=fast, base=base, photos=photos, device=str(pick_device(device)), output=o,
-                      rebuild_base=rebuild_base)
+                      rebuild_base=rebuild_base, force=force)
     mean = result.metrics["mean"]
     human = (f"demo finished in {result.seconds:.0f} s (base {result.base}, {result.base_origin})\n"
              f"held-out PSNR: base {mean['base']['psnr']:.2f} dB, personalized {mean['personalized']['psnr']:.2f} dB\n"
@@ -58,6 +61,9 @@ def eval_cmd(
     from my3dgen_cli.use.evaluate import evaluate
 
     o = output_for(json_out)
+    check_range("--steps", steps, 0, MAX_STEPS)
+    if space not in ("w", "w+"):
+        raise UserInputError(f"--space: got {space!r}, expected w or w+")
     given = read_photos(list(photos), labels=labels)
     lpips = perceptual_loss("alex", required=False)
     arcface = identity_network()

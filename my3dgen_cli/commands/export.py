@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands.options import BaseOpt, ForceOpt, JsonOpt, check_free
+from my3dgen_cli.commands.options import TRUNCATION_RANGE, BaseOpt, ForceOpt, JsonOpt, check_free, check_range
 from my3dgen_cli.errors import UserInputError
 
 FORMATS = ("onnx", "safetensors")
@@ -68,6 +68,10 @@ def export(
     from my3dgen_cli.use import export as lib
 
     out = output_for(json_mode, quiet)
+    check_range("--opset", opset, lib.MIN_OPSET, lib.MAX_OPSET)
+    check_range("--neural-res", neural_res, 16, 512)
+    check_range("--truncation", truncation, *TRUNCATION_RANGE)
+    check_range("--tolerance", tolerance, 0.0, 1e6)
     output = lib.check_writable(output)
     fmt = _format_for(output, format_)
     onnx_only = {"--opset": opset != 17, "--outputs": outputs != "image", "--dynamic-batch": dynamic_batch,

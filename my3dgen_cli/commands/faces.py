@@ -8,6 +8,9 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command, output_for
+from my3dgen_cli.commands.options import MAX_INDICES, check_free, check_range
+
+MAX_FACE_INDEX = 1000
 
 
 @command("faces")
@@ -17,7 +20,7 @@ def faces(
         Path, typer.Option("--output", "-o", help="Folder for crops, contact sheet, dataset.json.")
     ],
     face_index: Annotated[
-        int | None, typer.Option("--face-index", min=0, help="Which face per photo: 0 = largest (default).")
+        int | None, typer.Option("--face-index", help="Which face per photo: 0 = largest (default).")
     ] = None,
     labels: Annotated[
         Path | None,
@@ -27,20 +30,28 @@ def faces(
         bool, typer.Option("--aligned", help="Photos already are EG3D crops (needs --labels).")
     ] = False,
     min_faces: Annotated[
-        int, typer.Option("--min-faces", min=0, help="Fail below this many usable photos.")
+        int, typer.Option("--min-faces", help="Fail below this many usable photos.")
     ] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite crops, contact_sheet.png and dataset.json "
+                                        "already in the output folder.")] = False,
     json_mode: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print results only.")] = False,
 ) -> None:
     """Find the face in each photo, cut EG3D's 512 px crop and estimate its camera."""
     from my3dgen_cli.errors import UserInputError
-    from my3dgen_cli.faces.prepare import check_outdir, expand_inputs, prepare_faces, write_faces
+    from my3dgen_cli.faces.prepare import OUTPUT_NAMES, check_outdir, expand_inputs, prepare_faces, write_faces
 
     out = output_for(json_mode, quiet)
     if aligned and labels is None:
         raise UserInputError("--aligned needs --labels dataset.json (aligned crops carry no pose)")
+    check_range("--face-index", face_index, 0, MAX_FACE_INDEX)
+    check_range("--min-faces", min_faces, 0, MAX_INDICES)
     check_outdir(outdir, photos)
-    total = len(expand_inputs(photos))
+    inputs = expand_inputs(photos)
+    # Every file this run may write, checked before the (slow) detection: the user's own files stay.
+    check_free([outdir / f"{p.stem}.png" for p in inputs] + [outdir / OUTPUT_NAMES[0], outdir / OUTPUT_NAMES[1]],
+               force)
+    total = len(inputs)
     with out.progress(transient=True) as bar:
         task = bar.add_task("faces", total=total, status="")
         result = prepare_faces(

@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command
-from my3dgen_cli.commands.options import ModelOptions, check_free, model_options, written
+from my3dgen_cli.commands.options import (
+    BATCH_RANGE,
+    FPS_RANGE,
+    MAX_FRAMES,
+    TRUNCATION_RANGE,
+    ModelOptions,
+    check_free,
+    check_range,
+    model_options,
+    written,
+)
 from my3dgen_cli.errors import UserInputError
 
 
@@ -37,26 +47,22 @@ def interpolate(
     from my3dgen_cli.commands.options import check_latent_files, expand_keys, resolve_key
     from my3dgen_cli.eg3d.camera import camera_rig
     from my3dgen_cli.use.interpolate import MODES, interpolate_cameras, interpolate_latents
+    from my3dgen_cli.use.render import parse_sweep
 
     output = opts.output()
     keys = expand_keys(keys)
     if len(keys) < 2:
         raise UserInputError(f"got {len(keys)} latent(s), expected 2 or more to interpolate between")
-    if frames < 2:
-        raise UserInputError(f"--frames: got {frames}, expected 2 or more")
+    check_range("--frames", frames, 2, MAX_FRAMES)
+    check_range("--truncation", truncation, *TRUNCATION_RANGE)
+    check_range("--fps", fps, *FPS_RANGE)
+    check_range("--strip", strip, 2, MAX_FRAMES)
+    check_range("--batch", batch, *BATCH_RANGE)
     if mode not in MODES:
         raise UserInputError(f"--mode: got {mode!r}, expected one of {', '.join(MODES)}")
     if space not in ("w", "w+"):
         raise UserInputError(f"--space: got {space!r}, expected w or w+")
-    sweep = None
-    if yaw is not None:
-        try:
-            a, b = (float(v) for v in yaw.split(":"))
-        except ValueError:
-            raise UserInputError(f"--yaw: got {yaw!r}, expected FROM:TO degrees like -30:30") from None
-        sweep = (a, b)
-    if batch < 1:
-        raise UserInputError(f"--batch: got {batch}, expected 1 or more")
+    sweep = None if yaw is None else parse_sweep(yaw, "yaw")
     video_only = opts.out is not None and opts.out.suffix.lower() in (".mp4", ".gif")
     if opts.out is not None and opts.out.suffix and not video_only:
         raise UserInputError(f"-o {opts.out}: expected a .mp4 or .gif file (the video alone) or a folder (frames, "

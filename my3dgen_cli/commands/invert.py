@@ -9,7 +9,16 @@ from typing import Annotated, Any
 import typer
 
 from my3dgen_cli.cli import command
-from my3dgen_cli.commands.options import ModelOptions, check_free, model_options, written
+from my3dgen_cli.commands.options import (
+    LR_RANGE,
+    MAX_RANK,
+    MAX_STEPS,
+    ModelOptions,
+    check_free,
+    check_range,
+    model_options,
+    written,
+)
 from my3dgen_cli.errors import UserInputError
 
 
@@ -103,14 +112,20 @@ def invert(
     from my3dgen_cli import media
     from my3dgen_cli.identity import identity_anchors, save_latent
     from my3dgen_cli.use.invert import InvertConfig, invert_image
+    from my3dgen_cli.use.render import check_degrees
 
     output = opts.output()
+    check_range("--steps", steps, 0, MAX_STEPS)
+    check_range("--tune", tune, 0, MAX_STEPS)
+    check_range("--tune-rank", tune_rank, 1, MAX_RANK)
+    check_range("--lr", lr, *LR_RANGE)
+    for name, angle in (("yaw", yaw), ("pitch", pitch)):
+        if angle is not None:
+            check_degrees(angle, name)
     try:
         cfg = InvertConfig(steps=steps, space=space, init=init, hull=hull, refine_camera=refine_camera, lr=lr)
     except ValueError as err:
         raise UserInputError(str(err)) from None
-    if tune < 0:
-        raise UserInputError(f"--tune: got {tune}, expected 0 or more steps")
     if labels is not None and (yaw is not None or pitch is not None):
         raise UserInputError("give either --yaw/--pitch or --labels, not both")
     stems = [p.stem for p in images]

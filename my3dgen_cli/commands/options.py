@@ -95,6 +95,39 @@ def model_options(*, adapter: bool = True) -> Callable[[Callable[..., Any]], Cal
     return wrap
 
 
+# Limits shared by every command with the option, so `render --fps 0` and `interpolate --fps 0` fail alike.
+MAX_FRAMES = 10_000  # video frames / orbit views: a typo such as 1000000 would render for days
+FPS_RANGE = (0.1, 120.0)
+BATCH_RANGE = (1, 1024)
+TRUNCATION_RANGE = (0.0, 2.0)
+MAX_STEPS = 1_000_000
+MAX_RANK = 512  # LoRA rank: the widest EG3D layer has 512 channels
+LR_RANGE = (1e-8, 10.0)
+
+
+def check_range(name: str, value: float | int | None, lo: float | None = None, hi: float | None = None) -> None:
+    """The one check of a numeric option, before any work: finite and within [lo, hi] (None = unbounded).
+
+    Raises UserInputError "NAME: got VALUE, expected LO..HI" (or ">= LO", "<= HI"); None values pass (unset).
+    """
+    import math
+
+    if value is None:
+        return
+
+    def shown(v: float) -> str:
+        return str(int(v)) if math.isfinite(v) and float(v).is_integer() else f"{v:g}"
+
+    if lo is not None and hi is not None:
+        expected = f"{shown(lo)}..{shown(hi)}"
+    elif lo is not None:
+        expected = f"{shown(lo)} or more"
+    else:
+        expected = f"{shown(hi)} or less" if hi is not None else "a finite number"
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise UserInputError(f"{name}: got {shown(value)}, expected {expected}")
+
+
 # Seeds and anchor indices: "7", "1,5,9", EG3D's "0-3" (gen_samples.py) and our "0:3"; every range
 # includes both ends. Seeds stop at 2**32 - 1 as in EG3D (numpy's RandomState); MAX_INDICES keeps a
 # typo such as 0-99999999 from queueing years of renders.

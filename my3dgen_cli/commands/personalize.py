@@ -82,6 +82,15 @@ def personalize_cmd(
         raise UserInputError("personalize needs PHOTOS and --name NAME (or --batch-file FILE)")
     if amp_dtype not in ("bf16", "fp16"):
         raise UserInputError(f"--amp-dtype: got {amp_dtype!r}, expected bf16 or fp16")
+    from my3dgen_cli.commands.options import BATCH_RANGE, LR_RANGE, MAX_RANK, MAX_SEED, MAX_STEPS, check_range
+
+    for option, value, limits in (("--rank", rank, (1, MAX_RANK)), ("--alpha", alpha, (1e-8, 1e6)),
+                                  ("--steps", steps, (1, MAX_STEPS)), ("--anchor-steps", anchor_steps, (0, MAX_STEPS)),
+                                  ("--batch", batch, BATCH_RANGE), ("--accum", accum, BATCH_RANGE),
+                                  ("--lr", lr, LR_RANGE), ("--sym-every", sym_every, (1, MAX_STEPS)),
+                                  ("--seed", seed, (0, MAX_SEED)),
+                                  ("--checkpoint-every", checkpoint_every, (0, MAX_STEPS))):
+        check_range(option, value, *limits)
     from my3dgen_cli import paths
     from my3dgen_cli.devices import pick_device
     from my3dgen_cli.identity import check_name
@@ -101,7 +110,8 @@ def personalize_cmd(
 
         use_all_cores()
     preset_steps, preset_anchor_steps = BUDGETS[budget]
-    config = PersonalizeConfig(rank=rank, alpha=alpha, steps=steps or preset_steps, batch=batch, lr=lr, sym=sym,
+    config = PersonalizeConfig(rank=rank, alpha=alpha, steps=preset_steps if steps is None else steps, batch=batch,
+                               lr=lr, sym=sym,
                                sym_loss=sym_loss, sym_every=sym_every, anchor_space=anchor_space,
                                anchor_steps=preset_anchor_steps if anchor_steps is None else anchor_steps,
                                mirror=mirror, include_mapping=include_mapping, include_decoder=include_decoder,

@@ -9,9 +9,14 @@ import typer
 
 from my3dgen_cli.cli import command
 from my3dgen_cli.commands.options import (
+    BATCH_RANGE,
+    FPS_RANGE,
+    MAX_FRAMES,
+    TRUNCATION_RANGE,
     ModelOptions,
     check_free,
     check_latent_files,
+    check_range,
     model_options,
     parse_indices,
     written,
@@ -76,8 +81,12 @@ def render(
     seeds = parse_indices(seed, "--seed") if seed else []
     if mesh is not None:
         media.check_mesh_suffix(mesh)
-    if mesh_res < 8 or mesh_res > 512:
-        raise UserInputError(f"--mesh-res: got {mesh_res}, expected 8..512")
+    check_range("--truncation", truncation, *TRUNCATION_RANGE)
+    check_range("--orbit", orbit, 2, MAX_FRAMES)
+    check_range("--fps", fps, *FPS_RANGE)
+    check_range("--mesh-res", mesh_res, 8, 512)
+    check_range("--mesh-level", mesh_level)
+    check_range("--batch", batch, *BATCH_RANGE)
 
     check_latent_files(str(path) for path in latent or [])
     G, ref, dev = opts.open()

@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command
-from my3dgen_cli.commands.options import ModelOptions, check_latent_files, model_options
+from my3dgen_cli.commands.options import (
+    FPS_RANGE,
+    MAX_FRAMES,
+    TRUNCATION_RANGE,
+    ModelOptions,
+    check_latent_files,
+    check_range,
+    model_options,
+)
 from my3dgen_cli.errors import My3DGenError, UserInputError
 
 MISSING_EXTRA = 'my3dgen view needs its web server packages ({missing} missing): pip install "my3dgen[view]"'
@@ -53,12 +61,10 @@ def view(
     from my3dgen_cli.view.scene import Scene
 
     output = opts.output()
-    if not 0 <= port <= 65535:
-        raise UserInputError(f"--port: got {port}, expected 0..65535")
-    if orbit_frames < 2:
-        raise UserInputError(f"--orbit-frames: got {orbit_frames}, expected 2 or more")
-    if not 0.0 <= truncation <= 2.0:
-        raise UserInputError(f"--truncation: got {truncation:g}, expected 0..2")
+    check_range("--port", port, 0, 65535)
+    check_range("--orbit-frames", orbit_frames, 2, MAX_FRAMES)
+    check_range("--fps", fps, *FPS_RANGE)
+    check_range("--truncation", truncation, *TRUNCATION_RANGE)
     check_latent_files(str(path) for path in latent or [])
     address = host or "127.0.0.1"
     sock = server.open_socket(address, port)  # before the slow model: a taken --port fails at once

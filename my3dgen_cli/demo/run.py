@@ -31,6 +31,7 @@ from my3dgen_cli.fileio import write_text_atomic
 from my3dgen_cli.output import Output
 
 IDENTITY = "demo"
+MADE_BY = "my3dgen demo"  # the demo's mark in its adapter's metadata: only an identity with it is replaced
 TRAIN_YAWS = (-45.0, -35.0, -25.0, -15.0, -5.0, 5.0, 15.0, 25.0, 35.0, 45.0)
 TRAIN_PITCHES = (0.0, 8.0, -6.0, 4.0, -3.0, 6.0, -8.0, 3.0, -4.0, 0.0)
 HELD_OUT = ((-60.0, 5.0), (55.0, -5.0))
@@ -176,6 +177,30 @@ def _write_dataset(folder: Path, images: torch.Tensor, cams: torch.Tensor, names
 # --- the pipeline ------------------------------------------------------------------------------
 
 
+def check_demo_identity(force: bool) -> None:
+    """Refuse to replace an identity named `demo` that the demo did not make (its adapter lacks MADE_BY).
+
+    An empty or absent folder is free; anything else (the user's identity, a broken or unfinished one)
+    is kept unless `force`.
+    """
+    from my3dgen_cli.identity import identity_paths
+    from my3dgen_cli.lora import read_adapter
+
+    ip = identity_paths(IDENTITY)
+    if force or not ip.root.is_dir() or not any(ip.root.iterdir()):
+        return
+    made_by = None
+    if ip.adapter.is_file():
+        try:
+            extra = read_adapter(ip.adapter)[1].get("extra")
+        except (My3DGenError, ValueError, KeyError, TypeError):  # unreadable: not provably the demo's
+            extra = None
+        made_by = extra.get("made_by") if isinstance(extra, dict) else None
+    if made_by != MADE_BY:
+        raise UserInputError(f"identity {IDENTITY!r} ({ip.root}) was not made by the demo; rename it or pass "
+                             "--force to replace it")
+
+
 def run_demo(
     out_dir: Path | None = None,
     fast: bool = False,
@@ -184,10 +209,12 @@ def run_demo(
     device: str = "cpu",
     output: Output | None = None,
     rebuild_base: bool = False,
+    force: bool = False,
 ) -> DemoResult:
     """Run the pipeline into `out_dir` (default: <data>/demo, replaced) and write report.html.
 
     The synthetic base is the shipped one unless `rebuild_base` (fit it from the recipe first).
+    The identity `demo` is replaced only when an earlier demo made it, or with `force`.
     """
     from my3dgen_cli import media
     from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, personalize, read_photos
@@ -197,6 +224,7 @@ def run_demo(
         raise UserInputError("--base and --photos go together: a real base needs real photos (or give neither)")
     if rebuild_base and base is not None:
         raise UserInputError("--rebuild-base rebuilds the synthetic demo base; it does not go with --base")
+    check_demo_identity(force)
     synthetic = base is None
     settings = DemoSettings.for_run(fast, synthetic)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
@@ -236,7 +264,7 @@ def run_demo(
                                sym_loss="id", checkpoint_every=0)
     nets = LossNets.load(config, offline=True, output=out)
     ident = personalize(train, IDENTITY, config, base=base, device=device, nets=nets, force=True, offline=True,
-                        output=out)
+                        output=out, made_by=MADE_BY)
     t = stage("personalize", t)
 
     from my3dgen_cli.generators import open_generator

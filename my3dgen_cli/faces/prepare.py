@@ -37,6 +37,8 @@ from my3dgen_cli.faces.align import (
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 DETECT_MAX_SIDE = 1024  # larger photos are shrunk (antialiased) for detection only
 MIN_FACE_PX = 96  # crops cut from fewer source pixels than this are refused as too small
+OUTPUT_NAMES = ("contact_sheet.png", "dataset.json")  # written beside the crops (<stem>.png)
+MIN_ALIGNED_PX = 16  # an aligned crop smaller than this holds no face (tiny test bases render 64 px)
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ def detect_symmetric(image: np.ndarray, detector: Any = None) -> list[tuple[np.n
     w = image.shape[1]
     direct = [(d.box, d.landmarks, d.score) for d in detector.detect(image)]
     mirrored = []
-    for d in detector.detect(np.ascontiguousarray(image[:, ::-1])):
+    for d in detector.detect(image[:, ::-1].copy()):  # a copy: ascontiguousarray keeps a 1-px-wide view reversed
         box = np.array([w - d.box[2], d.box[1], w - d.box[0], d.box[3]])
         mirrored.append((box, mirror_points(d.landmarks, w), d.score))
     pairs = sorted(
@@ -286,9 +288,15 @@ def prepare_face(
     if aligned:
         if label is None:
             raise UserInputError("an aligned photo needs its camera label from dataset.json")
+        if min(image.shape[:2]) < MIN_ALIGNED_PX:
+            raise UserInputError(f"crop too small: {image.shape[1]}x{image.shape[0]} px, expected at least "
+                                 f"{MIN_ALIGNED_PX} px on each side")
         crop = np.asarray(Image.fromarray(image).resize((CROP_SIZE, CROP_SIZE), Image.Resampling.LANCZOS))
         yaw, pitch = _angles(label)
         return Face(path, crop, label.astype(np.float32), yaw, pitch, None, None, None, estimated=False)
+    if min(image.shape[:2]) < MIN_FACE_PX:
+        raise UserInputError(f"photo too small: {image.shape[1]}x{image.shape[0]} px, expected at least "
+                             f"{MIN_FACE_PX} px on each side")
     landmarks, score = _detect(image, face_index, detector)
     tf: CropTransform = crop_transform(landmarks)
     if tf.size < MIN_FACE_PX:
@@ -406,8 +414,8 @@ def write_faces(faces: FaceSet, outdir: str | Path, inputs: Sequence[str | Path]
         target = out / face.crop_name
         write_atomic(target, lambda p, f=face: f.image().save(p, format="PNG"))
         crops.append(str(target))
-    sheet = out / "contact_sheet.png"
+    sheet = out / OUTPUT_NAMES[0]
     write_atomic(sheet, lambda p: contact_sheet(faces).save(p, format="PNG"))
-    dataset = out / "dataset.json"
+    dataset = out / OUTPUT_NAMES[1]
     write_text_atomic(dataset, json.dumps(faces.dataset_json(), indent=1) + "\n")
     return {"crops": crops, "contact_sheet": str(sheet), "dataset_json": str(dataset)}

@@ -289,6 +289,7 @@ def personalize(
     output: Output | None = None,
     on_step: Any = None,
     world: Dist = SINGLE,
+    made_by: str | None = None,
 ) -> IdentityResult:
     """Personalize the base generator to the person in `photos`; write identities/<name>/.
 
@@ -302,7 +303,8 @@ def personalize(
     world: this process's place in a data-parallel group (distributed.Dist; torchrun): every rank
     calls this with the same arguments, anchors are projected in chunks shared among the ranks,
     training is data-parallel, and only rank 0 writes files (the identity folder must be on a
-    filesystem all ranks see when resuming).
+    filesystem all ranks see when resuming). made_by: recorded in the adapter's metadata (extra.made_by) so a
+    tool that owns an identity (the demo) can tell its own from one the user made under the same name.
     Raises UserInputError for unusable photos or an existing identity, AnchorsInterrupted or
     TrainingInterrupted on Ctrl-C (exit code 130; both leave what --resume needs).
     """
@@ -391,6 +393,8 @@ def personalize(
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     extra = {"config": config.to_dict(), "photos": photos.names, "parameters": n_params, "created": created,
              "steps": result.steps, "sym_loss": result.sym_kind, "version": __version__}
+    if made_by is not None:
+        extra["made_by"] = made_by
     if world.is_main:
         save_adapter(G, ip.adapter, base, fingerprint, extra)
         _write_reports(G, ip, images, cameras, ws, result.log)

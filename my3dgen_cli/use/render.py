@@ -25,6 +25,8 @@ from my3dgen_cli.eg3d.camera import CameraRig, camera_rig, check_label
 from my3dgen_cli.errors import UserInputError
 
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+MAX_DEGREES = 180.0  # every angle option (render, interpolate, invert) stays within [-180, 180]
+MAX_ANGLES = 10_000  # views per start:stop:count (a typo such as -30:30:10000000 would fill the memory)
 
 
 def parse_angles(spec: str, name: str = "angle") -> list[float]:
@@ -39,13 +41,27 @@ def parse_angles(spec: str, name: str = "angle") -> list[float]:
         if not m:
             raise UserInputError(f"--{name}: got {part!r}, expected degrees like 30, -30,0,30 or -30:30:7")
         start, stop, count = float(m.group(1)), float(m.group(2)), int(m.group(3))
-        if count < 1:
-            raise UserInputError(f"--{name}: got count {count} in {part!r}, expected 1 or more")
+        if not 1 <= count <= MAX_ANGLES:
+            raise UserInputError(f"--{name}: got count {count} in {part!r}, expected 1..{MAX_ANGLES}")
         values += [start] if count == 1 else [start + (stop - start) * k / (count - 1) for k in range(count)]
     for v in values:
-        if not math.isfinite(v) or abs(v) > 180:
-            raise UserInputError(f"--{name}: got {v:g}, expected degrees within [-180, 180]")
+        check_degrees(v, name)
     return values
+
+
+def check_degrees(value: float, name: str = "angle") -> float:
+    """One angle limit for every command: finite and within [-MAX_DEGREES, MAX_DEGREES]."""
+    if not math.isfinite(value) or abs(value) > MAX_DEGREES:
+        raise UserInputError(f"--{name}: got {value:g}, expected degrees within [-{MAX_DEGREES:g}, {MAX_DEGREES:g}]")
+    return value
+
+
+def parse_sweep(spec: str, name: str = "yaw") -> tuple[float, float]:
+    """An angle sweep "FROM:TO" in degrees (interpolate's --yaw), with parse_angles' number form and limits."""
+    m = re.fullmatch(rf"\s*({_NUMBER})\s*:\s*({_NUMBER})\s*", str(spec))
+    if not m:
+        raise UserInputError(f"--{name}: got {spec!r}, expected FROM:TO degrees like -30:30")
+    return check_degrees(float(m.group(1)), name), check_degrees(float(m.group(2)), name)
 
 
 def cameras_for(yaws: list[float], pitches: list[float], rig: CameraRig | nn.Module | None = None
