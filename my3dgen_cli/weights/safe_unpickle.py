@@ -15,6 +15,10 @@ stand-in written here:
   from the pickled storage bytes (torch's own restricted loader);
 - numpy scalars, dtypes and arrays of non-object dtype; `set`, `frozenset`, `bytearray`.
 
+Every allocation a stand-in makes (a `bytearray(n)`, a storage, a numpy array, a tensor view) is
+charged to a budget of the bytes actually in the file (`_AllocationBudget`), and reads are capped at
+the bytes left in it: a 32-byte pickle cannot ask for gigabytes.
+
 Anything else (`posix.system`, `builtins.eval`, `subprocess.Popen`, any other class) raises
 `UnsafeCheckpointError` naming the global at the moment the unpickler meets it. Everything that ran
 before that point was one of the stand-ins above, which build values and nothing else.
@@ -23,7 +27,10 @@ before that point was one of the stand-ins above, which build values and nothing
 from __future__ import annotations
 
 import collections
+import contextvars
 import io
+import math
+import os
 import pickle
 import re
 import warnings
@@ -85,6 +92,85 @@ class _Storage:
         self.dtype = dtype
 
 
+# --- the allocation budget --------------------------------------------------------------------
+
+# Slack over the file size, for small pickles whose records legitimately build a few small objects.
+_BUDGET_SLACK = 1 << 20
+
+
+class _AllocationBudget:
+    """Bytes a pickle may still make the stand-ins allocate: the file's own size (plus a little).
+
+    A legitimate weights pickle carries every byte of every storage in the file itself, so what it
+    can ask for never exceeds its length; anything more is a hostile or broken file.
+    """
+
+    def __init__(self, file_bytes: int) -> None:
+        self.left = file_bytes + _BUDGET_SLACK
+
+    def charge(self, nbytes: int, what: str) -> None:
+        if nbytes < 0:
+            raise UserInputError(f"{what} asks for a negative size")
+        if nbytes > self.left:
+            raise UserInputError(f"{what} asks for {nbytes:,} bytes, more than the file itself holds")
+        self.left -= nbytes
+
+
+_BUDGET: contextvars.ContextVar[_AllocationBudget] = contextvars.ContextVar("my3dgen_unpickle_budget")
+
+
+def _charge(nbytes: int, what: str) -> None:
+    budget = _BUDGET.get(None)
+    if budget is None:  # a stand-in called outside safe_load: no file to bound it by
+        raise UserInputError(f"{what}: outside safe_load, no allocation budget")
+    budget.charge(nbytes, what)
+
+
+class _CappedReader:
+    """A file view whose `read(n)` never asks the OS for more than the bytes left in the file.
+
+    Pickle's length-prefixed records (BINBYTES8, BINUNICODE8, ...) would otherwise make the
+    unpickler request a buffer of the declared length before it finds the file is shorter.
+    """
+
+    def __init__(self, file: BinaryIO, size: int) -> None:
+        self._file = file
+        self._left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._file.read(n)
+        self._left -= len(data)
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        limit = self._left if limit is None or limit < 0 else min(limit, self._left)
+        data = self._file.readline(limit)
+        self._left -= len(data)
+        return data
+
+    def peek(self, n: int = 0) -> bytes:
+        """Buffered bytes ahead (lets pickle prefetch instead of one read per record)."""
+        peek = getattr(self._file, "peek", None)
+        return peek(n)[: self._left] if peek is not None else b""
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")[: self._left]
+        n = self._file.readinto(view) or 0
+        self._left -= n
+        return n
+
+
+def _file_size(file: BinaryIO) -> int:
+    try:
+        return os.fstat(file.fileno()).st_size - file.tell()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        here = file.tell()
+        end = file.seek(0, io.SEEK_END)
+        file.seek(here)
+        return end - here
+
+
 # --- stand-ins for the globals an official pickle names ----------------------------------------
 
 
@@ -105,6 +191,7 @@ def _load_from_bytes(data: Any) -> _Storage:
     """`torch.storage._load_from_bytes`, but through torch's weights-only unpickler."""
     if not isinstance(data, (bytes, bytearray)):
         raise UserInputError(f"a storage record holds {type(data).__name__}, expected bytes")
+    _charge(_declared_storage_bytes(bytes(data)), "a tensor storage")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TypedStorage deprecation: we only read it once
@@ -121,11 +208,68 @@ def _load_from_bytes(data: Any) -> _Storage:
     raise UserInputError(f"a storage record holds {type(storage).__name__}, expected a tensor storage")
 
 
+class _StorageHeader(pickle.Unpickler):
+    """Reads only the persistent ids of a legacy `torch.save` stream, to learn the storage sizes it
+    declares before torch allocates them; every global is a plain name, nothing is built."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file)
+        self.declared = 0
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("torch", "torch.storage") and name.endswith("Storage"):
+            return name
+        raise UnsafeCheckpointError(f"a tensor storage asks for `{module}.{name}`, which a storage never needs")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+            raise UserInputError("a tensor storage record is malformed")
+        storage_type, numel = pid[1], pid[4]
+        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+            raise UserInputError(f"a tensor storage declares {numel!r} elements, expected a count")
+        kind = storage_type.removesuffix("Storage") if isinstance(storage_type, str) else ""
+        itemsize = _STORAGE_ITEMSIZE.get(kind, 8)
+        self.declared += numel * itemsize
+        return None
+
+
+# Element sizes of the legacy typed storages (`torch.FloatStorage` -> "Float"); unknown ones count 8.
+_STORAGE_ITEMSIZE = {"Float": 4, "Double": 8, "Half": 2, "BFloat16": 2, "Byte": 1, "Char": 1, "Short": 2,
+                     "Int": 4, "Long": 8, "Bool": 1, "Untyped": 1}
+
+
+def _declared_storage_bytes(data: bytes) -> int:
+    """Bytes the storages of a legacy `torch.save` stream will allocate; the zip format is refused
+    (official pickles never use it, and its records are sized outside the pickle)."""
+    if data.startswith(b"PK\x03\x04"):
+        raise UserInputError("a tensor storage is a zip archive, expected the legacy torch.save format")
+    stream = io.BytesIO(data)
+    header = _StorageHeader(stream)
+    try:
+        for _ in range(4):  # magic number, protocol version, sys info, then the storage itself
+            header.load()
+            if header.declared:
+                break
+    except (UnsafeCheckpointError, UserInputError):
+        raise
+    except Exception as err:  # noqa: BLE001 - any parse failure of the header is a malformed file
+        raise UserInputError(f"a tensor storage is not readable ({_one_line(err)})") from None
+    if header.declared > len(data):
+        raise UserInputError(f"a tensor storage declares {header.declared:,} bytes but holds {len(data):,}")
+    return header.declared
+
+
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> torch.Tensor:
     if not isinstance(storage, _Storage):
         raise UserInputError(f"a tensor record holds {type(storage).__name__}, expected a storage")
     if not _int_tuple(size) or not _int_tuple(stride) or not isinstance(storage_offset, int):
         raise UserInputError(f"a tensor record has size {size!r}, stride {stride!r}: expected tuples of ints")
+    if any(v < 0 for v in (*size, *stride, storage_offset)):
+        raise UserInputError(f"a tensor record has size {size!r}, stride {stride!r}: expected no negative values")
+    itemsize = torch.empty((), dtype=storage.dtype).element_size()
+    if math.prod(size) * itemsize > storage.untyped.nbytes():
+        # A view larger than its storage (stride 0) would become that large on the first copy.
+        raise UserInputError(f"a tensor record of size {tuple(size)} is larger than its storage")
     tensor = torch.empty((0,), dtype=storage.dtype)
     return tensor.set_(storage.untyped, storage_offset, tuple(size), tuple(stride))
 
@@ -173,10 +317,38 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     return np.frombuffer(bytes(data), dtype=dtype, count=1)[0].copy()
 
 
+def _numpy_array(shape: Any, dtype: Any, *args: Any) -> np.ndarray:
+    """A fresh numpy array of `shape`, charged to the budget before numpy allocates it."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise UnsafeCheckpointError("a numpy array record asks for object dtype")
+    dims = (shape,) if isinstance(shape, int) else shape
+    if not _int_tuple(dims) or any(d < 0 for d in dims):
+        raise UserInputError(f"a numpy array record has shape {shape!r}, expected non-negative ints")
+    _charge(math.prod(dims) * dtype.itemsize, "a numpy array")
+    return np.ndarray.__new__(np.ndarray, tuple(dims), dtype, *args)
+
+
+class _NdarrayType:
+    """Stand-in for the class `numpy.ndarray`: called (REDUCE/NEWOBJ), it makes a budgeted array."""
+
+    def __new__(cls, shape: Any = (0,), dtype: Any = float, *args: Any) -> Any:  # type: ignore[misc]
+        if cls is not _NdarrayType:
+            raise UnsafeCheckpointError("a numpy array record asks for a subclass of numpy.ndarray")
+        return _numpy_array(shape, dtype, *args)
+
+
 def _numpy_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    if subtype is not np.ndarray:
+    if subtype is not _NdarrayType:
         raise UnsafeCheckpointError(f"numpy _reconstruct asks for {subtype!r}, expected numpy.ndarray")
-    return np.ndarray.__new__(np.ndarray, shape, dtype)
+    return _numpy_array(shape, dtype)
+
+
+def _bytearray(source: Any = b"", *args: Any) -> bytearray:
+    """`bytearray(...)`; a length (`bytearray(n)`) is charged to the budget before it is allocated."""
+    if isinstance(source, int) and not isinstance(source, bool):
+        _charge(source, "bytearray")
+    return bytearray(source, *args)
 
 
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
@@ -242,7 +414,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch", "Tensor"): _TensorType,
     ("torch.nn.parameter", "Parameter"): _ParameterType,
     ("numpy", "dtype"): np.dtype,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NdarrayType,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
@@ -253,7 +425,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "dict"): dict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytearray"): _bytearray,
 }
 
 
@@ -289,9 +461,14 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def safe_load(file: BinaryIO) -> Any:
-    """Unpickle `file` with `RestrictedUnpickler`; a malformed stream raises `UserInputError`."""
+    """Unpickle `file` with `RestrictedUnpickler`; a malformed stream raises `UserInputError`.
+
+    Every allocation is bounded by the bytes left in `file` (`_AllocationBudget`, `_CappedReader`).
+    """
+    size = _file_size(file)
+    token = _BUDGET.set(_AllocationBudget(size))
     try:
-        return RestrictedUnpickler(file).load()
+        return RestrictedUnpickler(_CappedReader(file, size)).load()
     except (UnsafeCheckpointError, UserInputError):
         raise
     except EOFError:
@@ -313,6 +490,10 @@ def safe_load(file: BinaryIO) -> Any:
         UnicodeDecodeError,
     ) as err:
         raise UserInputError(f"not a readable pickle ({_one_line(err)})") from None
+    except MemoryError:
+        raise UserInputError("the pickle asks for more memory than this machine has") from None
+    finally:
+        _BUDGET.reset(token)
 
 
 def _int_tuple(value: Any) -> bool:
