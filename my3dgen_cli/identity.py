@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from my3dgen_cli import __version__, paths
-from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.errors import UserInputError, reason, shown
 from my3dgen_cli.fileio import atomic_path
 
 LATENT_FORMAT = "my3dgen-latent/1"
@@ -172,8 +172,7 @@ def _read_artifact(path: Path, kind: str, fmt: str, names: tuple[str, ...]) -> t
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != fmt:
-                got = repr(meta.get("format"))[:60]
-                raise UserInputError(f"{path}: got format {got}, expected {fmt!r}")
+                raise UserInputError(f"{path}: got format {shown(meta.get('format'))}, expected {fmt!r}")
             missing = [n for n in names if n not in f.keys()]
             if missing:
                 raise UserInputError(f"{path}: has no {missing[0]!r} tensor, expected a {kind} file")
@@ -181,7 +180,7 @@ def _read_artifact(path: Path, kind: str, fmt: str, names: tuple[str, ...]) -> t
     except UserInputError:
         raise
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
-        raise UserInputError(f"{path}: not a readable {kind} file ({' '.join(str(err).split())[:160]})") from None
+        raise UserInputError(f"{path}: not a readable {kind} file ({reason(err)})") from None
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise UserInputError(f"{path}: {name} has dtype {t.dtype}, expected floating point")
@@ -281,6 +280,6 @@ def load_latent(path: str | Path) -> Latent:
                              "expected [1, num_ws, w_dim] and [1, 25] (one latent per file)")
     space = meta.get("space", "w+")
     if space not in ("w", "w+"):
-        raise UserInputError(f"{path}: got space {space[:40]!r}, expected 'w' or 'w+'")
+        raise UserInputError(f"{path}: got space {shown(space)}, expected 'w' or 'w+'")
     extra = _json_meta(path, meta, "extra", "{}", dict)
     return Latent(ws, camera, meta.get("identity") or None, meta.get("base", ""), space, extra)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.errors import UserInputError, reason
 
 NPY_SUFFIX = ".npy"
 LATENT_SUFFIXES = ("_latent", "_w_plus", "_w")  # My3DGen, then the projector's two spaces
@@ -65,7 +65,7 @@ def read_npy(path: str | Path) -> np.ndarray:
     # header parser raises ValueError, SyntaxError, tokenize.TokenError, ... for a size-capped file, each
     # the file's fault.
     except Exception as err:  # noqa: BLE001
-        raise UserInputError(f"{path}: not a readable .npy array ({' '.join(str(err).split())[:160]}); "
+        raise UserInputError(f"{path}: not a readable .npy array ({reason(err)}); "
                              f"expected {expected}") from None
     if not isinstance(array, np.ndarray):  # an .npz archive: np.load returns a lazy NpzFile
         if hasattr(array, "close"):

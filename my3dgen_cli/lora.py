@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from my3dgen_cli import __version__
-from my3dgen_cli.errors import IncompatibleAdapterError, UserInputError
+from my3dgen_cli.errors import IncompatibleAdapterError, UserInputError, reason, shown
 from my3dgen_cli.fileio import atomic_path
 
 ADAPTER_FORMAT = "my3dgen-lora/1"  # LoRA factors only: what older versions read
@@ -310,16 +310,16 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             raw = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
-        raise UserInputError(f"{path}: not a readable safetensors adapter ({_one_line(err)})") from None
+        raise UserInputError(f"{path}: not a readable safetensors adapter ({reason(err)})") from None
     if raw.get("format") not in (ADAPTER_FORMAT, ADAPTER_FORMAT_EXTRAS):
-        raise UserInputError(f"{path}: got format {_short(raw.get('format'))}, expected {ADAPTER_FORMAT!r} "
+        raise UserInputError(f"{path}: got format {shown(raw.get('format'))}, expected {ADAPTER_FORMAT!r} "
                              f"or {ADAPTER_FORMAT_EXTRAS!r}")
     meta: dict[str, Any] = dict(raw)
     for key in ("base_name", "base_sha256", "rank", "alpha", "style", "targets"):
         if key not in raw:
             raise UserInputError(f"{path}: adapter metadata has no {key!r}; the file is incomplete")
     if not re.fullmatch(r"[0-9a-f]{64}", raw["base_sha256"]):
-        raise UserInputError(f"{path}: base_sha256 is {_short(raw['base_sha256'])}, expected 64 hex digits")
+        raise UserInputError(f"{path}: base_sha256 is {shown(raw['base_sha256'])}, expected 64 hex digits")
     meta["rank"] = _meta_number(path, raw, "rank", int)
     meta["alpha"] = _meta_number(path, raw, "alpha", float)
     if not 1 <= meta["rank"] <= MAX_RANK:
@@ -327,7 +327,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if not math.isfinite(meta["alpha"]):
         raise UserInputError(f"{path}: alpha is {raw['alpha']!r}, expected a finite number")
     if raw["style"] not in CONV_STYLES:
-        raise UserInputError(f"{path}: style is {_short(raw['style'])}, expected one of {', '.join(CONV_STYLES)}")
+        raise UserInputError(f"{path}: style is {shown(raw['style'])}, expected one of {', '.join(CONV_STYLES)}")
     meta["targets"] = _meta_json(path, raw, "targets", list)
     meta["extra"] = _meta_json(path, raw, "extra", dict, "{}")
     if not all(isinstance(t, str) for t in meta["targets"]):
@@ -341,28 +341,17 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     else:
         unknown = [t for t in meta["targets"] if t not in BUILTIN_TARGETS]
         if unknown:
-            raise UserInputError(f"{path}: targets pattern {_short(unknown[0])} is not one of my3dgen's own; an "
+            raise UserInputError(f"{path}: targets pattern {shown(unknown[0])} is not one of my3dgen's own; an "
                                  "adapter without stored layer names may only use the built-in targets")
     _check_tensors(path, tensors, meta["rank"])
     return tensors, meta
-
-
-def _one_line(err: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """repr of a metadata value, cut short (a hostile file can hold megabytes of it)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _meta_number(path: Path, raw: dict[str, str], key: str, kind: type) -> Any:
     try:
         return kind(raw[key])
     except (ValueError, OverflowError):
-        raise UserInputError(f"{path}: {key} is {_short(raw[key])}, expected a number") from None
+        raise UserInputError(f"{path}: {key} is {shown(raw[key])}, expected a number") from None
 
 
 def _meta_json(path: Path, raw: dict[str, str], key: str, kind: type, default: str | None = None) -> Any:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from my3dgen_cli.eg3d.superres import SR_SPECS, SRSpec
+from my3dgen_cli.errors import shown
 
 FFHQ_RENDERING: dict[str, Any] = {
     "image_resolution": 512,
@@ -110,7 +111,7 @@ _POWER_OF_TWO = ("img_resolution", "backbone_resolution")
 def _check_int(where: str, value: Any, low: int, high: int) -> int:
     """`value` as an int in [low, high], else a ValueError naming `where` (bools and floats refused)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{where}: got {_short(value)}, expected an integer")
+        raise ValueError(f"{where}: got {shown(value)}, expected an integer")
     if not low <= value <= high:
         raise ValueError(f"{where}: got {value}, expected {low} to {high}")
     return value
@@ -118,15 +119,10 @@ def _check_int(where: str, value: Any, low: int, high: int) -> int:
 
 def _check_number(where: str, value: Any, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where}: got {_short(value)}, expected a finite number")
+        raise ValueError(f"{where}: got {shown(value)}, expected a finite number")
     if positive and value <= 0:
         raise ValueError(f"{where}: got {value}, expected a positive number")
     return float(value)
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -182,12 +178,12 @@ class GeneratorConfig:
             _check_number(f"rendering_kwargs.{key}", self.rendering[key], positive=True)
         pivot = self.rendering["avg_camera_pivot"]
         if not isinstance(pivot, (list, tuple)) or len(pivot) != 3:
-            raise ValueError(f"rendering_kwargs.avg_camera_pivot: got {_short(pivot)}, expected 3 numbers")
+            raise ValueError(f"rendering_kwargs.avg_camera_pivot: got {shown(pivot)}, expected 3 numbers")
         for i, v in enumerate(pivot):
             _check_number(f"rendering_kwargs.avg_camera_pivot[{i}]", v)
         if not isinstance(self.rendering["superresolution_module"], str):
             raise ValueError(f"rendering_kwargs.superresolution_module: got "
-                             f"{_short(self.rendering['superresolution_module'])}, expected a string")
+                             f"{shown(self.rendering['superresolution_module'])}, expected a string")
         if self.sr_spec.output_resolution != self.img_resolution:
             raise ValueError(f"img_resolution: got {self.img_resolution}, expected "
                              f"{self.sr_spec.output_resolution} for {self.rendering['superresolution_module']}")
@@ -213,13 +209,13 @@ class GeneratorConfig:
             raise ValueError("generator config: missing 'rendering_kwargs' (a dict)")
         mapping = init.get("mapping_kwargs", {})
         if not isinstance(mapping, dict):
-            raise ValueError(f"init_kwargs.mapping_kwargs: got {_short(mapping)}, expected a dict")
+            raise ValueError(f"init_kwargs.mapping_kwargs: got {shown(mapping)}, expected a dict")
         for key in ("z_dim", "w_dim", "c_dim", "img_resolution"):
             if key not in init:
                 raise ValueError(f"init_kwargs: missing {key!r}")
         sr_kwargs = init.get("sr_kwargs", {})
         if not isinstance(sr_kwargs, dict):
-            raise ValueError(f"init_kwargs.sr_kwargs: got {_short(sr_kwargs)}, expected a dict")
+            raise ValueError(f"init_kwargs.sr_kwargs: got {shown(sr_kwargs)}, expected a dict")
         for key in ("channel_base", "channel_max"):  # the superresolution network's own channel counts
             if key in sr_kwargs:
                 _check_int(f"init_kwargs.sr_kwargs.{key}", sr_kwargs[key], *_INT_BOUNDS[key])

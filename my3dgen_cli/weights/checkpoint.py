@@ -45,7 +45,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
+from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError, reason
 from my3dgen_cli.fileio import write_atomic, write_text_atomic
 from my3dgen_cli.weights.fingerprint import KEY as FINGERPRINT_KEY
 from my3dgen_cli.weights.fingerprint import record as fingerprint_record
@@ -460,7 +460,7 @@ def load_converted(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise UserInputError(f"{config_path}: not valid JSON ({' '.join(str(err).split())[:120]})") from None
+        raise UserInputError(f"{config_path}: not valid JSON ({reason(err)})") from None
     if not isinstance(config, dict) or any(k not in config for k in _CONFIG_KEYS):
         raise UserInputError(f"{config_path}: expected keys {', '.join(_CONFIG_KEYS)}")
     saved_id = (config.get("format") or {}).get("conversion_id")
