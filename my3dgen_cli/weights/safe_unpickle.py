@@ -16,8 +16,8 @@ stand-in written here:
 - numpy scalars, dtypes and arrays of non-object dtype; `set`, `frozenset`, `bytearray`.
 
 Every allocation a stand-in makes (a `bytearray(n)`, a storage, a numpy array, a tensor view) is
-charged to a budget of the bytes actually in the file (`_AllocationBudget`), and reads are capped at
-the bytes left in it: a 32-byte pickle cannot ask for gigabytes.
+charged to a budget of the bytes actually read from the file (`_AllocationBudget`), and reads are capped
+at the bytes left in it: a 32-byte pickle cannot ask for gigabytes.
 
 Anything else (`posix.system`, `builtins.eval`, `subprocess.Popen`, any other class) raises
 `UnsafeCheckpointError` naming the global at the moment the unpickler meets it. Everything that ran
@@ -99,21 +99,23 @@ _BUDGET_SLACK = 1 << 20
 
 
 class _AllocationBudget:
-    """Bytes a pickle may still make the stand-ins allocate: the file's own size (plus a little).
+    """Bytes a pickle may make the stand-ins allocate: no more than the bytes of the file read so far.
 
-    A legitimate weights pickle carries every byte of every storage in the file itself, so what it
-    can ask for never exceeds its length; anything more is a hostile or broken file.
+    A legitimate weights pickle carries every byte of every storage in the file itself, before the
+    record that builds it, so what it asks for never exceeds what was read; anything more is a hostile
+    or broken file. (Also right for a decompressed stream, whose size is unknown up front.)
     """
 
-    def __init__(self, file_bytes: int) -> None:
-        self.left = file_bytes + _BUDGET_SLACK
+    def __init__(self, reader: _CappedReader) -> None:
+        self.reader = reader
+        self.charged = 0
 
     def charge(self, nbytes: int, what: str) -> None:
         if nbytes < 0:
             raise UserInputError(f"{what} asks for a negative size")
-        if nbytes > self.left:
+        if self.charged + nbytes > self.reader.seen + _BUDGET_SLACK:
             raise UserInputError(f"{what} asks for {nbytes:,} bytes, more than the file itself holds")
-        self.left -= nbytes
+        self.charged += nbytes
 
 
 _BUDGET: contextvars.ContextVar[_AllocationBudget] = contextvars.ContextVar("my3dgen_unpickle_budget")
@@ -127,48 +129,65 @@ def _charge(nbytes: int, what: str) -> None:
 
 
 class _CappedReader:
-    """A file view whose `read(n)` never asks the OS for more than the bytes left in the file.
+    """A file view that counts the bytes seen and, where the size is known, never asks the OS for more
+    than the bytes left.
 
     Pickle's length-prefixed records (BINBYTES8, BINUNICODE8, ...) would otherwise make the
     unpickler request a buffer of the declared length before it finds the file is shorter.
     """
 
-    def __init__(self, file: BinaryIO, size: int) -> None:
+    def __init__(self, file: BinaryIO, size: int | None) -> None:
         self._file = file
         self._left = size
+        self._consumed = 0
+        self.seen = 0  # bytes read or peeked at: what the budget allows
+
+    def _cap(self, n: int | None) -> int:
+        if self._left is None:
+            return -1 if n is None else n
+        return self._left if n is None or n < 0 else min(n, self._left)
+
+    def _took(self, count: int) -> None:
+        self._consumed += count
+        self.seen = max(self.seen, self._consumed)
+        if self._left is not None:
+            self._left -= count
 
     def read(self, n: int = -1) -> bytes:
-        n = self._left if n is None or n < 0 else min(n, self._left)
-        data = self._file.read(n)
-        self._left -= len(data)
+        data = self._file.read(self._cap(n))
+        self._took(len(data))
         return data
 
     def readline(self, limit: int = -1) -> bytes:
-        limit = self._left if limit is None or limit < 0 else min(limit, self._left)
-        data = self._file.readline(limit)
-        self._left -= len(data)
+        data = self._file.readline(self._cap(limit))
+        self._took(len(data))
         return data
 
     def peek(self, n: int = 0) -> bytes:
         """Buffered bytes ahead (lets pickle prefetch instead of one read per record)."""
         peek = getattr(self._file, "peek", None)
-        return peek(n)[: self._left] if peek is not None else b""
+        data = peek(n) if peek is not None else b""
+        if self._left is not None:
+            data = data[: self._left]
+        self.seen = max(self.seen, self._consumed + len(data))
+        return data
 
     def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")[: self._left]
+        view = memoryview(buffer).cast("B")
+        if self._left is not None:
+            view = view[: self._left]
         n = self._file.readinto(view) or 0
-        self._left -= n
+        self._took(n)
         return n
 
 
-def _file_size(file: BinaryIO) -> int:
-    try:
-        return os.fstat(file.fileno()).st_size - file.tell()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        here = file.tell()
-        end = file.seek(0, io.SEEK_END)
-        file.seek(here)
-        return end - here
+def _file_size(file: BinaryIO) -> int | None:
+    """Bytes left in a plain file (None for a decompressing stream, whose fileno is the compressed file)."""
+    if not isinstance(file, (io.BufferedReader, io.FileIO, io.BytesIO)):
+        return None
+    if isinstance(file, io.BytesIO):
+        return len(file.getbuffer()) - file.tell()
+    return os.fstat(file.fileno()).st_size - file.tell()
 
 
 # --- stand-ins for the globals an official pickle names ----------------------------------------
@@ -201,6 +220,8 @@ def _load_from_bytes(data: Any) -> _Storage:
         raise UnsafeCheckpointError(
             f"a tensor storage was refused by torch's weights-only loader ({reason})"
         ) from None
+    except Exception as err:  # noqa: BLE001 - torch's legacy reader asserts and raises freely on damaged bytes
+        raise UserInputError(f"a tensor storage is not readable ({_one_line(err)})") from None
     if isinstance(storage, torch.TypedStorage):
         return _Storage(storage._untyped_storage, storage.dtype)
     if isinstance(storage, torch.UntypedStorage):
@@ -463,12 +484,12 @@ class RestrictedUnpickler(pickle.Unpickler):
 def safe_load(file: BinaryIO) -> Any:
     """Unpickle `file` with `RestrictedUnpickler`; a malformed stream raises `UserInputError`.
 
-    Every allocation is bounded by the bytes left in `file` (`_AllocationBudget`, `_CappedReader`).
+    Every allocation is bounded by the bytes read from `file` (`_AllocationBudget`, `_CappedReader`).
     """
-    size = _file_size(file)
-    token = _BUDGET.set(_AllocationBudget(size))
+    reader = _CappedReader(file, _file_size(file))
+    token = _BUDGET.set(_AllocationBudget(reader))
     try:
-        return RestrictedUnpickler(_CappedReader(file, size)).load()
+        return RestrictedUnpickler(reader).load()
     except (UnsafeCheckpointError, UserInputError):
         raise
     except EOFError:
