@@ -41,3 +41,15 @@ class UnsafeCheckpointError(My3DGenError):
 
 class IncompatibleAdapterError(My3DGenError):
     """An adapter was made on another base generator than the one it is applied to."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """`repr(value)` cut to `limit` characters: a value read from a file can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def reason(err: BaseException, limit: int = 160) -> str:
+    """A library exception's text on one line, cut to `limit` characters (for "not readable (...)")."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

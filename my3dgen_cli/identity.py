@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from my3dgen_cli import __version__, paths
-from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.errors import UserInputError, reason, shown
 from my3dgen_cli.fileio import atomic_path
 
 LATENT_FORMAT = "my3dgen-latent/1"
@@ -147,13 +147,56 @@ def save_anchors(path: Path, ws: torch.Tensor, cameras: torch.Tensor, photos: li
 
 
 def load_anchors(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from safetensors import safe_open
-
+    """ws [N, num_ws, w_dim], cameras [N, 25] and photo names, checked (format, dtypes, shapes, finite)."""
     if not path.is_file():
         raise UserInputError(f"anchors not found: {path}")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        return f.get_tensor("ws"), f.get_tensor("cameras"), json.loads(meta.get("photos", "[]"))
+    tensors, meta = _read_artifact(path, "anchors", ANCHORS_FORMAT, ("ws", "cameras"))
+    ws, cameras = tensors["ws"], tensors["cameras"]
+    photos = _json_meta(path, meta, "photos", "[]", list)
+    if ws.ndim != 3 or ws.shape[0] < 1 or cameras.shape != (ws.shape[0], 25) or len(photos) != ws.shape[0]:
+        raise UserInputError(f"{path}: got ws {list(ws.shape)}, cameras {list(cameras.shape)} and {len(photos)} "
+                             "photos, expected [N, num_ws, w_dim], [N, 25] and N photo names")
+    return ws, cameras, [str(p) for p in photos]
+
+
+def _read_artifact(path: Path, kind: str, fmt: str, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor],
+                                                                                  dict[str, str]]:
+    """The named float tensors and metadata of a my3dgen safetensors file with format tag `fmt`.
+
+    One-line UserInputError naming the file: unreadable, another format, a missing tensor, a non-float
+    dtype, NaN/Inf values.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != fmt:
+                raise UserInputError(f"{path}: got format {shown(meta.get('format'))}, expected {fmt!r}")
+            missing = [n for n in names if n not in f.keys()]
+            if missing:
+                raise UserInputError(f"{path}: has no {missing[0]!r} tensor, expected a {kind} file")
+            tensors = {n: f.get_tensor(n) for n in names}
+    except UserInputError:
+        raise
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
+        raise UserInputError(f"{path}: not a readable {kind} file ({reason(err)})") from None
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise UserInputError(f"{path}: {name} has dtype {t.dtype}, expected floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise UserInputError(f"{path}: {name} holds NaN or Inf values")
+    return {n: t.float() for n, t in tensors.items()}, meta
+
+
+def _json_meta(path: Path, meta: dict[str, str], key: str, default: str, kind: type) -> Any:
+    try:
+        value = json.loads(meta.get(key, default))
+    except (ValueError, RecursionError):
+        raise UserInputError(f"{path}: {key} metadata is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise UserInputError(f"{path}: {key} metadata is a {type(value).__name__}, expected a {kind.__name__}")
+    return value
 
 
 def identity_anchors(identity: str | None, device: Any) -> tuple[Any, Any] | tuple[None, None]:
@@ -226,18 +269,17 @@ def save_latent(path: str | Path, ws: torch.Tensor, camera: torch.Tensor, base: 
 
 
 def load_latent(path: str | Path) -> Latent:
-    from safetensors import SafetensorError, safe_open
-
+    """A `.latent` file, checked: format, ws [1, num_ws, w_dim] and camera [1, 25] float and finite, space."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"latent file not found: {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != LATENT_FORMAT:
-                raise UserInputError(f"{path}: got format {meta.get('format')!r}, expected {LATENT_FORMAT!r}")
-            ws, camera = f.get_tensor("ws"), f.get_tensor("camera")
-    except (SafetensorError, OSError) as err:
-        raise UserInputError(f"{path}: not a readable .latent file ({err})") from None
-    return Latent(ws, camera, meta.get("identity") or None, meta.get("base", ""), meta.get("space", "w+"),
-                  json.loads(meta.get("extra", "{}")))
+    tensors, meta = _read_artifact(path, ".latent", LATENT_FORMAT, ("ws", "camera"))
+    ws, camera = tensors["ws"], tensors["camera"]
+    if ws.ndim != 3 or ws.shape[0] != 1 or 0 in ws.shape or tuple(camera.shape) != (1, 25):
+        raise UserInputError(f"{path}: got ws {list(ws.shape)} and camera {list(camera.shape)}, "
+                             "expected [1, num_ws, w_dim] and [1, 25] (one latent per file)")
+    space = meta.get("space", "w+")
+    if space not in ("w", "w+"):
+        raise UserInputError(f"{path}: got space {shown(space)}, expected 'w' or 'w+'")
+    extra = _json_meta(path, meta, "extra", "{}", dict)
+    return Latent(ws, camera, meta.get("identity") or None, meta.get("base", ""), space, extra)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.errors import UserInputError, reason
 
 NPY_SUFFIX = ".npy"
 LATENT_SUFFIXES = ("_latent", "_w_plus", "_w")  # My3DGen, then the projector's two spaces
@@ -61,8 +61,12 @@ def read_npy(path: str | Path) -> np.ndarray:
         raise UserInputError(f"{path}: got {size:,} bytes, expected a latent .npy of at most {MAX_NPY_BYTES:,}")
     try:
         array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:  # pickled / object data, truncated, not an .npy at all
-        raise UserInputError(f"{path}: not a readable .npy array ({err}); expected {expected}") from None
+    # Pickled / object data, truncated, not an .npy at all, a header that is not a Python literal: numpy's
+    # header parser raises ValueError, SyntaxError, tokenize.TokenError, ... for a size-capped file, each
+    # the file's fault.
+    except Exception as err:  # noqa: BLE001
+        raise UserInputError(f"{path}: not a readable .npy array ({reason(err)}); "
+                             f"expected {expected}") from None
     if not isinstance(array, np.ndarray):  # an .npz archive: np.load returns a lazy NpzFile
         if hasattr(array, "close"):
             array.close()

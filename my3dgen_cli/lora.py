@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from my3dgen_cli import __version__
-from my3dgen_cli.errors import IncompatibleAdapterError, UserInputError
+from my3dgen_cli.errors import IncompatibleAdapterError, UserInputError, reason, shown
 from my3dgen_cli.fileio import atomic_path
 
 ADAPTER_FORMAT = "my3dgen-lora/1"  # LoRA factors only: what older versions read
@@ -96,6 +96,12 @@ def _adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if hasattr(m, "adapter") and hasattr(m, "weight")}
 
 
+# Every target list this package defines: the only patterns an adapter written before adapters
+# stored their layer names may carry (compared as strings; text from a file is never compiled).
+BUILTIN_TARGETS: frozenset[str] = frozenset(DEFAULT_TARGETS + MAPPING_TARGETS + DECODER_TARGETS)
+MAX_RANK = 4096
+
+
 def match_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
     """Names of adaptable layers fully matching any of the regular expressions `targets`."""
     patterns = [re.compile(t) for t in targets]
@@ -109,19 +115,27 @@ def add_adapters(
     targets: Iterable[str] = DEFAULT_TARGETS,
     style: str = "my3dgen",
     generator: torch.Generator | None = None,
+    layer_names: Sequence[str] | None = None,
 ) -> list[nn.Parameter]:
     """Freeze the model and attach a fresh adapter to every target layer.
 
     Returns the new trainable tensors (the only ones with requires_grad). alpha defaults to rank
-    (scale 1). With `generator`, A's initialization is reproducible.
+    (scale 1). With `generator`, A's initialization is reproducible. `layer_names` (exact names, as an
+    adapter file stores them) replaces matching `targets`.
     """
     targets = tuple(targets)
-    names = match_targets(model, targets)
+    layers = _adaptable_layers(model)
+    if layer_names is not None:
+        unknown = [n for n in layer_names if n not in layers]
+        if unknown:
+            raise UserInputError(f"adapter layer {unknown[0]!r}: this generator has no such adaptable layer")
+        names = list(layer_names)
+    else:
+        names = match_targets(model, targets)
     if not names:
         raise UserInputError(f"adapter targets: got {list(targets)}, which match no layer of this generator")
     for p in model.parameters():
         p.requires_grad_(False)
-    layers = _adaptable_layers(model)
     params: list[nn.Parameter] = []
     for name in names:
         layer = layers[name]
@@ -261,6 +275,7 @@ def write_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: di
         "alpha": str(config["alpha"]),
         "style": config["style"],
         "targets": json.dumps(list(config["targets"])),
+        "layers": json.dumps(_factor_layers(tensors)),
         "extra": json.dumps(extra or {}),
     }
     path = Path(path)
@@ -273,8 +288,18 @@ def _is_factor(name: str) -> bool:
     return name.endswith((".lora_A", ".lora_B"))
 
 
+def _factor_layers(tensors: Iterable[str]) -> list[str]:
+    """The layer names an adapter wraps, in file order (each once)."""
+    return list(dict.fromkeys(k.rsplit(".", 1)[0] for k in tensors if _is_factor(k)))
+
+
 def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and parsed metadata of an adapter file."""
+    """Tensors and validated metadata of an adapter file; anything malformed is a one-line `UserInputError`.
+
+    Checked: format tag, base name and fingerprint, rank, alpha, style, the wrapped layers (exact names;
+    a file from before names were stored may carry only `BUILTIN_TARGETS`), extra (a JSON object), and
+    every tensor (floating point, finite, factors 2-D and consistent with the rank).
+    """
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -284,17 +309,74 @@ def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         with safe_open(str(path), "pt") as f:
             raw = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserInputError(f"{path}: not a readable safetensors adapter ({err})") from None
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
+        raise UserInputError(f"{path}: not a readable safetensors adapter ({reason(err)})") from None
     if raw.get("format") not in (ADAPTER_FORMAT, ADAPTER_FORMAT_EXTRAS):
-        raise UserInputError(f"{path}: got format {raw.get('format')!r}, expected {ADAPTER_FORMAT!r} "
+        raise UserInputError(f"{path}: got format {shown(raw.get('format'))}, expected {ADAPTER_FORMAT!r} "
                              f"or {ADAPTER_FORMAT_EXTRAS!r}")
     meta: dict[str, Any] = dict(raw)
-    meta["rank"] = int(raw["rank"])
-    meta["alpha"] = float(raw["alpha"])
-    meta["targets"] = json.loads(raw["targets"])
-    meta["extra"] = json.loads(raw.get("extra", "{}"))
+    for key in ("base_name", "base_sha256", "rank", "alpha", "style", "targets"):
+        if key not in raw:
+            raise UserInputError(f"{path}: adapter metadata has no {key!r}; the file is incomplete")
+    if not re.fullmatch(r"[0-9a-f]{64}", raw["base_sha256"]):
+        raise UserInputError(f"{path}: base_sha256 is {shown(raw['base_sha256'])}, expected 64 hex digits")
+    meta["rank"] = _meta_number(path, raw, "rank", int)
+    meta["alpha"] = _meta_number(path, raw, "alpha", float)
+    if not 1 <= meta["rank"] <= MAX_RANK:
+        raise UserInputError(f"{path}: rank is {meta['rank']}, expected 1 to {MAX_RANK}")
+    if not math.isfinite(meta["alpha"]):
+        raise UserInputError(f"{path}: alpha is {raw['alpha']!r}, expected a finite number")
+    if raw["style"] not in CONV_STYLES:
+        raise UserInputError(f"{path}: style is {shown(raw['style'])}, expected one of {', '.join(CONV_STYLES)}")
+    meta["targets"] = _meta_json(path, raw, "targets", list)
+    meta["extra"] = _meta_json(path, raw, "extra", dict, "{}")
+    if not all(isinstance(t, str) for t in meta["targets"]):
+        raise UserInputError(f"{path}: targets holds a non-string, expected a list of layer patterns")
+    if "layers" in raw:
+        meta["layers"] = _meta_json(path, raw, "layers", list)
+        if not all(isinstance(n, str) for n in meta["layers"]):
+            raise UserInputError(f"{path}: layers holds a non-string, expected a list of layer names")
+        if set(meta["layers"]) != set(_factor_layers(tensors)):
+            raise UserInputError(f"{path}: the layers in its metadata are not the layers of its tensors")
+    else:
+        unknown = [t for t in meta["targets"] if t not in BUILTIN_TARGETS]
+        if unknown:
+            raise UserInputError(f"{path}: targets pattern {shown(unknown[0])} is not one of my3dgen's own; an "
+                                 "adapter without stored layer names may only use the built-in targets")
+    _check_tensors(path, tensors, meta["rank"])
     return tensors, meta
+
+
+def _meta_number(path: Path, raw: dict[str, str], key: str, kind: type) -> Any:
+    try:
+        return kind(raw[key])
+    except (ValueError, OverflowError):
+        raise UserInputError(f"{path}: {key} is {shown(raw[key])}, expected a number") from None
+
+
+def _meta_json(path: Path, raw: dict[str, str], key: str, kind: type, default: str | None = None) -> Any:
+    try:
+        value = json.loads(raw.get(key, default) if default is not None else raw[key])
+    except (ValueError, RecursionError):
+        raise UserInputError(f"{path}: {key} metadata is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise UserInputError(f"{path}: {key} metadata is a {type(value).__name__}, expected a {kind.__name__}")
+    return value
+
+
+def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], rank: int) -> None:
+    if not any(_is_factor(k) for k in tensors):
+        raise UserInputError(f"{path}: holds no LoRA factors (<layer>.lora_A / .lora_B)")
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise UserInputError(f"{path}: {name} has dtype {t.dtype}, expected floating point")
+        if _is_factor(name) and t.ndim != 2:
+            raise UserInputError(f"{path}: {name} has shape {tuple(t.shape)}, expected 2 dimensions")
+        if not bool(torch.isfinite(t).all()):
+            raise UserInputError(f"{path}: {name} holds NaN or Inf values")
+    # The rank sizes the fresh factors `load_adapter` builds: never larger than what the file holds.
+    if rank > max(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A")):
+        raise UserInputError(f"{path}: rank is {rank}, larger than its factors")
 
 
 def load_adapter(model: nn.Module, path: str | Path, base_sha256: str | None = None) -> dict[str, Any]:
@@ -318,7 +400,12 @@ def load_adapter(model: nn.Module, path: str | Path, base_sha256: str | None = N
             got = tuple(tensors[name].shape)
             raise UserInputError(f"{path}: trained extra {name} (shape {got}) is not a bias, noise strength or "
                                  "const of this generator")
-    add_adapters(model, rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"], style=meta["style"])
+    # Exact layer names; an older file's targets are replaced by the equal built-in constants
+    # (read_adapter checked each is one), so only this package's own patterns are ever compiled.
+    builtin = {t: t for t in BUILTIN_TARGETS}
+    targets = meta["targets"] if "layers" in meta else [builtin[t] for t in meta["targets"]]
+    add_adapters(model, rank=meta["rank"], alpha=meta["alpha"], targets=targets, style=meta["style"],
+                 layer_names=meta.get("layers"))
     layers = adapter_layers(model)
     expected = {f"{n}.lora_{ab}" for n in layers for ab in "AB"}
     factors = {k for k in tensors if _is_factor(k)}

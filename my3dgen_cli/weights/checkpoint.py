@@ -45,7 +45,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
+from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError, reason
 from my3dgen_cli.fileio import write_atomic, write_text_atomic
 from my3dgen_cli.weights.fingerprint import KEY as FINGERPRINT_KEY
 from my3dgen_cli.weights.fingerprint import record as fingerprint_record
@@ -225,12 +225,18 @@ def _items(state: dict[str, Any], key: str, prefix: str) -> list[tuple[str, Any]
     return list(table.items())
 
 
-def _plain(value: Any, where: str) -> Any:
+_MAX_CONFIG_DEPTH = 32
+
+
+def _plain(value: Any, where: str, depth: int = 0) -> Any:
     """EasyDicts, numpy scalars and tuples -> dicts, Python numbers and lists (JSON-ready)."""
+    if depth > _MAX_CONFIG_DEPTH:  # a config is a few levels deep; a 5000-deep list is a hostile file
+        raise UserInputError(f"{where.split('.')[0].split('[')[0]} nests more than {_MAX_CONFIG_DEPTH} levels, "
+                             "expected plain config values")
     if isinstance(value, (EasyDictRecord, dict)):
-        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _plain(v, f"{where}.{k}", depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_plain(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
     if isinstance(value, np.generic):
         return value.item()
     if value is None or isinstance(value, (str, bool, int, float)):
@@ -453,14 +459,23 @@ def load_converted(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UserInputError(f"{config_path}: not valid JSON ({err})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise UserInputError(f"{config_path}: not valid JSON ({reason(err)})") from None
     if not isinstance(config, dict) or any(k not in config for k in _CONFIG_KEYS):
         raise UserInputError(f"{config_path}: expected keys {', '.join(_CONFIG_KEYS)}")
     saved_id = (config.get("format") or {}).get("conversion_id")
     if saved_id != metadata.get("conversion_id"):
         other = weights.name
         raise UserInputError(f"{config_path}: belongs to another conversion than {other}; convert again")
+    from my3dgen_cli.eg3d.configs import resolve_config
+
+    try:  # bounds and types, before a generator of that size is built
+        resolve_config(config)
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserInputError(f"{config_path}: not a usable generator config ({err})") from None
+    for name, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserInputError(f"{weights}: {name} holds NaN or Inf values; convert the base again")
     return state_dict, config
 
 

@@ -15,6 +15,10 @@ stand-in written here:
   from the pickled storage bytes (torch's own restricted loader);
 - numpy scalars, dtypes and arrays of non-object dtype; `set`, `frozenset`, `bytearray`.
 
+Every allocation a stand-in makes (a `bytearray(n)`, a storage, a numpy array, a tensor view) is
+charged to a budget of the bytes actually read from the file (`_AllocationBudget`), and reads are capped
+at the bytes left in it: a 32-byte pickle cannot ask for gigabytes.
+
 Anything else (`posix.system`, `builtins.eval`, `subprocess.Popen`, any other class) raises
 `UnsafeCheckpointError` naming the global at the moment the unpickler meets it. Everything that ran
 before that point was one of the stand-ins above, which build values and nothing else.
@@ -23,7 +27,10 @@ before that point was one of the stand-ins above, which build values and nothing
 from __future__ import annotations
 
 import collections
+import contextvars
 import io
+import math
+import os
 import pickle
 import re
 import warnings
@@ -85,6 +92,104 @@ class _Storage:
         self.dtype = dtype
 
 
+# --- the allocation budget --------------------------------------------------------------------
+
+# Slack over the file size, for small pickles whose records legitimately build a few small objects.
+_BUDGET_SLACK = 1 << 20
+
+
+class _AllocationBudget:
+    """Bytes a pickle may make the stand-ins allocate: no more than the bytes of the file read so far.
+
+    A legitimate weights pickle carries every byte of every storage in the file itself, before the
+    record that builds it, so what it asks for never exceeds what was read; anything more is a hostile
+    or broken file. (Also right for a decompressed stream, whose size is unknown up front.)
+    """
+
+    def __init__(self, reader: _CappedReader) -> None:
+        self.reader = reader
+        self.charged = 0
+
+    def charge(self, nbytes: int, what: str) -> None:
+        if nbytes < 0:
+            raise UserInputError(f"{what} asks for a negative size")
+        if self.charged + nbytes > self.reader.seen + _BUDGET_SLACK:
+            raise UserInputError(f"{what} asks for {nbytes:,} bytes, more than the file itself holds")
+        self.charged += nbytes
+
+
+_BUDGET: contextvars.ContextVar[_AllocationBudget] = contextvars.ContextVar("my3dgen_unpickle_budget")
+
+
+def _charge(nbytes: int, what: str) -> None:
+    budget = _BUDGET.get(None)
+    if budget is None:  # a stand-in called outside safe_load: no file to bound it by
+        raise UserInputError(f"{what}: outside safe_load, no allocation budget")
+    budget.charge(nbytes, what)
+
+
+class _CappedReader:
+    """A file view that counts the bytes seen and, where the size is known, never asks the OS for more
+    than the bytes left.
+
+    Pickle's length-prefixed records (BINBYTES8, BINUNICODE8, ...) would otherwise make the
+    unpickler request a buffer of the declared length before it finds the file is shorter.
+    """
+
+    def __init__(self, file: BinaryIO, size: int | None) -> None:
+        self._file = file
+        self._left = size
+        self._consumed = 0
+        self.seen = 0  # bytes read or peeked at: what the budget allows
+
+    def _cap(self, n: int | None) -> int:
+        if self._left is None:
+            return -1 if n is None else n
+        return self._left if n is None or n < 0 else min(n, self._left)
+
+    def _took(self, count: int) -> None:
+        self._consumed += count
+        self.seen = max(self.seen, self._consumed)
+        if self._left is not None:
+            self._left -= count
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._file.read(self._cap(n))
+        self._took(len(data))
+        return data
+
+    def readline(self, limit: int = -1) -> bytes:
+        data = self._file.readline(self._cap(limit))
+        self._took(len(data))
+        return data
+
+    def peek(self, n: int = 0) -> bytes:
+        """Buffered bytes ahead (lets pickle prefetch instead of one read per record)."""
+        peek = getattr(self._file, "peek", None)
+        data = peek(n) if peek is not None else b""
+        if self._left is not None:
+            data = data[: self._left]
+        self.seen = max(self.seen, self._consumed + len(data))
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._left is not None:
+            view = view[: self._left]
+        n = self._file.readinto(view) or 0
+        self._took(n)
+        return n
+
+
+def _file_size(file: BinaryIO) -> int | None:
+    """Bytes left in a plain file (None for a decompressing stream, whose fileno is the compressed file)."""
+    if not isinstance(file, (io.BufferedReader, io.FileIO, io.BytesIO)):
+        return None
+    if isinstance(file, io.BytesIO):
+        return len(file.getbuffer()) - file.tell()
+    return os.fstat(file.fileno()).st_size - file.tell()
+
+
 # --- stand-ins for the globals an official pickle names ----------------------------------------
 
 
@@ -105,6 +210,7 @@ def _load_from_bytes(data: Any) -> _Storage:
     """`torch.storage._load_from_bytes`, but through torch's weights-only unpickler."""
     if not isinstance(data, (bytes, bytearray)):
         raise UserInputError(f"a storage record holds {type(data).__name__}, expected bytes")
+    _charge(_declared_storage_bytes(bytes(data)), "a tensor storage")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TypedStorage deprecation: we only read it once
@@ -114,6 +220,8 @@ def _load_from_bytes(data: Any) -> _Storage:
         raise UnsafeCheckpointError(
             f"a tensor storage was refused by torch's weights-only loader ({reason})"
         ) from None
+    except Exception as err:  # noqa: BLE001 - torch's legacy reader asserts and raises freely on damaged bytes
+        raise UserInputError(f"a tensor storage is not readable ({_one_line(err)})") from None
     if isinstance(storage, torch.TypedStorage):
         return _Storage(storage._untyped_storage, storage.dtype)
     if isinstance(storage, torch.UntypedStorage):
@@ -121,11 +229,68 @@ def _load_from_bytes(data: Any) -> _Storage:
     raise UserInputError(f"a storage record holds {type(storage).__name__}, expected a tensor storage")
 
 
+class _StorageHeader(pickle.Unpickler):
+    """Reads only the persistent ids of a legacy `torch.save` stream, to learn the storage sizes it
+    declares before torch allocates them; every global is a plain name, nothing is built."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        super().__init__(file)
+        self.declared = 0
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ("torch", "torch.storage") and name.endswith("Storage"):
+            return name
+        raise UnsafeCheckpointError(f"a tensor storage asks for `{module}.{name}`, which a storage never needs")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not isinstance(pid, tuple) or len(pid) < 5 or pid[0] != "storage":
+            raise UserInputError("a tensor storage record is malformed")
+        storage_type, numel = pid[1], pid[4]
+        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+            raise UserInputError(f"a tensor storage declares {numel!r} elements, expected a count")
+        kind = storage_type.removesuffix("Storage") if isinstance(storage_type, str) else ""
+        itemsize = _STORAGE_ITEMSIZE.get(kind, 8)
+        self.declared += numel * itemsize
+        return None
+
+
+# Element sizes of the legacy typed storages (`torch.FloatStorage` -> "Float"); unknown ones count 8.
+_STORAGE_ITEMSIZE = {"Float": 4, "Double": 8, "Half": 2, "BFloat16": 2, "Byte": 1, "Char": 1, "Short": 2,
+                     "Int": 4, "Long": 8, "Bool": 1, "Untyped": 1}
+
+
+def _declared_storage_bytes(data: bytes) -> int:
+    """Bytes the storages of a legacy `torch.save` stream will allocate; the zip format is refused
+    (official pickles never use it, and its records are sized outside the pickle)."""
+    if data.startswith(b"PK\x03\x04"):
+        raise UserInputError("a tensor storage is a zip archive, expected the legacy torch.save format")
+    stream = io.BytesIO(data)
+    header = _StorageHeader(stream)
+    try:
+        for _ in range(4):  # magic number, protocol version, sys info, then the storage itself
+            header.load()
+            if header.declared:
+                break
+    except (UnsafeCheckpointError, UserInputError):
+        raise
+    except Exception as err:  # noqa: BLE001 - any parse failure of the header is a malformed file
+        raise UserInputError(f"a tensor storage is not readable ({_one_line(err)})") from None
+    if header.declared > len(data):
+        raise UserInputError(f"a tensor storage declares {header.declared:,} bytes but holds {len(data):,}")
+    return header.declared
+
+
 def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -> torch.Tensor:
     if not isinstance(storage, _Storage):
         raise UserInputError(f"a tensor record holds {type(storage).__name__}, expected a storage")
     if not _int_tuple(size) or not _int_tuple(stride) or not isinstance(storage_offset, int):
         raise UserInputError(f"a tensor record has size {size!r}, stride {stride!r}: expected tuples of ints")
+    if any(v < 0 for v in (*size, *stride, storage_offset)):
+        raise UserInputError(f"a tensor record has size {size!r}, stride {stride!r}: expected no negative values")
+    itemsize = torch.empty((), dtype=storage.dtype).element_size()
+    if math.prod(size) * itemsize > storage.untyped.nbytes():
+        # A view larger than its storage (stride 0) would become that large on the first copy.
+        raise UserInputError(f"a tensor record of size {tuple(size)} is larger than its storage")
     tensor = torch.empty((0,), dtype=storage.dtype)
     return tensor.set_(storage.untyped, storage_offset, tuple(size), tuple(stride))
 
@@ -173,10 +338,38 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     return np.frombuffer(bytes(data), dtype=dtype, count=1)[0].copy()
 
 
+def _numpy_array(shape: Any, dtype: Any, *args: Any) -> np.ndarray:
+    """A fresh numpy array of `shape`, charged to the budget before numpy allocates it."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise UnsafeCheckpointError("a numpy array record asks for object dtype")
+    dims = (shape,) if isinstance(shape, int) else shape
+    if not _int_tuple(dims) or any(d < 0 for d in dims):
+        raise UserInputError(f"a numpy array record has shape {shape!r}, expected non-negative ints")
+    _charge(math.prod(dims) * dtype.itemsize, "a numpy array")
+    return np.ndarray.__new__(np.ndarray, tuple(dims), dtype, *args)
+
+
+class _NdarrayType:
+    """Stand-in for the class `numpy.ndarray`: called (REDUCE/NEWOBJ), it makes a budgeted array."""
+
+    def __new__(cls, shape: Any = (0,), dtype: Any = float, *args: Any) -> Any:  # type: ignore[misc]
+        if cls is not _NdarrayType:
+            raise UnsafeCheckpointError("a numpy array record asks for a subclass of numpy.ndarray")
+        return _numpy_array(shape, dtype, *args)
+
+
 def _numpy_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    if subtype is not np.ndarray:
+    if subtype is not _NdarrayType:
         raise UnsafeCheckpointError(f"numpy _reconstruct asks for {subtype!r}, expected numpy.ndarray")
-    return np.ndarray.__new__(np.ndarray, shape, dtype)
+    return _numpy_array(shape, dtype)
+
+
+def _bytearray(source: Any = b"", *args: Any) -> bytearray:
+    """`bytearray(...)`; a length (`bytearray(n)`) is charged to the budget before it is allocated."""
+    if isinstance(source, int) and not isinstance(source, bool):
+        _charge(source, "bytearray")
+    return bytearray(source, *args)
 
 
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
@@ -242,7 +435,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch", "Tensor"): _TensorType,
     ("torch.nn.parameter", "Parameter"): _ParameterType,
     ("numpy", "dtype"): np.dtype,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NdarrayType,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
@@ -253,7 +446,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("builtins", "dict"): dict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
-    ("builtins", "bytearray"): bytearray,
+    ("builtins", "bytearray"): _bytearray,
 }
 
 
@@ -289,9 +482,14 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def safe_load(file: BinaryIO) -> Any:
-    """Unpickle `file` with `RestrictedUnpickler`; a malformed stream raises `UserInputError`."""
+    """Unpickle `file` with `RestrictedUnpickler`; a malformed stream raises `UserInputError`.
+
+    Every allocation is bounded by the bytes read from `file` (`_AllocationBudget`, `_CappedReader`).
+    """
+    reader = _CappedReader(file, _file_size(file))
+    token = _BUDGET.set(_AllocationBudget(reader))
     try:
-        return RestrictedUnpickler(file).load()
+        return RestrictedUnpickler(reader).load()
     except (UnsafeCheckpointError, UserInputError):
         raise
     except EOFError:
@@ -313,6 +511,10 @@ def safe_load(file: BinaryIO) -> Any:
         UnicodeDecodeError,
     ) as err:
         raise UserInputError(f"not a readable pickle ({_one_line(err)})") from None
+    except MemoryError:
+        raise UserInputError("the pickle asks for more memory than this machine has") from None
+    finally:
+        _BUDGET.reset(token)
 
 
 def _int_tuple(value: Any) -> bool:
