@@ -90,7 +90,7 @@ def test_a_broken_folder_is_marked_and_the_good_ones_still_listed(ana: Path, iso
     assert set(reasons) == {"empty", "garbled", "nometa"}
     assert "no adapter.safetensors" in reasons["empty"]
     assert "not a readable safetensors adapter" in reasons["garbled"]
-    assert "rank" in reasons["nometa"]
+    assert "adapter metadata has no" in reasons["nometa"]  # names the missing key
     human = run("identities", "list")
     assert human.exit_code == 0, human.output
     assert "ana" in human.stdout and "BROKEN" in human.stdout and "identities rm garbled" in human.stdout
@@ -204,7 +204,7 @@ def test_damaged_bytes_and_a_broken_identity_are_one_line(ana: Path, tmp_path: P
     one_line_error(run("identities", "import", str(damaged), "--name", "bob"), "adapter.safetensors")
     assert tree(isolated_home) == before
     save_file({"x.lora_A": torch.zeros(1, 1)}, str(ana / "adapter.safetensors"), metadata={"format": "my3dgen-lora/1"})
-    one_line_error(run("identities", "export", "ana", "-o", str(tmp_path / "x.zip")), "broken", "rank")
+    one_line_error(run("identities", "export", "ana", "-o", str(tmp_path / "x.zip")), "broken", "adapter metadata has no")
     assert not (tmp_path / "x.zip").exists()
 
 
