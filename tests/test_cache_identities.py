@@ -204,7 +204,8 @@ def test_damaged_bytes_and_a_broken_identity_are_one_line(ana: Path, tmp_path: P
     one_line_error(run("identities", "import", str(damaged), "--name", "bob"), "adapter.safetensors")
     assert tree(isolated_home) == before
     save_file({"x.lora_A": torch.zeros(1, 1)}, str(ana / "adapter.safetensors"), metadata={"format": "my3dgen-lora/1"})
-    one_line_error(run("identities", "export", "ana", "-o", str(tmp_path / "x.zip")), "broken", "adapter metadata has no")
+    result = run("identities", "export", "ana", "-o", str(tmp_path / "x.zip"))
+    one_line_error(result, "broken", "adapter metadata has no")
     assert not (tmp_path / "x.zip").exists()
 
 
