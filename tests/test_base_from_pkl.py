@@ -13,8 +13,6 @@ import pytest
 import torch
 from conftest import SHARED
 from official_pkl import write_official_pkl
-from safetensors import safe_open
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 from zoo_server import FileServer, tree_listing
 
@@ -23,7 +21,7 @@ from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d import build_generator, load_generator
 from my3dgen_cli.generators import local_bases_dir, open_base, open_generator
 from my3dgen_cli.zoo import cache as zoo
-from tests.render_fixtures import assert_same_synthesis
+from tests.render_fixtures import assert_parity_case, assert_same_synthesis
 
 
 def test_official_pkl_is_fetched_converted_and_renders_the_same(tmp_path: Path, monkeypatch) -> None:
@@ -69,20 +67,7 @@ def snapshot_generator(snapshot: Path) -> torch.nn.Module:
 
 @pytest.mark.parametrize("case", [0, 1, 2])
 def test_official_snapshot_reproduces_the_parity_cases(snapshot_generator, case: int) -> None:
-    G = snapshot_generator
-    path = SHARED / "eg3d_parity" / f"case{case}.safetensors"
-    data = load_file(path)
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    with torch.no_grad():
-        ws = G.mapping(data["z"], data["c_cond"], truncation_psi=float(meta["psi"]),
-                       truncation_cutoff=int(meta["truncation_cutoff"]))
-        out = G.synthesis(ws, data["c_render"], neural_rendering_resolution=int(meta["nrr"]),
-                          noise_mode="const", sampling="deterministic")
-    assert (ws - data["ws"]).abs().max() <= 1e-4
-    assert (out["image"] - data["image"]).abs().max() <= 1e-3
-    assert (out["image_raw"][:, :3] - data["image_raw_rgb"]).abs().max() <= 1e-3
-    assert (out["image_depth"] - data["image_depth"]).abs().max() <= 1e-3
+    assert_parity_case(snapshot_generator, SHARED / "eg3d_parity" / f"case{case}.safetensors")
 
 
 def test_snapshot_of_another_config_is_refused_under_a_registry_name(snapshot: Path) -> None:

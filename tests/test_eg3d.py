@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from my3dgen_cli.eg3d import build_generator, count_parameters, ops
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
+from tests.render_fixtures import assert_parity_case
 
 
 def _tiny_inputs(n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,31 +49,17 @@ def test_full_config_state_dict_equals_the_official_names_and_shapes(shared_dir:
     assert ours == official
 
 
-@pytest.mark.parametrize("path", ["fast", "reference"])
+@pytest.mark.parametrize("variant", ["fast", "reference"])
 @pytest.mark.parametrize("case", [0, 1, 2])
-def test_matches_official_implementation(shared_dir: Path, case: int, path: str) -> None:
-    """Both paths hold parity: the default fast one (fused compositing, in-place conv epilogues, softplus
-    from exp/log) and the reference one (ops.reference_paths())."""
+def test_matches_official_implementation(shared_dir: Path, case: int, variant: str) -> None:
+    """Both paths hold parity: the default fast one (fused compositing, softplus from exp/log) and the
+    reference one (ops.reference_paths())."""
     folder = shared_dir / "eg3d_parity"
     G = build_generator(json.loads((folder / "config.json").read_text()))
     weights = {k: v.float() for k, v in load_file(folder / "weights.safetensors").items()}
     G.load_state_dict(weights, strict=True)
-    path = folder / f"case{case}.safetensors"
-    data = load_file(path)
-    with safe_open(path, "pt") as f:
-        meta = f.metadata()
-    with torch.no_grad(), ops.reference_paths() if path == "reference" else contextlib.nullcontext():
-        ws = G.mapping(data["z"], data["c_cond"], truncation_psi=float(meta["psi"]),
-                       truncation_cutoff=int(meta["truncation_cutoff"]))
-        out = G.synthesis(ws, data["c_render"], neural_rendering_resolution=int(meta["nrr"]),
-                          noise_mode="const", sampling="deterministic")
-    assert (ws - data["ws"]).abs().max() <= 1e-4
-    assert (out["image"] - data["image"]).abs().max() <= 1e-3
-    # image_raw is the official key: the 3-channel rgb of the neural render, as the fixture stores it
-    assert out["image_raw"].shape == data["image_raw_rgb"].shape
-    assert (out["image_raw"] - data["image_raw_rgb"]).abs().max() <= 1e-3
-    assert torch.equal(out["image_features"][:, :3], out["image_raw"])
-    assert (out["image_depth"] - data["image_depth"]).abs().max() <= 1e-3
+    with ops.reference_paths() if variant == "reference" else contextlib.nullcontext():
+        assert_parity_case(G, folder / f"case{case}.safetensors")
 
 
 def test_tiny_outputs_shapes_dtype_and_depth_range(tiny) -> None:
