@@ -53,18 +53,18 @@ def hashing_every_open() -> Iterator[None]:
 def random_init_and_copy() -> Iterator[None]:
     """load_generator as before: build with random initialisation, then copy the weights in."""
     from my3dgen_cli.eg3d import build_generator
-    from my3dgen_cli.weights import checkpoint
+    from my3dgen_cli.weights import checkpoint, fit
 
     def copy_state(G: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
         G.load_state_dict(state_dict, strict=True)
         return G.eval()
 
-    saved = checkpoint.skeleton, checkpoint.assign_state
-    checkpoint.skeleton, checkpoint.assign_state = build_generator, copy_state
+    saved = fit.skeleton, checkpoint.assign_state
+    fit.skeleton, checkpoint.assign_state = build_generator, copy_state
     try:
         yield
     finally:
-        checkpoint.skeleton, checkpoint.assign_state = saved
+        fit.skeleton, checkpoint.assign_state = saved
 
 
 def read_all(G: torch.nn.Module) -> None:
@@ -109,10 +109,11 @@ def main() -> None:
 
 def make_identity(config: str) -> None:
     """A random base "bench-base" and an identity "bench" (rank-1 adapter) made on it."""
+    from my3dgen_cli.adapter_file import save_adapter
     from my3dgen_cli.eg3d import build_generator
     from my3dgen_cli.generators import save_local_base
     from my3dgen_cli.identity import identity_paths
-    from my3dgen_cli.lora import add_adapters, base_fingerprint, save_adapter
+    from my3dgen_cli.lora import add_adapters, base_fingerprint
 
     torch.manual_seed(0)
     G = build_generator(config)
@@ -171,7 +172,7 @@ def print_stages(args: argparse.Namespace) -> None:
     """Median time of each stage of load_generator, old path and new, on the bench base."""
     from my3dgen_cli.eg3d import build_generator
     from my3dgen_cli.generators import local_bases_dir
-    from my3dgen_cli.weights.checkpoint import load_converted
+    from my3dgen_cli.weights.converted import read_converted_base
     from my3dgen_cli.weights.instantiate import assign_state, skeleton
 
     path = local_bases_dir() / "bench-base.safetensors"
@@ -184,10 +185,12 @@ def print_stages(args: argparse.Namespace) -> None:
         return out
 
     for _ in range(args.repeats):
-        state_dict, config = stage("read safetensors + JSON (mapped)", load_converted, path)
+        base = stage("read safetensors + JSON (mapped)", read_converted_base, path)
+        state_dict, config = base.state_dict, base.config
         G = stage("old: build_generator (random init)", build_generator, config)
         stage("old: load_state_dict (copy)", G.load_state_dict, state_dict)
-        state_dict, config = load_converted(path)
+        base = read_converted_base(path)
+        state_dict, config = base.state_dict, base.config
         G = stage("new: skeleton (init skipped)", skeleton, config)
         G = stage("new: load_state_dict(assign=True)", assign_state, G, state_dict)
         stage("new: first read of every weight", read_all, G)

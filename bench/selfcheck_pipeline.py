@@ -119,8 +119,8 @@ def nccl_smoke(ctx: Ctx) -> str:
 
 def check_nccl(ctx: Ctx) -> None:
     """2 ranks under torchrun (NCCL) personalize one identity = one process, adapters within NCCL_ADAPTER_ATOL."""
+    from my3dgen_cli.adapter_file import read_adapter
     from my3dgen_cli.identity import identity_paths
-    from my3dgen_cli.lora import read_adapter
 
     if not ctx.cuda:
         ctx.skip("skipped (no CUDA device: needs 2 GPUs; gloo on CPU is tests/test_scale_distributed.py)")
@@ -145,7 +145,7 @@ def check_nccl(ctx: Ctx) -> None:
                         last_line(one) if one is None or one.returncode else f"{one_s:.1f} s")
         if ddp is None or one is None or ddp.returncode or one.returncode:
             return
-        a, b = read_adapter(identity_paths("ddp").adapter)[0], read_adapter(identity_paths("one").adapter)[0]
+        a, b = read_adapter(identity_paths("ddp").adapter).tensors, read_adapter(identity_paths("one").adapter).tensors
         ctx.expect_true("same adapter tensors", a.keys() == b.keys())
         diff = max(float((a[k] - b[k]).abs().max()) for k in a)
         ctx.expect("2 ranks vs 1 process: adapter max |diff|", diff, NCCL_ADAPTER_ATOL,

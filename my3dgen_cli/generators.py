@@ -52,11 +52,11 @@ def resolve_base_path(base: str, offline: bool | None = None) -> tuple[str, Path
 def save_local_base(G: torch.nn.Module, name: str) -> Path:
     """Keep a generator's weights as a named local base (converted format)."""
     from my3dgen_cli.identity import check_name
-    from my3dgen_cli.weights.checkpoint import save_converted
+    from my3dgen_cli.weights.converted import ConvertedBase, write_converted_base
 
     dst = local_bases_dir() / f"{check_name(name)}.safetensors"
     state = {k: v for k, v in G.state_dict().items() if ".adapter." not in k}
-    save_converted(state, G.config.to_dict(), dst)
+    write_converted_base(dst, ConvertedBase(state, G.config.to_dict()))
     return dst
 
 
@@ -89,15 +89,14 @@ def open_generator(
     offline: bool | None = None,
 ) -> tuple[torch.nn.Module, BaseRef, dict[str, Any] | None]:
     """Generator with the identity's adapter attached (if any): (G, base, adapter metadata or None)."""
+    from my3dgen_cli.adapter_file import load_adapter, read_adapter
     from my3dgen_cli.identity import require_identity
-    from my3dgen_cli.lora import load_adapter, read_adapter
 
     adapter_path = None
     if identity is not None:
         adapter_path = require_identity(identity).adapter
         if base is None:
-            _, meta = read_adapter(adapter_path)
-            base = meta["base_name"]
+            base = read_adapter(adapter_path).base_name
     G, ref = open_base(base or DEFAULT_BASE, device=device, offline=offline)
     meta = None
     if adapter_path is not None:

@@ -23,16 +23,16 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from my3dgen_cli import __version__, paths
-from my3dgen_cli.errors import UserInputError, reason, shown
-from my3dgen_cli.fileio import atomic_path
+from my3dgen_cli import paths
+from my3dgen_cli.errors import UserInputError, shown
+from my3dgen_cli.tagged_files import json_meta, read_tagged, write_tagged
 
 LATENT_FORMAT = "my3dgen-latent/1"
 ANCHORS_FORMAT = "my3dgen-anchors/1"
@@ -131,72 +131,41 @@ def building_identity(name: str) -> Iterator[IdentityPaths]:
         shutil.rmtree(building, ignore_errors=True)
 
 
-def save_anchors(path: Path, ws: torch.Tensor, cameras: torch.Tensor, photos: list[str],
-                 extra: dict[str, Any] | None = None) -> Path:
-    """ws [N, num_ws, w_dim], cameras [N, 25], one photo name per row."""
-    from safetensors.torch import save_file
+# --- anchors: ws + cameras of the training photos -----------------------------------------------
 
+
+@dataclass
+class Anchors:
+    """What `anchors.safetensors` holds: ws [N, num_ws, w_dim], cameras [N, 25] float32, one photo name
+    per row, and `extra` (JSON object: base, space)."""
+
+    ws: torch.Tensor
+    cameras: torch.Tensor
+    photos: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_anchors(path: Path, anchors: Anchors) -> Path:
+    """Write `anchors` atomically (format `ANCHORS_FORMAT`); rows, cameras and photos must agree."""
+    ws, cameras, photos = anchors.ws, anchors.cameras, anchors.photos
     if ws.shape[0] != cameras.shape[0] or ws.shape[0] != len(photos):
         raise ValueError(f"anchors: got {ws.shape[0]} latents, {cameras.shape[0]} cameras, {len(photos)} photos")
-    meta = {"format": ANCHORS_FORMAT, "photos": json.dumps(photos), "extra": json.dumps(extra or {}),
-            "my3dgen_version": __version__}
-    with atomic_path(path) as tmp:
-        tensors = {"ws": ws.detach().cpu().float().contiguous(), "cameras": cameras.detach().cpu().float().contiguous()}
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
+    meta = {"format": ANCHORS_FORMAT, "photos": json.dumps(list(photos)), "extra": json.dumps(anchors.extra or {})}
+    return write_tagged(path, {"ws": ws.float(), "cameras": cameras.float()}, meta)
 
 
-def load_anchors(path: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """ws [N, num_ws, w_dim], cameras [N, 25] and photo names, checked (format, dtypes, shapes, finite)."""
-    if not path.is_file():
-        raise UserInputError(f"anchors not found: {path}")
-    tensors, meta = _read_artifact(path, "anchors", ANCHORS_FORMAT, ("ws", "cameras"))
-    ws, cameras = tensors["ws"], tensors["cameras"]
-    photos = _json_meta(path, meta, "photos", "[]", list)
+def read_anchors(path: Path) -> Anchors:
+    """An anchors file, checked: format, ws [N, num_ws, w_dim] and cameras [N, 25] float and finite, N photo
+    names (strings), extra a JSON object."""
+    tensors, meta = read_tagged(path, "anchors", (ANCHORS_FORMAT,), ("ws", "cameras"))
+    ws, cameras = tensors["ws"].float(), tensors["cameras"].float()
+    photos = json_meta(path, meta, "photos", list, "[]")
     if ws.ndim != 3 or ws.shape[0] < 1 or cameras.shape != (ws.shape[0], 25) or len(photos) != ws.shape[0]:
         raise UserInputError(f"{path}: got ws {list(ws.shape)}, cameras {list(cameras.shape)} and {len(photos)} "
                              "photos, expected [N, num_ws, w_dim], [N, 25] and N photo names")
-    return ws, cameras, [str(p) for p in photos]
-
-
-def _read_artifact(path: Path, kind: str, fmt: str, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor],
-                                                                                  dict[str, str]]:
-    """The named float tensors and metadata of a my3dgen safetensors file with format tag `fmt`.
-
-    One-line UserInputError naming the file: unreadable, another format, a missing tensor, a non-float
-    dtype, NaN/Inf values.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != fmt:
-                raise UserInputError(f"{path}: got format {shown(meta.get('format'))}, expected {fmt!r}")
-            missing = [n for n in names if n not in f.keys()]
-            if missing:
-                raise UserInputError(f"{path}: has no {missing[0]!r} tensor, expected a {kind} file")
-            tensors = {n: f.get_tensor(n) for n in names}
-    except UserInputError:
-        raise
-    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
-        raise UserInputError(f"{path}: not a readable {kind} file ({reason(err)})") from None
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise UserInputError(f"{path}: {name} has dtype {t.dtype}, expected floating point")
-        if not bool(torch.isfinite(t).all()):
-            raise UserInputError(f"{path}: {name} holds NaN or Inf values")
-    return {n: t.float() for n, t in tensors.items()}, meta
-
-
-def _json_meta(path: Path, meta: dict[str, str], key: str, default: str, kind: type) -> Any:
-    try:
-        value = json.loads(meta.get(key, default))
-    except (ValueError, RecursionError):
-        raise UserInputError(f"{path}: {key} metadata is not valid JSON") from None
-    if not isinstance(value, kind):
-        raise UserInputError(f"{path}: {key} metadata is a {type(value).__name__}, expected a {kind.__name__}")
-    return value
+    if not all(isinstance(name, str) for name in photos):
+        raise UserInputError(f"{path}: photos holds a non-string, expected a list of photo names")
+    return Anchors(ws, cameras, photos, json_meta(path, meta, "extra", dict, "{}"))
 
 
 def identity_anchors(identity: str | None, device: Any) -> tuple[Any, Any] | tuple[None, None]:
@@ -206,80 +175,104 @@ def identity_anchors(identity: str | None, device: Any) -> tuple[Any, Any] | tup
     path = identity_paths(identity).anchors
     if not path.is_file():
         return None, None
-    ws, cams, _ = load_anchors(path)
-    return ws.to(device), cams.to(device)
+    anchors = read_anchors(path)
+    return anchors.ws.to(device), anchors.cameras.to(device)
 
 
-def save_partial_anchors(path: Path, ws: torch.Tensor, fingerprint: dict[str, Any]) -> Path:
-    """ws [M, num_ws, w_dim] of the first M photos, and the settings that made them (JSON metadata)."""
-    from safetensors.torch import save_file
-
-    meta = {"format": PARTIAL_ANCHORS_FORMAT, "fingerprint": json.dumps(fingerprint), "my3dgen_version": __version__}
-    with atomic_path(path) as tmp:
-        save_file({"ws": ws.detach().cpu().float().contiguous()}, str(tmp), metadata=meta)
-    return path
+# --- partial anchors: the photo chunks projected so far (checkpoints/) ---------------------------
 
 
-def load_partial_anchors(path: Path) -> tuple[torch.Tensor, dict[str, Any]] | None:
-    """(ws, fingerprint) from save_partial_anchors; None when there is no such file."""
-    from safetensors import SafetensorError, safe_open
+@dataclass
+class PartialAnchors:
+    """What `checkpoints/anchors.partial.safetensors` holds: ws [M, num_ws, w_dim] of the first M photos,
+    and the settings that made them (`fingerprint`, a JSON object: see personalize/anchor_chunks.py)."""
 
+    ws: torch.Tensor
+    fingerprint: dict[str, Any]
+
+
+# Types of the fingerprint's entries (anchor_chunks.anchor_fingerprint); others are compared as they are.
+_FINGERPRINT_TYPES: dict[str, type | tuple[type, ...]] = {
+    "photos": list, "base": str, "base_sha256": str, "anchor_steps": int, "anchor_space": str,
+    "anchor_lr": (int, float), "chunk": int, "anchor_lpips": bool,
+}
+
+
+def write_partial_anchors(path: Path, partial: PartialAnchors) -> Path:
+    """Write `partial` atomically (format `PARTIAL_ANCHORS_FORMAT`)."""
+    meta = {"format": PARTIAL_ANCHORS_FORMAT, "fingerprint": json.dumps(partial.fingerprint)}
+    return write_tagged(path, {"ws": partial.ws.float()}, meta)
+
+
+def read_partial_anchors(path: Path) -> PartialAnchors | None:
+    """A partial-anchors file, checked as `read_anchors` checks anchors (format, ws [M, num_ws, w_dim] float
+    and finite, the fingerprint a JSON object with entries of the right types); None when there is no
+    such file (nothing to resume). Errors say how to start over."""
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != PARTIAL_ANCHORS_FORMAT:
-                raise UserInputError(f"{path}: got format {meta.get('format')!r}, expected {PARTIAL_ANCHORS_FORMAT!r}")
-            return f.get_tensor("ws"), json.loads(meta.get("fingerprint", "{}"))
-    except UserInputError:
-        raise
-    except (SafetensorError, OSError, ValueError) as err:  # ValueError: bad JSON metadata
-        raise UserInputError(f"{path}: not readable partial anchors ({err}); run without --resume to start over"
-                             ) from None
+        tensors, meta = read_tagged(path, "partial anchors", (PARTIAL_ANCHORS_FORMAT,), ("ws",))
+        ws = tensors["ws"].float()
+        if ws.ndim != 3 or 0 in ws.shape:
+            raise UserInputError(f"{path}: got ws {list(ws.shape)}, expected [M, num_ws, w_dim]")
+        fingerprint = json_meta(path, meta, "fingerprint", dict)
+        for key, kind in _FINGERPRINT_TYPES.items():
+            value = fingerprint.get(key)
+            if key in fingerprint and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+                raise UserInputError(f"{path}: fingerprint {key} is {shown(value)}, expected a "
+                                     f"{kind.__name__ if isinstance(kind, type) else 'number'}")
+        if not all(isinstance(name, str) for name in fingerprint.get("photos", [])):
+            raise UserInputError(f"{path}: fingerprint photos holds a non-string, expected photo names")
+    except UserInputError as err:
+        raise UserInputError(f"{err}; run without --resume to start over") from None
+    return PartialAnchors(ws, fingerprint)
+
+
+# --- .latent: one latent and its camera ------------------------------------------------------------
 
 
 @dataclass
 class Latent:
-    ws: torch.Tensor  # [1, num_ws, w_dim]
-    camera: torch.Tensor  # [1, 25]
-    identity: str | None
-    base: str
-    space: str
-    extra: dict[str, Any]
+    """What a `.latent` file holds (also what an `.npy` latent is read as, `latents.read_npy_latent`).
+
+    ws [1, num_ws, w_dim] (a w latent broadcast to every row), camera [1, 25] (None only for an `.npy`
+    without a camera beside it), base: the base's name, identity: the identity it was made with,
+    space "w" or "w+", extra: JSON object.
+    """
+
+    ws: torch.Tensor
+    camera: torch.Tensor
+    base: str = ""
+    identity: str | None = None
+    space: str = "w+"
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def save_latent(path: str | Path, ws: torch.Tensor, camera: torch.Tensor, base: str, identity: str | None = None,
-                space: str = "w+", extra: dict[str, Any] | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    if space not in ("w", "w+"):
-        raise ValueError(f"latent space: got {space!r}, expected 'w' or 'w+'")
-    if ws.ndim != 3 or ws.shape[0] != 1 or camera.shape != (1, 25):
-        raise ValueError(f"latent: got ws {tuple(ws.shape)} and camera {tuple(camera.shape)}, "
-                         "expected (1, num_ws, w_dim) and (1, 25)")
-    meta = {"format": LATENT_FORMAT, "identity": identity or "", "base": base, "space": space,
+def write_latent(path: str | Path, latent: Latent) -> Path:
+    """Write `latent` atomically (format `LATENT_FORMAT`, with the time it was made)."""
+    ws, camera = latent.ws, latent.camera
+    if latent.space not in ("w", "w+"):
+        raise ValueError(f"latent space: got {latent.space!r}, expected 'w' or 'w+'")
+    if ws.ndim != 3 or ws.shape[0] != 1 or camera is None or camera.shape != (1, 25):
+        got = None if camera is None else tuple(camera.shape)
+        raise ValueError(f"latent: got ws {tuple(ws.shape)} and camera {got}, expected (1, num_ws, w_dim) and (1, 25)")
+    meta = {"format": LATENT_FORMAT, "identity": latent.identity or "", "base": latent.base, "space": latent.space,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "my3dgen_version": __version__, "extra": json.dumps(extra or {})}
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file({"ws": ws.detach().cpu().float().contiguous(), "camera": camera.detach().cpu().float().contiguous()},
-                  str(tmp), metadata=meta)
-    return path
+            "extra": json.dumps(latent.extra or {})}
+    return write_tagged(path, {"ws": ws.float(), "camera": camera.float()}, meta)
 
 
-def load_latent(path: str | Path) -> Latent:
-    """A `.latent` file, checked: format, ws [1, num_ws, w_dim] and camera [1, 25] float and finite, space."""
+def read_latent(path: str | Path) -> Latent:
+    """A `.latent` file, checked: format, ws [1, num_ws, w_dim] and camera [1, 25] float and finite, space,
+    extra a JSON object."""
     path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"latent file not found: {path}")
-    tensors, meta = _read_artifact(path, ".latent", LATENT_FORMAT, ("ws", "camera"))
-    ws, camera = tensors["ws"], tensors["camera"]
+    tensors, meta = read_tagged(path, "latent", (LATENT_FORMAT,), ("ws", "camera"))
+    ws, camera = tensors["ws"].float(), tensors["camera"].float()
     if ws.ndim != 3 or ws.shape[0] != 1 or 0 in ws.shape or tuple(camera.shape) != (1, 25):
         raise UserInputError(f"{path}: got ws {list(ws.shape)} and camera {list(camera.shape)}, "
                              "expected [1, num_ws, w_dim] and [1, 25] (one latent per file)")
     space = meta.get("space", "w+")
     if space not in ("w", "w+"):
         raise UserInputError(f"{path}: got space {shown(space)}, expected 'w' or 'w+'")
-    extra = _json_meta(path, meta, "extra", "{}", dict)
-    return Latent(ws, camera, meta.get("identity") or None, meta.get("base", ""), space, extra)
+    extra = json_meta(path, meta, "extra", dict, "{}")
+    return Latent(ws, camera, meta.get("base", ""), meta.get("identity") or None, space, extra)

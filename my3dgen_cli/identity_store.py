@@ -120,20 +120,20 @@ def _sha256(path: Path) -> str:
 
 def export_identity(name: str, output: Path, force: bool = False) -> dict[str, Any]:
     """Write identity `name` as a zip archive at `output` (atomically); refuse a broken identity."""
+    from my3dgen_cli.adapter_file import read_adapter
     from my3dgen_cli.fileio import atomic_path
     from my3dgen_cli.identity import require_identity
-    from my3dgen_cli.lora import read_adapter
 
     ip = require_identity(name)
     try:
-        _, meta = read_adapter(ip.adapter)
+        adapter = read_adapter(ip.adapter)
     except _FOLDER_PROBLEMS as err:
         raise UserInputError(f"identity {name} is broken ({_reason(err, ip.root)}); nothing was exported") from None
     if output.exists() and not force:
         raise UserInputError(f"{output} exists; pass --force to replace it")
     files = {m: ip.root / m for m in ARCHIVE_FILES if (ip.root / m).is_file()}
-    manifest = {"format": ARCHIVE_FORMAT, "name": name, "base_name": meta.get("base_name", ""),
-                "base_sha256": meta.get("base_sha256", ""), "my3dgen_version": __version__,
+    manifest = {"format": ARCHIVE_FORMAT, "name": name, "base_name": adapter.base_name,
+                "base_sha256": adapter.base_fingerprint, "my3dgen_version": __version__,
                 "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "files": {m: {"sha256": _sha256(p), "bytes": p.stat().st_size} for m, p in files.items()}}
     with atomic_path(output) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -241,8 +241,8 @@ def import_identity_archive(archive: Path, name: str | None = None, force: bool 
     module docstring says. Raises the project's one-line errors; the identities folder is unchanged then."""
     from safetensors import SafetensorError
 
-    from my3dgen_cli.identity import building_identity, check_name, identity_paths, load_anchors
-    from my3dgen_cli.lora import read_adapter
+    from my3dgen_cli.adapter_file import read_adapter
+    from my3dgen_cli.identity import building_identity, check_name, identity_paths, read_anchors
 
     try:
         zf = zipfile.ZipFile(archive)
@@ -270,11 +270,11 @@ def import_identity_archive(archive: Path, name: str | None = None, force: bool 
                 if _sha256(dst) != files[member]["sha256"]:
                     raise _refuse(archive, f"{member} does not match its sha256 in {MANIFEST}")
             try:
-                _, meta = read_adapter(ip.adapter)
-                anchors = load_anchors(ip.anchors)[0].shape[0] if ip.anchors.is_file() else 0
+                adapter = read_adapter(ip.adapter)
+                anchors = read_anchors(ip.anchors).ws.shape[0] if ip.anchors.is_file() else 0
             except (*_FOLDER_PROBLEMS, SafetensorError) as err:
                 raise _refuse(archive, f"its adapter or anchors do not open ({_reason(err, ip.root)})") from None
-            base, wanted = meta.get("base_name", ""), meta.get("base_sha256", "")
+            base, wanted = adapter.base_name, adapter.base_fingerprint
             have = available_base_fingerprint(base)
             if have is None:
                 raise _refuse(archive, f"it was made on base {base!r}, which is not here; get it first "

@@ -116,13 +116,13 @@ def camera_beside(latent: str | Path) -> Any:
     return None if label is None else torch.from_numpy(label).reshape(1, 25)
 
 
-def load_npy_latent(path: str | Path, num_ws: int, w_dim: int) -> Any:
-    """An `.npy` latent as an identity.Latent (ws [1, num_ws, w_dim], camera from dataset.json or None)."""
+def read_npy_latent(path: str | Path, num_ws: int, w_dim: int) -> Any:
+    """An `.npy` latent (no format tag: a foreign format my3dgen only reads) as an identity.Latent (ws [1, num_ws, w_dim], camera from dataset.json or None)."""
     from my3dgen_cli.identity import Latent
 
     ws = to_ws(read_npy(path), num_ws, w_dim, path)
     extra = {"source": str(path), "image": f"{image_stem(path)}.png"}
-    return Latent(ws, camera_beside(path), None, "", latent_space(ws), extra)
+    return Latent(ws, camera_beside(path), space=latent_space(ws), extra=extra)
 
 
 def open_latent(path: str | Path, num_ws: int, w_dim: int) -> Any:
@@ -130,11 +130,11 @@ def open_latent(path: str | Path, num_ws: int, w_dim: int) -> Any:
 
     Latent.camera is None for an `.npy` whose image has no entry in a dataset.json beside it.
     """
-    from my3dgen_cli.identity import load_latent
+    from my3dgen_cli.identity import read_latent
 
     if Path(path).suffix.lower() == NPY_SUFFIX:
-        return load_npy_latent(path, num_ws, w_dim)
-    latent = load_latent(path)
+        return read_npy_latent(path, num_ws, w_dim)
+    latent = read_latent(path)
     if tuple(latent.ws.shape) != (1, num_ws, w_dim):
         raise UserInputError(f"{path}: got ws {list(latent.ws.shape)}, expected [1, {num_ws}, {w_dim}] "
                              "for this generator")

@@ -17,26 +17,24 @@ adapted layers and their noise strengths trainable (`EXTRA_TARGETS`, 24,791 valu
 An adapter can carry those tensors under their official names beside the factors: they replace the
 base's values while the adapter is attached (the base's own are kept aside and put back by
 `remove_adapters`), and stay in the weights when merged.
+
+As in peft: `AdapterConfig` is what an adapter is (rank, alpha, style, which layers, which extras),
+`get_adapter_state` / `set_adapter_state` its values. The file holding both is `adapter_file.py`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from my3dgen_cli import __version__
-from my3dgen_cli.errors import IncompatibleAdapterError, UserInputError, reason, shown
-from my3dgen_cli.fileio import atomic_path
+from my3dgen_cli.errors import UserInputError
 
-ADAPTER_FORMAT = "my3dgen-lora/1"  # LoRA factors only: what older versions read
-ADAPTER_FORMAT_EXTRAS = "my3dgen-lora/2"  # factors + trained extras (written only when there are extras)
 CONV_STYLES = ("my3dgen", "peft")
 
 # Every synthesis block of the backbone (conv0, conv1, torgb and their affine FCs) and both
@@ -99,7 +97,40 @@ def _adaptable_layers(model: nn.Module) -> dict[str, nn.Module]:
 # Every target list this package defines: the only patterns an adapter written before adapters
 # stored their layer names may carry (compared as strings; text from a file is never compiled).
 BUILTIN_TARGETS: frozenset[str] = frozenset(DEFAULT_TARGETS + MAPPING_TARGETS + DECODER_TARGETS)
-MAX_RANK = 4096
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """What an adapter is, apart from its values (peft's `LoraConfig` for EG3D).
+
+    rank, alpha: the delta is alpha/rank * B @ A (alpha None: rank, scale 1). style: the conv
+    decomposition (`CONV_STYLES`). targets: layer-name regexes a new adapter wraps (only patterns
+    from code are compiled, never text read from a file). layers: the exact names of the wrapped
+    layers, as an adapter file stores them (None: the layers `targets` match). extras: official names
+    of the base parameters the adapter trains and replaces (`EXTRA_TARGETS`).
+    """
+
+    rank: int = 1
+    alpha: float | None = None
+    style: str = "my3dgen"
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    layers: tuple[str, ...] | None = None
+    extras: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"rank: got {self.rank}, expected >= 1")
+        if self.style not in CONV_STYLES:
+            raise ValueError(f"style: got {self.style!r}, expected one of {CONV_STYLES}")
+        object.__setattr__(self, "alpha", float(self.rank if self.alpha is None else self.alpha))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "extras", tuple(self.extras))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank  # type: ignore[arg-type]
 
 
 def match_targets(model: nn.Module, targets: Iterable[str]) -> list[str]:
@@ -116,30 +147,33 @@ def add_adapters(
     style: str = "my3dgen",
     generator: torch.Generator | None = None,
     layer_names: Sequence[str] | None = None,
+    config: AdapterConfig | None = None,
 ) -> list[nn.Parameter]:
     """Freeze the model and attach a fresh adapter to every target layer.
 
     Returns the new trainable tensors (the only ones with requires_grad). alpha defaults to rank
     (scale 1). With `generator`, A's initialization is reproducible. `layer_names` (exact names, as an
-    adapter file stores them) replaces matching `targets`.
+    adapter file stores them) replaces matching `targets`. `config` replaces all of rank, alpha,
+    targets, style and layer_names (its extras are attached by `add_extras` / `set_adapter_state`).
     """
-    targets = tuple(targets)
+    if config is None:
+        config = AdapterConfig(rank, alpha, style, tuple(targets), None if layer_names is None else tuple(layer_names))
     layers = _adaptable_layers(model)
-    if layer_names is not None:
-        unknown = [n for n in layer_names if n not in layers]
+    if config.layers is not None:
+        unknown = [n for n in config.layers if n not in layers]
         if unknown:
             raise UserInputError(f"adapter layer {unknown[0]!r}: this generator has no such adaptable layer")
-        names = list(layer_names)
+        names = list(config.layers)
     else:
-        names = match_targets(model, targets)
+        names = match_targets(model, config.targets)
     if not names:
-        raise UserInputError(f"adapter targets: got {list(targets)}, which match no layer of this generator")
+        raise UserInputError(f"adapter targets: got {list(config.targets)}, which match no layer of this generator")
     for p in model.parameters():
         p.requires_grad_(False)
     params: list[nn.Parameter] = []
     for name in names:
         layer = layers[name]
-        adapter = LoRA(layer.weight.shape, rank, float(rank if alpha is None else alpha), style)
+        adapter = LoRA(layer.weight.shape, config.rank, float(config.alpha), config.style)  # type: ignore[arg-type]
         if generator is not None:
             bound = 1 / math.sqrt(adapter.lora_A.shape[1])  # kaiming_uniform(a=sqrt 5) bound
             with torch.no_grad():
@@ -147,9 +181,14 @@ def add_adapters(
         adapter.to(device=layer.weight.device, dtype=layer.weight.dtype)
         layer.adapter = adapter
         params += [adapter.lora_A, adapter.lora_B]
-    model._my3dgen_adapter_config = {"rank": rank, "alpha": float(rank if alpha is None else alpha),  # type: ignore
-                                     "targets": list(targets), "style": style}
+    model._my3dgen_adapter_config = replace(config, extras=())  # type: ignore[assignment]
     return params
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig | None:
+    """The config of the adapter attached to `model` (extras: the parameters it replaces now); None without."""
+    config = getattr(model, "_my3dgen_adapter_config", None)
+    return None if config is None else replace(config, extras=tuple(extra_names(model)))
 
 
 def adapter_layers(model: nn.Module) -> dict[str, LoRA]:
@@ -185,9 +224,14 @@ def extra_names(model: nn.Module) -> list[str]:
     return list(model.__dict__.get("_my3dgen_extras", {}))
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def is_factor(name: str) -> bool:
+    """True for the name of a LoRA factor (`<layer>.lora_A` / `.lora_B`), False for a trained extra."""
+    return name.endswith((".lora_A", ".lora_B"))
+
+
+def get_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """`{layer}.lora_A` / `{layer}.lora_B` of every attached adapter, then the trained extras under their
-    official names (contiguous, CPU)."""
+    official names (contiguous, CPU): peft's `get_peft_model_state_dict`."""
     out = {}
     for name, adapter in adapter_layers(model).items():
         out[f"{name}.lora_A"] = adapter.lora_A.detach().cpu().contiguous()
@@ -196,6 +240,44 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name in extra_names(model):
         out[name] = params[name].detach().cpu().contiguous()
     return out
+
+
+def check_extras(model: nn.Module, state: dict[str, Any], where: str) -> list[str]:
+    """The trained extras in `state` (names that are not factors), each refused (naming `where`) unless it
+    is one of the model's `EXTRA_TARGETS` parameters with the same shape."""
+    extras = [k for k in state if not is_factor(k)]
+    allowed = set(match_extras(model))
+    params = dict(model.named_parameters())
+    for name in extras:
+        if name not in allowed or tuple(params[name].shape) != tuple(state[name].shape):
+            raise UserInputError(f"{where}: trained extra {name} (shape {tuple(state[name].shape)}) is not a bias, "
+                                 "noise strength or const of this generator")
+    return extras
+
+
+def set_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: str = "adapter state") -> None:
+    """Put `state` (`get_adapter_state`'s layout) into the adapters attached to `model`: peft's
+    `set_peft_model_state_dict`. The factors must be exactly those of the attached layers with their
+    shapes; the extras become trainable with the base's own values kept aside (`add_extras`).
+    Anything else is a one-line `UserInputError` naming `where` (e.g. the file it came from).
+    """
+    extras = check_extras(model, state, where)
+    layers = adapter_layers(model)
+    expected = {f"{n}.lora_{ab}" for n in layers for ab in "AB"}
+    factors = {k for k in state if is_factor(k)}
+    if factors != expected:
+        first = sorted(expected - factors)[:1] or sorted(factors - expected)[:1]
+        raise UserInputError(f"{where}: adapter tensors do not match the generator (first mismatch: {first[0]})")
+    with torch.no_grad():
+        for name, adapter in layers.items():
+            for ab in ("lora_A", "lora_B"):
+                saved, own = state[f"{name}.{ab}"], getattr(adapter, ab)
+                if saved.shape != own.shape:
+                    raise UserInputError(f"{where}: {name}.{ab}: got shape {tuple(saved.shape)}, "
+                                         f"expected {tuple(own.shape)}")
+                own.copy_(saved)
+        for name, param in zip(extras, add_extras(model, extras), strict=True):
+            param.copy_(state[name])
 
 
 def count_adapter_parameters(model: nn.Module) -> int:
@@ -245,181 +327,3 @@ def base_fingerprint(model: nn.Module) -> str:
     return state_fingerprint(state)
 
 
-def save_adapter(
-    model: nn.Module, path: str | Path, base_name: str, base_sha256: str, extra: dict[str, Any] | None = None
-) -> Path:
-    """Write the adapters (and trained extras) as safetensors (atomically) with the metadata needed to
-    re-attach them."""
-    config = getattr(model, "_my3dgen_adapter_config", None)
-    if config is None:
-        raise ValueError("save_adapter: the model has no adapters")
-    return write_adapter(path, adapter_state_dict(model), config, base_name, base_sha256, extra)
-
-
-def write_adapter(path: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], base_name: str,
-                  base_sha256: str, extra: dict[str, Any] | None = None) -> Path:
-    """Write adapter tensors (`<layer>.lora_A/B`, then extras under official names) atomically.
-
-    config: {"rank", "alpha", "targets", "style"} as `add_adapters` takes them. The format is
-    `ADAPTER_FORMAT` without extras (readable by older versions), `ADAPTER_FORMAT_EXTRAS` with.
-    """
-    from safetensors.torch import save_file
-
-    has_extras = any(not _is_factor(k) for k in tensors)
-    meta = {
-        "format": ADAPTER_FORMAT_EXTRAS if has_extras else ADAPTER_FORMAT,
-        "my3dgen_version": __version__,
-        "base_name": base_name,
-        "base_sha256": base_sha256,
-        "rank": str(config["rank"]),
-        "alpha": str(config["alpha"]),
-        "style": config["style"],
-        "targets": json.dumps(list(config["targets"])),
-        "layers": json.dumps(_factor_layers(tensors)),
-        "extra": json.dumps(extra or {}),
-    }
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(tmp), metadata=meta)
-    return path
-
-
-def _is_factor(name: str) -> bool:
-    return name.endswith((".lora_A", ".lora_B"))
-
-
-def _factor_layers(tensors: Iterable[str]) -> list[str]:
-    """The layer names an adapter wraps, in file order (each once)."""
-    return list(dict.fromkeys(k.rsplit(".", 1)[0] for k in tensors if _is_factor(k)))
-
-
-def read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and validated metadata of an adapter file; anything malformed is a one-line `UserInputError`.
-
-    Checked: format tag, base name and fingerprint, rank, alpha, style, the wrapped layers (exact names;
-    a file from before names were stored may carry only `BUILTIN_TARGETS`), extra (a JSON object), and
-    every tensor (floating point, finite, factors 2-D and consistent with the rank).
-    """
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"adapter file not found: {path}")
-    try:
-        with safe_open(str(path), "pt") as f:
-            raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
-        raise UserInputError(f"{path}: not a readable safetensors adapter ({reason(err)})") from None
-    if raw.get("format") not in (ADAPTER_FORMAT, ADAPTER_FORMAT_EXTRAS):
-        raise UserInputError(f"{path}: got format {shown(raw.get('format'))}, expected {ADAPTER_FORMAT!r} "
-                             f"or {ADAPTER_FORMAT_EXTRAS!r}")
-    meta: dict[str, Any] = dict(raw)
-    for key in ("base_name", "base_sha256", "rank", "alpha", "style", "targets"):
-        if key not in raw:
-            raise UserInputError(f"{path}: adapter metadata has no {key!r}; the file is incomplete")
-    if not re.fullmatch(r"[0-9a-f]{64}", raw["base_sha256"]):
-        raise UserInputError(f"{path}: base_sha256 is {shown(raw['base_sha256'])}, expected 64 hex digits")
-    meta["rank"] = _meta_number(path, raw, "rank", int)
-    meta["alpha"] = _meta_number(path, raw, "alpha", float)
-    if not 1 <= meta["rank"] <= MAX_RANK:
-        raise UserInputError(f"{path}: rank is {meta['rank']}, expected 1 to {MAX_RANK}")
-    if not math.isfinite(meta["alpha"]):
-        raise UserInputError(f"{path}: alpha is {raw['alpha']!r}, expected a finite number")
-    if raw["style"] not in CONV_STYLES:
-        raise UserInputError(f"{path}: style is {shown(raw['style'])}, expected one of {', '.join(CONV_STYLES)}")
-    meta["targets"] = _meta_json(path, raw, "targets", list)
-    meta["extra"] = _meta_json(path, raw, "extra", dict, "{}")
-    if not all(isinstance(t, str) for t in meta["targets"]):
-        raise UserInputError(f"{path}: targets holds a non-string, expected a list of layer patterns")
-    if "layers" in raw:
-        meta["layers"] = _meta_json(path, raw, "layers", list)
-        if not all(isinstance(n, str) for n in meta["layers"]):
-            raise UserInputError(f"{path}: layers holds a non-string, expected a list of layer names")
-        if set(meta["layers"]) != set(_factor_layers(tensors)):
-            raise UserInputError(f"{path}: the layers in its metadata are not the layers of its tensors")
-    else:
-        unknown = [t for t in meta["targets"] if t not in BUILTIN_TARGETS]
-        if unknown:
-            raise UserInputError(f"{path}: targets pattern {shown(unknown[0])} is not one of my3dgen's own; an "
-                                 "adapter without stored layer names may only use the built-in targets")
-    _check_tensors(path, tensors, meta["rank"])
-    return tensors, meta
-
-
-def _meta_number(path: Path, raw: dict[str, str], key: str, kind: type) -> Any:
-    try:
-        return kind(raw[key])
-    except (ValueError, OverflowError):
-        raise UserInputError(f"{path}: {key} is {shown(raw[key])}, expected a number") from None
-
-
-def _meta_json(path: Path, raw: dict[str, str], key: str, kind: type, default: str | None = None) -> Any:
-    try:
-        value = json.loads(raw.get(key, default) if default is not None else raw[key])
-    except (ValueError, RecursionError):
-        raise UserInputError(f"{path}: {key} metadata is not valid JSON") from None
-    if not isinstance(value, kind):
-        raise UserInputError(f"{path}: {key} metadata is a {type(value).__name__}, expected a {kind.__name__}")
-    return value
-
-
-def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], rank: int) -> None:
-    if not any(_is_factor(k) for k in tensors):
-        raise UserInputError(f"{path}: holds no LoRA factors (<layer>.lora_A / .lora_B)")
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise UserInputError(f"{path}: {name} has dtype {t.dtype}, expected floating point")
-        if _is_factor(name) and t.ndim != 2:
-            raise UserInputError(f"{path}: {name} has shape {tuple(t.shape)}, expected 2 dimensions")
-        if not bool(torch.isfinite(t).all()):
-            raise UserInputError(f"{path}: {name} holds NaN or Inf values")
-    # The rank sizes the fresh factors `load_adapter` builds: never larger than what the file holds.
-    if rank > max(t.shape[0] for k, t in tensors.items() if k.endswith(".lora_A")):
-        raise UserInputError(f"{path}: rank is {rank}, larger than its factors")
-
-
-def load_adapter(model: nn.Module, path: str | Path, base_sha256: str | None = None) -> dict[str, Any]:
-    """Attach the adapters saved at `path` to `model` (and put its trained extras in place); refuse a
-    base with another fingerprint, a tensor of another shape, or an extra outside `EXTRA_TARGETS`.
-
-    base_sha256: the model's fingerprint if already known (else computed). Returns the metadata.
-    """
-    tensors, meta = read_adapter(path)
-    actual = base_sha256 or base_fingerprint(model)
-    if meta["base_sha256"] != actual:
-        raise IncompatibleAdapterError(
-            f"{path} was made on base {meta['base_name']!r} (sha256 {meta['base_sha256'][:12]}), "
-            f"not on this generator (sha256 {actual[:12]})"
-        )
-    extras = [k for k in tensors if not _is_factor(k)]
-    allowed = set(match_extras(model))
-    params = dict(model.named_parameters())
-    for name in extras:
-        if name not in allowed or tuple(params[name].shape) != tuple(tensors[name].shape):
-            got = tuple(tensors[name].shape)
-            raise UserInputError(f"{path}: trained extra {name} (shape {got}) is not a bias, noise strength or "
-                                 "const of this generator")
-    # Exact layer names; an older file's targets are replaced by the equal built-in constants
-    # (read_adapter checked each is one), so only this package's own patterns are ever compiled.
-    builtin = {t: t for t in BUILTIN_TARGETS}
-    targets = meta["targets"] if "layers" in meta else [builtin[t] for t in meta["targets"]]
-    add_adapters(model, rank=meta["rank"], alpha=meta["alpha"], targets=targets, style=meta["style"],
-                 layer_names=meta.get("layers"))
-    layers = adapter_layers(model)
-    expected = {f"{n}.lora_{ab}" for n in layers for ab in "AB"}
-    factors = {k for k in tensors if _is_factor(k)}
-    if factors != expected:
-        missing = sorted(expected - factors)[:1] or sorted(factors - expected)[:1]
-        raise UserInputError(f"{path}: adapter tensors do not match the generator (first mismatch: {missing[0]})")
-    with torch.no_grad():
-        for name, adapter in layers.items():
-            for ab in ("lora_A", "lora_B"):
-                saved = tensors[f"{name}.{ab}"]
-                if saved.shape != getattr(adapter, ab).shape:
-                    raise UserInputError(f"{path}: {name}.{ab}: got shape {tuple(saved.shape)}, "
-                                         f"expected {tuple(getattr(adapter, ab).shape)}")
-                getattr(adapter, ab).copy_(saved)
-        for name, param in zip(extras, add_extras(model, extras), strict=True):
-            param.copy_(tensors[name])
-    return meta

@@ -62,7 +62,7 @@ def _run(args: list[str]):
 
 def _interrupted(photos, counter: CountingProjector, name: str = "ana") -> None:
     """Run `personalize` and press Ctrl-C during anchor chunk 2."""
-    from my3dgen_cli.identity import identity_paths, load_partial_anchors
+    from my3dgen_cli.identity import identity_paths, read_partial_anchors
 
     counter.stop_at = 2
     result = _run([str(photos), "--name", name, *ARGS])
@@ -72,15 +72,15 @@ def _interrupted(photos, counter: CountingProjector, name: str = "ana") -> None:
     assert "interrupted while projecting anchors" in message and "4 of 9 photos" in message, message
     assert "--resume" in message and "Traceback" not in result.output
     ip = identity_paths(name)
-    saved = load_partial_anchors(ip.partial_anchors)
-    assert saved is not None and saved[0].shape[0] == 4
+    saved = read_partial_anchors(ip.partial_anchors)
+    assert saved is not None and saved.ws.shape[0] == 4
     assert not ip.anchors.exists() and not ip.adapter.exists()
     assert counter.calls == [4, 4]
 
 
 def test_resume_after_anchor_interrupt_projects_only_missing_chunks(photos, monkeypatch):
-    from my3dgen_cli.identity import identity_paths, load_anchors
-    from my3dgen_cli.lora import read_adapter
+    from my3dgen_cli.adapter_file import read_adapter
+    from my3dgen_cli.identity import identity_paths, read_anchors
 
     counter = CountingProjector(monkeypatch)
     _interrupted(photos, counter)
@@ -95,11 +95,13 @@ def test_resume_after_anchor_interrupt_projects_only_missing_chunks(photos, monk
     whole = _run([str(photos), "--name", "one-go", *ARGS])
     assert whole.exit_code == 0, whole.output
     assert counter.calls == [4, 4, 1]
-    ws_a, cams_a, names_a = load_anchors(ip.anchors)
-    ws_b, cams_b, names_b = load_anchors(identity_paths("one-go").anchors)
+    anchors_a = read_anchors(ip.anchors)
+    ws_a, cams_a, names_a = anchors_a.ws, anchors_a.cameras, anchors_a.photos
+    anchors_b = read_anchors(identity_paths("one-go").anchors)
+    ws_b, cams_b, names_b = anchors_b.ws, anchors_b.cameras, anchors_b.photos
     assert names_a == names_b and torch.equal(cams_a, cams_b)
     assert torch.equal(ws_a, ws_b)  # bit-identical: a chunk's projection does not depend on the process
-    adapter_a, adapter_b = read_adapter(ip.adapter)[0], read_adapter(identity_paths("one-go").adapter)[0]
+    adapter_a, adapter_b = read_adapter(ip.adapter).tensors, read_adapter(identity_paths("one-go").adapter).tensors
     assert adapter_a.keys() == adapter_b.keys()
     assert all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
     assert any(t.abs().sum() > 0 for k, t in adapter_a.items() if "lora_B" in k)

@@ -18,10 +18,11 @@ from test_zoo import assert_one_line_error as one_line_error
 from typer.testing import CliRunner
 
 from my3dgen_cli import identity_store
+from my3dgen_cli.adapter_file import save_adapter
 from my3dgen_cli.cli import app
 from my3dgen_cli.generators import local_bases_dir, open_base, save_local_base
-from my3dgen_cli.identity import identity_paths, save_anchors
-from my3dgen_cli.lora import add_adapters, save_adapter
+from my3dgen_cli.identity import Anchors, identity_paths, write_anchors
+from my3dgen_cli.lora import add_adapters
 
 MEMBERS = ("adapter.safetensors", "anchors.safetensors", "log.json", "previews/grid.png")
 
@@ -57,7 +58,7 @@ def make_identity(name: str, base: str, fingerprint: str, seed: int = 1) -> Path
     save_adapter(G, ip.adapter, base, fingerprint, extra={"photos": ["a.png", "b.png"], "created": "2026-01-01"})
     with torch.no_grad():
         ws = G.mapping(torch.randn(2, G.z_dim, generator=gen), torch.zeros(2, 25))
-    save_anchors(ip.anchors, ws, torch.randn(2, 25, generator=gen), ["a.png", "b.png"])
+    write_anchors(ip.anchors, Anchors(ws, torch.randn(2, 25, generator=gen), ["a.png", "b.png"]))
     ip.previews.mkdir(parents=True)
     Image.new("RGB", (8, 4), (200, 10, 10)).save(ip.previews / "grid.png")
     ip.log.write_text(json.dumps({"loss": [1.0, 0.5]}))

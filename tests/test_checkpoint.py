@@ -19,16 +19,10 @@ from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.eg3d.configs import NAMED_CONFIGS
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
 from my3dgen_cli.weights import checkpoint
-from my3dgen_cli.weights.checkpoint import (
-    ConfigMismatchError,
-    check_config,
-    check_state_dict,
-    config_names,
-    convert_pkl,
-    load_converted,
-    read_official_pkl,
-    save_converted,
-)
+from my3dgen_cli.weights.checkpoint import convert_pkl
+from my3dgen_cli.weights.converted import ConvertedBase, read_converted_base, write_converted_base
+from my3dgen_cli.weights.fit import ConfigMismatchError, check_config, check_state_dict, config_names
+from my3dgen_cli.weights.official_pkl import read_official_pkl
 from my3dgen_cli.weights.safe_unpickle import PersistentObject, safe_load
 from tests.official_pkl import build_module_tree, write_discriminator_pkl, write_official_pkl
 
@@ -372,7 +366,8 @@ def test_convert_pkl_writes_pair_atomically_and_loads_equal(tmp_path: Path, pari
 
     assert dst == out_dir / "parity.safetensors"
     assert sorted(p.name for p in out_dir.iterdir()) == ["parity.json", "parity.safetensors"]  # no temp files
-    loaded, saved_config = load_converted(dst)
+    base = read_converted_base(dst)
+    loaded, saved_config = base.state_dict, base.config
     assert set(loaded) == set(state_dict)
     for name, tensor in state_dict.items():
         assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
@@ -384,7 +379,7 @@ def test_convert_pkl_writes_pair_atomically_and_loads_equal(tmp_path: Path, pari
         "sha256": hashlib.sha256(parity_pkl.read_bytes()).hexdigest(),
         "network": "G_ema",
     }
-    assert load_converted(dst.with_suffix(".json"))[1] == saved_config  # either file names the pair
+    assert read_converted_base(dst.with_suffix(".json")).config == saved_config  # either file names the pair
 
 
 def test_convert_pkl_refuses_wrong_shapes_and_writes_nothing(
@@ -406,8 +401,9 @@ def test_save_converted_fp32_and_metadata(tmp_path: Path, parity) -> None:
     state_dict, config = parity
     cfg = {k: config[k] for k in ("init_kwargs", "rendering_kwargs", "class_name")}
     cfg |= {"neural_rendering_resolution": 64, "source": {"sha256": "ab" * 32}}
-    dst = save_converted(state_dict, cfg, tmp_path / "g.safetensors", dtype=torch.float32)
-    loaded, saved = load_converted(dst)
+    dst = write_converted_base(tmp_path / "g.safetensors", ConvertedBase(state_dict, cfg), dtype=torch.float32)
+    base = read_converted_base(dst)
+    loaded, saved = base.state_dict, base.config
     assert all(t.dtype == torch.float32 for t in loaded.values())
     assert all(torch.equal(loaded[k], v.float()) for k, v in state_dict.items())
     from safetensors import safe_open
@@ -421,14 +417,14 @@ def test_save_converted_fp32_and_metadata(tmp_path: Path, parity) -> None:
 
 def test_load_converted_refuses_mismatched_pair(tmp_path: Path) -> None:
     cfg = {"init_kwargs": {}, "rendering_kwargs": {}, "neural_rendering_resolution": 64, "class_name": "X"}
-    a = save_converted({"w": torch.ones(2)}, cfg, tmp_path / "a.safetensors")
-    b = save_converted({"w": torch.zeros(2)}, cfg, tmp_path / "b.safetensors")
+    a = write_converted_base(tmp_path / "a.safetensors", ConvertedBase({"w": torch.ones(2)}, cfg))
+    b = write_converted_base(tmp_path / "b.safetensors", ConvertedBase({"w": torch.zeros(2)}, cfg))
     b.with_suffix(".json").write_bytes(a.with_suffix(".json").read_bytes())
     with pytest.raises(UserInputError, match="another conversion"):
-        load_converted(b)
+        read_converted_base(b)
     a.with_suffix(".json").unlink()
     with pytest.raises(UserInputError, match="a.json: no such file"):
-        load_converted(a)
+        read_converted_base(a)
 
 
 # --- integration with the generator -------------------------------------------------------------
@@ -440,7 +436,8 @@ def test_expected_shapes_match_official_key_list(shared_dir: Path) -> None:
 
 def test_convert_parity_pkl_against_real_generator(tmp_path: Path, parity, parity_pkl: Path) -> None:
     dst = convert_pkl(parity_pkl, tmp_path / "parity.safetensors")
-    state_dict, config = load_converted(dst)
+    base = read_converted_base(dst)
+    state_dict, config = base.state_dict, base.config
     generator = build_generator(config)
     generator.load_state_dict(state_dict, strict=True)
 

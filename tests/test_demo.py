@@ -84,10 +84,10 @@ def test_fresh_home_demo_uses_the_shipped_base_without_training(env):
     assert zoo.converted(db.SHIPPED_BASE) is not None and zoo.cached(db.SHIPPED_PERSON) is not None
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "shipped with my3dgen" in page
-    from my3dgen_cli.lora import read_adapter
+    from my3dgen_cli.adapter_file import read_adapter
 
-    _, meta = read_adapter(home / "identities" / "demo" / "adapter.safetensors")
-    assert meta["base_name"] == db.SHIPPED_BASE  # `--identity demo` finds the shipped base by name
+    adapter = read_adapter(home / "identities" / "demo" / "adapter.safetensors")
+    assert adapter.base_name == db.SHIPPED_BASE  # `--identity demo` finds the shipped base by name
 
 
 @pytest.mark.parametrize("name", [db.SHIPPED_BASE, db.SHIPPED_PERSON])
@@ -104,9 +104,9 @@ def test_shipped_blob_matches_its_zoo_entry(name: str):
 
 def test_rebuild_base_fits_from_the_recipe_under_its_own_name(monkeypatch: pytest.MonkeyPatch):
     """`--rebuild-base` plumbing on a 2-step recipe: a local base and person, never the shipped name."""
+    from my3dgen_cli.adapter_file import load_adapter
     from my3dgen_cli.demo.run import demo_base
     from my3dgen_cli.generators import local_bases_dir, open_base
-    from my3dgen_cli.lora import load_adapter
     from my3dgen_cli.output import Output
 
     tiny = db.FitConfig(field_steps=2, sr_steps=1, batch=2, points=256, person_field_steps=1, person_sr_steps=1)

@@ -13,12 +13,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from my3dgen_cli.adapter_file import save_adapter
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d import build_generator, load_generator
 from my3dgen_cli.errors import IncompatibleAdapterError, UserInputError
 from my3dgen_cli.generators import open_base, open_generator, save_local_base
 from my3dgen_cli.identity import identity_paths
-from my3dgen_cli.lora import add_adapters, base_fingerprint, save_adapter
+from my3dgen_cli.lora import add_adapters, base_fingerprint
 from my3dgen_cli.use.export import (
     ExportedGenerator,
     check_inputs,

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
-from my3dgen_cli.identity import save_latent
+from my3dgen_cli.identity import Latent, write_latent
 from my3dgen_cli.use.export import ExportedGenerator, export_onnx, merged_generator
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "export.md"
@@ -57,7 +57,7 @@ def test_doc_script_renders_the_view(with_mapping: bool, tmp_path: Path) -> None
         extra: list[str] = []
     else:
         ws = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(5)), frontal_camera(1), 0.7)
-        latent = save_latent(tmp_path / "a.latent", ws, frontal_camera(1), base="tiny-test", identity="ana")
+        latent = write_latent(tmp_path / "a.latent", Latent(ws, frontal_camera(1), base="tiny-test", identity="ana"))
         args, extra = (ws, lookat_camera(yaw)), [str(latent)]
     with torch.no_grad():
         want = to_pixels(ExportedGenerator(G, with_mapping=with_mapping, truncation_psi=0.7)(*args)[0])
@@ -76,7 +76,7 @@ def test_doc_script_renders_an_afhq_base_from_its_own_pivot(tmp_path: Path) -> N
     export_onnx(G, model)
     rig, yaw = camera_rig(G), -20.0
     ws = G.mapping(torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(5)), rig.frontal(1), 0.7)
-    latent = save_latent(tmp_path / "cat.latent", ws, rig.frontal(1), base="tiny-afhq")
+    latent = write_latent(tmp_path / "cat.latent", Latent(ws, rig.frontal(1), base="tiny-afhq"))
     with torch.no_grad():
         want = to_pixels(ExportedGenerator(G)(ws, rig.lookat(yaw))[0])
         ffhq = to_pixels(ExportedGenerator(G)(ws, lookat_camera(yaw))[0])

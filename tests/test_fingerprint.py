@@ -17,13 +17,15 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from my3dgen_cli import lora
+from my3dgen_cli.adapter_file import save_adapter
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d import build_generator, load_generator
 from my3dgen_cli.errors import IncompatibleAdapterError
 from my3dgen_cli.generators import open_base, open_generator, save_local_base
 from my3dgen_cli.identity import identity_paths
 from my3dgen_cli.weights import fingerprint
-from my3dgen_cli.weights.checkpoint import convert_pkl, save_converted
+from my3dgen_cli.weights.checkpoint import convert_pkl
+from my3dgen_cli.weights.converted import ConvertedBase, write_converted_base
 from tests.official_pkl import write_official_pkl
 
 
@@ -39,7 +41,7 @@ def _make_identity(name: str, base: str, seed: int = 0) -> str:
     lora.add_adapters(G, rank=1, generator=torch.Generator().manual_seed(1))
     path = identity_paths(name).adapter
     path.parent.mkdir(parents=True, exist_ok=True)
-    lora.save_adapter(G, path, base_name=base, base_sha256=lora.base_fingerprint(G))
+    save_adapter(G, path, base_name=base, base_sha256=lora.base_fingerprint(G))
     return name
 
 
@@ -67,7 +69,8 @@ def test_fingerprint_value_is_unchanged_from_earlier_versions() -> None:
 @pytest.mark.parametrize("dtype", [None, torch.float16])
 def test_stored_fingerprint_equals_the_computed_one(tmp_path: Path, dtype: torch.dtype | None) -> None:
     G = _tiny(0)
-    dst = save_converted(G.state_dict(), G.config.to_dict(), tmp_path / "g.safetensors", dtype=dtype)
+    dst = write_converted_base(tmp_path / "g.safetensors", ConvertedBase(G.state_dict(), G.config.to_dict()),
+                               dtype=dtype)
     entry = _sidecar(dst)["fingerprint"]
     assert entry["sha256"] == lora.base_fingerprint(load_generator(dst))  # fp16 storage: the loaded values
     assert entry["size"] == dst.stat().st_size and entry["mtime_ns"] == dst.stat().st_mtime_ns

@@ -45,14 +45,15 @@ def write_bad_photos(folder: Path) -> list[str]:
 
 def user_identity(name: str, extra: dict | None = None) -> Path:
     """An identity the user made (a valid adapter file; no demo mark unless `extra` says so)."""
+    from my3dgen_cli.adapter_file import AdapterFile, write_adapter
     from my3dgen_cli.identity import identity_paths
-    from my3dgen_cli.lora import write_adapter
+    from my3dgen_cli.lora import AdapterConfig
 
     ip = identity_paths(name)
     ip.root.mkdir(parents=True)
     tensors = {"layer.lora_A": torch.ones(1, 4), "layer.lora_B": torch.zeros(4, 1)}
-    write_adapter(ip.adapter, tensors, {"rank": 1, "alpha": 1.0, "targets": ["layer"], "style": "my3dgen"},
-                  "eg3d-ffhq512-128", "0" * 64, extra or {"note": "the user's own"})
+    write_adapter(ip.adapter, AdapterFile(tensors, AdapterConfig(1, 1.0, "my3dgen", ("layer",)),
+                                          "eg3d-ffhq512-128", "0" * 64, extra or {"note": "the user's own"}))
     (ip.root / "notes.txt").write_text("mine\n")
     return ip.root
 
@@ -193,9 +194,9 @@ def test_personalize_skips_unusable_photos(world: Path) -> None:
     assert result.exit_code == 0, result.output
     skipped = [line for line in result.stderr.splitlines() if line.startswith("warning: skipped")]
     assert sorted(Path(line.split()[2].rstrip(":")).name for line in skipped) == sorted(bad), result.stderr
-    from my3dgen_cli.identity import load_anchors, require_identity
+    from my3dgen_cli.identity import read_anchors, require_identity
 
-    assert load_anchors(require_identity("kept").anchors)[2] == ["view0", "view1", "view2"]
+    assert read_anchors(require_identity("kept").anchors).photos == ["view0", "view1", "view2"]
 
 
 def test_demo_replaces_only_its_own_identity(isolated_home: Path) -> None:

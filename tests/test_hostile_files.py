@@ -30,12 +30,13 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from my3dgen_cli.adapter_file import read_adapter, save_adapter
 from my3dgen_cli.cli import app
 from my3dgen_cli.errors import My3DGenError, UserInputError
-from my3dgen_cli.identity import identity_paths, load_anchors, load_latent, save_anchors, save_latent
+from my3dgen_cli.identity import Anchors, Latent, identity_paths, read_anchors, read_latent, write_anchors, write_latent
 from my3dgen_cli.latents import read_npy
-from my3dgen_cli.lora import DEFAULT_TARGETS, add_adapters, base_fingerprint, read_adapter, save_adapter
-from my3dgen_cli.weights.checkpoint import load_converted, save_converted
+from my3dgen_cli.lora import DEFAULT_TARGETS, add_adapters, base_fingerprint
+from my3dgen_cli.weights.converted import ConvertedBase, read_converted_base, write_converted_base
 from my3dgen_cli.weights.safe_unpickle import safe_load
 from tests.official_pkl import write_official_pkl
 from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
@@ -84,7 +85,7 @@ def _first_factor(edit: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dic
 def _latent(path: Path, ws: torch.Tensor | None = None, camera: torch.Tensor | None = None,
             meta: dict[str, str | None] | None = None) -> Path:
     G = tiny_generator()
-    save_latent(path, torch.zeros(1, G.num_ws, G.w_dim), torch.zeros(1, 25), "tiny-test")
+    write_latent(path, Latent(torch.zeros(1, G.num_ws, G.w_dim), torch.zeros(1, 25), "tiny-test"))
     replace = {k: v for k, v in (("ws", ws), ("camera", camera)) if v is not None}
     return _rewrite(path, meta, (lambda d: {**d, **replace}) if replace or meta else None)
 
@@ -192,16 +193,16 @@ def test_hostile_adapter_is_refused_by_render(case: str, tiny_base, tmp_path: Pa
 
 def test_adapter_with_stored_layer_names_renders(tiny_base, tmp_path: Path) -> None:  # noqa: F811
     adapter = _adapter(tmp_path / "a.safetensors", tiny_base)
-    tensors, meta = read_adapter(adapter)
-    assert sorted(meta["layers"]) == sorted({k.rsplit(".", 1)[0] for k in tensors})
+    read = read_adapter(adapter)
+    assert sorted(read.config.layers) == sorted({k.rsplit(".", 1)[0] for k in read.tensors})
     result = runner.invoke(app, ["render", "--adapter", str(adapter), "--seed", "1", "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
 
 
 def test_adapter_from_before_layer_names_with_builtin_targets_still_loads(tiny_base, tmp_path: Path) -> None:  # noqa: F811
     adapter = _rewrite(_adapter(tmp_path / "a.safetensors", tiny_base), {"layers": None})
-    meta = read_adapter(adapter)[1]
-    assert "layers" not in meta and meta["targets"] == list(DEFAULT_TARGETS)
+    config = read_adapter(adapter).config
+    assert config.layers is None and config.targets == DEFAULT_TARGETS
     result = runner.invoke(app, ["render", "--adapter", str(adapter), "--seed", "1", "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
 
@@ -285,7 +286,7 @@ def test_hostile_anchors_are_refused_by_render(case: str, tiny_base, tmp_path: P
     ip = identity_paths("ana")
     ip.root.mkdir(parents=True)
     _adapter(ip.adapter, tiny_base)
-    save_anchors(ip.anchors, torch.zeros(1, tiny_base.num_ws, tiny_base.w_dim), torch.zeros(1, 25), ["a.png"])
+    write_anchors(ip.anchors, Anchors(torch.zeros(1, tiny_base.num_ws, tiny_base.w_dim), torch.zeros(1, 25), ["a.png"]))
     full_meta = {"format": "my3dgen-anchors/1", "photos": '["a.png"]', **meta}
     save_file(tensors(tiny_base.num_ws, tiny_base.w_dim), str(ip.anchors), metadata=full_meta)
     out = tmp_path / "out"
@@ -399,7 +400,8 @@ def test_tensor_view_larger_than_its_storage_is_refused() -> None:
 def _converted(tmp_path: Path) -> Path:
     from my3dgen_cli.eg3d.configs import NAMED_CONFIGS
 
-    return save_converted(tiny_generator().state_dict(), NAMED_CONFIGS["tiny"](), tmp_path / "b.safetensors")
+    return write_converted_base(tmp_path / "b.safetensors",
+                                ConvertedBase(tiny_generator().state_dict(), NAMED_CONFIGS["tiny"]()))
 
 
 def test_converted_base_with_nan_weights_is_refused(tmp_path: Path) -> None:
@@ -412,7 +414,7 @@ def test_converted_base_with_nan_weights_is_refused(tmp_path: Path) -> None:
     key = next(k for k, t in data.items() if t.is_floating_point() and t.numel() > 1)
     save_file({**data, key: _nan_first(data[key])}, str(path), metadata=meta)
     with pytest.raises(UserInputError, match=f"{key} holds NaN or Inf"):
-        load_converted(path)
+        read_converted_base(path)
 
 
 @pytest.mark.parametrize(("change", "fragment"), [
@@ -428,7 +430,7 @@ def test_converted_base_config_is_bounded(tmp_path: Path, change: dict[str, Any]
     doc["init_kwargs"].update(change)
     path.with_suffix(".json").write_text(json.dumps(doc))
     with pytest.raises(UserInputError, match="not a usable generator config") as err:
-        load_converted(path)
+        read_converted_base(path)
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
@@ -465,8 +467,8 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """Valid files of every kind, to mutate."""
     folder = tmp_path_factory.mktemp("seeds")
     G = tiny_generator()
-    save_latent(folder / "x.latent", torch.zeros(1, G.num_ws, G.w_dim), torch.zeros(1, 25), "tiny-test")
-    save_anchors(folder / "a.safetensors", torch.zeros(2, G.num_ws, G.w_dim), torch.zeros(2, 25), ["a", "b"])
+    write_latent(folder / "x.latent", Latent(torch.zeros(1, G.num_ws, G.w_dim), torch.zeros(1, 25), "tiny-test"))
+    write_anchors(folder / "a.safetensors", Anchors(torch.zeros(2, G.num_ws, G.w_dim), torch.zeros(2, 25), ["a", "b"]))
     _adapter(folder / "ad.safetensors", G)
     buf = io.BytesIO()
     np.save(buf, np.zeros((1, G.num_ws, G.w_dim), np.float32))
@@ -482,8 +484,8 @@ def _fuzz_file(tmp_path: Path, name: str, data: bytes) -> Path:
 
 
 READERS: dict[str, tuple[str, Callable[[Path], Any]]] = {
-    "latent": ("f.latent", load_latent),
-    "anchors": ("f.safetensors", load_anchors),
+    "latent": ("f.latent", read_latent),
+    "anchors": ("f.safetensors", read_anchors),
     "adapter": ("f.safetensors", read_adapter),
     "npy": ("f.npy", read_npy),
     "pickle": ("f.pkl", lambda p: safe_load(p.open("rb"))),
@@ -552,6 +554,6 @@ def test_fuzz_converted_base_json(key: str, tmp_path: Path) -> None:
         doc = json.loads(json.dumps(original))
         doc[key][field] = value
         path.with_suffix(".json").write_text(json.dumps(doc))
-        _only_project_errors(lambda: load_converted(path))
+        _only_project_errors(lambda: read_converted_base(path))
 
     run()

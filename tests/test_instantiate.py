@@ -17,13 +17,16 @@ import torch
 from official_pkl import write_official_pkl
 from torch import nn
 
+from my3dgen_cli.adapter_file import load_adapter, save_adapter
 from my3dgen_cli.eg3d import build_generator, load_generator
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
 from my3dgen_cli.generators import open_base, open_generator, save_local_base
 from my3dgen_cli.identity import identity_paths
-from my3dgen_cli.lora import add_adapters, base_fingerprint, load_adapter, merge_adapters, save_adapter
-from my3dgen_cli.weights.checkpoint import convert_pkl, load_converted, read_official_pkl, save_converted
+from my3dgen_cli.lora import add_adapters, base_fingerprint, merge_adapters
+from my3dgen_cli.weights.checkpoint import convert_pkl
+from my3dgen_cli.weights.converted import ConvertedBase, read_converted_base, write_converted_base
 from my3dgen_cli.weights.instantiate import skeleton
+from my3dgen_cli.weights.official_pkl import read_official_pkl
 
 
 def _source() -> nn.Module:
@@ -69,8 +72,10 @@ def _assert_same_generator(fast: nn.Module, ref: nn.Module) -> None:
 @pytest.mark.parametrize("dtype", [None, torch.float16])
 def test_converted_base_opens_equal_to_the_old_path(tmp_path: Path, dtype) -> None:
     source = _source()
-    path = save_converted(source.state_dict(), source.config.to_dict(), tmp_path / "b.safetensors", dtype=dtype)
-    state_dict, config = load_converted(path)
+    path = write_converted_base(tmp_path / "b.safetensors", ConvertedBase(source.state_dict(), source.config.to_dict()),
+                                dtype=dtype)
+    base = read_converted_base(path)
+    state_dict, config = base.state_dict, base.config
     assert {t.dtype for t in state_dict.values()} == {dtype or torch.float32}
     rng = torch.get_rng_state()
     fast = load_generator(path)
@@ -104,7 +109,8 @@ def test_identity_on_a_local_base_opens_equal_and_leaves_the_file_alone() -> Non
     save_adapter(source, adapter, "fast-base", base_fingerprint(source))
 
     G, ref, meta = open_generator(identity="ana")
-    state_dict, config = load_converted(path)
+    base = read_converted_base(path)
+    state_dict, config = base.state_dict, base.config
     reference = _reference(state_dict, config)
     load_adapter(reference, adapter, base_sha256=ref.sha256)
     for p in reference.parameters():
@@ -123,7 +129,8 @@ def test_identity_on_a_local_base_opens_equal_and_leaves_the_file_alone() -> Non
 
 def test_parameters_do_not_share_memory(tmp_path: Path) -> None:
     source = _source()
-    G = load_generator(save_converted(source.state_dict(), source.config.to_dict(), tmp_path / "b.safetensors"))
+    G = load_generator(write_converted_base(tmp_path / "b.safetensors",
+                                            ConvertedBase(source.state_dict(), source.config.to_dict())))
     tensors = [*G.parameters(), *G.buffers()]
     assert len({t.untyped_storage().data_ptr() for t in tensors}) == len(tensors)
 
@@ -146,7 +153,7 @@ def test_building_for_shapes_leaves_module_level_tensors_alone() -> None:
     """In a fresh process, taking the shapes first must not touch camera.py's module-level tensor:
     shapes used to be taken under `torch.device("meta")`, which made it a meta tensor for good."""
     code = (
-        "from my3dgen_cli.weights.checkpoint import expected_shapes\n"
+        "from my3dgen_cli.weights.fit import expected_shapes\n"
         "expected_shapes('tiny')\n"
         "from my3dgen_cli.eg3d.camera import lookat_camera, mirror_camera\n"
         "print(float((mirror_camera(lookat_camera(30.0, 5.0)) - lookat_camera(-30.0, 5.0)).abs().max()))\n"

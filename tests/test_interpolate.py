@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from my3dgen_cli import media
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
-from my3dgen_cli.identity import save_latent
+from my3dgen_cli.identity import Latent, write_latent
 from my3dgen_cli.use.interpolate import frame_times, interpolate_cameras, interpolate_latents, slerp
 from my3dgen_cli.use.render import latent_from_seed
 from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
@@ -46,7 +46,7 @@ def test_endpoints_and_counts():
 def test_cli_interpolate(tmp_path):
     G = tiny_generator()
     cam = lookat_camera(15.0, 0.0)
-    save_latent(tmp_path / "a.latent", latent_from_seed(G, 1), cam, base="tiny-test")
+    write_latent(tmp_path / "a.latent", Latent(latent_from_seed(G, 1), cam, base="tiny-test"))
     out = tmp_path / "morph"
     args = ["interpolate", str(tmp_path / "a.latent"), "seed:2", "--frames", "5", "--mode", "slerp",
             "--base", "tiny-test", "-o", str(out), "--json"]
@@ -80,7 +80,7 @@ def test_cli_interpolate(tmp_path):
 def test_cli_interpolate_to_one_video_file(tmp_path):
     """The README's form: `-o morph.mp4` writes that video alone; a missing key is named before any work."""
     G = tiny_generator()
-    save_latent(tmp_path / "a.latent", latent_from_seed(G, 1), lookat_camera(15.0, 0.0), base="tiny-test")
+    write_latent(tmp_path / "a.latent", Latent(latent_from_seed(G, 1), lookat_camera(15.0, 0.0), base="tiny-test"))
     video = tmp_path / "morph.mp4"
     args = ["interpolate", str(tmp_path / "a.latent"), "seed:2", "--frames", "4", "--base", "tiny-test",
             "-o", str(video)]

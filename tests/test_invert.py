@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from my3dgen_cli import media
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d.camera import camera_angles, lookat_camera
-from my3dgen_cli.identity import load_latent, save_latent
+from my3dgen_cli.identity import Latent, read_latent, write_latent
 from my3dgen_cli.use.invert import InvertConfig, invert_image, psnr, rotate_camera, start_latent
 from my3dgen_cli.use.render import latent_from_seed
 from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
@@ -49,8 +49,8 @@ def test_invert_recovers_a_rendered_latent(tmp_path):
     assert start < 26, start
     assert result.psnr > 30, (start, result.psnr, seconds)
     assert result.losses[-1] < result.losses[0] / 5
-    path = save_latent(tmp_path / "x.latent", result.ws, result.camera, base="tiny", space="w+")
-    lat = load_latent(path)
+    path = write_latent(tmp_path / "x.latent", Latent(result.ws, result.camera, base="tiny", space="w+"))
+    lat = read_latent(path)
     with torch.no_grad():
         again = G.synthesis(lat.ws, lat.camera)["image"]
     torch.testing.assert_close(again, result.image, atol=1e-5, rtol=0)
@@ -101,7 +101,7 @@ def test_cli_invert_writes_latent_preview_and_tuned_adapter(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)["results"][0]
     assert res["psnr"] > 0 and "tuned_psnr" in res
-    lat = load_latent(out / "face.latent")
+    lat = read_latent(out / "face.latent")
     assert lat.ws.shape == (1, G.num_ws, G.w_dim) and lat.space == "w+" and lat.extra["adapter"]
     assert (out / "face.adapter.safetensors").is_file()
     with Image.open(out / "face.preview.png") as im:  # target | inversion | tuned

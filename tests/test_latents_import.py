@@ -21,7 +21,7 @@ from my3dgen_cli import media
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d.camera import lookat_camera
 from my3dgen_cli.errors import UserInputError
-from my3dgen_cli.identity import save_latent
+from my3dgen_cli.identity import Latent, write_latent
 from my3dgen_cli.latents import image_stem, open_latent, read_npy
 from my3dgen_cli.personalize import anchors
 from my3dgen_cli.use.render import latent_from_seed
@@ -130,7 +130,7 @@ def test_bad_npy_is_a_user_error_naming_the_file(tmp_path, kind):
 def test_render_npy_equals_render_latent(tmp_path):
     G = tiny_generator()
     ws, cam = _w_plus(G, 3), lookat_camera(25.0, -5.0)
-    save_latent(tmp_path / "ref.latent", ws, cam, base="tiny-test")
+    write_latent(tmp_path / "ref.latent", Latent(ws, cam, base="tiny-test"))
     data = tmp_path / "data"
     data.mkdir()
     np.save(data / "image_0_latent.npy", ws.numpy().astype(np.float32))
@@ -238,7 +238,7 @@ def dataset(person, tmp_path):
 
 
 def test_personalize_uses_the_dataset_latents_and_reproject_projects(dataset, monkeypatch):
-    from my3dgen_cli.identity import identity_paths, load_anchors
+    from my3dgen_cli.identity import identity_paths, read_anchors
 
     folder, latents, cams = dataset
     counter = CountingProjector(monkeypatch)
@@ -247,7 +247,8 @@ def test_personalize_uses_the_dataset_latents_and_reproject_projects(dataset, mo
     said = [line for line in r.stderr.splitlines() if "no projection" in line]
     assert len(said) == 1 and "3 latents" in said[0] and "--reproject" in said[0], r.stderr
     assert counter.photos == 0
-    ws, saved_cams, names = load_anchors(identity_paths("ds").anchors)
+    anchors = read_anchors(identity_paths("ds").anchors)
+    ws, saved_cams, names = anchors.ws, anchors.cameras, anchors.photos
     stored = torch.cat([torch.from_numpy(np.load(folder / f"image_{i}_latent.npy")) for i in range(3)])
     assert torch.equal(ws, stored) and torch.equal(ws, latents)
     assert torch.equal(saved_cams, cams) and names == ["image_0", "image_1", "image_2"]
@@ -256,7 +257,8 @@ def test_personalize_uses_the_dataset_latents_and_reproject_projects(dataset, mo
                             "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["anchors"] == "projected" and counter.photos == 3
-    ws, saved_cams, _ = load_anchors(identity_paths("ds").anchors)
+    anchors = read_anchors(identity_paths("ds").anchors)
+    ws, saved_cams = anchors.ws, anchors.cameras
     assert not torch.equal(ws, stored) and torch.equal(saved_cams, cams)
 
 

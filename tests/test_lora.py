@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from my3dgen_cli.adapter_file import load_adapter, save_adapter
 from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
 from my3dgen_cli.errors import IncompatibleAdapterError
@@ -13,10 +14,8 @@ from my3dgen_cli.lora import (
     add_adapters,
     base_fingerprint,
     count_adapter_parameters,
-    load_adapter,
     merge_adapters,
     remove_adapters,
-    save_adapter,
 )
 
 
@@ -88,8 +87,8 @@ def test_save_load_round_trip_and_wrong_base_is_refused(tmp_path) -> None:
     assert path.stat().st_size < 1_000_000
 
     H = _tiny()
-    meta = load_adapter(H, path)
-    assert meta["rank"] == 1 and meta["extra"] == {"steps": 3}
+    adapter = load_adapter(H, path)
+    assert adapter.config.rank == 1 and adapter.extra == {"steps": 3}
     assert torch.equal(_render(H), adapted)
 
     other = _tiny(seed=1)

@@ -7,24 +7,28 @@ from __future__ import annotations
 import pytest
 import torch
 
+from my3dgen_cli.adapter_file import (
+    ADAPTER_FORMAT,
+    ADAPTER_FORMAT_EXTRAS,
+    AdapterFile,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+    write_adapter,
+)
 from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.lora import (
-    ADAPTER_FORMAT,
-    ADAPTER_FORMAT_EXTRAS,
-    adapter_state_dict,
+    AdapterConfig,
     add_adapters,
     add_extras,
     base_fingerprint,
     count_adapter_parameters,
     extra_names,
-    load_adapter,
+    get_adapter_state,
     match_extras,
     merge_adapters,
-    read_adapter,
     remove_adapters,
-    save_adapter,
-    write_adapter,
 )
 from my3dgen_cli.personalize.pipeline import PersonalizeConfig
 from my3dgen_cli.personalize.training import TrainingInterrupted
@@ -71,14 +75,15 @@ def test_extras_round_trip_unload_and_merge(tmp_path) -> None:
     adapted = _render(G)
     assert (adapted - base).abs().max() > 1e-3
     path = save_adapter(G, tmp_path / "a.safetensors", "tiny", fingerprint)
-    tensors, meta = read_adapter(path)
-    assert meta["format"] == ADAPTER_FORMAT_EXTRAS
+    adapter = read_adapter(path)
+    tensors = adapter.tensors
+    assert adapter.format == ADAPTER_FORMAT_EXTRAS
     assert "backbone.synthesis.b4.const" in tensors and "backbone.synthesis.b4.conv1.lora_A" in tensors
 
     H = _tiny()
     load_adapter(H, path)
     assert torch.equal(_render(H), adapted)
-    assert adapter_state_dict(H).keys() == tensors.keys()
+    assert get_adapter_state(H).keys() == tensors.keys()
     remove_adapters(H)
     assert torch.equal(_render(H), base), "unloading puts the base's own biases back"
     assert base_fingerprint(H) == fingerprint
@@ -93,16 +98,16 @@ def test_extras_round_trip_unload_and_merge(tmp_path) -> None:
 def test_adapter_without_extras_keeps_the_old_format(tmp_path) -> None:
     G = _tiny()
     add_adapters(G, rank=1)
-    _, meta = read_adapter(save_adapter(G, tmp_path / "a.safetensors", "tiny", base_fingerprint(_tiny())))
-    assert meta["format"] == ADAPTER_FORMAT
+    adapter = read_adapter(save_adapter(G, tmp_path / "a.safetensors", "tiny", base_fingerprint(_tiny())))
+    assert adapter.format == ADAPTER_FORMAT
 
 
 def test_an_extra_outside_the_trained_set_is_refused_by_name(tmp_path) -> None:
     G = _personalized()
-    tensors = adapter_state_dict(G)
+    tensors = get_adapter_state(G)
     tensors["backbone.mapping.fc0.weight"] = G.backbone.mapping.fc0.weight.detach().clone()
-    config = {"rank": 1, "alpha": 1.0, "targets": G._my3dgen_adapter_config["targets"], "style": "my3dgen"}
-    path = write_adapter(tmp_path / "bad.safetensors", tensors, config, "tiny", base_fingerprint(_tiny()))
+    config = AdapterConfig(1, 1.0, "my3dgen", G._my3dgen_adapter_config.targets)
+    path = write_adapter(tmp_path / "bad.safetensors", AdapterFile(tensors, config, "tiny", base_fingerprint(_tiny())))
     H = _tiny()
     with pytest.raises(UserInputError, match=r"backbone\.mapping\.fc0\.weight"):
         load_adapter(H, path)
@@ -126,7 +131,7 @@ def test_training_with_extras_trains_them_and_resumes_exactly(tmp_path) -> None:
         _train(person, config, tmp_path / "b", stop_at=3)
     G_resumed, resumed = _train(person, config, tmp_path / "b", resume=True)
     assert resumed.resumed_from == 3 and resumed.log == full.log
-    a, b = adapter_state_dict(G_full), adapter_state_dict(G_resumed)
+    a, b = get_adapter_state(G_full), get_adapter_state(G_resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     without = PersonalizeConfig(steps=5, batch=2, sym=False, checkpoint_every=2, seed=1, train_extras=False)

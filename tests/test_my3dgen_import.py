@@ -22,7 +22,7 @@ from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d.configs import resolve_config
 from my3dgen_cli.generators import local_bases_dir, open_generator
 from my3dgen_cli.weights import my3dgen_snapshot as my3dgen_import
-from my3dgen_cli.weights.checkpoint import save_converted
+from my3dgen_cli.weights.converted import ConvertedBase, write_converted_base
 from my3dgen_cli.weights.my3dgen_snapshot import import_snapshot
 
 runner = CliRunner()
@@ -53,7 +53,7 @@ def _parity_base(shared: Path, name: str = "parity", nudge: str | None = None) -
     weights = {k: v.float() for k, v in load_file(shared / "eg3d_parity" / "weights.safetensors").items()}
     if nudge is not None:
         weights[nudge] = weights[nudge] + 1e-3
-    save_converted(weights, config, local_bases_dir() / f"{name}.safetensors")
+    write_converted_base(local_bases_dir() / f"{name}.safetensors", ConvertedBase(weights, config))
     return name
 
 
@@ -96,11 +96,11 @@ def test_import_on_its_base_reproduces_the_official_outputs(shared_dir, cached_r
 def test_own_base_is_the_base_the_snapshot_started_from(shared_dir, cached_reader) -> None:
     """Without --base the wrap-time copy gives the untrained biases: the stored base is ../shared/eg3d_parity
     bit for bit (so every case matches as on that base), and the identity renders the official outputs."""
-    from my3dgen_cli.weights.checkpoint import load_converted
+    from my3dgen_cli.weights.converted import read_converted_base
 
     result = import_snapshot(shared_dir / SNAPSHOT, "ana")
     assert result.base == "ana-base" and result.base_created
-    stored, _ = load_converted(local_bases_dir() / "ana-base.safetensors")
+    stored = read_converted_base(local_bases_dir() / "ana-base.safetensors").state_dict
     parity = load_file(shared_dir / "eg3d_parity" / "weights.safetensors")
     assert stored.keys() == parity.keys()
     assert all(torch.equal(stored[k].float(), parity[k].float()) for k in parity)
@@ -152,9 +152,9 @@ def test_cli_import_then_render_export_interpolate_invert(shared_dir, tmp_path, 
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     assert doc["merge_max_abs_diff"] <= TOLERANCE and doc["reload_max_abs_diff"] <= TOLERANCE
-    from my3dgen_cli.lora import read_adapter
+    from my3dgen_cli.adapter_file import read_adapter
 
-    trained = read_adapter(isolated_home / "identities" / "ana" / "adapter.safetensors")[0]
+    trained = read_adapter(isolated_home / "identities" / "ana" / "adapter.safetensors").tensors
     assert torch.equal(load_file(merged)["backbone.synthesis.b4.const"], trained["backbone.synthesis.b4.const"])
 
     res = _cli(["interpolate", "seed:0", "seed:1", "--identity", "ana", "--frames", "2", "--strip", "2",
@@ -166,7 +166,7 @@ def test_cli_import_then_render_export_interpolate_invert(shared_dir, tmp_path, 
                 "--steps", "1", "--tune", "1", "--no-lpips", "-o", str(tmp_path / "inv"), "--device", "cpu", "--json"])
     assert res.exit_code == 0, res.output
     tuned = next((tmp_path / "inv").glob("*.adapter.safetensors"))
-    tensors, _ = read_adapter(tuned)
+    tensors = read_adapter(tuned).tensors
     assert "backbone.synthesis.b4.const" in tensors, "a tuned imported identity keeps its trained extras"
 
 

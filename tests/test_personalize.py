@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from my3dgen_cli.adapter_file import load_adapter
 from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.eg3d.camera import lookat_camera
 from my3dgen_cli.lora import (
@@ -19,7 +20,6 @@ from my3dgen_cli.lora import (
     add_adapters,
     count_adapter_parameters,
     extra_names,
-    load_adapter,
     remove_adapters,
 )
 from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, Photos, describe_identity, personalize
@@ -182,8 +182,8 @@ def test_personalize_writes_identity_folder_and_round_trips(person):
     assert info["base"] == "tiny-test" and info["photos"] == 3 and info["parameters"] == result.parameters
     # Round trip: the saved adapter on a fresh base renders exactly what the trained generator renders.
     G2 = _fresh(person)
-    meta = load_adapter(G2, folder / "adapter.safetensors")
-    assert meta["extra"]["config"]["steps"] == 4
+    adapter = load_adapter(G2, folder / "adapter.safetensors")
+    assert adapter.extra["config"]["steps"] == 4
     assert all(torch.equal(a, b) for a, b in zip(_views(G, w, [25.0]), _views(G2, w, [25.0]), strict=True))
     with pytest.raises(ValueError, match="already exists"):
         personalize(photos, "ana", config, base="tiny-test", generator=_fresh(person), nets=LossNets(lp, lp, None))
@@ -273,7 +273,7 @@ def test_cli_personalize_end_to_end(person, tmp_path):
 @pytest.mark.slow
 def test_rank1_adapter_on_ffhq512_is_small(tmp_path):
     """The paper's budget: rank 1 on the default targets of ffhq512-128 is 219,174 parameters, < 1 MB on disk."""
-    from my3dgen_cli.lora import save_adapter
+    from my3dgen_cli.adapter_file import save_adapter
 
     G = build_generator("ffhq512-128")
     add_adapters(G, rank=1, generator=torch.Generator().manual_seed(0))
@@ -291,7 +291,7 @@ def test_cli_personalize_real_photo_through_faces(person, tmp_path):
 
     from my3dgen_cli.eg3d.camera import camera_angles
     from my3dgen_cli.generators import save_local_base
-    from my3dgen_cli.identity import identity_paths, load_anchors
+    from my3dgen_cli.identity import identity_paths, read_anchors
 
     save_local_base(_fresh(person), "tiny-test")
     folder = tmp_path / "photos"
@@ -302,7 +302,8 @@ def test_cli_personalize_real_photo_through_faces(person, tmp_path):
     result = _cli(["personalize", str(folder), "--name", "astro", "--base", "tiny-test", "--steps", "1",
                    "--anchor-steps", "1", "--device", "cpu", "--quiet"])
     assert result.exit_code == 0, result.output
-    ws, cams, names = load_anchors(identity_paths("astro").anchors)
+    anchors = read_anchors(identity_paths("astro").anchors)
+    ws, cams, names = anchors.ws, anchors.cameras, anchors.photos
     yaw, pitch = camera_angles(cams)
     assert sorted(names) == ["front", "mirror"] and ws.shape[0] == 2
     assert float(yaw[0]) == pytest.approx(-float(yaw[1]), abs=1e-3)

@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from my3dgen_cli.lora import read_adapter
+from my3dgen_cli.adapter_file import read_adapter
 from my3dgen_cli.personalize.distributed import Dist, identity_seed, shard
 from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, write_photos
 
@@ -77,7 +77,7 @@ def _cli(args: list[str]):
 def _adapter(name: str) -> dict[str, torch.Tensor]:
     from my3dgen_cli.identity import identity_paths
 
-    return read_adapter(identity_paths(name).adapter)[0]
+    return read_adapter(identity_paths(name).adapter).tensors
 
 
 def _assert_same_adapter(a: dict, b: dict, atol: float) -> None:
@@ -92,7 +92,7 @@ TRAIN = ["--base", "tiny-test", "--steps", "4", "--anchor-steps", "2", "--batch"
 
 
 def test_two_ranks_equal_one_process(setup):
-    from my3dgen_cli.identity import identity_paths, load_anchors
+    from my3dgen_cli.identity import identity_paths, read_anchors
 
     proc = _torchrun(["personalize", str(setup), "--name", "ddp", *TRAIN, "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,7 +101,7 @@ def test_two_ranks_equal_one_process(setup):
     _cli(["personalize", str(setup), "--name", "one", *TRAIN, "--quiet"])
     _assert_same_adapter(_adapter("ddp"), _adapter("one"), ATOL)
     # Anchors: chunk 0 (photos 0-3) on rank 0, chunk 1 (photo 4) on rank 1, broadcast: same as one process.
-    ws_ddp, ws_one = load_anchors(identity_paths("ddp").anchors)[0], load_anchors(identity_paths("one").anchors)[0]
+    ws_ddp, ws_one = read_anchors(identity_paths("ddp").anchors).ws, read_anchors(identity_paths("one").anchors).ws
     assert torch.allclose(ws_ddp, ws_one, atol=1e-6)
     log_ddp = json.loads(identity_paths("ddp").log.read_text())["steps"]
     log_one = json.loads(identity_paths("one").log.read_text())["steps"]
@@ -111,7 +111,7 @@ def test_two_ranks_equal_one_process(setup):
 
 
 def test_anchor_crash_on_two_ranks_resumes_from_the_finished_rounds(setup, person, tmp_path):
-    from my3dgen_cli.identity import identity_paths, load_anchors, load_partial_anchors
+    from my3dgen_cli.identity import identity_paths, read_anchors, read_partial_anchors
 
     # 9 photos = anchor chunks 0, 1, 2: round 1 is chunk 0 on rank 0 and chunk 1 on rank 1; round 2 is
     # chunk 2 on rank 0, which crashes as it starts it.
@@ -120,14 +120,14 @@ def test_anchor_crash_on_two_ranks_resumes_from_the_finished_rounds(setup, perso
     first = _torchrun([*args, "--quiet"], MY3DGEN_TEST_FAIL="0:anchors:2")
     assert first.returncode != 0 and "anchor chunk 2" in first.stderr, first.stderr[-3000:]
     ip = identity_paths("ddp")
-    partial = load_partial_anchors(ip.partial_anchors)
-    assert partial is not None and partial[0].shape[0] == 8 and not ip.anchors.exists()
+    partial = read_partial_anchors(ip.partial_anchors)
+    assert partial is not None and partial.ws.shape[0] == 8 and not ip.anchors.exists()
     second = _torchrun([*args, "--resume"])  # human mode: rank 0 says what it reuses
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reusing 8 of 9 photos" in second.stderr + second.stdout
     assert not ip.partial_anchors.exists()
     _cli(["personalize", str(photos), "--name", "one", *TRAIN, "--quiet"])
-    ws_ddp, ws_one = load_anchors(ip.anchors)[0], load_anchors(identity_paths("one").anchors)[0]
+    ws_ddp, ws_one = read_anchors(ip.anchors).ws, read_anchors(identity_paths("one").anchors).ws
     assert torch.equal(ws_ddp[:8], partial[0])
     assert torch.allclose(ws_ddp, ws_one, atol=1e-6)
     _assert_same_adapter(_adapter("ddp"), _adapter("one"), ATOL)

@@ -21,7 +21,7 @@ from zoo_server import FileServer, serving, tree_listing
 
 from my3dgen_cli import paths
 from my3dgen_cli.eg3d import build_generator
-from my3dgen_cli.weights.checkpoint import load_converted
+from my3dgen_cli.weights.converted import read_converted_base
 from my3dgen_cli.zoo import cache as zoo
 from my3dgen_cli.zoo import download
 
@@ -226,7 +226,7 @@ def test_fetch_of_a_base_redoes_a_damaged_blob_or_conversion(warm: FileServer, p
     assert result.exit_code == 0, result.output
     # Converted again from the kept .pkl (a new conversion id, so a new file hash), nothing downloaded.
     assert download.sha256_file(converted) == zoo.read_ref("good-base")["converted_sha256"]
-    assert zoo.resolve_base("good-base") == converted and load_converted(converted)[0]
+    assert zoo.resolve_base("good-base") == converted and read_converted_base(converted).state_dict
     assert warm.state.gets("/good.pkl") == [None]
 
     blob = zoo._root() / ref["blob"]

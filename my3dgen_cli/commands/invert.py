@@ -110,7 +110,7 @@ def invert(
     use_lpips: Annotated[bool, typer.Option("--lpips/--no-lpips", help="LPIPS-VGG loss (if cached).")] = True,
 ) -> None:
     from my3dgen_cli import media
-    from my3dgen_cli.identity import identity_anchors, save_latent
+    from my3dgen_cli.identity import Latent, identity_anchors, write_latent
     from my3dgen_cli.use.invert import InvertConfig, invert_image
     from my3dgen_cli.use.render import check_degrees
 
@@ -163,9 +163,9 @@ def invert(
             net = net.to(dev)
     original = None
     if tune:
-        from my3dgen_cli.lora import adapter_state_dict
+        from my3dgen_cli.lora import get_adapter_state
 
-        original = adapter_state_dict(G)  # the identity's adapter, restored after each image
+        original = get_adapter_state(G)  # the identity's adapter, restored after each image
 
     results, rows = [], []
     with output.progress() as bar:
@@ -187,8 +187,8 @@ def invert(
                 preview.append(media.to_uint8(_render(G, res)))
                 entry.update(tuned_psnr=round(psnr_t, 3), tuned_lpips=None if lpips_t is None else round(lpips_t, 4))
                 _restore(G, original)
-            save_latent(row[0][1], res.ws, res.camera, base=ref.name, identity=opts.identity,
-                        space=space, extra=extra)
+            write_latent(row[0][1], Latent(res.ws, res.camera, base=ref.name, identity=opts.identity,
+                                           space=space, extra=extra))
             media.write_png(row[1][1], media.grid(preview))
             entry["files"] = {k: str(p) for k, p in row}
             results.append(entry)
@@ -218,7 +218,7 @@ def _tune(G, res, target, steps, rank, net, cfg, original, bar, task):
 
 
 def save_adapter_tuned(G, path: Path, ref, identity: str | None, stem: str) -> None:
-    from my3dgen_cli.lora import save_adapter
+    from my3dgen_cli.adapter_file import save_adapter
 
     save_adapter(G, path, base_name=ref.name, base_sha256=ref.sha256,
                  extra={"pti_for": stem, "tuned_from": identity or "base"})

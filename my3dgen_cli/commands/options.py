@@ -195,10 +195,10 @@ def open_model(base: str | None, identity: str | None, adapter: Path | None, dev
     if adapter is None:
         G, ref, _ = open_generator(base=base, identity=identity, device=dev)
         return G, ref, dev
-    from my3dgen_cli.lora import load_adapter, read_adapter
+    from my3dgen_cli.adapter_file import load_adapter, read_adapter
 
     if base is None:
-        base = read_adapter(adapter)[1]["base_name"]
+        base = read_adapter(adapter).base_name
     G, ref = open_base(base, device=dev)
     load_adapter(G, adapter, base_sha256=ref.sha256)
     G.to(dev)

@@ -118,9 +118,9 @@ def demo_base(fast: bool, out: Output, rebuild: bool = False) -> tuple[str, Path
 def build_demo_pair(name: str, cfg: Any, out: Output) -> Path:
     """Fit the demo base and its hidden person from the recipe; cache them as local base `name` and
     `<name>.person.safetensors` beside it. Returns the person adapter's path."""
+    from my3dgen_cli.adapter_file import save_adapter
     from my3dgen_cli.demo import base as db
     from my3dgen_cli.generators import local_bases_dir, open_base, save_local_base
-    from my3dgen_cli.lora import save_adapter
 
     person = local_bases_dir() / f"{name}.person.safetensors"
     out.info(f"fitting the demo base {name!r} from its recipe (minutes; cached in {local_bases_dir()})")
@@ -145,10 +145,10 @@ def build_demo_pair(name: str, cfg: Any, out: Output) -> Path:
 
 def synthetic_photos(base: str, person_adapter: Path, photo_dir: Path) -> tuple[Any, Any]:
     """Render the hidden person: (training Photos, held-out Photos); PNGs + dataset.json written."""
+    from my3dgen_cli.adapter_file import load_adapter
     from my3dgen_cli.demo import base as db
     from my3dgen_cli.eg3d.camera import camera_rig
     from my3dgen_cli.generators import open_base
-    from my3dgen_cli.lora import load_adapter
     from my3dgen_cli.personalize.pipeline import Photos
 
     G, ref = open_base(base)
@@ -183,8 +183,8 @@ def check_demo_identity(force: bool) -> None:
     An empty or absent folder is free; anything else (the user's identity, a broken or unfinished one)
     is kept unless `force`.
     """
+    from my3dgen_cli.adapter_file import read_adapter
     from my3dgen_cli.identity import identity_paths
-    from my3dgen_cli.lora import read_adapter
 
     ip = identity_paths(IDENTITY)
     if force or not ip.root.is_dir() or not any(ip.root.iterdir()):
@@ -192,7 +192,7 @@ def check_demo_identity(force: bool) -> None:
     made_by = None
     if ip.adapter.is_file():
         try:
-            extra = read_adapter(ip.adapter)[1].get("extra")
+            extra = read_adapter(ip.adapter).extra
         except (My3DGenError, ValueError, KeyError, TypeError):  # unreadable: not provably the demo's
             extra = None
         made_by = extra.get("made_by") if isinstance(extra, dict) else None
@@ -268,7 +268,7 @@ def run_demo(
     t = stage("personalize", t)
 
     from my3dgen_cli.generators import open_generator
-    from my3dgen_cli.identity import identity_anchors, identity_paths, save_latent
+    from my3dgen_cli.identity import Latent, identity_anchors, identity_paths, write_latent
     from my3dgen_cli.personalize.anchors import resize
     from my3dgen_cli.use.invert import InvertConfig, invert_image
 
@@ -279,7 +279,7 @@ def run_demo(
     target = resize(held.images[:1].float(), res).to(dev)
     inv = invert_image(G, target, held.cameras[:1].to(dev), anchors=anchors,
                        config=InvertConfig(steps=settings.invert_steps, space="w", lpips_weight=0.0))
-    files["latent"] = save_latent(out_dir / "heldout.latent", inv.ws, inv.camera, ref.name, IDENTITY, "w")
+    files["latent"] = write_latent(out_dir / "heldout.latent", Latent(inv.ws, inv.camera, ref.name, IDENTITY, "w"))
     t = stage("invert", t)
 
     from my3dgen_cli.eg3d.camera import camera_rig

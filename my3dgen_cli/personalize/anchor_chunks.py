@@ -72,12 +72,12 @@ def _check_fingerprint(path: Path, saved: dict[str, Any], now: dict[str, Any]) -
 
 def _reuse(path: Path, fingerprint: dict[str, Any], n: int, shape: tuple[int, int]) -> torch.Tensor | None:
     """The saved anchors of the first M photos (a whole number of chunks), checked; None if no file."""
-    from my3dgen_cli.identity import load_partial_anchors
+    from my3dgen_cli.identity import read_partial_anchors
 
-    loaded = load_partial_anchors(path)
+    loaded = read_partial_anchors(path)
     if loaded is None:
         return None
-    ws, saved = loaded
+    ws, saved = loaded.ws, loaded.fingerprint
     _check_fingerprint(path, saved, fingerprint)
     m = ws.shape[0]
     if ws.ndim != 3 or tuple(ws.shape[1:]) != shape or m > n or (m % CHUNK and m != n):
@@ -108,7 +108,7 @@ def project_anchors(
     against `fingerprint`; every rank reads it). on_step(step, loss) after each projection step;
     on_reused(photos) once when saved anchors were reused. Raises AnchorsInterrupted on Ctrl-C.
     """
-    from my3dgen_cli.identity import save_partial_anchors
+    from my3dgen_cli.identity import PartialAnchors, write_partial_anchors
 
     n = images.shape[0]
     ws = torch.empty(n, G.num_ws, G.w_dim, device=images.device)
@@ -137,7 +137,7 @@ def project_anchors(
                 ws[part] = broadcast_(ws[part].contiguous(), owner, world)
             finished = min(starts[chunks[-1]] + CHUNK, n)
             if partial is not None and world.is_main and finished < n:
-                save_partial_anchors(partial, ws[:finished], fingerprint or {})
+                write_partial_anchors(partial, PartialAnchors(ws[:finished], fingerprint or {}))
             done = finished  # only now: a Ctrl-C during the save leaves the previous file (atomic write)
     except KeyboardInterrupt:
         saved_path = partial if partial is not None and partial.is_file() else None

@@ -308,8 +308,9 @@ def personalize(
     Raises UserInputError for unusable photos or an existing identity, AnchorsInterrupted or
     TrainingInterrupted on Ctrl-C (exit code 130; both leave what --resume needs).
     """
-    from my3dgen_cli.identity import identity_paths, save_anchors
-    from my3dgen_cli.lora import base_fingerprint, count_adapter_parameters, save_adapter
+    from my3dgen_cli.adapter_file import save_adapter
+    from my3dgen_cli.identity import Anchors, identity_paths, write_anchors
+    from my3dgen_cli.lora import base_fingerprint, count_adapter_parameters
     from my3dgen_cli.personalize.anchor_chunks import anchor_fingerprint
     from my3dgen_cli.personalize.training import train_adapter
 
@@ -347,9 +348,9 @@ def personalize(
         nets = (nets or LossNets.load(config, offline=offline, output=out)).to(dev)
         images, cameras = photos.images.to(dev), photos.cameras.to(dev)
         if resume and ip.anchors.is_file():
-            from my3dgen_cli.identity import load_anchors
+            from my3dgen_cli.identity import read_anchors
 
-            ws = load_anchors(ip.anchors)[0].to(dev)
+            ws = read_anchors(ip.anchors).ws.to(dev)
             if ws.shape[0] != images.shape[0]:
                 raise UserInputError(f"--resume: the saved anchors hold {ws.shape[0]} photos, got {images.shape[0]}")
         elif given_ws is not None:
@@ -361,8 +362,8 @@ def personalize(
             if world.is_main:
                 if not resume:
                     shutil.rmtree(ip.checkpoints, ignore_errors=True)
-                save_anchors(ip.anchors, ws, cameras, photos.names,
-                             {"base": base, "space": latent_space(ws), "source": "dataset"})
+                write_anchors(ip.anchors, Anchors(ws, cameras, photos.names,
+                                                  {"base": base, "space": latent_space(ws), "source": "dataset"}))
             world.barrier()
         else:
             if not resume and world.is_main:
@@ -371,7 +372,8 @@ def personalize(
                           anchor_fingerprint(config, photos.names, base, fingerprint, nets.anchor_lpips),
                           resume, world, bar, out)
             if world.is_main:
-                save_anchors(ip.anchors, ws, cameras, photos.names, {"base": base, "space": config.anchor_space})
+                anchor_extra = {"base": base, "space": config.anchor_space}
+                write_anchors(ip.anchors, Anchors(ws, cameras, photos.names, anchor_extra))
                 ip.partial_anchors.unlink(missing_ok=True)
             world.barrier()
         sym_distance = None
@@ -442,13 +444,13 @@ def _write_reports(G: nn.Module, ip: Any, images: torch.Tensor, cameras: torch.T
 
 def describe_identity(name: str) -> dict[str, Any]:
     """name, base, parameters, adapter size (bytes), photos, created: for `my3dgen identities`."""
+    from my3dgen_cli.adapter_file import read_adapter
     from my3dgen_cli.identity import identity_paths
-    from my3dgen_cli.lora import read_adapter
 
     ip = identity_paths(name)
-    tensors, meta = read_adapter(ip.adapter)
-    extra = meta.get("extra", {})
+    adapter = read_adapter(ip.adapter)
+    extra = adapter.extra
     created = extra.get("created") or datetime.fromtimestamp(ip.adapter.stat().st_mtime, timezone.utc).isoformat(
         timespec="seconds")
-    return {"name": name, "base": meta.get("base_name", ""), "parameters": sum(t.numel() for t in tensors.values()),
+    return {"name": name, "base": adapter.base_name, "parameters": sum(t.numel() for t in adapter.tensors.values()),
             "bytes": ip.adapter.stat().st_size, "photos": len(extra.get("photos", [])), "created": created}

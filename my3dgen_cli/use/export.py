@@ -178,7 +178,7 @@ def merged_generator(
 def export_safetensors(G: nn.Module, path: str | Path, source: dict[str, Any] | None = None,
                        fp16: bool = False) -> Path:
     """The merged generator in the converted format (safetensors + .json): loadable as a base."""
-    from my3dgen_cli.weights.checkpoint import save_converted
+    from my3dgen_cli.weights.converted import ConvertedBase, write_converted_base
 
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -191,7 +191,7 @@ def export_safetensors(G: nn.Module, path: str | Path, source: dict[str, Any] | 
         if "rendering_kwargs" in holder:
             holder["rendering_kwargs"] = copy.deepcopy(G.rendering_kwargs)
     config["source"] = dict(source or {})
-    return save_converted(G.state_dict(), config, path, dtype=torch.float16 if fp16 else None)
+    return write_converted_base(path, ConvertedBase(G.state_dict(), config), dtype=torch.float16 if fp16 else None)
 
 
 def check_inputs(G: nn.Module, batch_sizes: Sequence[int] = (1, 2), with_mapping: bool = False,

@@ -1,11 +1,11 @@
 """Base weight fingerprints: hashed once when a converted base is written, then read back.
 
 An adapter records the fingerprint of the base it was trained on and refuses any other base
-(`lora.load_adapter`). Hashing all 30.7 M weights of a full-size base costs a noticeable fraction
-of a second, so `save_converted` stores the value in the base's JSON sidecar::
+(`adapter_file.load_adapter`). Hashing all 30.7 M weights of a full-size base costs a noticeable fraction
+of a second, so `write_converted_base` stores the value in the base's JSON sidecar::
 
     "fingerprint": {"sha256": "<hex>", "size": <bytes of the .safetensors>,
-                    "mtime_ns": <its modification time>}
+                    "mtime_ns": <its modification time>, "finite": <every weight checked finite>}
 
 The stored value is trusted only while the weights file still has that size and modification time
 (the quick check of make and rsync): a file edited, replaced or copied since is hashed again, and
@@ -52,9 +52,10 @@ def weights_stamp(weights: str | Path) -> dict[str, int] | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def record(sha256: str, stamp: dict[str, int]) -> dict[str, Any]:
-    """The sidecar entry for weights with fingerprint `sha256` and file stamp `stamp`."""
-    return {"sha256": sha256, **stamp}
+def record(sha256: str, stamp: dict[str, int], finite: bool = False) -> dict[str, Any]:
+    """The sidecar entry for weights with fingerprint `sha256` and file stamp `stamp`; finite: every weight
+    of that file was checked finite (`converted.read_converted_base` then skips the check)."""
+    return {"sha256": sha256, **stamp, "finite": finite}
 
 
 def stored_fingerprint(weights: str | Path, stamp: dict[str, int] | None) -> str | None:
@@ -74,8 +75,9 @@ def stored_fingerprint(weights: str | Path, stamp: dict[str, int] | None) -> str
     return entry["sha256"]
 
 
-def store_fingerprint(weights: str | Path, sha256: str, stamp: dict[str, int]) -> bool:
-    """Record `sha256` in the sidecar of `weights` (atomic rewrite of the JSON only); True if written.
+def store_fingerprint(weights: str | Path, sha256: str, stamp: dict[str, int], finite: bool = False) -> bool:
+    """Record `sha256` (and `finite`, see `record`) in the sidecar of `weights` (atomic rewrite of the JSON
+    only); True if written.
 
     Best effort: skipped when the weights changed since `stamp` was taken, the sidecar is unreadable,
     or its folder is read-only. The next open then hashes again, as before this cache existed.
@@ -84,7 +86,7 @@ def store_fingerprint(weights: str | Path, sha256: str, stamp: dict[str, int]) -
     doc = _read_sidecar(weights)
     if doc is None or weights_stamp(weights) != stamp:
         return False
-    doc[KEY] = record(sha256, stamp)
+    doc[KEY] = record(sha256, stamp, finite)
     try:
         write_text_atomic(weights.with_suffix(".json"), json.dumps(doc, indent=1, allow_nan=False) + "\n")
     except (OSError, ValueError):

@@ -119,7 +119,7 @@ def parse_snapshot(g_ema: Any) -> Snapshot:
 
     Raises UserInputError naming the first tensor that is not where a known wrapper puts it.
     """
-    from my3dgen_cli.weights.checkpoint import checkpoint_from_record
+    from my3dgen_cli.weights.official_pkl import checkpoint_from_record
 
     config = checkpoint_from_record(g_ema).config()
     snap = Snapshot(config, {}, {}, {})
@@ -335,10 +335,12 @@ def import_snapshot(path: str | Path, name: str, base: str | None = None, force:
                     offline: bool | None = None) -> ImportResult:
     """`identities import`: read, check and convert a My3DGen snapshot; write identities/<name>/adapter.safetensors
     (and, without `base`, a local base `<name>-base`). Nothing is written before every check passed."""
+    from my3dgen_cli.adapter_file import AdapterFile, write_adapter
     from my3dgen_cli.generators import local_bases_dir, open_base
     from my3dgen_cli.identity import building_identity, check_name, identity_paths
-    from my3dgen_cli.lora import DEFAULT_TARGETS, write_adapter
-    from my3dgen_cli.weights.checkpoint import save_converted, sha256_file
+    from my3dgen_cli.lora import DEFAULT_TARGETS, AdapterConfig
+    from my3dgen_cli.weights.checkpoint import sha256_file
+    from my3dgen_cli.weights.converted import ConvertedBase, write_converted_base
     from my3dgen_cli.weights.fingerprint import state_fingerprint
 
     check_name(name)
@@ -372,14 +374,15 @@ def import_snapshot(path: str | Path, name: str, base: str | None = None, force:
     if base_file is not None:
         config = {**snap.config, "source": {"file": path.name, "sha256": sha, "network": _NETWORK,
                                             "format": "my3dgen-snapshot", "frozen_weights_only": True}}
-        save_converted(state, config, base_file)
-    config = {"rank": converted.rank, "alpha": converted.alpha, "targets": list(DEFAULT_TARGETS), "style": "my3dgen"}
+        write_converted_base(base_file, ConvertedBase(state, config))
+    config = AdapterConfig(converted.rank, converted.alpha, "my3dgen", DEFAULT_TARGETS)
     lora_n = sum(t.numel() for t in converted.factors.values())
     extra_n = sum(t.numel() for t in converted.extras.values())
     meta = {"imported_from": {"file": path.name, "sha256": sha, "format": "my3dgen-snapshot", "network": _NETWORK},
             "parameters": lora_n + extra_n, "lora_parameters": lora_n, "extra_parameters": extra_n,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "version": __version__}
     with building_identity(name) as new:  # an old identity of this name stays whole until the swap
-        write_adapter(new.adapter, {**converted.factors, **converted.extras}, config, base_name, base_sha, meta)
+        tensors = {**converted.factors, **converted.extras}
+        write_adapter(new.adapter, AdapterFile(tensors, config, base_name, base_sha, meta))
     return ImportResult(name, ip.root, base_name, base_file is not None, converted.rank, converted.alpha, lora_n,
                         extra_n, ip.adapter.stat().st_size, notes)

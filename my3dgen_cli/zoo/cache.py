@@ -185,7 +185,7 @@ def _strip_path(message: str, part: Path) -> str:
 def _open_check(entry: Entry, path: Path) -> None:
     """Open `path` as `entry.format` (without running anything in it); a file that does not open raises."""
     if entry.format == "eg3d-pkl":
-        from my3dgen_cli.weights.checkpoint import read_official_pkl
+        from my3dgen_cli.weights.official_pkl import read_official_pkl
 
         read_official_pkl(path)
     elif entry.format == "safetensors":
@@ -215,7 +215,7 @@ def _refusal(entry: Entry, err: My3DGenError, user_file: Path | None = None) -> 
 
 
 def _advice(entry: Entry, err: My3DGenError, user_file: Path | None) -> str:
-    from my3dgen_cli.weights.checkpoint import ConfigMismatchError
+    from my3dgen_cli.weights.fit import ConfigMismatchError
 
     if isinstance(err, ConfigMismatchError):
         where = user_file or "FILE.pkl"
@@ -727,7 +727,7 @@ def remove_local_base(name: str) -> dict[str, Any]:
 def verify_local_bases() -> list[dict[str, Any]]:
     """Reread every local base (`bases/NAME.safetensors` + `.json`): it must open as a converted base, and its
     weights must still have the fingerprint recorded when it was first opened (identities made on it record it)."""
-    from my3dgen_cli.weights.checkpoint import load_converted
+    from my3dgen_cli.weights.converted import read_converted_base
     from my3dgen_cli.weights.fingerprint import KEY, state_fingerprint
 
     folder = _bases_dir()
@@ -735,7 +735,8 @@ def verify_local_bases() -> list[dict[str, Any]]:
     for weights in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
         status, detail = "ok", "opens; no fingerprint recorded yet"
         try:
-            state, config = load_converted(weights)
+            base = read_converted_base(weights, full_check=True)
+            state, config = base.state_dict, base.config
         except My3DGenError as err:
             results.append({"name": weights.stem, "status": "corrupt", "detail": str(err)})
             continue
