@@ -219,8 +219,8 @@ def read_partial_anchors(path: Path) -> PartialAnchors | None:
         for key, kind in _FINGERPRINT_TYPES.items():
             value = fingerprint.get(key)
             if key in fingerprint and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
-                raise UserInputError(f"{path}: fingerprint {key} is {shown(value)}, expected a "
-                                     f"{kind.__name__ if isinstance(kind, type) else 'number'}")
+                wanted = kind.__name__ if isinstance(kind, type) else "number"
+                raise UserInputError(f"{path}: fingerprint {key} is {shown(value)}, expected {wanted}")
         if not all(isinstance(name, str) for name in fingerprint.get("photos", [])):
             raise UserInputError(f"{path}: fingerprint photos holds a non-string, expected photo names")
     except UserInputError as err:
@@ -266,7 +266,9 @@ def read_latent(path: str | Path) -> Latent:
     """A `.latent` file, checked: format, ws [1, num_ws, w_dim] and camera [1, 25] float and finite, space,
     extra a JSON object."""
     path = Path(path)
-    tensors, meta = read_tagged(path, "latent", (LATENT_FORMAT,), ("ws", "camera"))
+    if not path.is_file():
+        raise UserInputError(f"latent file not found: {path}")
+    tensors, meta = read_tagged(path, ".latent", (LATENT_FORMAT,), ("ws", "camera"))
     ws, camera = tensors["ws"].float(), tensors["camera"].float()
     if ws.ndim != 3 or ws.shape[0] != 1 or 0 in ws.shape or tuple(camera.shape) != (1, 25):
         raise UserInputError(f"{path}: got ws {list(ws.shape)} and camera {list(camera.shape)}, "

@@ -117,7 +117,9 @@ def camera_beside(latent: str | Path) -> Any:
 
 
 def read_npy_latent(path: str | Path, num_ws: int, w_dim: int) -> Any:
-    """An `.npy` latent (no format tag: a foreign format my3dgen only reads) as an identity.Latent (ws [1, num_ws, w_dim], camera from dataset.json or None)."""
+    """An `.npy` latent as an identity.Latent (ws [1, num_ws, w_dim], camera from dataset.json or None).
+
+    A foreign format (EG3D-projector, PTI, My3DGen): no format tag, and my3dgen never writes one."""
     from my3dgen_cli.identity import Latent
 
     ws = to_ws(read_npy(path), num_ws, w_dim, path)

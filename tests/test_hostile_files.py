@@ -33,7 +33,18 @@ from typer.testing import CliRunner
 from my3dgen_cli.adapter_file import read_adapter, save_adapter
 from my3dgen_cli.cli import app
 from my3dgen_cli.errors import My3DGenError, UserInputError
-from my3dgen_cli.identity import Anchors, Latent, identity_paths, read_anchors, read_latent, write_anchors, write_latent
+from my3dgen_cli.identity import (
+    Anchors,
+    Latent,
+    PartialAnchors,
+    identity_paths,
+    read_anchors,
+    read_latent,
+    read_partial_anchors,
+    write_anchors,
+    write_latent,
+    write_partial_anchors,
+)
 from my3dgen_cli.latents import read_npy
 from my3dgen_cli.lora import DEFAULT_TARGETS, add_adapters, base_fingerprint
 from my3dgen_cli.weights.converted import ConvertedBase, read_converted_base, write_converted_base
@@ -297,6 +308,54 @@ def test_hostile_anchors_are_refused_by_render(case: str, tiny_base, tmp_path: P
     assert "anchors.safetensors" in line
 
 
+_FINGERPRINT = {"photos": ["a.png"], "base": "tiny-test", "base_sha256": "0" * 64, "anchor_steps": 2,
+                "anchor_space": "w", "anchor_lr": 0.01, "chunk": 4, "anchor_lpips": False}
+PARTIAL_ANCHOR_CASES: dict[str, tuple[dict[str, torch.Tensor], dict[str, str | None], str]] = {
+    "partial anchors NaN": ({"ws": torch.full((4, 2, 8), float("nan"))}, {}, "NaN or Inf"),
+    "partial anchors Inf": ({"ws": torch.full((4, 2, 8), float("inf"))}, {}, "NaN or Inf"),
+    "partial anchors integer": ({"ws": torch.zeros(4, 2, 8, dtype=torch.int32)}, {}, "expected floating point"),
+    "partial anchors 2-D": ({"ws": torch.zeros(4, 8)}, {}, "expected [M, num_ws, w_dim]"),
+    "partial anchors empty": ({"ws": torch.zeros(0, 2, 8)}, {}, "expected [M, num_ws, w_dim]"),
+    "partial anchors without ws": ({"x": torch.zeros(4, 2, 8)}, {}, "has no 'ws' tensor"),
+    "partial anchors wrong format": ({"ws": torch.zeros(4, 2, 8)}, {"format": "my3dgen-anchors/1"}, "got format"),
+    "partial anchors no fingerprint": ({"ws": torch.zeros(4, 2, 8)}, {"fingerprint": None}, "no 'fingerprint'"),
+    "partial anchors fingerprint not JSON": ({"ws": torch.zeros(4, 2, 8)}, {"fingerprint": "{"}, "not valid JSON"),
+    "partial anchors fingerprint a list": ({"ws": torch.zeros(4, 2, 8)}, {"fingerprint": "[]"},
+                                           "fingerprint metadata is a list"),
+    "partial anchors steps a string": ({"ws": torch.zeros(4, 2, 8)},
+                                       {"fingerprint": json.dumps({**_FINGERPRINT, "anchor_steps": "2"})},
+                                       "fingerprint anchor_steps is '2', expected int"),
+    "partial anchors lpips a number": ({"ws": torch.zeros(4, 2, 8)},
+                                       {"fingerprint": json.dumps({**_FINGERPRINT, "anchor_lpips": 1})},
+                                       "fingerprint anchor_lpips is 1"),
+    "partial anchors photo not a name": ({"ws": torch.zeros(4, 2, 8)},
+                                         {"fingerprint": json.dumps({**_FINGERPRINT, "photos": [1]})},
+                                         "photos holds a non-string"),
+}
+
+
+@pytest.mark.parametrize("case", list(PARTIAL_ANCHOR_CASES))
+def test_hostile_partial_anchors_are_refused(case: str, tmp_path: Path) -> None:
+    """The partial-anchors file `personalize --resume` reads: checked as anchors are, one line saying how to
+    start over."""
+    tensors, meta, fragment = PARTIAL_ANCHOR_CASES[case]
+    full_meta = {"format": "my3dgen-partial-anchors/1", "fingerprint": json.dumps(_FINGERPRINT), **meta}
+    path = tmp_path / "anchors.partial.safetensors"
+    save_file(tensors, str(path), metadata={k: v for k, v in full_meta.items() if v is not None})
+    with pytest.raises(UserInputError) as err:
+        read_partial_anchors(path)
+    line = str(err.value)
+    assert fragment in line and str(path) in line and "without --resume" in line and "\n" not in line, line
+
+
+def test_partial_anchors_round_trip(tmp_path: Path) -> None:
+    ws = torch.randn(4, 2, 8)
+    path = write_partial_anchors(tmp_path / "p.safetensors", PartialAnchors(ws, _FINGERPRINT))
+    back = read_partial_anchors(path)
+    assert back is not None and torch.equal(back.ws, ws) and back.fingerprint == _FINGERPRINT
+    assert read_partial_anchors(tmp_path / "none.safetensors") is None  # nothing to resume
+
+
 def _official_tiny_pkl(path: Path, **init_changes: Any) -> Path:
     from my3dgen_cli.eg3d.configs import NAMED_CONFIGS
 
@@ -470,10 +529,12 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     write_latent(folder / "x.latent", Latent(torch.zeros(1, G.num_ws, G.w_dim), torch.zeros(1, 25), "tiny-test"))
     write_anchors(folder / "a.safetensors", Anchors(torch.zeros(2, G.num_ws, G.w_dim), torch.zeros(2, 25), ["a", "b"]))
     _adapter(folder / "ad.safetensors", G)
+    write_partial_anchors(folder / "p.safetensors", PartialAnchors(torch.zeros(4, G.num_ws, G.w_dim), _FINGERPRINT))
     buf = io.BytesIO()
     np.save(buf, np.zeros((1, G.num_ws, G.w_dim), np.float32))
     return {"latent": (folder / "x.latent").read_bytes(), "anchors": (folder / "a.safetensors").read_bytes(),
             "adapter": (folder / "ad.safetensors").read_bytes(), "npy": buf.getvalue(),
+            "partial anchors": (folder / "p.safetensors").read_bytes(),
             "pickle": pickle.dumps({"G_ema": [torch.arange(3.0), np.arange(2), bytearray(b"x")]}, protocol=2)}
 
 
@@ -487,6 +548,7 @@ READERS: dict[str, tuple[str, Callable[[Path], Any]]] = {
     "latent": ("f.latent", read_latent),
     "anchors": ("f.safetensors", read_anchors),
     "adapter": ("f.safetensors", read_adapter),
+    "partial anchors": ("f.safetensors", read_partial_anchors),
     "npy": ("f.npy", read_npy),
     "pickle": ("f.pkl", lambda p: safe_load(p.open("rb"))),
 }
@@ -521,13 +583,13 @@ _META_VALUES = st.one_of(st.text(max_size=20), st.sampled_from(["0", "-1", "1e99
                                                                '["(a+)+$"]', "9" * 30, '"x"']))
 
 
-@pytest.mark.parametrize("kind", ["latent", "anchors", "adapter"])
+@pytest.mark.parametrize("kind", ["latent", "anchors", "adapter", "partial anchors"])
 def test_fuzz_safetensors_metadata(kind: str, seeds: dict[str, bytes], tmp_path: Path) -> None:
     """Any value for any metadata key (known or not): the reader's error or success, never another."""
     name, read = READERS[kind]
     source = _fuzz_file(tmp_path, "seed.safetensors", seeds[kind])
     keys = ["format", "rank", "alpha", "style", "targets", "layers", "extra", "base_sha256", "base_name",
-            "space", "photos", "identity"]
+            "space", "photos", "identity", "fingerprint"]
 
     @FUZZ
     @given(changes=st.dictionaries(st.sampled_from(keys), st.one_of(st.none(), _META_VALUES), max_size=4))

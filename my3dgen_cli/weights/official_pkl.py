@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
-from my3dgen_cli.weights.safe_unpickle import EasyDictRecord, ForeignObject, PersistentObject, safe_load
+from my3dgen_cli.weights.pickle_records import EasyDictRecord, ForeignObject, PersistentObject
+from my3dgen_cli.weights.safe_unpickle import safe_load
 
 # Official module of each top-level network class, so class_name reads like eg3d_parity/config.json.
 _CLASS_MODULES = {"TriPlaneGenerator": "training.triplane"}
