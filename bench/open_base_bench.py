@@ -2,6 +2,7 @@
 
     python bench/open_base_bench.py                         # --compare init --config ffhq512-128 --repeats 5
     python bench/open_base_bench.py --compare fingerprint   # stored fingerprint vs hashing every open
+    python bench/open_base_bench.py --compare finite        # stored NaN/Inf marker vs checking every open
 
 Makes a random base of --config with `save_local_base` and an identity with a rank-1 adapter on
 it, in a temporary MY3DGEN_HOME, then times `open_generator(identity=...)` (resolve, load the
@@ -14,6 +15,10 @@ after the open (assigned weights stay memory-mapped and are read on first use), 
 fresh Python process, as a CLI command opens it (import time excluded). Then the stages of both.
 --compare fingerprint: "stored" reads the fingerprint from the base's JSON; "hashed" ignores it and
 hashes the weights, as every open did before that. Also times the hash alone.
+--compare finite: "marker" trusts the base JSON's record that this very weights file was checked
+finite; "checked" reads every weight for NaN/Inf at each open, as every open did before. Timed for
+the open alone and with one read of every weight after it (what a render does next: the check
+also brings the mapped pages in, so part of its cost moves rather than disappears).
 """
 
 from __future__ import annotations
@@ -47,6 +52,19 @@ def hashing_every_open() -> Iterator[None]:
         yield
     finally:
         fingerprint.stored_fingerprint, fingerprint.store_fingerprint = saved
+
+
+@contextmanager
+def checking_every_open() -> Iterator[None]:
+    """read_converted_base as before the marker: every weight checked for NaN/Inf at each open."""
+    from my3dgen_cli.weights import converted
+
+    saved = converted._checked_finite
+    converted._checked_finite = lambda *_: False
+    try:
+        yield
+    finally:
+        converted._checked_finite = saved
 
 
 @contextmanager
@@ -91,7 +109,7 @@ def timed_open(mode: str, touch: bool = False) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--compare", choices=("init", "fingerprint"), default="init")
+    ap.add_argument("--compare", choices=("init", "fingerprint", "finite"), default="init")
     ap.add_argument("--config", default="ffhq512-128")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)  # one fresh-process open
@@ -104,7 +122,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="my3dgen-open-bench-") as home:  # a full base is ~120 MiB
         os.environ["MY3DGEN_HOME"] = home
         make_identity(args.config)
-        run_init(args) if args.compare == "init" else run_fingerprint(args)
+        {"init": run_init, "fingerprint": run_fingerprint, "finite": run_finite}[args.compare](args)
 
 
 def make_identity(config: str) -> None:
@@ -232,6 +250,42 @@ def run_fingerprint(args: argparse.Namespace) -> None:
     saved = [h - st for h, st in zip(times["hashed"], times["stored"], strict=True)]
     print(f"saved per open (paired)       : {statistics.median(saved):.3f} s (median of pairs)")
     print(f"base_fingerprint alone        : {statistics.median(hash_s):.3f} s ({min(hash_s):.3f})")
+
+
+def run_finite(args: argparse.Namespace) -> None:
+    from my3dgen_cli.generators import open_generator
+    from my3dgen_cli.weights.converted import all_finite
+
+    def timed(mode: str, touch: bool) -> float:
+        t0 = time.perf_counter()
+        if mode == "checked":
+            with checking_every_open():
+                G, _, _ = open_generator(identity="bench")
+        else:
+            G, _, _ = open_generator(identity="bench")
+        if touch:
+            read_all(G)
+        return time.perf_counter() - t0
+
+    G, _, _ = open_generator(identity="bench")
+    state = {k: v for k, v in G.state_dict().items() if ".adapter." not in k}
+    n = sum(t.numel() for t in state.values())
+    print(f"{args.config}, {n / 1e6:.1f} M weights, CPU, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; median (min) of {args.repeats} alternating runs after one warm-up each")
+    for label, touch in (("open_generator(identity=...)", False), ("... + read every weight once", True)):
+        times = alternate(args.repeats, {m: (lambda m=m, touch=touch: timed(m, touch)) for m in ("checked", "marker")})
+        for mode, ts in times.items():
+            print(f"{label:<30} {mode:>8}: {_median_min(ts)}")
+        ratio = statistics.median(times["checked"]) / statistics.median(times["marker"])
+        paired = [a - b for a, b in zip(times["checked"], times["marker"], strict=True)]
+        print(f"{'':<30} {'saved':>8}: {statistics.median(paired):.3f} s (median of pairs), "
+              f"checked/marker {ratio:.2f}x")
+    check_s = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        all_finite(state)
+        check_s.append(time.perf_counter() - t0)
+    print(f"{'the NaN/Inf check alone':<30} {'':>8}: {_median_min(check_s)}")
 
 
 if __name__ == "__main__":

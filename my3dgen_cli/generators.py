@@ -77,8 +77,8 @@ def open_base(base: str, device: torch.device | str | None = None, offline: bool
     sha256 = stored_fingerprint(path, stamp)
     if sha256 is None:
         sha256 = base_fingerprint(G)
-        if stamp is not None:
-            store_fingerprint(path, sha256, stamp)
+        if stamp is not None:  # no valid record for this file: load_generator checked every weight finite
+            store_fingerprint(path, sha256, stamp, finite=True)
     return G, BaseRef(name=name, path=path, sha256=sha256)
 
 

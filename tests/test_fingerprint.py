@@ -108,7 +108,7 @@ def test_base_without_stored_fingerprint_is_hashed_once_then_stored() -> None:
 
     _, ref, meta = open_generator(identity="ana")  # hashes: the adapter still matches
     assert ref.sha256 == expected and meta is not None
-    assert _sidecar(path)["fingerprint"] == {"sha256": expected, **fingerprint.weights_stamp(path)}
+    assert _sidecar(path)["fingerprint"] == {"sha256": expected, **fingerprint.weights_stamp(path), "finite": True}
     assert open_base("tiny-test")[1].sha256 == expected
 
 
