@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -93,14 +93,13 @@ def read_all(G: torch.nn.Module) -> None:
 
 
 def timed_open(mode: str, touch: bool = False) -> float:
-    """Seconds for open_generator(identity="bench") in `mode` (+ reading every weight if `touch`)."""
+    """Seconds for open_generator(identity="bench") in `mode` (+ reading every weight if `touch`): "random-init"
+    and "checked" the old ways (see the module docstring), any other mode as this version opens."""
     from my3dgen_cli.generators import open_generator
 
+    old_way = {"random-init": random_init_and_copy, "checked": checking_every_open}.get(mode, nullcontext)
     t0 = time.perf_counter()
-    if mode == "random-init":
-        with random_init_and_copy():
-            G, _, _ = open_generator(identity="bench")
-    else:
+    with old_way():
         G, _, _ = open_generator(identity="bench")
     if touch:
         read_all(G)
@@ -256,24 +255,14 @@ def run_finite(args: argparse.Namespace) -> None:
     from my3dgen_cli.generators import open_generator
     from my3dgen_cli.weights.converted import all_finite
 
-    def timed(mode: str, touch: bool) -> float:
-        t0 = time.perf_counter()
-        if mode == "checked":
-            with checking_every_open():
-                G, _, _ = open_generator(identity="bench")
-        else:
-            G, _, _ = open_generator(identity="bench")
-        if touch:
-            read_all(G)
-        return time.perf_counter() - t0
-
     G, _, _ = open_generator(identity="bench")
     state = {k: v for k, v in G.state_dict().items() if ".adapter." not in k}
     n = sum(t.numel() for t in state.values())
     print(f"{args.config}, {n / 1e6:.1f} M weights, CPU, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; median (min) of {args.repeats} alternating runs after one warm-up each")
     for label, touch in (("open_generator(identity=...)", False), ("... + read every weight once", True)):
-        times = alternate(args.repeats, {m: (lambda m=m, touch=touch: timed(m, touch)) for m in ("checked", "marker")})
+        runs = {m: (lambda m=m, touch=touch: timed_open(m, touch)) for m in ("checked", "marker")}
+        times = alternate(args.repeats, runs)
         for mode, ts in times.items():
             print(f"{label:<30} {mode:>8}: {_median_min(ts)}")
         ratio = statistics.median(times["checked"]) / statistics.median(times["marker"])
