@@ -34,7 +34,7 @@ FORMATS: tuple[Format, ...] = (
     Format("partial anchors", "my3dgen_cli.identity", ("PARTIAL_ANCHORS_FORMAT",), "PartialAnchors",
            "read_partial_anchors", "write_partial_anchors"),
     Format("latent", "my3dgen_cli.identity", ("LATENT_FORMAT",), "Latent", "read_latent", "write_latent"),
-    Format(".npy latent", "my3dgen_cli.latents", (), "Latent", "read_npy_latent", None),
+    Format(".npy latent", "my3dgen_cli.latents", (), "my3dgen_cli.identity:Latent", "read_npy_latent", None),
     Format("converted base", "my3dgen_cli.weights.converted", ("CONVERTED_FORMAT",), "ConvertedBase",
            "read_converted_base", "write_converted_base"),
     Format("training checkpoint", "my3dgen_cli.personalize.training", ("CHECKPOINT_FORMAT",), "TrainingCheckpoint",
@@ -43,8 +43,10 @@ FORMATS: tuple[Format, ...] = (
 
 
 def resolve(fmt: Format, name: str) -> Any:
-    """The object named `name` (a tag constant, the contract, reader or writer) in `fmt`'s module."""
-    return getattr(importlib.import_module(fmt.module), name)
+    """The object named `name` (a tag constant, the contract, reader or writer) in `fmt`'s module, or in
+    another module when written "module:name"."""
+    module, _, attr = name.rpartition(":")
+    return getattr(importlib.import_module(module or fmt.module), attr)
 
 
 def tags() -> dict[str, Format]:

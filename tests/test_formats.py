@@ -16,6 +16,7 @@ import torch
 
 from my3dgen_cli.adapter_file import AdapterFile, read_adapter, write_adapter
 from my3dgen_cli.eg3d import build_generator
+from my3dgen_cli.eg3d.camera import lookat_camera
 from my3dgen_cli.eg3d.configs import NAMED_CONFIGS
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.formats import FORMATS, resolve, tags
@@ -55,7 +56,7 @@ def test_every_index_entry_is_in_its_module_and_in_the_docs() -> None:
         assert callable(resolve(fmt, fmt.reader)) and (fmt.writer is None or callable(resolve(fmt, fmt.writer)))
         for name in (fmt.contract, fmt.reader, fmt.writer):
             if name is not None:
-                assert f"`{name}`" in doc, f"docs/formats.md does not name {name}"
+                assert f"`{name.rpartition(':')[2]}`" in doc, f"docs/formats.md does not name {name}"
         for tag in fmt.tags:
             value = resolve(fmt, tag)
             assert isinstance(value, str) and value not in seen and f"`{value}`" in doc, (fmt.artifact, tag)
@@ -123,8 +124,14 @@ def test_every_reader_refuses_another_artifacts_file(tmp_path: Path) -> None:
         for other in safetensors:
             if other == reader:
                 continue
+            target = samples[other][0]
+            if reader == "converted base":  # its reader wants the JSON beside: give it the base's own
+                target = tmp_path / "other" / f"{target.stem}.safetensors"
+                target.parent.mkdir(exist_ok=True)
+                target.write_bytes(samples[other][0].read_bytes())
+                target.with_suffix(".json").write_bytes(samples[reader][0].with_suffix(".json").read_bytes())
             with pytest.raises(UserInputError, match="got format") as err:
-                resolve(by_name[reader], by_name[reader].reader)(samples[other][0])
+                resolve(by_name[reader], by_name[reader].reader)(target)
             assert "\n" not in str(err.value)
 
 
@@ -165,7 +172,7 @@ def test_adapter_config_and_state_move_an_adapter_between_models() -> None:
     add_adapters(G, rank=2, alpha=4.0, style="peft")
     with torch.no_grad():
         for a in adapter_layers(G).values():
-            a.lora_B.normal_()
+            a.lora_B.normal_(std=0.05)
     config, state = adapter_config(G), get_adapter_state(G)
     assert config is not None and config.rank == 2 and config.scale == 2.0 and config.style == "peft"
     H = _tiny()
@@ -175,11 +182,11 @@ def test_adapter_config_and_state_move_an_adapter_between_models() -> None:
     assert get_adapter_state(H).keys() == state.keys()
     assert all(torch.equal(get_adapter_state(H)[k], v) for k, v in state.items())
     x = torch.randn(1, H.num_ws, H.w_dim)
-    c = torch.zeros(1, 25)
+    c = lookat_camera(20.0, 0.0)
     with torch.no_grad():
         a = G.synthesis(x, c, noise_mode="const", sampling="deterministic")["image"]
         b = H.synthesis(x, c, noise_mode="const", sampling="deterministic")["image"]
-    assert torch.equal(a, b)
+    assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
 def test_set_adapter_state_refuses_other_layers_and_shapes() -> None:
