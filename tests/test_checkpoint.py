@@ -397,7 +397,7 @@ def test_convert_pkl_refuses_wrong_shapes_and_writes_nothing(
     assert not dst.parent.exists() or not any(dst.parent.iterdir())
 
 
-def test_save_converted_fp32_and_metadata(tmp_path: Path, parity) -> None:
+def test_write_converted_base_fp32_and_metadata(tmp_path: Path, parity) -> None:
     state_dict, config = parity
     cfg = {k: config[k] for k in ("init_kwargs", "rendering_kwargs", "class_name")}
     cfg |= {"neural_rendering_resolution": 64, "source": {"sha256": "ab" * 32}}
@@ -415,7 +415,7 @@ def test_save_converted_fp32_and_metadata(tmp_path: Path, parity) -> None:
     assert saved["neural_rendering_resolution"] == 64
 
 
-def test_load_converted_refuses_mismatched_pair(tmp_path: Path) -> None:
+def test_read_converted_base_refuses_mismatched_pair(tmp_path: Path) -> None:
     cfg = {"init_kwargs": {}, "rendering_kwargs": {}, "neural_rendering_resolution": 64, "class_name": "X"}
     a = write_converted_base(tmp_path / "a.safetensors", ConvertedBase({"w": torch.ones(2)}, cfg))
     b = write_converted_base(tmp_path / "b.safetensors", ConvertedBase({"w": torch.zeros(2)}, cfg))

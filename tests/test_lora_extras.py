@@ -20,6 +20,7 @@ from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.lora import (
     AdapterConfig,
+    adapter_config,
     add_adapters,
     add_extras,
     base_fingerprint,
@@ -106,7 +107,7 @@ def test_an_extra_outside_the_trained_set_is_refused_by_name(tmp_path) -> None:
     G = _personalized()
     tensors = get_adapter_state(G)
     tensors["backbone.mapping.fc0.weight"] = G.backbone.mapping.fc0.weight.detach().clone()
-    config = AdapterConfig(1, 1.0, "my3dgen", G._my3dgen_adapter_config.targets)
+    config = AdapterConfig(1, 1.0, "my3dgen", adapter_config(G).targets)
     path = write_adapter(tmp_path / "bad.safetensors", AdapterFile(tensors, config, "tiny", base_fingerprint(_tiny())))
     H = _tiny()
     with pytest.raises(UserInputError, match=r"backbone\.mapping\.fc0\.weight"):
