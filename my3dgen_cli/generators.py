@@ -87,8 +87,8 @@ def open_generator(
     identity: str | None = None,
     device: torch.device | str | None = None,
     offline: bool | None = None,
-) -> tuple[torch.nn.Module, BaseRef, dict[str, Any] | None]:
-    """Generator with the identity's adapter attached (if any): (G, base, adapter metadata or None)."""
+) -> tuple[torch.nn.Module, BaseRef, Any]:
+    """Generator with the identity's adapter attached (if any): (G, base, the adapter file read or None)."""
     from my3dgen_cli.adapter_file import load_adapter, read_adapter
     from my3dgen_cli.identity import require_identity
 

@@ -87,7 +87,7 @@ def test_import_on_its_base_reproduces_the_official_outputs(shared_dir, cached_r
     assert (result.lora_parameters, result.extra_parameters) == (58_790, 5_303)  # the fixture README's counts
     assert result.base == "parity" and not result.base_created
     G, _, meta = open_generator(identity="ana")
-    assert meta["extra"]["imported_from"]["format"] == "my3dgen-snapshot"
+    assert meta.extra["imported_from"]["format"] == "my3dgen-snapshot"
     for k in range(3):
         ws, image, raw, depth = _max_diffs(G, *_case(shared_dir, k))
         assert ws <= 1e-4 and image <= TOLERANCE and raw <= TOLERANCE and depth <= TOLERANCE, (k, image, raw, depth)
