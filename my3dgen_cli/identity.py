@@ -218,7 +218,7 @@ def read_partial_anchors(path: Path) -> PartialAnchors | None:
         fingerprint = json_meta(path, meta, "fingerprint", dict)
         for key, kind in _FINGERPRINT_TYPES.items():
             value = fingerprint.get(key)
-            if key in fingerprint and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            if key in fingerprint and (not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool)):
                 wanted = kind.__name__ if isinstance(kind, type) else "number"
                 raise UserInputError(f"{path}: fingerprint {key} is {shown(value)}, expected {wanted}")
         if not all(isinstance(name, str) for name in fingerprint.get("photos", [])):
