@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from my3dgen_cli import paths
 from my3dgen_cli.errors import UserInputError
+
+if TYPE_CHECKING:
+    from my3dgen_cli.adapter_file import AdapterFile
 
 DEFAULT_BASE = "eg3d-ffhq512-128"
 
@@ -87,7 +90,7 @@ def open_generator(
     identity: str | None = None,
     device: torch.device | str | None = None,
     offline: bool | None = None,
-) -> tuple[torch.nn.Module, BaseRef, Any]:
+) -> tuple[torch.nn.Module, BaseRef, AdapterFile | None]:
     """Generator with the identity's adapter attached (if any): (G, base, the adapter file read or None)."""
     from my3dgen_cli.adapter_file import load_adapter, read_adapter
     from my3dgen_cli.identity import require_identity
