@@ -95,7 +95,9 @@ def read_adapter(path: str | Path) -> AdapterFile:
     every tensor (floating point, finite, factors 2-D and consistent with the rank).
     """
     path = Path(path)
-    tensors, raw = read_tagged(path, "adapter", ADAPTER_FORMATS)
+    if not path.is_file():
+        raise UserInputError(f"adapter file not found: {path}")
+    tensors, raw = read_tagged(path, "safetensors adapter", ADAPTER_FORMATS)
     for key in _REQUIRED:
         if key not in raw:
             raise UserInputError(f"{path}: adapter metadata has no {key!r}; the file is incomplete")

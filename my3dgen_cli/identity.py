@@ -157,7 +157,7 @@ def write_anchors(path: Path, anchors: Anchors) -> Path:
 def read_anchors(path: Path) -> Anchors:
     """An anchors file, checked: format, ws [N, num_ws, w_dim] and cameras [N, 25] float and finite, N photo
     names (strings), extra a JSON object."""
-    tensors, meta = read_tagged(path, "anchors", (ANCHORS_FORMAT,), ("ws", "cameras"))
+    tensors, meta = read_tagged(path, "anchors file", (ANCHORS_FORMAT,), ("ws", "cameras"))
     ws, cameras = tensors["ws"].float(), tensors["cameras"].float()
     photos = json_meta(path, meta, "photos", list, "[]")
     if ws.ndim != 3 or ws.shape[0] < 1 or cameras.shape != (ws.shape[0], 25) or len(photos) != ws.shape[0]:
@@ -211,7 +211,7 @@ def read_partial_anchors(path: Path) -> PartialAnchors | None:
     if not path.is_file():
         return None
     try:
-        tensors, meta = read_tagged(path, "partial anchors", (PARTIAL_ANCHORS_FORMAT,), ("ws",))
+        tensors, meta = read_tagged(path, "partial anchors file", (PARTIAL_ANCHORS_FORMAT,), ("ws",))
         ws = tensors["ws"].float()
         if ws.ndim != 3 or 0 in ws.shape:
             raise UserInputError(f"{path}: got ws {list(ws.shape)}, expected [M, num_ws, w_dim]")
@@ -268,7 +268,7 @@ def read_latent(path: str | Path) -> Latent:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"latent file not found: {path}")
-    tensors, meta = read_tagged(path, ".latent", (LATENT_FORMAT,), ("ws", "camera"))
+    tensors, meta = read_tagged(path, ".latent file", (LATENT_FORMAT,), ("ws", "camera"))
     ws, camera = tensors["ws"].float(), tensors["camera"].float()
     if ws.ndim != 3 or ws.shape[0] != 1 or 0 in ws.shape or tuple(camera.shape) != (1, 25):
         raise UserInputError(f"{path}: got ws {list(ws.shape)} and camera {list(camera.shape)}, "

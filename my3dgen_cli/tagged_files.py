@@ -25,12 +25,12 @@ def read_tagged(path: Path, kind: str, formats: Collection[str], names: Collecti
     """The tensors (as stored) and metadata of a safetensors file whose `format` is one of `formats`.
 
     names: the tensors it must hold (only those are read); None: every tensor. Each is checked to be
-    floating point and finite. kind names the artifact in messages ("anchors", ".latent", ...).
+    floating point and finite. kind names the artifact in messages ("anchors file", ".latent file", ...).
     """
     from safetensors import SafetensorError, safe_open
 
     if not path.is_file():
-        raise UserInputError(f"{kind} file not found: {path}")
+        raise UserInputError(f"{kind} not found: {path}")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
@@ -40,12 +40,12 @@ def read_tagged(path: Path, kind: str, formats: Collection[str], names: Collecti
             keys = list(f.keys())
             missing = [n for n in names or () if n not in keys]
             if missing:
-                raise UserInputError(f"{path}: has no {missing[0]!r} tensor, expected a {kind} file")
+                raise UserInputError(f"{path}: has no {missing[0]!r} tensor, expected a {kind}")
             tensors = {n: f.get_tensor(n) for n in (keys if names is None else names)}
     except UserInputError:
         raise
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
-        raise UserInputError(f"{path}: not a readable {kind} file ({reason(err)})") from None
+        raise UserInputError(f"{path}: not a readable {kind} ({reason(err)})") from None
     for name, t in tensors.items():
         if not t.is_floating_point():
             raise UserInputError(f"{path}: {name} has dtype {t.dtype}, expected floating point")
