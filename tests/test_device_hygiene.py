@@ -138,7 +138,7 @@ def test_personalization_on_meta_syncs_once_per_step(tmp_path):
     # Every other sync writes a file (anchors, adapter, previews) or hashes the base weights.
     others = {s.rsplit(" at ", 1)[1].split(":")[0] for s in audit.syncs if s not in in_training + in_anchors}
     assert others <= {"my3dgen_cli/identity.py", "my3dgen_cli/lora.py", "my3dgen_cli/personalize/reports.py",
-                      "my3dgen_cli/weights/fingerprint.py"}, others
+                      "my3dgen_cli/tagged_files.py", "my3dgen_cli/weights/fingerprint.py"}, others
 
 
 def test_one_training_step_on_meta():
