@@ -247,6 +247,8 @@ def export_onnx(
     G is moved to CPU float32 in place (and with fp16 its weights are rounded in place).
     metadata: extra model properties (identity, base, ...) beside the render settings always stored.
     """
+    from my3dgen_cli.use.onnx_file import check_onnx, rewrite_model
+
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserInputError(f"--opset: got {opset}, expected {MIN_OPSET}..{MAX_OPSET}")
     G = G.cpu().float().eval()
@@ -271,8 +273,6 @@ def export_onnx(
                  "depth_resolution_importance": str(G.rendering_kwargs["depth_resolution_importance"]),
                  "truncation_psi": str(truncation_psi) if with_mapping else "", "fp16_weights": str(fp16).lower(),
                  **rig_metadata(G)}
-        from my3dgen_cli.use.onnx_file import check_onnx, rewrite_model
-
         rewrite_model(tmp, fp16, {**props, **(metadata or {})})
         check = check_onnx(tmp, wrapper, inputs)
         check.path, check.size = path, tmp.stat().st_size
