@@ -316,12 +316,13 @@ def run_invert(plan: InvertPlan, output: Output | None = None) -> InvertRun:
     """Invert every image of `plan` and write its files (all checked free before the model opens)."""
     from my3dgen_cli.fileio import check_free
     from my3dgen_cli.identity import identity_anchors
+    from my3dgen_cli.use.sources import photo_targets
 
     files = plan.outputs()
     check_free([p for row in files for _, p in row], plan.force)
     G, ref, dev = plan.model.open()
     # bad images fail before any loss setup; --yaw/--pitch cameras sit on the base's rig
-    targets = photo_targets(plan, G.img_resolution, camera_rig(G))
+    targets = photo_targets(plan.images, G.img_resolution, camera_rig(G), plan.yaw, plan.pitch, plan.labels)
     anchors, _ = identity_anchors(plan.model.identity, dev)
     if plan.config.hull and anchors is None:
         raise UserInputError("--hull needs an identity with anchors (--identity NAME)")
@@ -387,30 +388,3 @@ def _invert_one(plan: InvertPlan, G: nn.Module, ref: Any, stem: str, target: tor
     media.write_png(row[1][1], media.grid(preview))
     entry["files"] = {k: str(p) for k, p in row}
     return entry
-
-
-def photo_targets(plan: InvertPlan, size: int, rig: Any) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """[(stem, target [1, 3, size, size], camera [1, 25])]: aligned crops with --yaw/--pitch (on `rig`) or
-    --labels, else faces detected and cropped."""
-    from my3dgen_cli.faces.prepare import find_label, load_crop, prepare_faces, read_dataset_json
-
-    for p in plan.images:
-        if not p.is_file():
-            raise UserInputError(f"image not found: {p}")
-    if plan.yaw is not None or plan.pitch is not None:
-        cam = rig.lookat(plan.yaw or 0.0, plan.pitch or 0.0)
-        return [(p.stem, load_crop(p, size), cam) for p in plan.images]
-    if plan.labels is not None:
-        table = read_dataset_json(plan.labels)
-        out = []
-        for p in plan.images:
-            label = find_label(table, p)
-            if label is None:
-                raise UserInputError(f"{p.name} is not listed in {plan.labels}")
-            out.append((p.stem, load_crop(p, size), torch.from_numpy(label).reshape(1, 25)))
-        return out
-    faces = prepare_faces(plan.images, min_faces=len(plan.images))
-    imgs, cams = faces.images(), faces.cameras()
-    if imgs.shape[-1] != size:
-        imgs = F.interpolate(imgs, size=(size, size), mode="area")
-    return [(f.stem, imgs[i:i + 1], cams[i:i + 1]) for i, f in enumerate(faces)]

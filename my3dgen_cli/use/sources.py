@@ -1,4 +1,4 @@
-"""The latents a command names: files, `anchor:K` of an identity, `seed:S`; and the generator they are used on.
+"""What a command names: latents (files, `anchor:K` of an identity, `seed:S`), photos to invert, the generator.
 
     G, ref, dev = open_model(base, identity, adapter, "auto")
     name, ws, camera = resolve_key("anchor:3", G, identity, dev, truncation=0.7)
@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,3 +88,34 @@ def anchor(identity: str | None, k: int, device: Any) -> tuple[Any, Any]:
     if not 0 <= k < ws.shape[0]:
         raise UserInputError(f"anchor: got {k}, expected 0..{ws.shape[0] - 1} (identity {identity!r})")
     return ws[k:k + 1], cams[k:k + 1]
+
+
+def photo_targets(images: Sequence[Path], size: int, rig: Any, yaw: float | None = None, pitch: float | None = None,
+                  labels: Path | None = None) -> list[tuple[str, Any, Any]]:
+    """[(stem, target [1, 3, size, size], camera [1, 25])] of photos to invert: aligned crops with yaw/pitch
+    (on `rig`) or `labels` (a dataset.json listing them), else faces detected and cropped."""
+    import torch
+    import torch.nn.functional as F
+
+    from my3dgen_cli.faces.prepare import find_label, load_crop, prepare_faces, read_dataset_json
+
+    for p in images:
+        if not p.is_file():
+            raise UserInputError(f"image not found: {p}")
+    if yaw is not None or pitch is not None:
+        cam = rig.lookat(yaw or 0.0, pitch or 0.0)
+        return [(p.stem, load_crop(p, size), cam) for p in images]
+    if labels is not None:
+        table = read_dataset_json(labels)
+        out = []
+        for p in images:
+            label = find_label(table, p)
+            if label is None:
+                raise UserInputError(f"{p.name} is not listed in {labels}")
+            out.append((p.stem, load_crop(p, size), torch.from_numpy(label).reshape(1, 25)))
+        return out
+    faces = prepare_faces(images, min_faces=len(images))
+    imgs, cams = faces.images(), faces.cameras()
+    if imgs.shape[-1] != size:
+        imgs = F.interpolate(imgs, size=(size, size), mode="area")
+    return [(f.stem, imgs[i:i + 1], cams[i:i + 1]) for i, f in enumerate(faces)]
