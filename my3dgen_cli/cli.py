@@ -1,10 +1,13 @@
 """The `my3dgen` command line: parse, call the library, report. No model math here.
 
 Heavy imports (torch and everything that pulls it in) happen inside the commands so that
-`my3dgen --help` stays fast. Only Typer's public API is used (commands, options, `typer.Exit`).
-Each command is registered with `@command(...)`, which routes library errors through one
-error table: a one-line message on stderr and a non-zero exit, a traceback only with
-`MY3DGEN_DEBUG=1`.
+`my3dgen --help` stays fast. Typer's API is used (commands, options, `typer.Exit`, and its root
+group class `typer.core.TyperGroup`). Each command is registered with `@command(...)`, which routes
+library errors through one error table: a one-line message on stderr and a non-zero exit, a
+traceback only with `MY3DGEN_DEBUG=1`. Click's own usage errors (a bad value, an unknown option, a
+missing argument) are one line too (`OneLineUsageGroup`, exit code 2). Shell completion is on
+(`--install-completion`, `--show-completion`); each command's `--help` ends with its examples from
+`commands/examples.py`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from my3dgen_cli import __version__
 from my3dgen_cli.errors import My3DGenError
@@ -22,11 +26,51 @@ from my3dgen_cli.output import Output
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+# Click's usage errors, found through Typer's public BadParameter (Typer 0.2x vendors its own Click copy).
+_USAGE_ERROR: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def usage_error_line(err: Any) -> str:
+    """Click's own usage error (bad value, unknown option, missing argument) as one line, option first.
+
+    "--fps: 'abc' is not a valid float (see `my3dgen render --help`)" instead of Click's usage block.
+    """
+    message = err.format_message().rstrip(".")
+    kinds = {c.__name__ for c in type(err).__mro__}
+    param = getattr(err, "param", None)
+    if "BadParameter" in kinds and "MissingParameter" not in kinds and param is not None:
+        opts = [o for o in getattr(param, "opts", []) if o.startswith("--")] or [param.human_readable_name]
+        message = f"{opts[0]}: {str(err.message).removeprefix('Value error, ').rstrip('.')}"
+    ctx = getattr(err, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return f"{message}{where}"
+
+
+class OneLineUsageGroup(TyperGroup):
+    """The root group: Click's usage errors, from any command below it, print as one line and exit 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except _USAGE_ERROR as err:
+            Output().error(usage_error_line(err))
+            raise typer.Exit(2) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _USAGE_ERROR as err:
+            Output().error(usage_error_line(err))
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
     name="my3dgen",
     help="Personalized 3D face priors: LoRA adapters on a frozen EG3D generator.",
+    cls=OneLineUsageGroup,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -108,8 +152,17 @@ COMMAND_MODULES: tuple[str, ...] = (
 def _register_commands() -> None:
     import importlib
 
+    from my3dgen_cli.commands.examples import epilog
+
     for name in COMMAND_MODULES:
         importlib.import_module(f"my3dgen_cli.commands.{name}")
+    # Each command's --help ends with its examples (commands/examples.py), groups and subcommands too.
+    for info in app.registered_commands:
+        info.epilog = info.epilog or epilog(info.name or "")
+    for group in app.registered_groups:
+        group.epilog = group.epilog or epilog(group.name or "")
+        for info in group.typer_instance.registered_commands:
+            info.epilog = info.epilog or epilog(f"{group.name} {info.name}")
 
 
 _register_commands()

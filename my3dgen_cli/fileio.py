@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -83,3 +83,12 @@ def write_bytes_atomic(target: str | os.PathLike[str], data: bytes) -> Path:
 
 def write_text_atomic(target: str | os.PathLike[str], text: str) -> Path:
     return write_atomic(target, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def check_free(paths: Iterable[Path], force: bool) -> None:
+    """Refuse to overwrite: the first existing path is named unless --force."""
+    for p in paths:
+        if p.exists() and not force:
+            raise UserInputError(f"{p} already exists (use --force to overwrite)")
+        if p.exists() and p.is_dir():
+            raise UserInputError(f"{p} is a folder, expected a file path")

@@ -90,16 +90,21 @@ def open_generator(
     identity: str | None = None,
     device: torch.device | str | None = None,
     offline: bool | None = None,
+    adapter: str | Path | None = None,
 ) -> tuple[torch.nn.Module, BaseRef, AdapterFile | None]:
-    """Generator with the identity's adapter attached (if any): (G, base, the adapter file read or None)."""
+    """Generator with the identity's adapter attached (if any): (G, base, the adapter file read or None).
+
+    adapter: an adapter file (e.g. from `invert --tune`) attached instead of the identity's; the base
+    defaults to the one the adapter names.
+    """
     from my3dgen_cli.adapter_file import load_adapter, read_adapter
     from my3dgen_cli.identity import require_identity
 
-    adapter_path = None
-    if identity is not None:
+    adapter_path = Path(adapter) if adapter is not None else None
+    if adapter_path is None and identity is not None:
         adapter_path = require_identity(identity).adapter
-        if base is None:
-            base = read_adapter(adapter_path).base_name
+    if adapter_path is not None and base is None:
+        base = read_adapter(adapter_path).base_name
     G, ref = open_base(base or DEFAULT_BASE, device=device, offline=offline)
     meta = None
     if adapter_path is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -66,3 +67,80 @@ def test_model_options_reach_a_command_as_one_object() -> None:
 def test_invert_has_no_adapter_option() -> None:
     result = CliRunner().invoke(app, ["invert", "x.png", "--adapter", "a.safetensors"])
     assert result.exit_code == 2 and "No such option: --adapter" in result.output
+
+
+def test_bash_completion_script_names_the_program_and_completes() -> None:
+    """`my3dgen --show-completion` writes bash's script; the script's hook completes commands and Enum values."""
+    result = CliRunner().invoke(app, ["--show-completion"], prog_name="my3dgen", env={"SHELL": "/bin/bash"})
+    assert result.exit_code == 0, result.output
+    assert "complete -o default -F _my3dgen_completion my3dgen" in result.output
+    assert "_MY3DGEN_COMPLETE=complete_bash" in result.output
+    hook = ("import sys; sys.argv[0] = 'my3dgen'; from my3dgen_cli.cli import main; main()")
+
+    def complete(words: str) -> list[str]:
+        env = {**os.environ, "_MY3DGEN_COMPLETE": "complete_bash", "COMP_WORDS": words,
+               "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1))}
+        proc = subprocess.run([sys.executable, "-c", hook], capture_output=True, text=True, cwd=ROOT, env=env)
+        return proc.stdout.split()
+
+    assert complete("my3dgen ren") == ["render"]
+    assert complete("my3dgen render --amp ") == ["off", "bf16", "fp16"]
+
+
+def test_every_help_ends_with_an_example() -> None:
+    """Each command's and subcommand's --help ends with an example line of that very command."""
+    from my3dgen_cli.clidoc import command_paths, help_text
+
+    for path in command_paths():
+        last = help_text(path).splitlines()[-1].strip()
+        assert last.startswith(f"my3dgen {' '.join(path)}"), (path, last)
+
+
+def test_fixed_choices_are_listed_in_help() -> None:
+    from my3dgen_cli.clidoc import help_text
+
+    assert "off|bf16|fp16" in help_text(["render"])
+    assert "linear|slerp" in help_text(["interpolate"])
+    assert "w|w+" in help_text(["invert"])
+    assert "onnx|safetensors" in help_text(["export"])
+
+
+def test_shared_options_mean_the_same_everywhere() -> None:
+    """--json, -q/--quiet: one spelling and one help text on every command; -o/--output (alias --out) and
+    --device spelled alike (each command says what its output is)."""
+    from my3dgen_cli.clidoc import command_paths
+
+    root = typer.main.get_command(app)
+    found: dict[str, list] = {}
+    for path in command_paths():
+        cmd = root
+        for name in path:
+            cmd = cmd.commands[name]
+        for param in cmd.params:
+            for flag in ("--json", "--quiet", "--output", "--out", "--device"):
+                if flag in param.opts:
+                    found.setdefault(flag, []).append((path, param))
+    for flag, spelling in (("--json", ["--json"]), ("--quiet", ["--quiet", "-q"])):
+        assert {tuple(sorted(p.opts)) for _, p in found[flag]} == {tuple(sorted(spelling))}, found[flag]
+        assert len({p.help for _, p in found[flag]}) == 1, [(path, p.help) for path, p in found[flag]]
+    assert all(p.opts[0] == "--output" and "-o" in p.opts for _, p in found["--out"] + found["--output"])
+    assert all(p.opts == ["--device"] and p.default in ("auto", "cpu") for _, p in found["--device"])
+    assert len(found["--json"]) >= 15 and len(found["--output"]) >= 6
+
+
+def test_import_my3dgen_is_lazy_and_gives_the_public_api() -> None:
+    code = ("import sys, my3dgen\n"
+            "print('torch' in sys.modules)\n"
+            "from my3dgen_cli.eg3d import build_generator\n"
+            "from my3dgen_cli.lora import add_adapters\n"
+            "assert my3dgen.build_generator is build_generator and my3dgen.add_adapters is add_adapters\n"
+            "c = my3dgen.lookat_camera(yaw=30.0, pitch=0.0)\n"
+            "print(tuple(c.shape), 'torch' in sys.modules)\n"
+            "for name in my3dgen.__all__: getattr(my3dgen, name)\n"
+            "try:\n    my3dgen.nope\nexcept AttributeError as e:\n    print('AttributeError', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "False", "`import my3dgen` must not import torch"
+    assert lines[1] == "(1, 25) True"
+    assert lines[2].startswith("AttributeError") and "nope" in lines[2]

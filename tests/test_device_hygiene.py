@@ -159,7 +159,8 @@ def test_one_training_step_on_meta():
 def test_inversion_on_meta():
     """Anchor projection never syncs; invert_image reads its loss once per step (the progress log)."""
     from my3dgen_cli.personalize.anchors import project_to_w
-    from my3dgen_cli.use.invert import InvertConfig, invert_image, tune_adapter
+    from my3dgen_cli.use.invert import InvertConfig, invert_image
+    from my3dgen_cli.use.pti import tune_adapter
 
     G = _tiny()
     anchors, cams = _inputs(G, 3, META)

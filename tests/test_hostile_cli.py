@@ -132,6 +132,18 @@ REFUSED = [
     ("faces-users-files", ["faces", "face.png", "-o", "out"], "out/face.png already exists (use --force"),
     ("faces-none-usable", ["faces", "bad", "-o", "new"], "got 0 usable photo(s) of 5"),
     ("demo-users-identity", ["demo", "--fast"], "pass --force"),
+    # Click's own usage errors: one line too (option first), not the usage block
+    ("usage-float-abc", ["render", "--seed", "1", "--fps", "abc"], "--fps: "),
+    ("usage-int-float", ["render", "--seed", "1", "--orbit", "1.5"], "--orbit: "),
+    ("usage-unknown-option", ["render", "--bogus"], "No such option: --bogus"),
+    ("usage-unknown-root-option", ["--bogus"], "No such option: --bogus"),
+    ("usage-unknown-command", ["rendr"], "No such command 'rendr'"),
+    ("usage-missing-argument", ["invert"], "Missing argument"),
+    ("usage-missing-option", ["export", "-o", "x.onnx"], "Missing option '--identity'"),
+    ("usage-bad-choice", ["render", "--seed", "1", "--amp", "fp8"], "--amp: 'fp8' is not one of 'off', 'bf16', 'fp16'"),
+    ("usage-bad-choice-personalize", ["personalize", "face.png", "--name", "p", "--budget", "huge"], "--budget: "),
+    ("usage-subcommand-missing-argument", ["identities", "rm"], "Missing argument"),
+    ("usage-subcommand-unknown", ["cache", "lsx"], "No such command 'lsx'"),
 ]
 
 
@@ -146,6 +158,20 @@ def test_refused_in_one_line_and_nothing_changes(world: Path, args: list[str], e
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert expected in lines[0], lines[0]
     assert listing(world) == before
+
+
+@pytest.mark.parametrize("args", [["render", "--fps", "abc"], ["render", "--bogus"], ["invert"],
+                                  ["render", "--amp", "x"], ["nope"]])
+def test_usage_errors_exit_2_naming_the_help(args: list[str]) -> None:
+    result = CliRunner().invoke(app, args, prog_name="my3dgen")
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert result.stderr.count("\n") == 1 and "Usage:" not in result.stderr, result.stderr
+    assert "--help`)" in result.stderr and "my3dgen" in result.stderr
+
+
+def test_help_still_works_beside_usage_errors() -> None:
+    result = CliRunner().invoke(app, ["render", "--help"], prog_name="my3dgen")
+    assert result.exit_code == 0 and "--fps" in result.stdout and result.stderr == ""
 
 
 def test_faces_skips_unusable_photos_and_goes_on(world: Path) -> None:

@@ -156,3 +156,25 @@ def test_cli_render_single_file_and_errors(tmp_path):
     assert r.exit_code == 2 and "--identity" in r.output
     r = runner.invoke(app, ["render", "-o", str(tmp_path / "x")])
     assert r.exit_code == 2 and "nothing to render" in r.output
+
+
+@pytest.mark.usefixtures("tiny_base")
+def test_library_render_plan_writes_what_the_command_writes(tmp_path):
+    """`my3dgen.render(RenderPlan(...))` is the command without the CLI: the same files, the same pixels."""
+    import my3dgen
+    from my3dgen_cli.errors import UserInputError
+
+    plan = my3dgen.RenderPlan(my3dgen.ModelChoice(base="tiny-test", device="cpu"), seeds=(4,), yaws=(-20.0, 20.0),
+                              out=tmp_path / "lib")
+    result = my3dgen.render(plan)
+    assert [kind for kind, _ in result.outputs] == ["image", "image"]
+    assert result.to_dict()["sources"][0]["source"] == "seed4"
+    r = runner.invoke(app, ["render", "--seed", "4", "--yaw", "-20,20", "--device", "cpu", "-o", str(tmp_path / "cli")])
+    assert r.exit_code == 0, r.output
+    for _, path in result.outputs:
+        with Image.open(path) as got, Image.open(tmp_path / "cli" / path.name) as want:
+            assert np.array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(UserInputError, match="nothing to render"):
+        my3dgen.render(my3dgen.RenderPlan(my3dgen.ModelChoice()))
+    with pytest.raises(UserInputError, match="already exists"):
+        my3dgen.render(plan)

@@ -9,13 +9,13 @@ import typer
 
 from my3dgen_cli.cli import app, one_line_errors, output_for
 from my3dgen_cli.commands.fetch import format_table, human_size
+from my3dgen_cli.commands.options import JsonOpt
 from my3dgen_cli.errors import ChecksumError
 
 cache_app = typer.Typer(help="See and tidy the local cache and identities (ls, verify, rm, prune).",
                         no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
 
 
 @cache_app.command("ls", help="List what my3dgen keeps on disk: blobs, converted and local bases (the demo's too), "

@@ -8,15 +8,14 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands.options import MAX_STEPS, DeviceOpt, JsonOpt, check_range
-from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.commands.options import MAX_STEPS, DeviceOpt, JsonOpt, Space, check_range
 
 
 @command("demo", help="Run the whole pipeline offline on a tiny synthetic base (or --base/--photos) and write "
                       "an HTML report.")
 def demo_cmd(
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Report folder (default: <data>/demo, replaced).",
-                                             show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--output", "--out", "-o", show_default=False,
+                                             help="Report folder (default: <data>/demo, replaced).")] = None,
     fast: Annotated[bool, typer.Option("--fast", help="Fewer steps everywhere (the test suite's run).")] = False,
     rebuild_base: Annotated[bool, typer.Option("--rebuild-base", help="Fit the synthetic base and its person from "
                                                "the recipe (minutes) instead of using the shipped ones.")] = False,
@@ -48,7 +47,7 @@ def eval_cmd(
                                                       "dataset.json is read as aligned crops).")],
     identity: Annotated[str, typer.Option("--identity", help="The identity to evaluate.")],
     steps: Annotated[int, typer.Option("--steps", help="Inversion steps per photo and model.")] = 100,
-    space: Annotated[str, typer.Option("--space", help="Inversion latent space: w or w+.")] = "w",
+    space: Annotated[Space, typer.Option("--space", help="Inversion latent space: w or w+.")] = Space.w,
     labels: Annotated[Path | None, typer.Option("--labels", help="EG3D dataset.json with the photos' cameras.",
                                                 show_default=False)] = None,
     device: DeviceOpt = "auto",
@@ -62,8 +61,6 @@ def eval_cmd(
 
     o = output_for(json_out)
     check_range("--steps", steps, 0, MAX_STEPS)
-    if space not in ("w", "w+"):
-        raise UserInputError(f"--space: got {space!r}, expected w or w+")
     given = read_photos(list(photos), labels=labels)
     lpips = perceptual_loss("alex", required=False)
     arcface = identity_network()
@@ -71,6 +68,6 @@ def eval_cmd(
         o.warn("LPIPS-alex is not cached (`my3dgen fetch lpips-alexnet`): no LPIPS column, pixel-only inversion")
     if arcface is None:
         o.warn("ArcFace IR-SE50 is not cached (`my3dgen fetch arcface-ir-se50`): no identity column")
-    result = evaluate(identity, given.images, given.cameras, given.names, steps=steps, space=space,
+    result = evaluate(identity, given.images, given.cameras, given.names, steps=steps, space=space.value,
                       device=pick_device(device), lpips=lpips, arcface=arcface)
     o.result(result.to_dict(), result.table())

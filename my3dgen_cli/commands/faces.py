@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands.options import MAX_INDICES, check_free, check_range
+from my3dgen_cli.commands.options import MAX_INDICES, JsonOpt, QuietOpt, check_range
 
 MAX_FACE_INDEX = 1000
 
@@ -34,37 +34,18 @@ def faces(
     ] = 1,
     force: Annotated[bool, typer.Option("--force", help="Overwrite crops, contact_sheet.png and dataset.json "
                                         "already in the output folder.")] = False,
-    json_mode: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print results only.")] = False,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Find the face in each photo, cut EG3D's 512 px crop and estimate its camera."""
-    from my3dgen_cli.errors import UserInputError
-    from my3dgen_cli.faces.prepare import OUTPUT_NAMES, check_outdir, expand_inputs, prepare_faces, write_faces
+    from my3dgen_cli.faces.folder import FacesPlan, run_faces
 
     out = output_for(json_mode, quiet)
-    if aligned and labels is None:
-        raise UserInputError("--aligned needs --labels dataset.json (aligned crops carry no pose)")
     check_range("--face-index", face_index, 0, MAX_FACE_INDEX)
     check_range("--min-faces", min_faces, 0, MAX_INDICES)
-    check_outdir(outdir, photos)
-    inputs = expand_inputs(photos)
-    # Every file this run may write, checked before the (slow) detection: the user's own files stay.
-    check_free([outdir / f"{p.stem}.png" for p in inputs] + [outdir / OUTPUT_NAMES[0], outdir / OUTPUT_NAMES[1]],
-               force)
-    total = len(inputs)
-    with out.progress(transient=True) as bar:
-        task = bar.add_task("faces", total=total, status="")
-        result = prepare_faces(
-            photos,
-            min_faces=min_faces,
-            face_index=face_index,
-            labels=labels,
-            aligned=aligned,
-            on_progress=lambda p: bar.update(task, advance=1, status=p.name),
-        )
-    for skipped in result.skipped:
-        out.warn(f"skipped {skipped}")
-    written = write_faces(result, outdir, inputs=photos)
+    plan = FacesPlan(tuple(photos), outdir, face_index=face_index, labels=labels, aligned=aligned,
+                     min_faces=min_faces, force=force)
+    result, written = run_faces(plan, out)
     summary = {
         "faces": [
             {

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from my3dgen_cli.cli import command, output_for
+from my3dgen_cli.commands.options import JsonOpt, OfflineOpt, QuietOpt
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.output import Output
 
@@ -128,9 +129,7 @@ def fetch(
             "training snapshot), not as a registry artifact; then use --base NAME.",
         ),
     ] = False,
-    offline: Annotated[
-        bool, typer.Option("--offline", help="Never use the network (as MY3DGEN_OFFLINE=1).")
-    ] = False,
+    offline: OfflineOpt = False,
     keep_pkl: Annotated[
         bool,
         typer.Option(
@@ -138,8 +137,8 @@ def fetch(
         ),
     ] = True,
     registry: RegistryOpt = None,
-    json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress, results only.")] = False,
+    json_mode: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     from my3dgen_cli.zoo import cache as zoo
 

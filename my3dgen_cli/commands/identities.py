@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import app, one_line_errors, output_for
+from my3dgen_cli.commands.options import JsonOpt, OfflineOpt
 
 identities_app = typer.Typer(help="List personalized identities (no subcommand); remove, export or import one "
                                   "(an identity archive .zip, or a My3DGen snapshot .pkl).",
                              invoke_without_command=True)
 app.add_typer(identities_app, name="identities")
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 SNAPSHOT_SUFFIXES = (".pkl", ".pkl.xz")
 
 
@@ -100,7 +100,7 @@ def identities_import(
                                                   "the snapshot's own frozen weights become the local base NAME-base.",
                                              show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing identity (and NAME-base).")] = False,
-    offline: Annotated[bool, typer.Option("--offline", help="Use only cached artifacts.")] = False,
+    offline: OfflineOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     from my3dgen_cli.errors import UserInputError

@@ -1,4 +1,4 @@
-"""Options and helpers shared by invert, render and interpolate (no torch at import)."""
+"""Options, Enums, checks and helpers shared by several commands, declared once (no torch at import)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,10 +14,34 @@ import typer
 
 from my3dgen_cli.errors import UserInputError
 
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Output file or folder.", show_default=False)]
+# The shared options, declared once: every command that has one of them spells it and means it this way.
+OutOpt = Annotated[Path | None, typer.Option("--output", "--out", "-o", help="Output file or folder.",
+                                             show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts (nothing else on stdout).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Results only: no progress, no notes.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never use the network (as MY3DGEN_OFFLINE=1).")]
+
+
+def choices(name: str, doc: str, *values: str) -> Any:
+    """A str Enum of an option's fixed values, so `--help` lists them (members named as the values, "+" as "_plus")."""
+    enum = Enum(name, {v.replace("+", "_plus"): v for v in values}, type=str, module=__name__)
+    enum.__doc__ = doc
+    return enum
+
+
+Amp = choices("Amp", "Autocast of a render: exact fp32, or bf16/fp16 (fp16: CUDA only).", "off", "bf16", "fp16")
+AmpDtype = choices("AmpDtype", "The autocast dtype when training with --amp.", "bf16", "fp16")
+Space = choices("Space", "A latent space: w (one vector for every layer) or w+ (one per layer).", "w", "w+")
+Budget = choices("Budget", "personalize's step presets (personalize.pipeline.BUDGETS).", "quick", "standard", "paper")
+SymLoss = choices("SymLoss", "The distance of the symmetry term: ArcFace identity or LPIPS.", "id", "lpips")
+InvertInit = choices("InvertInit", "Where an inversion starts: the anchors' mean or the nearest anchor.", "mean",
+                     "nearest")
+Blend = choices("Blend", "How interpolate blends latents.", "linear", "slerp")
+ExportFormat = choices("ExportFormat", "What export writes: a checked ONNX graph or a merged safetensors base.", "onnx",
+                       "safetensors")
+
 IdentityOpt = Annotated[
     str | None, typer.Option("--identity", help="Identity (adapter + anchors); base model without.", show_default=False)
 ]
@@ -50,9 +75,15 @@ class ModelOptions:
 
         return output_for(self.json_mode)
 
+    def model(self) -> Any:
+        """The generator choice (use.sources.ModelChoice) the library functions take."""
+        from my3dgen_cli.use.sources import ModelChoice
+
+        return ModelChoice(self.identity, self.base, self.adapter, self.device)
+
     def open(self) -> tuple[Any, Any, Any]:
-        """(G, BaseRef, torch.device): see `open_model`."""
-        return open_model(self.base, self.identity, self.adapter, self.device)
+        """(G, BaseRef, torch.device): see `use.sources.open_model`."""
+        return self.model().open()
 
 
 # (parameter name, option, default) in the order `--help` lists them, after the command's own options.
@@ -175,88 +206,6 @@ def expand_keys(specs: Iterable[str]) -> list[str]:
         else:
             out += [f"{kind}:{v}" for v in parse_indices(spec[len(kind) + 1:], f"latent {spec}")]
     return out
-
-
-def check_free(paths: Iterable[Path], force: bool) -> None:
-    """Refuse to overwrite: the first existing path is named unless --force."""
-    for p in paths:
-        if p.exists() and not force:
-            raise UserInputError(f"{p} already exists (use --force to overwrite)")
-        if p.exists() and p.is_dir():
-            raise UserInputError(f"{p} is a folder, expected a file path")
-
-
-def open_model(base: str | None, identity: str | None, adapter: Path | None, device: str) -> tuple[Any, Any, Any]:
-    """(G, BaseRef, torch.device) with the identity's adapter, or `adapter` when given."""
-    from my3dgen_cli.devices import pick_device
-    from my3dgen_cli.generators import open_base, open_generator
-
-    dev = pick_device(device)
-    if adapter is None:
-        G, ref, _ = open_generator(base=base, identity=identity, device=dev)
-        return G, ref, dev
-    from my3dgen_cli.adapter_file import load_adapter, read_adapter
-
-    if base is None:
-        base = read_adapter(adapter).base_name
-    G, ref = open_base(base, device=dev)
-    load_adapter(G, adapter, base_sha256=ref.sha256)
-    G.to(dev)
-    for p in G.parameters():
-        p.requires_grad_(False)
-    return G.eval(), ref, dev
-
-
-def check_latent_files(specs: Iterable[str]) -> None:
-    """Name a missing latent file, or a broken .npy one, before the (slow) generator is opened, not after."""
-    from my3dgen_cli.latents import NPY_SUFFIX, camera_beside, read_npy
-
-    for spec in specs:
-        if spec.startswith(("seed:", "anchor:")):
-            continue
-        if not Path(spec).is_file():
-            raise UserInputError(f"latent: {spec} does not exist (expected a .latent or .npy file, anchor:K or seed:S)")
-        if Path(spec).suffix.lower() == NPY_SUFFIX:
-            read_npy(spec)
-            camera_beside(spec)
-
-
-def resolve_key(spec: str, G: Any, identity: str | None, device: Any, truncation: float) -> tuple[str, Any, Any]:
-    """A latent named on the command line -> (name, ws [1, num_ws, w_dim], camera [1, 25] or None).
-
-    spec: a `.latent` or `.npy` file (latents_import.open_latent), `anchor:K` (needs --identity) or `seed:S`.
-    """
-    from my3dgen_cli.latents import open_latent
-    from my3dgen_cli.use.render import latent_from_seed
-
-    if spec.startswith("seed:"):
-        try:
-            seed = int(spec[5:])
-        except ValueError:
-            raise UserInputError(f"latent: got {spec!r}, expected seed:INTEGER") from None
-        return f"seed{seed}", latent_from_seed(G, seed, truncation), None
-    if spec.startswith("anchor:"):
-        try:
-            k = int(spec[7:])
-        except ValueError:
-            raise UserInputError(f"latent: got {spec!r}, expected anchor:INTEGER") from None
-        return (f"anchor{k}", *anchor(identity, k, device))
-    lat = open_latent(spec, G.num_ws, G.w_dim)
-    return Path(spec).stem, lat.ws.to(device), None if lat.camera is None else lat.camera.to(device)
-
-
-def anchor(identity: str | None, k: int, device: Any) -> tuple[Any, Any]:
-    """(ws [1, num_ws, w_dim], camera [1, 25]) of the identity's anchor k."""
-    if identity is None:
-        raise UserInputError("anchors belong to an identity: add --identity NAME")
-    from my3dgen_cli.identity import identity_anchors
-
-    ws, cams = identity_anchors(identity, device)
-    if ws is None:
-        raise UserInputError(f"identity {identity!r} has no anchors.safetensors")
-    if not 0 <= k < ws.shape[0]:
-        raise UserInputError(f"anchor: got {k}, expected 0..{ws.shape[0] - 1} (identity {identity!r})")
-    return ws[k:k + 1], cams[k:k + 1]
 
 
 def written(rows: list[tuple[str, Path]]) -> str:

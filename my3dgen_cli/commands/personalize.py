@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command, output_for
+from my3dgen_cli.commands.options import AmpDtype, Budget, JsonOpt, OfflineOpt, QuietOpt, Space, SymLoss
 
-SYM_CHOICES = ("id", "lpips")
 TRAIN_EXTRAS_HELP = ("Also train what My3DGen trains beside the LoRA factors: b4.const, biases and noise strengths "
                      "(full size: 219,174 LoRA + 24,791 = 243,965 values; without: 219,174).")
 
@@ -27,19 +27,19 @@ def personalize_cmd(
     base: Annotated[str, typer.Option(help="Base generator: zoo name, local base or file.")] = "eg3d-ffhq512-128",
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 1,
     alpha: Annotated[float | None, typer.Option(help="LoRA alpha (default: rank, scale 1).")] = None,
-    budget: Annotated[str, typer.Option(help="Steps preset: quick, standard or paper (training / anchor steps "
-                                             "300/100, 600/200, 1000/300); --steps / --anchor-steps override.")
-                      ] = "paper",
+    budget: Annotated[Budget, typer.Option(help="Steps preset: quick, standard or paper (training / anchor steps "
+                                                "300/100, 600/200, 1000/300); --steps / --anchor-steps override.")
+                      ] = Budget.paper,
     steps: Annotated[int | None, typer.Option(help="Adapter training steps (default: from --budget).")] = None,
     batch: Annotated[int, typer.Option(help="Photos per training step (over all ranks).")] = 2,
     accum: Annotated[int, typer.Option(help="Micro-batches per step on each rank (same batch, less memory).")] = 1,
     lr: Annotated[float, typer.Option(help="Adam learning rate (betas 0, 0.99).")] = 0.0025,
     sym: Annotated[bool, typer.Option("--sym/--no-sym", help="Face-symmetry regularization.")] = True,
-    sym_loss: Annotated[str, typer.Option(help="Symmetry distance: id (ArcFace) or lpips.")] = "id",
+    sym_loss: Annotated[SymLoss, typer.Option(help="Symmetry distance: id (ArcFace) or lpips.")] = SymLoss.id,
     sym_every: Annotated[int, typer.Option(help="Symmetry term every k steps.")] = 4,
     anchor_steps: Annotated[int | None, typer.Option(help="Projection steps per photo (default: from --budget).")
                             ] = None,
-    anchor_space: Annotated[str, typer.Option(help="Anchor latent space: w or w+.")] = "w",
+    anchor_space: Annotated[Space, typer.Option(help="Anchor latent space: w or w+.")] = Space.w,
     mirror: Annotated[bool, typer.Option("--mirror", help="Also train on mirrored photos.")] = False,
     include_mapping: Annotated[bool, typer.Option("--include-mapping", help="Adapt the mapping network.")] = False,
     include_decoder: Annotated[bool, typer.Option("--include-decoder", help="Adapt the tri-plane decoder.")] = False,
@@ -52,8 +52,8 @@ def personalize_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (under torchrun: cuda = cuda:LOCAL_RANK).")
                       ] = "auto",
     amp: Annotated[bool, typer.Option("--amp", help="Mixed precision autocast (bf16; see --amp-dtype).")] = False,
-    amp_dtype: Annotated[str, typer.Option(help="Autocast dtype with --amp: bf16 (CUDA, CPU) or fp16 (CUDA).")
-                         ] = "bf16",
+    amp_dtype: Annotated[AmpDtype, typer.Option(help="Autocast dtype with --amp: bf16 (CUDA, CPU) or fp16 (CUDA).")
+                         ] = AmpDtype.bf16,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the generator (pays off on long runs).")
                         ] = False,
     act_checkpointing: Annotated[bool, typer.Option("--checkpoint-activations", help="Recompute activations in "
@@ -65,23 +65,20 @@ def personalize_cmd(
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0 = only on Ctrl-C).")] = 100,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing identity.")] = False,
-    offline: Annotated[bool, typer.Option("--offline", help="Use only cached artifacts.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Result only, no progress.")] = False,
+    offline: OfflineOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
+    budget, sym_loss, anchor_space, amp_dtype = budget.value, sym_loss.value, anchor_space.value, amp_dtype.value
     from my3dgen_cli.errors import UserInputError
 
     if resume and force:
         raise UserInputError("--resume continues an identity and --force replaces it: pass one of them")
-    if sym_loss not in SYM_CHOICES:
-        raise UserInputError(f"--sym-loss: got {sym_loss!r}, expected one of {', '.join(SYM_CHOICES)}")
     if batch_file is not None and (photos or name or resume or force):
         raise UserInputError("--batch-file takes the people from the file: drop PHOTOS, --name, --resume and --force "
                              "(a rerun resumes unfinished people and skips finished ones)")
     if batch_file is None and (not photos or not name):
         raise UserInputError("personalize needs PHOTOS and --name NAME (or --batch-file FILE)")
-    if amp_dtype not in ("bf16", "fp16"):
-        raise UserInputError(f"--amp-dtype: got {amp_dtype!r}, expected bf16 or fp16")
     from my3dgen_cli.commands.options import BATCH_RANGE, LR_RANGE, MAX_RANK, MAX_SEED, MAX_STEPS, check_range
 
     for option, value, limits in (("--rank", rank, (1, MAX_RANK)), ("--alpha", alpha, (1e-8, 1e6)),
@@ -98,8 +95,6 @@ def personalize_cmd(
     from my3dgen_cli.personalize import distributed as D
     from my3dgen_cli.personalize.pipeline import BUDGETS, PersonalizeConfig, personalize, read_photos
 
-    if budget not in BUDGETS:
-        raise UserInputError(f"--budget: got {budget!r}, expected one of {', '.join(BUDGETS)}")
     world = D.from_env()
     out = output_for(json_out, quiet) if world.is_main else Output("quiet")
     dev = D.device_for(world, pick_device(device))

@@ -7,7 +7,7 @@
 
 Each photo: EXIF orientation applied, converted to RGB (alpha over white), shrunk to at most
 `DETECT_MAX_SIDE` pixels for detection, MTCNN run on the photo and on its mirror and the two
-results averaged (so a mirrored photo gives exactly the mirrored crop and the camera at -yaw),
+results averaged (`symmetric.py`) (so a mirrored photo gives exactly the mirrored crop and the camera at -yaw),
 then the crop and pose of `faces_align`. With `labels` (an EG3D dataset.json) the cameras come
 from the file instead of the estimate. Input files are only ever read.
 """
@@ -15,14 +15,13 @@ from the file instead of the estimate. Input files are only ever read.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.faces.align import (
@@ -30,14 +29,12 @@ from my3dgen_cli.faces.align import (
     CropTransform,
     crop_transform,
     estimate_pose,
-    mirror_points,
     warp_crop,
 )
+from my3dgen_cli.faces.symmetric import find_face
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-DETECT_MAX_SIDE = 1024  # larger photos are shrunk (antialiased) for detection only
 MIN_FACE_PX = 96  # crops cut from fewer source pixels than this are refused as too small
-OUTPUT_NAMES = ("contact_sheet.png", "dataset.json")  # written beside the crops (<stem>.png)
 MIN_ALIGNED_PX = 16  # an aligned crop smaller than this holds no face (tiny test bases render 64 px)
 
 
@@ -152,6 +149,24 @@ def load_photo(path: Path) -> np.ndarray:
         raise UserInputError(f"unreadable image ({err})") from None
 
 
+def load_crop(path: Path, size: int) -> Any:
+    """An aligned square crop (already EG3D's framing) -> [1, 3, size, size] float tensor in [-1, 1]."""
+    import torch
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserInputError(f"{path}: not a readable image ({err.__class__.__name__})") from None
+    if im.width != im.height:
+        raise UserInputError(f"{path}: got a {im.width}x{im.height} image, expected a square aligned crop "
+                             "(leave out --yaw/--pitch/--labels to detect and crop the face)")
+    if im.width != size:
+        im = im.resize((size, size), Image.Resampling.LANCZOS)
+    x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    return x.unsqueeze(0)
+
+
 def read_dataset_json(source: str | Path | Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Camera labels of an EG3D dataset.json (path or parsed dict): {file name: (25,) float32}."""
     if isinstance(source, Mapping):
@@ -189,69 +204,6 @@ def find_label(labels: Mapping[str, np.ndarray], path: Path) -> np.ndarray | Non
     by_name = {Path(k).name: v for k, v in labels.items()}
     by_stem = {Path(k).stem: v for k, v in labels.items()}
     return by_name.get(path.name, by_stem.get(path.stem))
-
-
-# --- detection with mirror averaging -----------------------------------------------------------
-
-
-def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def detect_symmetric(image: np.ndarray, detector: Any = None) -> list[tuple[np.ndarray, np.ndarray, float]]:
-    """Faces as (box (4,), landmarks (5, 2), score), largest first, mirror-averaged.
-
-    The detector runs on the photo and on its mirror; matching detections (IoU > 0.3) are
-    averaged, so detect_symmetric(mirror) is the mirror of detect_symmetric(photo).
-    """
-    from my3dgen_cli.faces.detect import default_detector
-
-    detector = detector or default_detector()
-    w = image.shape[1]
-    direct = [(d.box, d.landmarks, d.score) for d in detector.detect(image)]
-    mirrored = []
-    for d in detector.detect(image[:, ::-1].copy()):  # a copy: ascontiguousarray keeps a 1-px-wide view reversed
-        box = np.array([w - d.box[2], d.box[1], w - d.box[0], d.box[3]])
-        mirrored.append((box, mirror_points(d.landmarks, w), d.score))
-    pairs = sorted(
-        ((_box_iou(a[0], b[0]), i, j) for i, a in enumerate(direct) for j, b in enumerate(mirrored)),
-        key=lambda t: -t[0],
-    )
-    used_a: set[int] = set()
-    used_b: set[int] = set()
-    faces = []
-    for iou, i, j in pairs:
-        if iou > 0.3 and i not in used_a and j not in used_b:
-            used_a.add(i)
-            used_b.add(j)
-            (ba, la, sa), (bb, lb, sb) = direct[i], mirrored[j]
-            faces.append(((ba + bb) / 2, (la + lb) / 2, (sa + sb) / 2))
-    faces += [direct[i] for i in range(len(direct)) if i not in used_a]
-    faces += [mirrored[j] for j in range(len(mirrored)) if j not in used_b]
-    return sorted(faces, key=lambda f: -float((f[0][2] - f[0][0]) * (f[0][3] - f[0][1])))
-
-
-def _detect(image: np.ndarray, face_index: int | None, detector: Any) -> tuple[np.ndarray, float]:
-    """Landmarks (5, 2) and score of the chosen face in full-resolution coordinates."""
-    h, w = image.shape[:2]
-    shrink = min(1.0, DETECT_MAX_SIDE / max(h, w))
-    small = image
-    if shrink < 1.0:
-        size = (max(round(w * shrink), 1), max(round(h * shrink), 1))
-        small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
-    faces = detect_symmetric(small, detector)
-    if not faces:
-        raise UserInputError("no face found")
-    index = 0 if face_index is None else face_index
-    if index >= len(faces):
-        raise UserInputError(f"face index {index} requested, only {len(faces)} face(s) found")
-    _, lm, score = faces[index]
-    scale = np.array([w / small.shape[1], h / small.shape[0]])
-    return lm * scale, float(score)
 
 
 def _camera(yaw: float, pitch: float) -> np.ndarray:
@@ -297,7 +249,7 @@ def prepare_face(
     if min(image.shape[:2]) < MIN_FACE_PX:
         raise UserInputError(f"photo too small: {image.shape[1]}x{image.shape[0]} px, expected at least "
                              f"{MIN_FACE_PX} px on each side")
-    landmarks, score = _detect(image, face_index, detector)
+    landmarks, score = find_face(image, face_index, detector)
     tf: CropTransform = crop_transform(landmarks)
     if tf.size < MIN_FACE_PX:
         raise UserInputError(
@@ -365,57 +317,3 @@ def prepare_faces(
             + (f" (skipped: {why})" if why else "")
         )
     return result
-
-
-# --- writing -----------------------------------------------------------------------------------
-
-
-def contact_sheet(faces: FaceSet, tile: int = 256, columns: int = 6) -> Image.Image:
-    """A grid of the crops with landmarks and the camera (yaw/pitch) written on each."""
-    n = max(len(faces), 1)
-    cols = min(columns, n)
-    rows = math.ceil(n / cols)
-    sheet = Image.new("RGB", (cols * tile, rows * tile), (32, 32, 32))
-    font = ImageFont.load_default(size=max(tile // 16, 10))
-    for k, face in enumerate(faces):
-        img = face.image().resize((tile, tile), Image.Resampling.LANCZOS)
-        draw = ImageDraw.Draw(img)
-        if face.crop_landmarks is not None:
-            for x, y in face.crop_landmarks * (tile / CROP_SIZE):
-                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=(0, 255, 0))
-        source = "est" if face.estimated else "json"
-        text = f"{face.stem}\nyaw {face.yaw:+.1f}  pitch {face.pitch:+.1f} ({source})"
-        draw.multiline_text((5, 5), text, fill=(255, 255, 0), font=font, stroke_width=2, stroke_fill=(0,) * 3)
-        sheet.paste(img, ((k % cols) * tile, (k // cols) * tile))
-    return sheet
-
-
-def check_outdir(outdir: str | Path, inputs: Sequence[str | Path]) -> None:
-    """Refuse an output folder that is an input folder or holds an input photo."""
-    out = Path(outdir).resolve()
-    for item in inputs:
-        path = Path(item).resolve()
-        if out == (path if path.is_dir() else path.parent):
-            raise UserInputError(f"output folder {outdir} holds input photos; choose another folder")
-
-
-def write_faces(faces: FaceSet, outdir: str | Path, inputs: Sequence[str | Path] = ()) -> dict[str, Any]:
-    """Write crops (<stem>.png), contact_sheet.png and dataset.json into `outdir`, atomically.
-
-    Refuses an `outdir` that holds any of the photos (inputs are never overwritten).
-    Returns the written paths.
-    """
-    from my3dgen_cli.fileio import write_atomic, write_text_atomic
-
-    out = Path(outdir)
-    check_outdir(out, [*inputs, *(f.source for f in faces), *(s.source for s in faces.skipped)])
-    crops = []
-    for face in faces:
-        target = out / face.crop_name
-        write_atomic(target, lambda p, f=face: f.image().save(p, format="PNG"))
-        crops.append(str(target))
-    sheet = out / OUTPUT_NAMES[0]
-    write_atomic(sheet, lambda p: contact_sheet(faces).save(p, format="PNG"))
-    dataset = out / OUTPUT_NAMES[1]
-    write_text_atomic(dataset, json.dumps(faces.dataset_json(), indent=1) + "\n")
-    return {"crops": crops, "contact_sheet": str(sheet), "dataset_json": str(dataset)}

@@ -10,11 +10,13 @@ The ONNX graph is the whole renderer: backbone (unfused modulated conv), tri-pla
 importance marching with deterministic sample positions, superresolution. The ops ONNX lacks are
 replaced while exporting (`torch.onnx.is_in_onnx_export()` in eg3d/): cumprod -> exp(cumsum(log)),
 searchsorted -> a comparison count, antialiased resize -> two constant MatMuls. fp32, opset >= 17.
+`run_export(ExportPlan(...))` is `my3dgen export`: both formats, each checked after writing.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -28,6 +30,7 @@ from torch import nn
 from my3dgen_cli import __version__
 from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.fileio import atomic_path
+from my3dgen_cli.output import Output
 
 # `--outputs` name -> synthesis output key
 OUTPUTS: dict[str, str] = {"image": "image", "depth": "image_depth", "raw": "image_raw",
@@ -35,7 +38,6 @@ OUTPUTS: dict[str, str] = {"image": "image", "depth": "image_depth", "raw": "ima
 MIN_OPSET = 17
 MAX_OPSET = 20  # the newest the TorchScript-based exporter writes
 DEFAULT_TOLERANCE = 1e-3  # fp32 graph vs eager: observed ~2e-6 (tiny) and ~4e-6 (full size); see docs/export.md
-FP16_MIN_ELEMENTS = 1024  # smaller initializers (biases, filters) stay fp32 under --fp16
 
 
 class ExportMismatchError(My3DGenError):
@@ -245,6 +247,8 @@ def export_onnx(
     G is moved to CPU float32 in place (and with fp16 its weights are rounded in place).
     metadata: extra model properties (identity, base, ...) beside the render settings always stored.
     """
+    from my3dgen_cli.use.onnx_file import check_onnx, rewrite_model
+
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserInputError(f"--opset: got {opset}, expected {MIN_OPSET}..{MAX_OPSET}")
     G = G.cpu().float().eval()
@@ -289,67 +293,90 @@ def rig_metadata(G: nn.Module) -> dict[str, str]:
             "camera_focal": f"{rig.focal:g}"}
 
 
-def check_onnx(path: str | Path, wrapper: ExportedGenerator, inputs: list[tuple[torch.Tensor, ...]]) -> ExportCheck:
-    """onnx.checker on `path`, then onnxruntime (CPU) vs `wrapper` in PyTorch on each input set."""
-    import numpy as np
-    import onnx
+@dataclass(frozen=True)
+class ExportPlan:
+    """What `my3dgen export` was asked for: an identity's generator, merged, as a base or a checked ONNX graph.
 
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise My3DGenError("checking an ONNX export needs onnxruntime: pip install onnxruntime") from None
-    onnx.checker.check_model(str(path), full_check=True)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    diffs = dict.fromkeys(wrapper.outputs, 0.0)
-    for args in inputs:
-        got = session.run(None, {name: t.numpy() for name, t in zip(wrapper.input_names, args, strict=True)})
-        with torch.no_grad():
-            want = wrapper(*args)
-        for name, g, w in zip(wrapper.outputs, got, want, strict=True):
-            if g.shape != tuple(w.shape):
-                raise ExportMismatchError(f"ONNX output {name}: got shape {list(g.shape)}, expected {list(w.shape)}")
-            diffs[name] = max(diffs[name], float(np.abs(g - w.numpy()).max()))
-    return ExportCheck(diffs, [int(a[0].shape[0]) for a in inputs], session.get_providers())
-
-
-def rewrite_model(path: str | Path, fp16: bool, metadata: dict[str, str]) -> None:
-    """Add string properties (ORT: `session.get_modelmeta().custom_metadata_map`) and maybe halve weights."""
-    import onnx
-
-    model = onnx.load(str(path))
-    if fp16:
-        halve_initializers(model)
-    for key, value in metadata.items():
-        if value:
-            model.metadata_props.add(key=key, value=str(value))
-    onnx.save(model, str(path))
-
-
-def halve_initializers(model: Any, min_elements: int = FP16_MIN_ELEMENTS) -> None:
-    """Store float32 initializers that float16 holds exactly as float16, each behind a Cast to float32.
-
-    The weights were rounded to fp16 before the export, so every raw weight qualifies and the graph
-    computes exactly what PyTorch computes with the rounded weights. Constants the exporter folded
-    from them (weight x gain, demodulation square sums) are not fp16 values and stay fp32: rounding
-    them again was measured at ~9e-4 on the full-size image, too close to the 1e-3 tolerance.
+    fmt: "onnx" or "safetensors" (None: from the output's suffix). The ONNX-only settings (opset,
+    outputs, dynamic_batch, with_mapping) must stay at their defaults for a safetensors export.
     """
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
 
-    casts = []
-    for init in model.graph.initializer:
-        if init.data_type != TensorProto.FLOAT:
-            continue
-        array = numpy_helper.to_array(init)
-        half = array.astype(np.float16)
-        if array.size < min_elements or not np.array_equal(half.astype(np.float32), array):
-            continue
-        name = init.name
-        init.CopyFrom(numpy_helper.from_array(half, f"{name}__fp16"))
-        casts.append(helper.make_node("Cast", [f"{name}__fp16"], [name], to=TensorProto.FLOAT,
-                                      name=f"{name}__to_fp32"))
-    nodes = casts + list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    identity: str
+    output: Path
+    base: str | None = None
+    fmt: str | None = None
+    opset: int = MIN_OPSET
+    neural_res: int | None = None
+    samples: tuple[int, int] | None = None
+    outputs: tuple[str, ...] = ("image",)
+    dynamic_batch: bool = False
+    with_mapping: bool = False
+    truncation: float = 0.7
+    fp16: bool = False
+    tolerance: float = DEFAULT_TOLERANCE
+    offline: bool | None = None
+    force: bool = False
+
+    def format(self) -> str:
+        """The format written, checked against the suffix and the ONNX-only settings (UserInputError)."""
+        fmt = self.fmt
+        if fmt is None:
+            fmt = self.output.suffix.lstrip(".")
+            if fmt not in ("onnx", "safetensors"):
+                raise UserInputError(f"output: got suffix {self.output.suffix!r}, expected .onnx or .safetensors "
+                                     "(or --format)")
+        onnx_only = {"--opset": self.opset != MIN_OPSET, "--outputs": self.outputs != ("image",),
+                     "--dynamic-batch": self.dynamic_batch, "--with-mapping": self.with_mapping}
+        if fmt == "safetensors" and any(onnx_only.values()):
+            flag = next(k for k, v in onnx_only.items() if v)
+            raise UserInputError(f"{flag} applies to --format onnx only; drop it for a .safetensors export")
+        if fmt == "safetensors" and self.output.suffix != ".safetensors":
+            raise UserInputError(f"output: got suffix {self.output.suffix!r}, expected '.safetensors' for --format "
+                                 "safetensors")
+        return fmt
+
+
+def run_export(plan: ExportPlan, output: Output | None = None) -> dict[str, Any]:
+    """Merge the identity's adapter and write `plan.output`, checked after writing; the result's summary."""
+    from my3dgen_cli.fileio import check_free
+
+    path = check_writable(plan.output)
+    plan = dataclasses.replace(plan, output=path)
+    fmt = plan.format()
+    check_free([path, path.with_suffix(".json")] if fmt == "safetensors" else [path], plan.force)
+    out = output or Output("quiet")
+    out.info(f"merging the adapter of {plan.identity!r}")
+    G, ref, _, merge_diff = merged_generator(base=plan.base, identity=plan.identity, device="cpu",
+                                             offline=plan.offline)
+    set_render_options(G, plan.neural_res, plan.samples)
+    source = {"identity": plan.identity, "base": ref.name, "base_sha256": ref.sha256}
+    result: dict[str, Any] = {"identity": plan.identity, "base": ref.name, "format": fmt, "path": str(path),
+                              "merge_max_abs_diff": merge_diff, "tolerance": plan.tolerance}
+    if fmt == "safetensors":
+        reload_diff = _export_merged(G, path, source, plan.fp16, plan.tolerance)
+        result.update(config=str(path.with_suffix(".json")), reload_max_abs_diff=reload_diff)
+    else:
+        out.info(f"exporting ONNX (opset {plan.opset}) and checking it against PyTorch")
+        check = export_onnx(G, path, outputs=plan.outputs, with_mapping=plan.with_mapping,
+                            truncation_psi=plan.truncation, opset=plan.opset, dynamic_batch=plan.dynamic_batch,
+                            fp16=plan.fp16, tolerance=plan.tolerance, metadata=source)
+        result.update(opset=plan.opset, inputs=ExportedGenerator(G, plan.outputs, plan.with_mapping).input_names,
+                      outputs=list(plan.outputs), dynamic_batch=plan.dynamic_batch, batch_sizes=check.batch_sizes,
+                      max_abs_diff=check.max_abs_diff, diffs=check.diffs)
+    result["size"] = path.stat().st_size
+    return result
+
+
+def _export_merged(G: nn.Module, path: Path, source: dict[str, Any], fp16: bool, tolerance: float) -> float:
+    """Write the merged base, reload it as my3dgen would and compare with the merged weights."""
+    from my3dgen_cli.eg3d import load_generator
+
+    inputs = check_inputs(G, (1,))[0]
+    with torch.no_grad():
+        want = ExportedGenerator(G, ("image", "depth"))(*inputs)
+        export_safetensors(G, path, source=source, fp16=fp16)
+        got = ExportedGenerator(load_generator(path), ("image", "depth"))(*inputs)
+    diff = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
+    if not diff <= tolerance:
+        raise ExportMismatchError(f"the reloaded {path} differs by {diff:.3g} > tolerance {tolerance:g}")
+    return diff

@@ -8,13 +8,21 @@ great circle of each row about the mean of the keys (so the path keeps the keys'
 the centre instead of cutting through it), falling back to lerp for nearly parallel rows.
 Cameras: yaw and pitch are interpolated linearly (degrees) and rebuilt as LookAt cameras on the
 base's rig (its pivot and radius); an explicit yaw sweep replaces the interpolated yaw.
+`run_interpolate(InterpolatePlan(...))` is `my3dgen interpolate`: keys in, frames and videos out.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 
 from my3dgen_cli.eg3d.camera import CameraRig, camera_angles, camera_rig
+from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.output import Output
+from my3dgen_cli.use.sources import ModelChoice
 
 MODES = ("linear", "slerp")
 
@@ -93,3 +101,98 @@ def interpolate_cameras(keys: torch.Tensor, frames: int, yaw_sweep: tuple[float,
             if float(t).is_integer():
                 cams[k] = keys[int(t)].float()
     return cams
+
+
+@dataclass(frozen=True)
+class InterpolatePlan:
+    """What `my3dgen interpolate` was asked for: the keys, the path, where the frames and videos go.
+
+    keys: .latent/.npy files, anchor:K (of model.identity) or seed:S, two or more. `out`: a folder
+    (default ./interpolation: frames, video, gif and strip) or one .mp4/.gif (the video alone).
+    """
+
+    model: ModelChoice
+    keys: tuple[str, ...]
+    frames: int = 30
+    mode: str = "linear"
+    space: str = "w+"  # w+: per layer; w: each key's rows replaced by their mean
+    yaw_sweep: tuple[float, float] | None = None
+    frontal: bool = False  # every frame on the frontal camera (the keys' own cameras ignored)
+    truncation: float = 0.7
+    fps: float = 24.0
+    strip: int = 8
+    batch: int = 8
+    out: Path | None = None
+    force: bool = False
+
+    def outputs(self) -> list[tuple[str, Path]]:
+        """(kind, path) of every file: the frames first, then video, gif and strip (or the video alone)."""
+        if len(self.keys) < 2:
+            raise UserInputError(f"got {len(self.keys)} latent(s), expected 2 or more to interpolate between")
+        if self.out is not None and self.out.suffix.lower() in (".mp4", ".gif"):
+            return [("video" if self.out.suffix.lower() == ".mp4" else "gif", self.out)]
+        if self.out is not None and self.out.suffix:
+            raise UserInputError(f"-o {self.out}: expected a .mp4 or .gif file (the video alone) or a folder (frames, "
+                                 "video, gif and strip)")
+        folder = self.out if self.out is not None else Path("interpolation")
+        plan = [("frame", folder / f"frame_{k:04d}.png") for k in range(self.frames)]
+        return plan + [("video", folder / "interpolation.mp4"), ("gif", folder / "interpolation.gif"),
+                       ("strip", folder / "strip.png")]
+
+
+@dataclass
+class InterpolateResult:
+    base: str
+    plan: InterpolatePlan
+    keys: list[str]  # the keys' names (file stems, anchorK, seedS)
+    outputs: list[tuple[str, Path]]  # (kind, path) of every file written
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.plan
+        return {"base": self.base, "identity": p.model.identity, "keys": self.keys, "frames": p.frames,
+                "mode": p.mode, "space": p.space, "yaw_sweep": p.yaw_sweep,
+                "outputs": [{"kind": k, "path": str(path)} for k, path in self.outputs]}
+
+
+def run_interpolate(plan: InterpolatePlan, output: Output | None = None) -> InterpolateResult:
+    """Render the morph of `plan` and write its files (all checked free before the model opens)."""
+    from my3dgen_cli import media
+    from my3dgen_cli.fileio import check_free
+    from my3dgen_cli.use.sources import check_latent_files, resolve_key
+
+    if plan.mode not in MODES:
+        raise UserInputError(f"--mode: got {plan.mode!r}, expected one of {', '.join(MODES)}")
+    files = plan.outputs()
+    check_latent_files(plan.keys)
+    check_free([p for _, p in files], plan.force)
+    G, ref, dev = plan.model.open()
+    resolved = [resolve_key(k, G, plan.model.identity, dev, plan.truncation) for k in plan.keys]
+    latents = [ws for _, ws, _ in resolved]
+    if plan.space == "w":
+        latents = [ws.mean(1, keepdim=True).expand_as(ws) for ws in latents]
+    rig = camera_rig(G)
+    key_cams = torch.cat([cam if cam is not None and not plan.frontal else rig.frontal().to(dev)
+                          for _, _, cam in resolved])
+    ws_path = interpolate_latents(latents, plan.frames, plan.mode)
+    cams = interpolate_cameras(key_cams.cpu(), plan.frames, plan.yaw_sweep, rig).to(dev)
+    images = []
+    with (output or Output("quiet")).progress() as bar, torch.no_grad():
+        task = bar.add_task("interpolating", total=plan.frames, status="")
+        for start in range(0, plan.frames, plan.batch):
+            ws_b, c_b = ws_path[start:start + plan.batch].to(dev), cams[start:start + plan.batch]
+            out_b = G.synthesis(ws_b, c_b, noise_mode="const", sampling="deterministic")["image"]
+            images += [media.to_uint8(x) for x in out_b]
+            bar.advance(task, len(ws_b))
+    if len(files) == 1:
+        (kind, path), = files
+        (media.write_mp4 if kind == "video" else media.write_gif)(path, images, plan.fps)
+    else:
+        frames = plan.frames
+        for (_, path), img in zip(files[:frames], images, strict=True):
+            media.write_png(path, img)
+        media.write_mp4(files[frames][1], images, plan.fps)
+        media.write_gif(files[frames + 1][1], images, plan.fps)
+        n = max(2, min(plan.strip, frames))
+        picks = sorted({round(k * (frames - 1) / (n - 1)) for k in range(n)})
+        media.write_png(files[frames + 2][1], media.grid([images[k] for k in picks]))
+    return InterpolateResult(ref.name, plan, [name for name, _, _ in resolved], files)

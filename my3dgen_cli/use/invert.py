@@ -11,8 +11,9 @@ bare base, from the mapping network's `w_avg`. Spaces:
   space"); only the mixing logits are optimized, per layer in w+.
 Loss: MSE on the final image + MSE on the raw neural render against the target downsampled to its
 size (My3DGen's two-resolution loss), + LPIPS on the final image when a perceptual net is given.
-Camera refinement optimizes a small yaw/pitch rotation about the camera pivot. `tune_adapter`
+Camera refinement optimizes a small yaw/pitch rotation about the camera pivot. `use.pti.tune_adapter`
 then (PTI-style) trains only the adapter tensors for this one image, latent and camera fixed.
+`run_invert(InvertPlan(...))` is `my3dgen invert`: photos or aligned crops in, .latent files out.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,9 @@ from torch import nn
 
 from my3dgen_cli.eg3d import ops
 from my3dgen_cli.eg3d.camera import FFHQ_PIVOT, camera_rig, check_label
+from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.output import Output
+from my3dgen_cli.use.sources import ModelChoice
 
 SPACES = ("w", "w+")
 INITS = ("mean", "nearest")
@@ -122,7 +128,7 @@ def rotate_camera(camera: torch.Tensor, yaw: torch.Tensor, pitch: torch.Tensor,
     return torch.cat([out, camera[:, 16:].float()], dim=1)
 
 
-def _losses(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target: torch.Tensor,
+def render_losses(G: nn.Module, ws: torch.Tensor, camera: torch.Tensor, target: torch.Tensor,
             net: nn.Module | None, cfg: InvertConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     out = G.synthesis(ws, camera, noise_mode="const", sampling="deterministic")
     image = out["image"]
@@ -232,7 +238,7 @@ def invert_image(
             scale = 1.0 if t < 0.25 else 0.5 * (1 + math.cos(math.pi * (t - 0.25) / 0.75))
             for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
                 group["lr"] = base_lr * max(scale, 0.05)
-            loss, _ = _losses(G, current_ws(), current_camera(), target, perceptual, cfg)
+            loss, _ = render_losses(G, current_ws(), current_camera(), target, perceptual, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -252,44 +258,134 @@ def invert_image(
     )
 
 
-def tune_adapter(
-    G: nn.Module,
-    ws: torch.Tensor,
-    camera: torch.Tensor,
-    target: torch.Tensor,
-    steps: int,
-    lr: float = 3e-4,
-    perceptual: nn.Module | None = None,
-    config: InvertConfig | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-) -> tuple[float, float | None, torch.Tensor]:
-    """PTI-style: train only G's adapter tensors so that G(ws, camera) matches `target`.
+@dataclass(frozen=True)
+class InvertPlan:
+    """What `my3dgen invert` was asked for: the photos, the optimization, PTI tuning, where the files go.
 
-    G must carry adapters (lora.add_adapters or load_adapter); its other weights stay frozen. The
-    adapters are changed in place: callers that keep the identity's adapter elsewhere save the
-    tuned tensors to a new file. Returns (psnr, lpips or None, image [1, 3, H, W]).
+    Cameras: --yaw/--pitch for aligned crops (on the base's camera rig), `labels` (a dataset.json
+    listing the crops), else faces are detected and cropped. `out`: a folder (default .) or one
+    .latent for one image; beside each latent its preview and, with `tune`, the tuned adapter.
     """
-    from my3dgen_cli.lora import adapter_layers
 
-    cfg = config or InvertConfig()
-    layers = adapter_layers(G)
-    if not layers:
-        raise ValueError("tune_adapter: the generator has no adapters")
-    params = [p for a in layers.values() for p in (a.lora_A, a.lora_B)]
-    for p in params:
-        p.requires_grad_(True)
-    ws, camera, target = ws.detach(), camera.detach(), target.detach().float()
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
-    for step in range(steps):
-        loss, _ = _losses(G, ws, camera, target, perceptual, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if on_step is not None:
-            on_step(step, float(loss.detach()))
-    for p in params:
-        p.requires_grad_(False)
-    with torch.no_grad():
-        image = G.synthesis(ws, camera, noise_mode="const", sampling="deterministic")["image"]
-        lp = lpips_distance(perceptual, image, target, cfg.lpips_size)
-    return psnr(image, target), None if lp is None else float(lp), image
+    model: ModelChoice
+    images: tuple[Path, ...]
+    config: InvertConfig = field(default_factory=InvertConfig)
+    tune: int = 0
+    tune_rank: int = 1
+    yaw: float | None = None
+    pitch: float | None = None
+    labels: Path | None = None
+    use_lpips: bool = True
+    out: Path | None = None
+    force: bool = False
+
+    def outputs(self) -> list[list[tuple[str, Path]]]:
+        """Per image: (kind, path) of its latent, preview and tuned adapter; UserInputError for a bad request."""
+        if self.labels is not None and (self.yaw is not None or self.pitch is not None):
+            raise UserInputError("give either --yaw/--pitch or --labels, not both")
+        stems = [p.stem for p in self.images]
+        if len(set(stems)) != len(stems):
+            raise UserInputError("two images share a file stem; outputs are named after it")
+        single = self.out is not None and self.out.suffix == ".latent"
+        if single and len(self.images) > 1:
+            raise UserInputError(f"-o {self.out}: one .latent file for {len(self.images)} images; give a folder")
+        folder = (self.out.parent if single else self.out) if self.out is not None else Path(".")
+        plan = []
+        for stem in stems:
+            lat = self.out if single else folder / f"{stem}.latent"
+            row = [("latent", lat), ("preview", lat.with_suffix(".preview.png"))]
+            if self.tune:
+                row.append(("tuned adapter", lat.with_suffix(".adapter.safetensors")))
+            plan.append(row)
+        return plan
+
+
+@dataclass
+class InvertRun:
+    base: str
+    identity: str | None
+    space: str
+    results: list[dict[str, Any]]  # per image: PSNR, LPIPS, camera change, tuned scores, files
+    outputs: list[tuple[str, Path]]  # (kind, path) of every file written
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "identity": self.identity, "space": self.space, "results": self.results}
+
+
+def run_invert(plan: InvertPlan, output: Output | None = None) -> InvertRun:
+    """Invert every image of `plan` and write its files (all checked free before the model opens)."""
+    from my3dgen_cli.fileio import check_free
+    from my3dgen_cli.identity import identity_anchors
+    from my3dgen_cli.use.sources import photo_targets
+
+    files = plan.outputs()
+    check_free([p for row in files for _, p in row], plan.force)
+    G, ref, dev = plan.model.open()
+    # bad images fail before any loss setup; --yaw/--pitch cameras sit on the base's rig
+    targets = photo_targets(plan.images, G.img_resolution, camera_rig(G), plan.yaw, plan.pitch, plan.labels)
+    anchors, _ = identity_anchors(plan.model.identity, dev)
+    if plan.config.hull and anchors is None:
+        raise UserInputError("--hull needs an identity with anchors (--identity NAME)")
+    out = output or Output("quiet")
+    net = None
+    if plan.use_lpips:
+        from my3dgen_cli.losses.perceptual import perceptual_loss
+
+        net = perceptual_loss("vgg", required=False)
+        if net is None:
+            out.warn("LPIPS-VGG weights are not cached (`my3dgen fetch lpips-vgg16`); using pixel losses only")
+        else:
+            net = net.to(dev)
+    original = None
+    if plan.tune:
+        from my3dgen_cli.lora import get_adapter_state
+
+        original = get_adapter_state(G)  # the identity's adapter, restored after each image
+    results = []
+    with out.progress() as bar:
+        for (stem, target, cam), row in zip(targets, files, strict=True):
+            task = bar.add_task(stem, total=plan.config.steps + plan.tune, status="")
+
+            def step(s: int, loss: float, what: str = "loss", task: Any = task) -> None:
+                bar.update(task, advance=1, status=f"{what} {loss:.4f}")
+
+            results.append(_invert_one(plan, G, ref, stem, target.to(dev), cam.to(dev), row, anchors, net, original,
+                                       step))
+    return InvertRun(ref.name, plan.model.identity, plan.config.space, results, [p for row in files for p in row])
+
+
+def _invert_one(plan: InvertPlan, G: nn.Module, ref: Any, stem: str, target: torch.Tensor, cam: torch.Tensor,
+                row: list[tuple[str, Path]], anchors: torch.Tensor | None, net: nn.Module | None,
+                original: dict[str, torch.Tensor] | None, step: Callable[..., None]) -> dict[str, Any]:
+    """Invert one image (and PTI-tune when asked); write its latent, preview and tuned adapter."""
+    from my3dgen_cli import media
+    from my3dgen_cli.identity import Latent, write_latent
+
+    cfg = plan.config
+    res = invert_image(G, target, cam, anchors, cfg, net, on_step=step)
+    entry: dict[str, Any] = {"image": stem, "psnr": round(res.psnr, 3),
+                             "lpips": None if res.lpips is None else round(res.lpips, 4),
+                             "camera_delta_deg": res.camera_delta, "init_anchor": res.init_anchor}
+    preview = [media.to_uint8(target), media.to_uint8(res.image)]
+    extra: dict[str, Any] = {"source": str(row[0][1].name), "psnr": res.psnr, "lpips": res.lpips,
+                             "steps": cfg.steps, "hull": cfg.hull}
+    if plan.tune:
+        from my3dgen_cli.adapter_file import save_adapter
+        from my3dgen_cli.lora import add_adapters
+        from my3dgen_cli.use.pti import restore_adapter, tune_adapter
+
+        if not original:  # a bare base: a fresh adapter (B = 0, so tuning starts from the base exactly)
+            add_adapters(G, rank=plan.tune_rank)
+        psnr_t, lpips_t, tuned = tune_adapter(G, res.ws, res.camera, target, plan.tune, perceptual=net, config=cfg,
+                                              on_step=lambda s, loss: step(s, loss, "tune"))
+        save_adapter(G, row[2][1], base_name=ref.name, base_sha256=ref.sha256,
+                     extra={"pti_for": stem, "tuned_from": plan.model.identity or "base"})
+        extra["adapter"] = row[2][1].name
+        preview.append(media.to_uint8(tuned))
+        entry.update(tuned_psnr=round(psnr_t, 3), tuned_lpips=None if lpips_t is None else round(lpips_t, 4))
+        restore_adapter(G, original or {})
+    write_latent(row[0][1], Latent(res.ws, res.camera, base=ref.name, identity=plan.model.identity, space=cfg.space,
+                                   extra=extra))
+    media.write_png(row[1][1], media.grid(preview))
+    entry["files"] = {k: str(p) for k, p in row}
+    return entry
