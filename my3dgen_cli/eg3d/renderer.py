@@ -9,6 +9,8 @@ linspace(ray_start, ray_end, n), importance u = linspace(0, 1, n)) and changes n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -202,22 +204,22 @@ def importance_depths(
         return samples.reshape(-1, m, count, 1)
 
 
-DECODE_POINTS = 1 << 18  # points per decoder chunk (per batch element): bounds the hidden layer's memory
+DECODE_POINTS = 1 << 18  # points per chunk (per batch element) of an inference render's sampling and decoding
 
 
-def decode_in_chunks(decoder: nn.Module, features: torch.Tensor, points: int | None = None) -> dict:
-    """`decoder.decode(features)` a slice of `points` points at a time, written into the whole outputs.
+def decode_in_chunks(decode: Callable[[torch.Tensor], dict], inputs: torch.Tensor, points: int | None = None) -> dict:
+    """`decode(inputs)` on `points` points (dim 1 of inputs) at a time, written into the whole outputs.
 
-    The decoder's hidden layer is 64 floats per point; a full-size view decodes ~1.6 M points per pass,
-    so unchunked its element-wise passes (softplus, sigmoid) each stream hundreds of MB through memory,
-    and the peak memory holds several such tensors. A slice keeps them in cache. No autograd graph
-    (outputs are written in place): for inference. Same values up to matmul blocking (~1e-7).
+    A full-size view samples and decodes ~0.8 M points per pass at nrr 128 (x the batch): whole, its
+    three planes' samples, their mean and the decoder's 64-float hidden layer cost ~0.5 GB at once,
+    for outputs a fifth that size. In slices only the outputs exist whole. No autograd graph (the
+    outputs are written in place): inference only. Same values up to matmul blocking (~1e-7).
     """
-    n, m, _ = features.shape
+    n, m = inputs.shape[:2]
     points = points or DECODE_POINTS
     outputs: dict[str, torch.Tensor] = {}
     for start in range(0, m, points):
-        part = decoder.decode(features[:, start : start + points])
+        part = decode(inputs[:, start : start + points])
         for key, value in part.items():
             if key not in outputs:
                 outputs[key] = value.new_empty(n, m, value.shape[-1])
@@ -295,10 +297,14 @@ class ImportanceRenderer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode colour features and density at depths [N,M,S,1] along the rays.
 
-        chunked: decode `DECODE_POINTS` points at a time (`decode_in_chunks`; inference only)."""
+        chunked: sample and decode `DECODE_POINTS` points at a time (`decode_in_chunks`; inference only)."""
         n, m, s, _ = depths.shape
         points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(-1, m * s, 3)
-        features = mean_plane_features(planes, points, float(options["box_warp"]))
-        out = decode_in_chunks(decoder, features) if chunked else decoder.decode(features)
+        box_warp = float(options["box_warp"])
+
+        def decode(part: torch.Tensor) -> dict:
+            return decoder.decode(mean_plane_features(planes, part, box_warp))
+
+        out = decode_in_chunks(decode, points) if chunked else decode(points)
         rgb = out["rgb"]
         return rgb.reshape(-1, m, s, rgb.shape[-1]), out["sigma"].reshape(-1, m, s, 1)
