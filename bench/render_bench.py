@@ -5,7 +5,7 @@
     python bench/render_bench.py --batches 1,4 --channels-last                          # NHWC vs NCHW
     python bench/render_bench.py --device cuda --amp fp16 --channels-last   # + fp16 in NCHW, alternating
     python bench/render_bench.py --reference --official ...   # + ours with ops.reference_paths() (no CPU fast paths)
-    python bench/render_bench.py --rss --official ...          # + peak RSS of one view, each in its own process
+    python bench/render_bench.py --rss --official ...          # peak RSS of one view instead, each in its own process
 
 Times are per view (a batch's time / its size), for each neural rendering resolution and batch.
 With --amp, --compile or --channels-last a third column times our fast path (speed.autocast /
@@ -14,9 +14,9 @@ pixel difference from our fp32 output is printed beside it. --reference adds a c
 path with the CPU fast paths off (`ops.reference_paths()`: official-order compositing, allocating conv
 epilogues, torch's softplus), alternating with the others, so one run shows what those paths save.
 
---rss then measures the peak resident memory of one batch-1 view per neural resolution, ours and the
-official each in a fresh process of its own (build the model, render once, read `ru_maxrss`): the
-figure a user sees, imports and weights included.
+--rss measures, instead of times, the peak resident memory of one batch-1 view per neural resolution,
+ours and the official each in a fresh process of its own (build the model, render once, read VmHWM):
+the figure a user sees, imports and weights included.
 
 The official implementation is optional: point --official (or $EG3D_OFFICIAL) at the `eg3d/`
 folder of a checkout of NVlabs/eg3d and it is imported from there, given the same random weights,
@@ -64,7 +64,14 @@ def interleaved(runs: dict, repeats: int, sync) -> dict[str, float]:
     return best
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mb(this_process_only: bool = False) -> float:
+    """Peak RSS in MiB. ru_maxrss survives fork and exec (a child starts at its parent's peak); with
+    `this_process_only`, Linux's VmHWM of /proc/self/status: the peak of this program's own memory."""
+    if this_process_only and os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -93,7 +100,18 @@ def rss_child(which: str, args: argparse.Namespace) -> None:
         ws = G.mapping(z, c_cond)
         extra = {"noise_mode": "const"} if which == "official" else {}
         G.synthesis(ws, c, neural_rendering_resolution=nrr, **extra)
-    print(f"{peak_rss_mb():.0f}")
+    print(f"{peak_rss_mb(this_process_only=True):.0f}")
+
+
+def rss_table(args: argparse.Namespace) -> None:
+    """Peak RSS of one batch-1 view per neural resolution, ours then the official, each in a fresh process."""
+    print(f"config {args.config}, device {args.device}, one view (batch 1), each in its own process")
+    print("| neural res | ours peak RSS MiB | official peak RSS MiB | ours / official |\n|---:|---:|---:|---:|")
+    for nrr in (int(r) for r in args.resolutions.split(",")):
+        ours_mb = one_view_rss("ours", args, nrr)
+        theirs_mb = one_view_rss("official", args, nrr) if args.official else None
+        print(f"| {nrr} | {ours_mb:.0f} | {f'{theirs_mb:.0f}' if theirs_mb else 'n/a'} | "
+              f"{f'{ours_mb / theirs_mb:.2f}' if theirs_mb else 'n/a'} |")
 
 
 def main() -> None:
@@ -110,13 +128,16 @@ def main() -> None:
     parser.add_argument("--config", default="ffhq512-128")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--reference", action="store_true", help="also time our fp32 path without the fast paths")
-    parser.add_argument("--rss", action="store_true", help="also the peak RSS of one view, each in its own process")
+    parser.add_argument("--rss", action="store_true", help="only the peak RSS of one view, each in its own process")
     parser.add_argument("--rss-child", choices=("ours", "official"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rss_child:
         rss_child(args.rss_child, args)
+        return
+    if args.rss:
+        rss_table(args)
         return
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -182,13 +203,6 @@ def main() -> None:
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print(f"peak process RSS {peak_rss_mb():.0f} MiB (both models loaded when --official is given)")
-    if args.rss:
-        print("\n| neural res | ours one view, peak RSS MiB | official | ours / official |\n|---:|---:|---:|---:|")
-        for nrr in (int(r) for r in args.resolutions.split(",")):
-            ours_mb = one_view_rss("ours", args, nrr)
-            theirs_mb = one_view_rss("official", args, nrr) if args.official else None
-            ratio = f"{ours_mb / theirs_mb:.2f}" if theirs_mb else "n/a"
-            print(f"| {nrr} | {ours_mb:.0f} | {theirs_mb if theirs_mb is None else round(theirs_mb)} | {ratio} |")
 
 
 if __name__ == "__main__":
