@@ -23,8 +23,10 @@ _FAST_PATHS: ContextVar[bool] = ContextVar("fast_paths", default=True)
 def reference_paths() -> Iterator[None]:
     """Run the reference forms instead of the CPU fast paths while open (benchmarks and tests compare them).
 
-    Covers the in-place conv epilogue (`modulated_conv2d_lrelu`), the decoder's Softplus and the
-    renderer's fused compositing. Both give the same values up to float rounding.
+    Covers the in-place conv epilogue (`modulated_conv2d_lrelu`, bitwise the reference in fp32), the
+    decoder's Softplus and the renderer's fused compositing, channels_last plane table
+    (`renderer.gather_planes`) and chunked decoding (`renderer.decode_in_chunks`). Both give the same
+    values up to float rounding.
     """
     token = _FAST_PATHS.set(False)
     try:
