@@ -5,6 +5,7 @@
     python bench/render_bench.py --batches 1,4 --channels-last                          # NHWC vs NCHW
     python bench/render_bench.py --device cuda --amp fp16 --channels-last   # + fp16 in NCHW, alternating
     python bench/render_bench.py --reference --official ...   # + ours with ops.reference_paths() (no CPU fast paths)
+    python bench/render_bench.py --rss --official ...          # peak RSS of one view instead, each in its own process
 
 Times are per view (a batch's time / its size), for each neural rendering resolution and batch.
 With --amp, --compile or --channels-last a third column times our fast path (speed.autocast /
@@ -12,6 +13,10 @@ speed.compiled / NHWC convolutions), alternating with the reference run by run, 
 pixel difference from our fp32 output is printed beside it. --reference adds a column for our fp32
 path with the CPU fast paths off (`ops.reference_paths()`: official-order compositing, allocating conv
 epilogues, torch's softplus), alternating with the others, so one run shows what those paths save.
+
+--rss measures, instead of times, the peak resident memory of one batch-1 view per neural resolution,
+ours and the official each in a fresh process of its own (build the model, render once, read VmHWM):
+the figure a user sees, imports and weights included.
 
 The official implementation is optional: point --official (or $EG3D_OFFICIAL) at the `eg3d/`
 folder of a checkout of NVlabs/eg3d and it is imported from there, given the same random weights,
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import subprocess
 import sys
 import time
 
@@ -58,8 +64,54 @@ def interleaved(runs: dict, repeats: int, sync) -> dict[str, float]:
     return best
 
 
-def peak_rss_mb() -> float:
+def peak_rss_mb(this_process_only: bool = False) -> float:
+    """Peak RSS in MiB. ru_maxrss survives fork and exec (a child starts at its parent's peak); with
+    `this_process_only`, Linux's VmHWM of /proc/self/status: the peak of this program's own memory."""
+    if this_process_only and os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one_view_rss(which: str, args: argparse.Namespace, nrr: int) -> float:
+    """Peak RSS (MiB) of a fresh process that builds `which` ("ours" / "official") and renders one view."""
+    command = [sys.executable, __file__, "--rss-child", which, "--resolutions", str(nrr), "--config", args.config,
+               "--device", args.device] + (["--official", args.official] if args.official else []) + (
+               ["--threads", str(args.threads)] if args.threads else [])
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def rss_child(which: str, args: argparse.Namespace) -> None:
+    """Body of `one_view_rss`' process: print the peak RSS after one batch-1 view."""
+    torch.manual_seed(0)
+    if which == "official":  # its own random init: the same sizes, and our model never built in its process
+        with torch.device("meta"):
+            config = build_generator(args.config).config.to_dict()
+        G = official_generator(args.official, config).to(args.device)
+    else:
+        G = build_generator(args.config).eval().to(args.device)
+    nrr = int(args.resolutions)
+    z = torch.randn(1, G.z_dim, generator=torch.Generator().manual_seed(1)).to(args.device)
+    c_cond, c = frontal_camera(1).to(args.device), lookat_camera([20.0], 5.0).to(args.device)
+    with torch.no_grad():
+        ws = G.mapping(z, c_cond)
+        extra = {"noise_mode": "const"} if which == "official" else {}
+        G.synthesis(ws, c, neural_rendering_resolution=nrr, **extra)
+    print(f"{peak_rss_mb(this_process_only=True):.0f}")
+
+
+def rss_table(args: argparse.Namespace) -> None:
+    """Peak RSS of one batch-1 view per neural resolution, ours then the official, each in a fresh process."""
+    print(f"config {args.config}, device {args.device}, one view (batch 1), each in its own process")
+    print("| neural res | ours peak RSS MiB | official peak RSS MiB | ours / official |\n|---:|---:|---:|---:|")
+    for nrr in (int(r) for r in args.resolutions.split(",")):
+        ours_mb = one_view_rss("ours", args, nrr)
+        theirs_mb = one_view_rss("official", args, nrr) if args.official else None
+        print(f"| {nrr} | {ours_mb:.0f} | {f'{theirs_mb:.0f}' if theirs_mb else 'n/a'} | "
+              f"{f'{ours_mb / theirs_mb:.2f}' if theirs_mb else 'n/a'} |")
 
 
 def main() -> None:
@@ -76,9 +128,17 @@ def main() -> None:
     parser.add_argument("--config", default="ffhq512-128")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--reference", action="store_true", help="also time our fp32 path without the fast paths")
+    parser.add_argument("--rss", action="store_true", help="only the peak RSS of one view, each in its own process")
+    parser.add_argument("--rss-child", choices=("ours", "official"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rss_child:
+        rss_child(args.rss_child, args)
+        return
+    if args.rss:
+        rss_table(args)
+        return
     device = torch.device(args.device)
     torch.manual_seed(0)
     ours = build_generator(args.config).to(device).eval()

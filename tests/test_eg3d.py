@@ -147,7 +147,23 @@ def test_inference_conv_epilogue_equals_conv_then_bias_act(up: int) -> None:
                              act="lrelu", clamp=0.5)
     fast = ops.modulated_conv2d_lrelu(x, w, styles, bias, noise=noise, up=up, resample_filter=f, clamp=0.5)
     assert (reference.abs() == 0.5).any() and (reference < 0).any()  # the clamp and the slope both act
-    assert (fast - reference).abs().max() <= 1e-5
+    assert torch.equal(fast, reference)  # bitwise: the same ops in the same order, only in place
+
+
+def test_tri_planes_are_bitwise_alike_with_and_without_autograd(tiny) -> None:
+    """Inference takes the in-place conv epilogue, autograd and reference_paths() the allocating one: the
+    planes must not tell them apart (two commands rendering one latent, one under autograd, same pixels)."""
+    z, c_cond, _ = _tiny_inputs()
+    ws = tiny.mapping(z, c_cond).detach()
+    with torch.enable_grad():
+        with_autograd = tiny.planes(ws.requires_grad_(True)).detach()
+    ws = ws.detach()
+    with torch.no_grad():
+        inference = tiny.planes(ws)
+        with ops.reference_paths():
+            reference = tiny.planes(ws)
+    assert torch.equal(inference, with_autograd)
+    assert torch.equal(inference, reference)
 
 
 @pytest.mark.parametrize("n_fine", [0, 12])
@@ -219,3 +235,46 @@ def test_mean_plane_features_is_bitwise_the_official_sample_then_mean() -> None:
     planes = torch.randn(2, 3, 8, 16, 16, generator=g)
     points = torch.rand(2, 100, 3, generator=g) - 0.5
     assert torch.equal(mean_plane_features(planes, points, 1.0), sample_from_planes(planes, points, 1.0).mean(1))
+
+
+def test_gather_layout_planes_sample_bitwise_like_the_official_layout() -> None:
+    from my3dgen_cli.eg3d.renderer import gather_planes, mean_plane_features, sample_from_planes
+
+    g = torch.Generator().manual_seed(0)
+    planes = torch.randn(2, 3, 8, 16, 16, generator=g)
+    points = torch.rand(2, 100, 3, generator=g) * 1.2 - 0.6  # some outside the box: zeros there
+    table = gather_planes(planes)
+    assert table.shape == (6, 8, 16, 16) and table.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(mean_plane_features(table, points, 1.0), sample_from_planes(planes, points, 1.0).mean(1))
+
+
+def test_decoding_in_chunks_equals_decoding_at_once(tiny) -> None:
+    from my3dgen_cli.eg3d.renderer import decode_in_chunks
+
+    features = torch.randn(2, 50, tiny.decoder.net[0].in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = tiny.decoder.decode(features)
+        parts = decode_in_chunks(tiny.decoder.decode, features, points=7)  # 8 slices, the last one short
+    assert whole.keys() == parts.keys()
+    for key in whole:
+        assert parts[key].shape == whole[key].shape
+        assert (parts[key] - whole[key]).abs().max() <= 1e-6, key
+
+
+def test_inference_render_equals_the_reference_paths(tiny) -> None:
+    """The default inference render (gather layout, chunked decoder, fused compositing, in-place conv
+    epilogues) against everything under ops.reference_paths(), with a chunk size that splits each pass."""
+    from my3dgen_cli.eg3d import renderer
+
+    z, c_cond, c = _tiny_inputs()
+    with torch.no_grad():
+        ws = tiny.mapping(z, c_cond)
+        old, renderer.DECODE_POINTS = renderer.DECODE_POINTS, 100
+        try:
+            fast = tiny.synthesis(ws, c)
+        finally:
+            renderer.DECODE_POINTS = old
+        with ops.reference_paths():
+            reference = tiny.synthesis(ws, c)
+    for key in fast:
+        assert (fast[key] - reference[key]).abs().max() <= 1e-5, key

@@ -19,10 +19,6 @@ from torch import nn
 from my3dgen_cli.eg3d import ops
 
 _RANDOM_INIT: ContextVar[bool] = ContextVar("random_init", default=True)
-# ops.modulated_conv2d_lrelu for rendering: off for now. With it, two renders of the same latent by two
-# commands (invert's preview, then `render`) differed by ~2e-6 in the planes, enough to flip one uint8
-# pixel (tests/test_invert.py wants them bitwise equal); the cause is not found yet.
-INPLACE_EPILOGUE = False
 
 
 @contextmanager
@@ -232,7 +228,7 @@ class SynthesisLayer(nn.Module):
             noise = self.noise_const * self.noise_strength
         elif noise_mode != "none":
             raise ValueError(f"noise_mode: got {noise_mode!r}, expected 'const', 'random' or 'none'")
-        if INPLACE_EPILOGUE and fused_modconv and not torch.is_grad_enabled() and ops.fast_paths():
+        if fused_modconv and not torch.is_grad_enabled() and ops.fast_paths():  # bitwise the same in fp32
             return ops.modulated_conv2d_lrelu(x, self.effective_weight(), styles, self.bias, noise=noise, up=self.up,
                                               resample_filter=self.resample_filter, clamp=self.conv_clamp,
                                               channels_last=channels_last)

@@ -23,8 +23,10 @@ _FAST_PATHS: ContextVar[bool] = ContextVar("fast_paths", default=True)
 def reference_paths() -> Iterator[None]:
     """Run the reference forms instead of the CPU fast paths while open (benchmarks and tests compare them).
 
-    Covers the in-place conv epilogue (`modulated_conv2d_lrelu`), the decoder's Softplus and the
-    renderer's fused compositing. Both give the same values up to float rounding.
+    Covers the in-place conv epilogue (`modulated_conv2d_lrelu`, bitwise the reference in fp32), the
+    decoder's Softplus and the renderer's fused compositing, channels_last plane table
+    (`renderer.gather_planes`) and chunked decoding (`renderer.decode_in_chunks`). Both give the same
+    values up to float rounding.
     """
     token = _FAST_PATHS.set(False)
     try:
@@ -244,27 +246,22 @@ def modulated_conv2d_lrelu(
     clamp: float | None = None,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """`bias_act(modulated_conv2d(x, ..., fused=True) + noise, bias, "lrelu", clamp=clamp)` in fewer passes.
+    """`bias_act(modulated_conv2d(x, ..., fused=True, noise=noise), bias, "lrelu", clamp=clamp)`, in place.
 
-    For inference (no autograd graph): lrelu(y) * g == lrelu(g * y) for the gain g > 0, so g goes into
-    the demodulated weight, the bias into the convolution itself, and the noise, the activation and the
-    clamp work in place on the convolution's output: three passes over the activations instead of six
-    new tensors. Same values up to float rounding (tests/test_eg3d.py holds the two together).
+    For inference (no autograd graph). The epilogue runs the reference's own element-wise ops in the
+    reference's order, but writes over the convolution's output instead of allocating a new tensor for
+    each of the five: in float32 the result is bitwise that of the reference (tests/test_eg3d.py), so
+    the two paths can never tell two renders of one latent apart. Under autocast the noise is cast to
+    the convolution's dtype instead of promoting the activations to float32, which is what saves the
+    casts there (values then differ by the low precision's rounding, as any autocast result does).
     """
-    batch = x.shape[0]
-    out_ch, in_ch, kh, kw = weight.shape
-    check_shape("modulated_conv2d x", x, [None, in_ch, None, None])
-    check_shape("modulated_conv2d styles", styles, [batch, in_ch])
-    w = weight.unsqueeze(0) * styles.reshape(batch, 1, -1, 1, 1)  # [N, O, I, k, k]
-    dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()  # [N, O]
-    w = (w * (dcoefs * LRELU_GAIN).reshape(batch, -1, 1, 1, 1)).reshape(-1, in_ch, kh, kw)
-    b = (bias * LRELU_GAIN).to(x.dtype).repeat(batch)
-    x = conv2d(x.reshape(1, -1, *x.shape[2:]), w.to(x.dtype), up, resample_filter, groups=batch,
-               channels_last=channels_last, bias=b)
-    x = x.reshape(batch, -1, *x.shape[2:])
+    x = modulated_conv2d(x, weight, styles, up=up, resample_filter=resample_filter, fused=True,
+                         channels_last=channels_last)
     if noise is not None:
-        x.add_((noise * LRELU_GAIN).to(x.dtype))
+        x.add_(noise.to(x.dtype))
+    x.add_(bias.to(x.dtype).reshape(1, -1, 1, 1))
     F.leaky_relu_(x, LRELU_ALPHA)
+    x.mul_(LRELU_GAIN)
     if clamp is not None and clamp >= 0:
         x.clamp_(-clamp, clamp)
     return x
