@@ -154,11 +154,11 @@ def invert(
         raise UserInputError("--hull needs an identity with anchors (--identity NAME)")
     net = None
     if use_lpips:
-        from my3dgen_cli.losses.perceptual import perceptual_loss
+        from my3dgen_cli.losses.perceptual import offline_fallback, perceptual_loss
 
-        net = perceptual_loss("vgg", required=False)
+        net = perceptual_loss("vgg", required=False, output=output)
         if net is None:
-            output.warn("LPIPS-VGG weights are not cached (`my3dgen fetch lpips-vgg16`); using pixel losses only")
+            output.warn(offline_fallback(["lpips-vgg16"], "using pixel losses only (--no-lpips to ask for that)"))
         else:
             net = net.to(dev)
     original = None
