@@ -269,6 +269,6 @@ def test_refused_local_base_import_leaves_home_byte_identical(
         "not a pkl": ("fresh", tmp_path, "expected an existing EG3D network pickle"),
         "bad name": ("Bad/Name", src, "local base name"),
     }[case]
-    result = run("fetch", name, "--from", str(given), "--local")
+    result = run("fetch", name, "--from", str(given), "--local", "--json")  # (no "converting ..." note)
     assert_one_line_error(result, needle)
     assert home_listing() == before
