@@ -130,8 +130,12 @@ def root(
 
 
 def output_for(json_mode: bool, quiet: bool = False) -> Output:
-    """The output sink for one command invocation."""
-    return Output("json" if json_mode else "quiet" if quiet else "human")
+    """The output sink for one command invocation (on-demand downloads report there too)."""
+    from my3dgen_cli.zoo.visible import show_downloads_on
+
+    output = Output("json" if json_mode else "quiet" if quiet else "human")
+    show_downloads_on(output)
+    return output
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def resolve_base_path(base: str, offline: bool | None = None) -> tuple[str, Path
     local = local_bases_dir() / f"{base}.safetensors"
     if local.is_file():
         return base, local
-    from my3dgen_cli.zoo import cache as zoo
+    from my3dgen_cli import zoo
 
     return base, zoo.resolve_base(base, offline=offline)
 

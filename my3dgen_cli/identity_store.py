@@ -302,7 +302,7 @@ def identity_rows() -> list[dict[str, Any]]:
 def leftover_builds() -> list[dict[str, Any]]:
     """Leftover build folders whose process is gone (a running `personalize` keeps its own): what `cache prune`
     removes from identities/."""
-    from my3dgen_cli.zoo.cache import pid_alive
+    from my3dgen_cli.zoo.inventory import pid_alive
 
     rows = []
     for row in identity_rows():

@@ -13,12 +13,13 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private MY3DGEN_HOME so no test reads or writes the user's cache or identities."""
+    """A private MY3DGEN_HOME (and TORCH_HOME) so no test reads or writes the user's cache or identities."""
     home = tmp_path / "my3dgen_home"
     monkeypatch.setenv("MY3DGEN_HOME", str(home))
     monkeypatch.delenv("MY3DGEN_OFFLINE", raising=False)
     monkeypatch.delenv("MY3DGEN_DEBUG", raising=False)
     monkeypatch.delenv("MY3DGEN_REGISTRY", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # never the user's torch hub downloads
     return home
 
 

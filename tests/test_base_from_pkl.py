@@ -16,11 +16,10 @@ from official_pkl import write_official_pkl
 from typer.testing import CliRunner
 from zoo_server import FileServer, tree_listing
 
-from my3dgen_cli import paths
+from my3dgen_cli import paths, zoo
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d import build_generator, load_generator
 from my3dgen_cli.generators import local_bases_dir, open_base, open_generator
-from my3dgen_cli.zoo import cache as zoo
 from tests.render_fixtures import assert_parity_case, assert_same_synthesis
 
 

@@ -72,8 +72,8 @@ def test_demo_runs_and_report_has_every_section_and_file(env):
 
 def test_fresh_home_demo_uses_the_shipped_base_without_training(env):
     """No base training (the fixture makes fitting raise): the zoo entries, checked and converted in the cache."""
+    from my3dgen_cli import zoo
     from my3dgen_cli.generators import local_bases_dir
-    from my3dgen_cli.zoo import cache as zoo
 
     home, out, result = env
     assert result.exit_code == 0, result.output
@@ -92,7 +92,7 @@ def test_fresh_home_demo_uses_the_shipped_base_without_training(env):
 
 @pytest.mark.parametrize("name", [db.SHIPPED_BASE, db.SHIPPED_PERSON])
 def test_shipped_blob_matches_its_zoo_entry(name: str):
-    from my3dgen_cli.zoo import cache as zoo
+    from my3dgen_cli import zoo
     from my3dgen_cli.zoo.download import resolve_local, sha256_file
 
     entry = zoo.get_entry(name)

@@ -15,10 +15,10 @@ import pytest
 from typer.testing import CliRunner
 from zoo_server import FileServer, closed_port, serving
 
+from my3dgen_cli import zoo
 from my3dgen_cli.cli import app
 from my3dgen_cli.errors import ArtifactError, ChecksumError, DownloadError, OfflineError
-from my3dgen_cli.zoo import cache as zoo
-from my3dgen_cli.zoo import download
+from my3dgen_cli.zoo import download, store
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = os.urandom(300_000) + b"end"  # several 64 KiB server chunks
@@ -63,7 +63,8 @@ def run(*args: str) -> object:
 
 def assert_one_line_error(result: object, *needles: str) -> None:
     assert result.exit_code != 0, result.stdout
-    lines = result.stderr.strip().splitlines()
+    # a download announces itself first (`downloading NAME (...)`); the failure is then one line
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("downloading ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stderr
     for needle in needles:
@@ -71,7 +72,7 @@ def assert_one_line_error(result: object, *needles: str) -> None:
 
 
 def cache_files() -> list[str]:
-    root = zoo._root()
+    root = store.root()
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "locks" not in p.parts)
 
 
@@ -98,7 +99,7 @@ def test_unknown_hash_is_recorded_on_first_fetch(lab: FileServer) -> None:
     zoo.ensure("test-unhashed")
     entry = zoo.get_entry("test-unhashed")
     assert (entry.sha256, entry.size, entry.recorded) == (SHA, len(BODY), True)
-    local = json.loads((zoo._root() / "registry.local.json").read_text())
+    local = json.loads((store.root() / "registry.local.json").read_text())
     assert local["recorded"]["test-unhashed"]["sha256"] == SHA
 
 
@@ -148,7 +149,7 @@ def test_dropped_connection_resumes_on_the_next_fetch(lab: FileServer, monkeypat
     lab.state.drops_left["/w.bin"], lab.state.drop_after["/w.bin"] = 1, 131072
     first = run("fetch", "test-weights")
     assert_one_line_error(first, "test", "131072 of")
-    part = zoo._part_path("test-weights")
+    part = store.part_path("test-weights")
     assert part.stat().st_size == 131072
     assert json.loads(run("cache", "ls", "--json").stdout)["cached"] == []
     second = run("fetch", "test-weights", "--json")
@@ -171,7 +172,7 @@ def test_wrong_sha256_leaves_the_cache_unchanged(lab: FileServer, tmp_path, monk
     assert_one_line_error(result, "bad-hash", SHA, "0" * 64, "nothing was cached")
     assert result.exit_code == ChecksumError.exit_code
     assert cache_files() == before
-    assert not list(zoo._root().rglob("*.part"))
+    assert not list(store.root().rglob("*.part"))
 
 
 @pytest.mark.parametrize("case", ["404", "unreachable"])
@@ -182,7 +183,7 @@ def test_http_errors_are_one_line(case: str, server: FileServer, tmp_path, monke
     assert_one_line_error(result, url, "404" if case == "404" else "refused")
     with pytest.raises(DownloadError):
         zoo.ensure("broken")
-    assert not (zoo._root() / "blobs").exists()
+    assert not (store.root() / "blobs").exists()
 
 
 def test_free_disk_is_checked(lab: FileServer, monkeypatch) -> None:
@@ -233,7 +234,7 @@ def test_from_imports_and_checks(lab: FileServer, tmp_path: Path) -> None:
 
 def test_two_processes_fetch_once(lab: FileServer) -> None:
     lab.state.chunk_delay_s = 0.05  # ~0.25 s per download, so the two overlap
-    code = "from my3dgen_cli.zoo import cache; print(cache.ensure('test-weights'))"
+    code = "from my3dgen_cli import zoo; print(zoo.ensure('test-weights'))"
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ), stdout=subprocess.PIPE, text=True
@@ -291,7 +292,7 @@ def test_base_generator_is_converted_once(lab: FileServer, tmp_path, monkeypatch
     row = json.loads(result.stdout)["artifacts"][0]
     out = Path(row["converted"])
     assert out.name == "generator.safetensors" and out.with_suffix(".json").is_file() and row["path"] is None
-    assert not (zoo._root() / "blobs" / SHA).exists(), "--drop-pkl removes the .pkl"
+    assert not (store.root() / "blobs" / SHA).exists(), "--drop-pkl removes the .pkl"
     assert zoo.resolve_base("tiny-base", offline=True) == out
     again = run("fetch", "tiny-base", "--offline", "--json")  # converted: no .pkl needed
     assert again.exit_code == 0, again.stderr

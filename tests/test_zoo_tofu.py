@@ -19,11 +19,10 @@ from official_pkl import write_discriminator_pkl, write_official_pkl
 from test_zoo import BODY, SHA, assert_one_line_error, entry_toml, run, write_registry
 from zoo_server import FileServer, serving, tree_listing
 
-from my3dgen_cli import paths
+from my3dgen_cli import paths, zoo
 from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.weights.converted import read_converted_base
-from my3dgen_cli.zoo import cache as zoo
-from my3dgen_cli.zoo import download
+from my3dgen_cli.zoo import download, store
 
 
 @pytest.fixture
@@ -112,12 +111,21 @@ def sha(data: bytes) -> str:
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSED))
-@pytest.mark.parametrize("how", ["from", "download"])
+@pytest.mark.parametrize("how", ["from", "download", "local"])
 def test_refused_file_leaves_the_cache_byte_identical(
     kind: str, how: str, warm: FileServer, pickles: dict[str, bytes], tmp_path: Path
 ) -> None:
     before = home_listing()
     assert "cache/registry.local.json" in before and any(k.startswith("cache/converted/") for k in before)
+    if how == "local":  # `--local` converts with the file's own config: another config is fine there
+        if kind == "another config":
+            return
+        src = tmp_path / "tiny.pkl"
+        src.write_bytes(pickles[kind])
+        result = run("fetch", "my-run", "--from", str(src), "--local")
+        assert result.exit_code != 0 and REFUSED[kind] in result.stderr, result.output
+        assert home_listing() == before, "no lock file, no base, nothing else"
+        return
     if how == "from":
         src = tmp_path / "tiny.pkl"
         src.write_bytes(pickles[kind])
@@ -157,9 +165,9 @@ def test_unopenable_weights_with_no_published_hash_are_refused(server: FileServe
 
 def test_a_trusted_hash_is_recorded_only_with_its_blob_ref_and_conversion(warm: FileServer) -> None:
     ref = zoo.read_ref("good-base")
-    recorded = json.loads((zoo._root() / "registry.local.json").read_text())["recorded"]
+    recorded = json.loads((store.root() / "registry.local.json").read_text())["recorded"]
     assert set(recorded) == {"good-base"} and recorded["good-base"]["sha256"] == ref["sha256"]
-    assert (zoo._root() / ref["blob"]).is_file() and (zoo._root() / ref["converted"]).is_file()
+    assert (store.root() / ref["blob"]).is_file() and (store.root() / ref["converted"]).is_file()
     assert warm.state.gets("/good.pkl") == [None]
 
 
@@ -220,7 +228,7 @@ def test_fetch_downloads_again_a_blob_that_fails_verification(warm: FileServer) 
 
 def test_fetch_of_a_base_redoes_a_damaged_blob_or_conversion(warm: FileServer, pickles: dict[str, bytes]) -> None:
     ref = zoo.read_ref("good-base")
-    converted = zoo._root() / ref["converted"]
+    converted = store.root() / ref["converted"]
     converted.write_bytes(b"\0" * converted.stat().st_size)
     result = run("fetch", "good-base")
     assert result.exit_code == 0, result.output
@@ -229,7 +237,7 @@ def test_fetch_of_a_base_redoes_a_damaged_blob_or_conversion(warm: FileServer, p
     assert zoo.resolve_base("good-base") == converted and read_converted_base(converted).state_dict
     assert warm.state.gets("/good.pkl") == [None]
 
-    blob = zoo._root() / ref["blob"]
+    blob = store.root() / ref["blob"]
     blob.write_bytes(b"\0" * blob.stat().st_size)
     result = run("fetch", "good-base")
     assert result.exit_code == 0, result.output
@@ -243,3 +251,24 @@ def test_published_hash_mismatch_still_says_what_to_do(server: FileServer, tmp_p
     result = run("fetch", "bad-hash")
     assert_one_line_error(result, SHA, "nothing was cached", "my3dgen fetch bad-hash --from w.bin")
     assert home_listing() == {}
+
+
+@pytest.mark.parametrize("case", ["exists", "registry name", "not a pkl", "bad name"])
+def test_refused_local_base_import_leaves_home_byte_identical(
+    case: str, warm: FileServer, pickles: dict[str, bytes], tmp_path: Path
+) -> None:
+    """Every refusal of `fetch NAME --from F --local`, before or after taking the name's lock, leaves no lock file."""
+    src = tmp_path / "tiny.pkl"
+    src.write_bytes(pickles["good"])
+    assert run("fetch", "taken", "--from", str(src), "--local").exit_code == 0
+    before = home_listing()
+    assert not any(k.endswith(".lock") for k in before), before
+    name, given, needle = {
+        "exists": ("taken", src, "exists already"),
+        "registry name": ("good-base", src, "is a registry artifact"),
+        "not a pkl": ("fresh", tmp_path, "expected an existing EG3D network pickle"),
+        "bad name": ("Bad/Name", src, "local base name"),
+    }[case]
+    result = run("fetch", name, "--from", str(given), "--local", "--json")  # (no "converting ..." note)
+    assert_one_line_error(result, needle)
+    assert home_listing() == before

@@ -146,8 +146,8 @@ LAYOUT_FOLDERS = {"cache", "blobs", "refs", "converted", "partial", "locks", "re
 
 
 def tree_listing(root: Path) -> dict[str, tuple[int, str] | None]:
-    """Everything under `root` but lock files and the empty fixed folders: relative path -> (size,
-    sha256), None for any other folder (a leftover temp folder shows up).
+    """Everything under `root` but the fixed folders: relative path -> (size, sha256), None for any
+    other folder (a leftover temp folder shows up). Lock files count: none may outlive its fetch.
 
     Two equal listings mean byte-identical trees: what a refused file must leave behind.
     """
@@ -156,7 +156,7 @@ def tree_listing(root: Path) -> dict[str, tuple[int, str] | None]:
     listing: dict[str, tuple[int, str] | None] = {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if "locks" in rel.parts or (p.is_dir() and p.name in LAYOUT_FOLDERS):
+        if p.is_dir() and p.name in LAYOUT_FOLDERS:
             continue
         listing[str(rel)] = (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()) if p.is_file() else None
     return listing

@@ -8,9 +8,10 @@ from typing import Annotated, Any
 import typer
 
 from my3dgen_cli.cli import app, one_line_errors, output_for
-from my3dgen_cli.commands.fetch import format_table, human_size
+from my3dgen_cli.commands.fetch import format_table
 from my3dgen_cli.commands.options import JsonOpt
 from my3dgen_cli.errors import ChecksumError
+from my3dgen_cli.zoo.visible import human_size
 
 cache_app = typer.Typer(help="See and tidy the local cache and identities (ls, verify, rm, prune).",
                         no_args_is_help=True)
@@ -22,9 +23,8 @@ app.add_typer(cache_app, name="cache")
                               "partial downloads and identities, with size, last use and the total.")
 @one_line_errors
 def ls(json_mode: JsonOpt = False) -> None:
-    from my3dgen_cli import paths
+    from my3dgen_cli import paths, zoo
     from my3dgen_cli.identity_store import identity_rows
-    from my3dgen_cli.zoo import cache as zoo
 
     output = output_for(json_mode)
     rows = zoo.inventory() + identity_rows()
@@ -53,7 +53,7 @@ def verify(
     ] = None,
     json_mode: JsonOpt = False,
 ) -> None:
-    from my3dgen_cli.zoo import cache as zoo
+    from my3dgen_cli import zoo
 
     output = output_for(json_mode)
     names = names or []
@@ -100,8 +100,8 @@ def rm(
 
 def _remove_cached(name: str, forget: bool) -> dict[str, Any]:
     """A zoo name (blob, conversion, partial download) or a local base; an identity only with --identity."""
+    from my3dgen_cli import zoo
     from my3dgen_cli.errors import ArtifactError
-    from my3dgen_cli.zoo import cache as zoo
 
     if zoo.is_local_base(name):
         return zoo.remove_local_base(name)
@@ -123,8 +123,8 @@ def prune(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
     json_mode: JsonOpt = False,
 ) -> None:
+    from my3dgen_cli import zoo
     from my3dgen_cli.identity_store import leftover_builds
-    from my3dgen_cli.zoo import cache as zoo
 
     output = output_for(json_mode)
     rows = zoo.prune_candidates() + leftover_builds()

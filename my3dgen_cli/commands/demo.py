@@ -55,19 +55,19 @@ def eval_cmd(
 ) -> None:
     from my3dgen_cli.devices import pick_device
     from my3dgen_cli.losses.arcface import identity_network
-    from my3dgen_cli.losses.perceptual import perceptual_loss
+    from my3dgen_cli.losses.perceptual import offline_fallback, perceptual_loss
     from my3dgen_cli.personalize.pipeline import read_photos
     from my3dgen_cli.use.evaluate import evaluate
 
     o = output_for(json_out)
     check_range("--steps", steps, 0, MAX_STEPS)
     given = read_photos(list(photos), labels=labels)
-    lpips = perceptual_loss("alex", required=False)
-    arcface = identity_network()
+    lpips = perceptual_loss("alex", required=False, output=o)
+    arcface = identity_network(output=o)
     if lpips is None:
-        o.warn("LPIPS-alex is not cached (`my3dgen fetch lpips-alexnet`): no LPIPS column, pixel-only inversion")
+        o.warn(offline_fallback(["lpips-alexnet"], "no LPIPS column, pixel-only inversion"))
     if arcface is None:
-        o.warn("ArcFace IR-SE50 is not cached (`my3dgen fetch arcface-ir-se50`): no identity column")
+        o.warn(offline_fallback(["arcface-ir-se50"], "no identity column"))
     result = evaluate(identity, given.images, given.cameras, given.names, steps=steps, space=space.value,
                       device=pick_device(device), lpips=lpips, arcface=arcface)
     o.result(result.to_dict(), result.table())

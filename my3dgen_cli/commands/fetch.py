@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +12,7 @@ from my3dgen_cli.cli import command, output_for
 from my3dgen_cli.commands.options import JsonOpt, OfflineOpt, QuietOpt
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.output import Output
+from my3dgen_cli.zoo.visible import download_progress, human_size
 
 RegistryOpt = Annotated[
     list[str] | None,
@@ -21,17 +21,6 @@ RegistryOpt = Annotated[
         help="Extra registry TOML file or URL (a lab mirror); repeatable. Also read from MY3DGEN_REGISTRY.",
     ),
 ]
-
-
-def human_size(size: int | None) -> str:
-    if not size:
-        return "?"
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(size)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -44,40 +33,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-@contextmanager
-def download_progress(output: Output, label: str) -> Iterator[Any]:
-    """A byte progress bar (size, speed, ETA) on stderr; silent off a terminal or when quiet.
-
-    Yields a `progress(done, total)` hook for `zoo.ensure` / `zoo.resolve_base`; other commands
-    that fetch on demand can use it too.
-    """
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=output.err, disable=not output.show_progress, transient=True) as bar:
-        task = bar.add_task(label, total=None)
-
-        def hook(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield hook
-
-
 def _list(output: Output, registry: list[str]) -> None:
-    from my3dgen_cli.zoo import cache as zoo
+    from my3dgen_cli import zoo
 
     rows = []
     for entry in zoo.list_entries(registry):
@@ -140,7 +97,7 @@ def fetch(
     json_mode: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    from my3dgen_cli.zoo import cache as zoo
+    from my3dgen_cli import zoo
 
     output = output_for(json_mode, quiet)
     names, registry = names or [], registry or []
@@ -161,29 +118,34 @@ def fetch(
         row = {"name": names[0], "kind": "base-generator", "local": True, "converted": str(base), "path": None}
         output.result({"artifacts": [row]}, human=f"{names[0]}\t{base}")
         return
-    results = []
-    for name in names:
-        entry = zoo.get_entry(name, registry)
-        convert = entry.kind == "base-generator"  # .pkl or plain .safetensors -> converted pair
-        row: dict[str, Any] = {"name": name, "kind": entry.kind}
-        with download_progress(output, name) as hook:
-            if from_ is not None:
-                zoo.import_file(name, from_, registry=registry, progress=hook)
-            elif not convert or zoo.cached(name, entry) or not zoo.converted(name, entry):
-                # Rehash what is cached: a damaged file is fetched again, never returned.
-                zoo.ensure(
-                    name, offline=offline or None, registry=registry, progress=hook, on_wait=output.info,
-                    verify=True,
-                )  # fmt: skip
-        if convert:
-            base = zoo.resolve_base(
-                name, keep_pkl=keep_pkl, offline=offline or None, registry=registry, verify=True
-            )
-            row["converted"] = str(base)
-        path = zoo.cached(name, zoo.get_entry(name, registry))
-        row["path"] = str(path) if path else None
-        ref = zoo.read_ref(name) or {}
-        row.update(sha256=ref.get("sha256"), size=ref.get("size"))
-        results.append(row)
+    results = [_fetch_one(output, name, from_, offline, keep_pkl, registry) for name in names]
     human = "\n".join(f"{r['name']}\t{r.get('converted') or r['path']}" for r in results)
     output.result({"artifacts": results}, human=human)
+
+
+def _fetch_one(
+    output: Output, name: str, from_: Path | None, offline: bool, keep_pkl: bool, registry: list[str]
+) -> dict[str, Any]:
+    """Import or fetch `name` (a download announces itself and draws its bar, as on-demand ones do), convert
+    a base generator, and return its result row."""
+    from my3dgen_cli import zoo
+
+    entry = zoo.get_entry(name, registry)
+    convert = entry.kind == "base-generator"  # .pkl or plain .safetensors -> converted pair
+    row: dict[str, Any] = {"name": name, "kind": entry.kind}
+    if from_ is not None:
+        with download_progress(output, name) as hook:
+            zoo.import_file(name, from_, registry=registry, progress=hook)
+    elif not convert or zoo.cached(name, entry) or not zoo.converted(name, entry):
+        # Rehash what is cached: a damaged file is fetched again, never returned.
+        zoo.ensure(name, offline=offline or None, registry=registry, on_wait=output.info, verify=True,
+                   display=zoo.Display(output))
+    if convert:
+        base = zoo.resolve_base(name, keep_pkl=keep_pkl, offline=offline or None, registry=registry, verify=True,
+                                display=zoo.Display(output))
+        row["converted"] = str(base)
+    path = zoo.cached(name, zoo.get_entry(name, registry))
+    row["path"] = str(path) if path else None
+    ref = zoo.read_ref(name) or {}
+    row.update(sha256=ref.get("sha256"), size=ref.get("size"))
+    return row

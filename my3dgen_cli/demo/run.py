@@ -100,9 +100,9 @@ def demo_base(fast: bool, out: Output, rebuild: bool = False) -> tuple[str, Path
     (`--rebuild-base`: fitted now from demo/base.py's recipe, `--fast` with its shorter step counts,
     and cached as `demo-tiny-v2[-fast]-rebuilt`).
     """
+    from my3dgen_cli import zoo
     from my3dgen_cli.demo import base as db
     from my3dgen_cli.generators import local_bases_dir
-    from my3dgen_cli.zoo import cache as zoo
 
     if rebuild:
         name = db.rebuilt_name(fast)

@@ -30,7 +30,7 @@ def load_weights(name: str) -> list[np.ndarray]:
     The zoo resolves `mtcnn-<name>` (a file inside the installed `mtcnn` wheel, `package://` URL) and
     verifies its sha256 before we unpickle it with joblib; the package's TensorFlow code never runs.
     """
-    from my3dgen_cli.zoo import cache as zoo
+    from my3dgen_cli import zoo
 
     path = zoo.ensure(f"mtcnn-{name}")
     import joblib  # unpickles: only after the zoo verified the checksum

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from my3dgen_cli.errors import ArtifactError
+from my3dgen_cli.errors import ArtifactError, OfflineError
+from my3dgen_cli.output import Output
 
 ZOO_NAME = "arcface-ir-se50"
 STAGES = ((64, 64, 3), (64, 128, 4), (128, 256, 14), (256, 512, 3))  # (in, depth, units) of IR-SE50
@@ -135,12 +136,14 @@ def build_arcface(path: str | Path | None = None) -> IRSE50:
     return net.eval()
 
 
-def identity_network(offline: bool | None = None) -> IRSE50 | None:
-    """The verified pretrained IR-SE50 from the zoo, or None when it is not cached and cannot be fetched."""
-    from my3dgen_cli.zoo import cache as zoo
+def identity_network(offline: bool | None = None, output: Output | None = None) -> IRSE50 | None:
+    """The verified pretrained IR-SE50 from the zoo, fetched first (visibly, on `output`) if need be;
+    None only when it is not cached and the run is offline (callers warn with `offline_fallback`).
+    A network or checksum failure raises, saying what to do."""
+    from my3dgen_cli import zoo
 
     try:
-        path = zoo.ensure(ZOO_NAME, offline=offline)
-    except ArtifactError:
+        path = zoo.ensure(ZOO_NAME, offline=offline, display=zoo.Display(output))
+    except OfflineError:
         return None
     return build_arcface(path)

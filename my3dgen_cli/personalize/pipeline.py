@@ -222,21 +222,20 @@ class LossNets:
     def load(cls, config: PersonalizeConfig, offline: bool | None = None, output: Output | None = None) -> LossNets:
         """LPIPS-VGG for anchors, LPIPS-alex for training, ArcFace for symmetry: from the zoo, with one warning each."""
         from my3dgen_cli.losses.arcface import identity_network
-        from my3dgen_cli.losses.perceptual import perceptual_loss
+        from my3dgen_cli.losses.perceptual import offline_fallback, perceptual_loss
 
         out = output or Output("quiet")
-        vgg = perceptual_loss("vgg", offline=offline, required=False)
-        alex = perceptual_loss("alex", offline=offline, required=False)
+        vgg = perceptual_loss("vgg", offline=offline, required=False, output=output)
+        alex = perceptual_loss("alex", offline=offline, required=False, output=output)
         if alex is None or vgg is None:
-            out.warn("LPIPS backbone weights are not cached (run `my3dgen fetch lpips-alexnet lpips-vgg16`); "
-                     "using pixel losses instead")
+            missing = [n for n, m in (("lpips-vgg16", vgg), ("lpips-alexnet", alex)) if m is None]
+            out.warn(offline_fallback(missing, "using pixel losses instead of LPIPS"))
         ident = None
         if config.sym and config.sym_loss == "id":
-            ident = identity_network(offline=offline)
+            ident = identity_network(offline=offline, output=output)
             if ident is None:
                 instead = "LPIPS" if alex is not None else "pixel MSE"
-                out.warn(f"ArcFace IR-SE50 is not cached (`my3dgen fetch arcface-ir-se50`); "
-                         f"the symmetry term uses {instead} instead")
+                out.warn(offline_fallback(["arcface-ir-se50"], f"the symmetry term uses {instead} instead"))
         return cls(vgg, alex, ident)
 
     def to(self, device: torch.device) -> LossNets:

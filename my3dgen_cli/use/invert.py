@@ -329,11 +329,11 @@ def run_invert(plan: InvertPlan, output: Output | None = None) -> InvertRun:
     out = output or Output("quiet")
     net = None
     if plan.use_lpips:
-        from my3dgen_cli.losses.perceptual import perceptual_loss
+        from my3dgen_cli.losses.perceptual import offline_fallback, perceptual_loss
 
-        net = perceptual_loss("vgg", required=False)
+        net = perceptual_loss("vgg", required=False, output=out)
         if net is None:
-            out.warn("LPIPS-VGG weights are not cached (`my3dgen fetch lpips-vgg16`); using pixel losses only")
+            out.warn(offline_fallback(["lpips-vgg16"], "using pixel losses only (--no-lpips to ask for that)"))
         else:
             net = net.to(dev)
     original = None

@@ -1,6 +1,6 @@
 """Moving bytes into a partial file: HTTP(S) with resume, `package://` and `file://` sources.
 
-Nothing here touches the cache proper: callers (my3dgen_cli.zoo.cache) hold the lock, pass the
+Nothing here touches the cache proper: callers (my3dgen_cli.zoo.obtain) hold the lock, pass the
 `.part` path, verify the sha256 and rename. The caller's `check` looks at each URL's complete
 bytes before they count as downloaded, so a URL serving the wrong file falls back to the next.
 
