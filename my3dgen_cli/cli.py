@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from typer.core import TyperGroup
@@ -47,6 +47,17 @@ def usage_error_line(err: Any) -> str:
     return f"{message}{where}"
 
 
+def report_usage_error(err: Any) -> NoReturn:
+    """One line on stderr and exit 2; a bare group (`my3dgen`, `my3dgen cache`) prints its help instead, as Click
+    does (`no_args_is_help`: that is a usage error in Click >= 8.2, but its message is the whole help page)."""
+    ctx = getattr(err, "ctx", None)
+    if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        typer.echo(ctx.get_help())
+    else:
+        Output().error(usage_error_line(err))
+    raise typer.Exit(2) from None
+
+
 class OneLineUsageGroup(TyperGroup):
     """The root group: Click's usage errors, from any command below it, print as one line and exit 2."""
 
@@ -54,15 +65,13 @@ class OneLineUsageGroup(TyperGroup):
         try:
             return super().make_context(*args, **kwargs)
         except _USAGE_ERROR as err:
-            Output().error(usage_error_line(err))
-            raise typer.Exit(2) from None
+            report_usage_error(err)
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except _USAGE_ERROR as err:
-            Output().error(usage_error_line(err))
-            raise typer.Exit(2) from None
+            report_usage_error(err)
 
 
 app = typer.Typer(

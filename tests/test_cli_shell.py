@@ -144,3 +144,11 @@ def test_import_my3dgen_is_lazy_and_gives_the_public_api() -> None:
     assert lines[0] == "False", "`import my3dgen` must not import torch"
     assert lines[1] == "(1, 25) True"
     assert lines[2].startswith("AttributeError") and "nope" in lines[2]
+
+
+def test_a_bare_group_prints_its_help_not_an_error_line() -> None:
+    """`my3dgen` and `my3dgen cache` alone show the help page (Click's no_args_is_help), not a one-line error."""
+    for args in ([], ["cache"], ["identities", "--help"]):
+        result = CliRunner().invoke(app, args, prog_name="my3dgen")
+        assert "Usage: my3dgen" in result.output and "error:" not in result.output, result.output
+        assert "\\n" not in result.output
