@@ -71,11 +71,13 @@ def test_invert_has_no_adapter_option() -> None:
 
 def test_bash_completion_script_names_the_program_and_completes() -> None:
     """`my3dgen --show-completion` writes bash's script; the script's hook completes commands and Enum values."""
-    result = CliRunner().invoke(app, ["--show-completion"], prog_name="my3dgen", env={"SHELL": "/bin/bash"})
-    assert result.exit_code == 0, result.output
-    assert "complete -o default -F _my3dgen_completion my3dgen" in result.output
-    assert "_MY3DGEN_COMPLETE=complete_bash" in result.output
     hook = ("import sys; sys.argv[0] = 'my3dgen'; from my3dgen_cli.cli import main; main()")
+    # Typer finds the shell from the process tree, so the command runs under bash (not exec'd by it) as a user's would.
+    line = f'"{sys.executable}" -c "{hook}" --show-completion; exit $?'
+    shown = subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=ROOT)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "complete -o default -F _my3dgen_completion my3dgen" in shown.stdout
+    assert "_MY3DGEN_COMPLETE=complete_bash" in shown.stdout
 
     def complete(words: str) -> list[str]:
         env = {**os.environ, "_MY3DGEN_COMPLETE": "complete_bash", "COMP_WORDS": words,
