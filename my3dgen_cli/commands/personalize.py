@@ -136,7 +136,7 @@ def personalize_cmd(
     given = read_photos(list(photos), labels=labels, aligned=aligned, reproject=reproject)
     with D.process_group(world, dev):
         result = personalize(given, name, config, base=base, device=dev, resume=resume, force=force,
-                             offline=offline, output=out, world=world)
+                             offline=offline, output=out, world=world, estimate=True)
     human = (f"identity {result.name}: {len(result.photos)} photos, {result.steps} steps, "
              f"final loss {result.final_loss:.4f}\n"
              f"adapter: {result.parameters:,} parameters ({result.ratio:.0f}x fewer than full fine-tuning's "
