@@ -69,6 +69,8 @@ def personalize_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Result only, no progress.")] = False,
 ) -> None:
+    """Long only because typer declares every option as a parameter: the body checks the options, builds
+    one PersonalizeConfig and calls personalize() (or personalize_people() for --batch-file)."""
     from my3dgen_cli.errors import UserInputError
 
     if resume and force:
