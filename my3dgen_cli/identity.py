@@ -114,12 +114,26 @@ def build_paths(name: str) -> IdentityPaths:
 
 
 def _swap_in(building: Path, final: Path, tag: str) -> None:
-    """Put the folder `building` at `final`; an old `final` is moved aside first and then deleted."""
+    """Put the folder `building` at `final`. An old `final` is renamed `.NAME.old-*` first and, once the new
+    one is in place, renamed `.NAME.trash-*` and deleted: an `.old-*` folder is always a whole identity."""
     retired = final.with_name(f".{final.name}.old-{tag}")
     if final.exists():
         os.replace(final, retired)
     os.replace(building, final)
-    shutil.rmtree(retired, ignore_errors=True)
+    if retired.exists():
+        trash = final.with_name(f".{final.name}.trash-{tag}")
+        os.replace(retired, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _restore_retired(final: Path) -> None:
+    """A kill between the two renames of `_swap_in` leaves no `final` and the old identity whole as
+    `.NAME.old-*`: put it back before building again."""
+    if final.exists():
+        return
+    retired = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if retired:
+        os.replace(retired[-1], final)
 
 
 @contextmanager
@@ -135,6 +149,8 @@ def building_identity(name: str, *, resumable: bool = False, swap: bool = True) 
     """
     final = identity_paths(check_name(name)).root
     final.parent.mkdir(parents=True, exist_ok=True)
+    if swap:
+        _restore_retired(final)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     building = build_paths(name).root if resumable else final.with_name(f".{name}.new-{tag}")
     building.mkdir(exist_ok=resumable)
