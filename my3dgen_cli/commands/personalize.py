@@ -98,7 +98,9 @@ def personalize_cmd(
     from my3dgen_cli.identity import check_name
     from my3dgen_cli.output import Output
     from my3dgen_cli.personalize import distributed as D
-    from my3dgen_cli.personalize.pipeline import BUDGETS, PersonalizeConfig, personalize, read_photos
+    from my3dgen_cli.personalize.config import BUDGETS, PersonalizeConfig
+    from my3dgen_cli.personalize.photos import read_photos
+    from my3dgen_cli.personalize.pipeline import personalize
 
     if budget not in BUDGETS:
         raise UserInputError(f"--budget: got {budget!r}, expected one of {', '.join(BUDGETS)}")
