@@ -112,11 +112,14 @@ def time_training_steps(G: nn.Module, images: torch.Tensor, cameras: torch.Tenso
     Three steps with the symmetry term on steps 1 and 3: step 1 warms up, step 2 is plain, step 3
     has the term (without symmetry both are plain steps). No checkpoint, no compile (that would time
     the compiler)."""
-    from my3dgen_cli.personalize.training import train_adapter
+    from my3dgen_cli.personalize.training import TrainingInterrupted, train_adapter
 
     trial = replace(config, steps=3, sym_every=2, checkpoint_every=0, compile=False)
-    times = _step_times(lambda on_step: train_adapter(
-        copy.deepcopy(G), images, cameras, ws, trial, lpips=lpips, sym_distance=sym_distance, on_step=on_step), 3)
+    try:
+        times = _step_times(lambda on_step: train_adapter(
+            copy.deepcopy(G), images, cameras, ws, trial, lpips=lpips, sym_distance=sym_distance, on_step=on_step), 3)
+    except TrainingInterrupted:  # Ctrl-C in the trial: not the run's training, so no "step N" or checkpoint to name
+        raise KeyboardInterrupt from None
     plain = times[1]
     return plain, (times[2] if config.sym else plain)
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,50 +32,17 @@ import torch
 from torch import nn
 
 from my3dgen_cli import __version__
-from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.fileio import write_text_atomic
 from my3dgen_cli.identity import IdentityPaths
 from my3dgen_cli.output import Output
 from my3dgen_cli.personalize.config import BUDGETS, PersonalizeConfig
 from my3dgen_cli.personalize.distributed import SINGLE, Dist, fault_hook
+from my3dgen_cli.personalize.nets import LossNets
 from my3dgen_cli.personalize.photos import Photos, read_photos
 
 __all__ = ["BUDGETS", "IdentityResult", "LossNets", "PersonalizeConfig", "Photos", "can_resume", "describe_identity",
            "personalize", "read_photos"]
-
-
-@dataclass
-class LossNets:
-    """The pretrained networks the losses use; None = unavailable (pixel / LPIPS fallbacks)."""
-
-    anchor_lpips: nn.Module | None
-    train_lpips: nn.Module | None
-    identity: nn.Module | None
-
-    @classmethod
-    def load(cls, config: PersonalizeConfig, offline: bool | None = None, output: Output | None = None) -> LossNets:
-        """LPIPS-VGG for anchors, LPIPS-alex for training, ArcFace for symmetry: from the zoo, with one warning each."""
-        from my3dgen_cli.losses.arcface import identity_network
-        from my3dgen_cli.losses.perceptual import perceptual_loss
-
-        out = output or Output("quiet")
-        vgg = perceptual_loss("vgg", offline=offline, required=False)
-        alex = perceptual_loss("alex", offline=offline, required=False)
-        if alex is None or vgg is None:
-            out.warn("LPIPS backbone weights are not cached (run `my3dgen fetch lpips-alexnet lpips-vgg16`); "
-                     "using pixel losses instead")
-        ident = None
-        if config.sym and config.sym_loss == "id":
-            ident = identity_network(offline=offline)
-            if ident is None:
-                instead = "LPIPS" if alex is not None else "pixel MSE"
-                out.warn(f"ArcFace IR-SE50 is not cached (`my3dgen fetch arcface-ir-se50`); "
-                         f"the symmetry term uses {instead} instead")
-        return cls(vgg, alex, ident)
-
-    def to(self, device: torch.device) -> LossNets:
-        return LossNets(*(m.to(device) if m is not None else None
-                          for m in (self.anchor_lpips, self.train_lpips, self.identity)))
 
 
 @dataclass
@@ -225,7 +194,7 @@ def personalize(
     config = config or PersonalizeConfig()
     out = output or Output("quiet")
     _prepare_build(name, resume, force, world)
-    with building_identity(name, resumable=True, swap=world.is_main) as ip:
+    with _interrupt_says_how_to_go_on(name), building_identity(name, resumable=True, swap=world.is_main) as ip:
         with out.progress() as bar:
             photos = _gather_photos(photos, config, labels, aligned, reproject, bar, out)
             run = _open_run(photos, config, generator, base, device, nets, offline, out)
@@ -248,6 +217,24 @@ def personalize(
                           size, result.steps, final_loss, result.sym_kind, result.seconds,
                           "projected" if photos.latents is None else "dataset",
                           None if measured is None else measured.to_dict())
+
+
+class PersonalizeInterrupted(My3DGenError):
+    """Ctrl-C between the stages (loading, the estimate, the reports, the swap); the old identity is unchanged."""
+
+    exit_code = 130
+
+
+@contextmanager
+def _interrupt_says_how_to_go_on(name: str) -> Iterator[None]:
+    """A Ctrl-C outside the stages that report their own (AnchorsInterrupted, TrainingInterrupted) says what
+    was kept and how to continue, instead of a bare "interrupted"."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        then = ("run the same command with --resume to continue" if can_resume(name)
+                else "run the same command again to start over")
+        raise PersonalizeInterrupted(f"interrupted; identity {name!r} is as it was before this run; {then}") from None
 
 
 def _gather_photos(photos: str | Path | list[str | Path] | Photos, config: PersonalizeConfig,
