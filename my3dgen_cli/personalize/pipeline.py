@@ -97,6 +97,7 @@ def _prepare_build(name: str, resume: bool, force: bool, world: Dist) -> None:
         raise UserInputError(f"identity {name!r} already exists ({final.root}); pass --force to replace it{hint}")
     if resume and not can_resume(name):
         raise UserInputError(f"--resume: identity {name!r} has no checkpoint to continue from; run without --resume")
+    world.barrier()  # every rank has checked before rank 0 changes the folders
     if world.is_main:
         if not resume:
             shutil.rmtree(build.root, ignore_errors=True)
