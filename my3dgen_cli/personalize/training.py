@@ -32,7 +32,7 @@ from my3dgen_cli.eg3d.camera import camera_rig
 from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.fileio import atomic_path
 from my3dgen_cli.personalize.anchors import perceptual_distance, resize
-from my3dgen_cli.personalize.config import TrainConfig
+from my3dgen_cli.personalize.config import PersonalizeConfig, TrainConfig
 from my3dgen_cli.personalize.distributed import SINGLE, Dist, fault_hook, reduce_sum, shard, sum_gradients
 from my3dgen_cli.personalize.symmetry import SymmetryDistance, mse_distance, symmetry_cameras, symmetry_loss
 from my3dgen_cli.speed import activation_checkpointing, autocast, check_amp, use_channels_last
@@ -160,7 +160,7 @@ def train_adapter(
     images: torch.Tensor,
     cameras: torch.Tensor,
     anchors_ws: torch.Tensor,
-    config: TrainConfig | Any,
+    config: TrainConfig | PersonalizeConfig,
     *,
     lpips: nn.Module | None = None,
     sym_distance: SymmetryDistance | None = None,
