@@ -10,10 +10,12 @@ without the estimate).
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -24,6 +26,21 @@ from my3dgen_cli.identity import IdentityPaths
 from my3dgen_cli.personalize.config import PersonalizeConfig, TrainConfig
 
 LONG_RUN_S = 3600.0  # a CPU run longer than this gets the "what helps" advice
+_IN_TRIAL = contextvars.ContextVar("my3dgen_estimate_trial", default=False)
+
+
+def in_trial() -> bool:
+    """True while the estimate's timing steps run (code that counts a run's projections or steps skips them)."""
+    return _IN_TRIAL.get()
+
+
+@contextmanager
+def _trial() -> Iterator[None]:
+    token = _IN_TRIAL.set(True)
+    try:
+        yield
+    finally:
+        _IN_TRIAL.reset(token)
 
 
 @dataclass(frozen=True)
@@ -99,9 +116,10 @@ def time_projection_step(G: nn.Module, images: torch.Tensor, cameras: torch.Tens
     from my3dgen_cli.personalize import anchors
     from my3dgen_cli.personalize.anchor_chunks import CHUNK
 
-    times = _step_times(lambda on_step: anchors.project_to_w(
-        G, images[:CHUNK], cameras[:CHUNK], 2, space=config.anchor_space, lr=config.anchor_lr, lpips=lpips,
-        batch=CHUNK, on_step=on_step), 2)
+    with _trial():
+        times = _step_times(lambda on_step: anchors.project_to_w(
+            G, images[:CHUNK], cameras[:CHUNK], 2, space=config.anchor_space, lr=config.anchor_lr, lpips=lpips,
+            batch=CHUNK, on_step=on_step), 2)
     return times[-1]
 
 
@@ -116,8 +134,9 @@ def time_training_steps(G: nn.Module, images: torch.Tensor, cameras: torch.Tenso
 
     trial = replace(config, steps=3, sym_every=2, checkpoint_every=0, compile=False)
     try:
-        times = _step_times(lambda on_step: train_adapter(
-            copy.deepcopy(G), images, cameras, ws, trial, lpips=lpips, sym_distance=sym_distance, on_step=on_step), 3)
+        with _trial():
+            times = _step_times(lambda on_step: train_adapter(copy.deepcopy(G), images, cameras, ws, trial, lpips=lpips,
+                                                              sym_distance=sym_distance, on_step=on_step), 3)
     except TrainingInterrupted:  # Ctrl-C in the trial: not the run's training, so no "step N" or checkpoint to name
         raise KeyboardInterrupt from None
     plain = times[1]
