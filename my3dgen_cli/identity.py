@@ -108,27 +108,59 @@ def list_identities() -> list[str]:
                   if not p.name.startswith(".") and (p / "adapter.safetensors").is_file())
 
 
+def build_paths(name: str) -> IdentityPaths:
+    """The fixed hidden folder where `personalize` builds identity `name` (kept between runs for --resume)."""
+    return IdentityPaths(identity_paths(name).root.with_name(f".{check_name(name)}.build"))
+
+
+def _swap_in(building: Path, final: Path, tag: str) -> None:
+    """Put the folder `building` at `final`. An old `final` is renamed `.NAME.old-*` first and, once the new
+    one is in place, renamed `.NAME.trash-*` and deleted: an `.old-*` folder is always a whole identity."""
+    retired = final.with_name(f".{final.name}.old-{tag}")
+    if final.exists():
+        os.replace(final, retired)
+    os.replace(building, final)
+    if retired.exists():
+        trash = final.with_name(f".{final.name}.trash-{tag}")
+        os.replace(retired, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _restore_retired(final: Path) -> None:
+    """A kill between the two renames of `_swap_in` leaves no `final` and the old identity whole as
+    `.NAME.old-*`: put it back before building again."""
+    if final.exists():
+        return
+    retired = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if retired:
+        os.replace(retired[-1], final)
+
+
 @contextmanager
-def building_identity(name: str) -> Iterator[IdentityPaths]:
+def building_identity(name: str, *, resumable: bool = False, swap: bool = True) -> Iterator[IdentityPaths]:
     """Build an identity in a hidden folder beside `identities/<name>` and swap it in only when complete.
 
-    A failure or Ctrl-C inside the block leaves the old identity (if any) exactly as it was and
-    removes the half-built one; after the block, readers see either the old folder or the new one.
+    A failure or Ctrl-C inside the block leaves the old identity (if any) exactly as it was; after
+    the block, readers see either the old folder or the new one. Without `resumable` the half-built
+    folder is a fresh `.NAME.new-*` and is removed on failure (import). With `resumable` it is
+    `build_paths(name)`, reused if it exists and kept on failure, so a later run can continue it
+    (personalize --resume). swap=False: only yield the folder (the ranks of a torchrun group other
+    than rank 0, which never write).
     """
     final = identity_paths(check_name(name)).root
     final.parent.mkdir(parents=True, exist_ok=True)
+    if swap:
+        _restore_retired(final)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    building = final.with_name(f".{name}.new-{tag}")
-    building.mkdir()
+    building = build_paths(name).root if resumable else final.with_name(f".{name}.new-{tag}")
+    building.mkdir(exist_ok=resumable)
     try:
         yield IdentityPaths(building)
-        retired = final.with_name(f".{name}.old-{tag}")
-        if final.exists():
-            os.replace(final, retired)
-        os.replace(building, final)
-        shutil.rmtree(retired, ignore_errors=True)
+        if swap:
+            _swap_in(building, final, tag)
     finally:
-        shutil.rmtree(building, ignore_errors=True)
+        if not resumable:
+            shutil.rmtree(building, ignore_errors=True)
 
 
 # --- anchors: ws + cameras of the training photos -----------------------------------------------

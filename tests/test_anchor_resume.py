@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from my3dgen_cli.personalize import anchors
+from my3dgen_cli.personalize.estimate import in_trial
 from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, write_photos
 
 YAWS = TRAIN_YAWS + [50.0]  # 9 photos: chunks of 4, 4, 1
@@ -38,12 +39,14 @@ class CountingProjector:
         self.stop_at: int | None = None
         monkeypatch.setattr(anchors, "project_to_w", self)
 
-    def __call__(self, G, images, cameras, *args, on_step=None, **kwargs):
+    def __call__(self, G, images, cameras, steps, *args, on_step=None, **kwargs):
+        if in_trial():  # the estimate's timing steps (estimate.py), not a chunk's projection
+            return self.real(G, images, cameras, steps, *args, on_step=on_step, **kwargs)
         self.calls.append(images.shape[0])
         if len(self.calls) == self.stop_at:
             def on_step(step: int, loss: float) -> None:  # the user presses Ctrl-C after step 1 of this chunk
                 raise KeyboardInterrupt
-        return self.real(G, images, cameras, *args, on_step=on_step, **kwargs)
+        return self.real(G, images, cameras, steps, *args, on_step=on_step, **kwargs)
 
 
 @pytest.fixture
@@ -62,7 +65,7 @@ def _run(args: list[str]):
 
 def _interrupted(photos, counter: CountingProjector, name: str = "ana") -> None:
     """Run `personalize` and press Ctrl-C during anchor chunk 2."""
-    from my3dgen_cli.identity import identity_paths, read_partial_anchors
+    from my3dgen_cli.identity import build_paths, identity_paths, read_partial_anchors
 
     counter.stop_at = 2
     result = _run([str(photos), "--name", name, *ARGS])
@@ -71,16 +74,16 @@ def _interrupted(photos, counter: CountingProjector, name: str = "ana") -> None:
     message = result.output.strip().splitlines()[-1]
     assert "interrupted while projecting anchors" in message and "4 of 9 photos" in message, message
     assert "--resume" in message and "Traceback" not in result.output
-    ip = identity_paths(name)
+    ip = build_paths(name)  # the run builds beside the identity; nothing of it is an identity yet
     saved = read_partial_anchors(ip.partial_anchors)
     assert saved is not None and saved.ws.shape[0] == 4
-    assert not ip.anchors.exists() and not ip.adapter.exists()
+    assert not ip.anchors.exists() and not ip.adapter.exists() and not identity_paths(name).root.exists()
     assert counter.calls == [4, 4]
 
 
 def test_resume_after_anchor_interrupt_projects_only_missing_chunks(photos, monkeypatch):
     from my3dgen_cli.adapter_file import read_adapter
-    from my3dgen_cli.identity import identity_paths, read_anchors
+    from my3dgen_cli.identity import build_paths, identity_paths, read_anchors
 
     counter = CountingProjector(monkeypatch)
     _interrupted(photos, counter)
@@ -89,7 +92,7 @@ def test_resume_after_anchor_interrupt_projects_only_missing_chunks(photos, monk
     assert resumed.exit_code == 0, resumed.output
     assert counter.calls == [4, 1]  # chunks 2 and 3; chunk 1 came from the partial file
     ip = identity_paths("ana")
-    assert ip.adapter.is_file() and not ip.checkpoints.exists()
+    assert ip.adapter.is_file() and not ip.checkpoints.exists() and not build_paths("ana").root.exists()
 
     counter.calls.clear()
     whole = _run([str(photos), "--name", "one-go", *ARGS])
@@ -108,7 +111,7 @@ def test_resume_after_anchor_interrupt_projects_only_missing_chunks(photos, monk
 
 
 def test_mismatched_partial_anchors_are_refused_not_reused(photos, monkeypatch):
-    from my3dgen_cli.identity import identity_paths
+    from my3dgen_cli.identity import build_paths
 
     counter = CountingProjector(monkeypatch)
     _interrupted(photos, counter)
@@ -123,7 +126,7 @@ def test_mismatched_partial_anchors_are_refused_not_reused(photos, monkeypatch):
     fewer = _run([str(photos), "--name", "ana", *ARGS, "--resume"])
     assert fewer.exit_code == 2 and "9 photos, this run has 8" in fewer.output.strip().splitlines()[-1], fewer.output
     assert counter.calls == []  # nothing projected from a stale file
-    assert identity_paths("ana").partial_anchors.is_file()  # a refused resume keeps the user's file
+    assert build_paths("ana").partial_anchors.is_file()  # a refused resume keeps the user's file
     fresh_run = _run([str(photos), "--name", "ana", *ARGS])  # without --resume: starts over
     assert fresh_run.exit_code == 0, fresh_run.output
     assert counter.calls == [4, 4]

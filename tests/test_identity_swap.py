@@ -67,3 +67,35 @@ def test_a_killed_process_leaves_the_old_identity(tmp_path: Path) -> None:
     proc.wait(timeout=30)
     assert _listing(root) == before
     assert list_identities() == ["ana"], "a half-built dot-folder is not an identity"
+
+
+def test_a_kill_between_the_two_renames_is_repaired_by_the_next_build() -> None:
+    """The swap renames the old folder aside, then the new one in: a kill between the two leaves the old
+    identity whole under `.ana.old-*`; the next build puts it back first, so a failing build keeps it."""
+    root = _old_identity("ana")
+    before = _listing(root)
+    os.replace(root, root.with_name(".ana.old-123-abc"))
+    assert list_identities() == []
+    with pytest.raises(RuntimeError), building_identity("ana"):
+        assert _listing(root) == before, "restored before the build starts"
+        raise RuntimeError("this build fails too")
+    assert _listing(root) == before and list_identities() == ["ana"]
+    with building_identity("ana") as new:
+        new.adapter.write_bytes(b"new adapter")
+    assert sorted(p.name for p in root.parent.iterdir()) == ["ana"], "no .old-* or .trash-* folder left"
+
+
+def test_a_resumable_build_is_kept_on_failure_and_continued() -> None:
+    from my3dgen_cli.identity import build_paths
+
+    root = _old_identity("ana")
+    before = _listing(root)
+    with pytest.raises(KeyboardInterrupt), building_identity("ana", resumable=True) as new:
+        new.anchors.write_bytes(b"new anchors")
+        raise KeyboardInterrupt
+    assert _listing(root) == before and build_paths("ana").anchors.read_bytes() == b"new anchors"
+    with building_identity("ana", resumable=True) as again:
+        assert again.anchors.read_bytes() == b"new anchors", "the same folder, continued"
+        again.adapter.write_bytes(b"new adapter")
+    assert _listing(root) == {"adapter.safetensors": b"new adapter", "anchors.safetensors": b"new anchors"}
+    assert not build_paths("ana").root.exists()

@@ -308,3 +308,20 @@ def test_cli_personalize_real_photo_through_faces(person, tmp_path):
     assert sorted(names) == ["front", "mirror"] and ws.shape[0] == 2
     assert float(yaw[0]) == pytest.approx(-float(yaw[1]), abs=1e-3)
     assert float(pitch[0]) == pytest.approx(float(pitch[1]))
+
+
+def test_train_config_is_built_from_the_personalize_config():
+    import dataclasses
+
+    from my3dgen_cli.personalize.config import TrainConfig
+
+    cfg = PersonalizeConfig(rank=2, include_mapping=True, steps=7, amp="bf16", accum=2, channels_last=False,
+                            train_extras=False, sym_every=3)
+    train = cfg.train_config()
+    assert train.targets == cfg.targets() and (train.rank, train.steps, train.sym_every) == (2, 7, 3)
+    assert train.amp == "bf16" and train.accum == 2 and train.channels_last is False and train.train_extras is False
+    assert train.resume_fingerprint() == cfg.train_fingerprint()  # checkpoints of earlier runs still resume
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        train.steps = 3
+    own = TrainConfig(targets=cfg.targets(), steps=7, checkpoint_every=5).resume_fingerprint()
+    assert own["steps"] == 7 and "checkpoint_every" not in own and "fingerprint" not in own

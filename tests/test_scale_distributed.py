@@ -111,7 +111,7 @@ def test_two_ranks_equal_one_process(setup):
 
 
 def test_anchor_crash_on_two_ranks_resumes_from_the_finished_rounds(setup, person, tmp_path):
-    from my3dgen_cli.identity import identity_paths, read_anchors, read_partial_anchors
+    from my3dgen_cli.identity import build_paths, identity_paths, read_anchors, read_partial_anchors
 
     # 9 photos = anchor chunks 0, 1, 2: round 1 is chunk 0 on rank 0 and chunk 1 on rank 1; round 2 is
     # chunk 2 on rank 0, which crashes as it starts it.
@@ -119,13 +119,14 @@ def test_anchor_crash_on_two_ranks_resumes_from_the_finished_rounds(setup, perso
     args = ["personalize", str(photos), "--name", "ddp", *TRAIN]
     first = _torchrun([*args, "--quiet"], MY3DGEN_TEST_FAIL="0:anchors:2")
     assert first.returncode != 0 and "anchor chunk 2" in first.stderr, first.stderr[-3000:]
-    ip = identity_paths("ddp")
-    partial = read_partial_anchors(ip.partial_anchors)
-    assert partial is not None and partial.ws.shape[0] == 8 and not ip.anchors.exists()
+    build = build_paths("ddp")
+    partial = read_partial_anchors(build.partial_anchors)
+    assert partial is not None and partial.ws.shape[0] == 8 and not build.anchors.exists()
     second = _torchrun([*args, "--resume"])  # human mode: rank 0 says what it reuses
     assert second.returncode == 0, second.stderr[-3000:]
     assert "reusing 8 of 9 photos" in second.stderr + second.stdout
-    assert not ip.partial_anchors.exists()
+    ip = identity_paths("ddp")
+    assert not ip.partial_anchors.exists() and not build.root.exists()
     _cli(["personalize", str(photos), "--name", "one", *TRAIN, "--quiet"])
     ws_ddp, ws_one = read_anchors(ip.anchors).ws, read_anchors(identity_paths("one").anchors).ws
     assert torch.equal(ws_ddp[:8], partial.ws)

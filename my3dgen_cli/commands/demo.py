@@ -56,7 +56,7 @@ def eval_cmd(
     from my3dgen_cli.devices import pick_device
     from my3dgen_cli.losses.arcface import identity_network
     from my3dgen_cli.losses.perceptual import offline_fallback, perceptual_loss
-    from my3dgen_cli.personalize.pipeline import read_photos
+    from my3dgen_cli.personalize.photos import read_photos
     from my3dgen_cli.use.evaluate import evaluate
 
     o = output_for(json_out)

@@ -69,6 +69,8 @@ def personalize_cmd(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
+    """Long only because typer declares every option as a parameter: the body checks the options, builds
+    one PersonalizeConfig and calls personalize() (or personalize_people() for --batch-file)."""
     budget, sym_loss, anchor_space, amp_dtype = budget.value, sym_loss.value, anchor_space.value, amp_dtype.value
     from my3dgen_cli.errors import UserInputError
 
@@ -93,7 +95,9 @@ def personalize_cmd(
     from my3dgen_cli.identity import check_name
     from my3dgen_cli.output import Output
     from my3dgen_cli.personalize import distributed as D
-    from my3dgen_cli.personalize.pipeline import BUDGETS, PersonalizeConfig, personalize, read_photos
+    from my3dgen_cli.personalize.config import BUDGETS, PersonalizeConfig
+    from my3dgen_cli.personalize.photos import read_photos
+    from my3dgen_cli.personalize.pipeline import personalize
 
     world = D.from_env()
     out = output_for(json_out, quiet) if world.is_main else Output("quiet")
@@ -131,7 +135,7 @@ def personalize_cmd(
     given = read_photos(list(photos), labels=labels, aligned=aligned, reproject=reproject)
     with D.process_group(world, dev):
         result = personalize(given, name, config, base=base, device=dev, resume=resume, force=force,
-                             offline=offline, output=out, world=world)
+                             offline=offline, output=out, world=world, estimate=True)
     human = (f"identity {result.name}: {len(result.photos)} photos, {result.steps} steps, "
              f"final loss {result.final_loss:.4f}\n"
              f"adapter: {result.parameters:,} parameters ({result.ratio:.0f}x fewer than full fine-tuning's "

@@ -15,7 +15,6 @@ weights and photos (the last photo is held out). Then the real pipeline runs:
 
 from __future__ import annotations
 
-import html
 import json
 import shutil
 import time
@@ -23,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from my3dgen_cli.demo.report import SECTIONS, render_report
 from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.fileio import write_text_atomic
 from my3dgen_cli.output import Output
@@ -35,9 +34,7 @@ MADE_BY = "my3dgen demo"  # the demo's mark in its adapter's metadata: only an i
 TRAIN_YAWS = (-45.0, -35.0, -25.0, -15.0, -5.0, 5.0, 15.0, 25.0, 35.0, 45.0)
 TRAIN_PITCHES = (0.0, 8.0, -6.0, 4.0, -3.0, 6.0, -8.0, 3.0, -4.0, 0.0)
 HELD_OUT = ((-60.0, 5.0), (55.0, -5.0))
-ORIGINS = {"shipped": "shipped with my3dgen, checked against its zoo sha256; not trained here",
-           "cached": "cached by an earlier my3dgen", "rebuilt": "fitted in this run from the recipe (--rebuild-base)"}
-SECTIONS = ("about", "photos", "training", "inversion", "orbit", "interpolation", "metrics", "export", "files")
+__all__ = ["SECTIONS", "DemoResult", "DemoSettings", "check_demo_identity", "demo_base", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -149,7 +146,7 @@ def synthetic_photos(base: str, person_adapter: Path, photo_dir: Path) -> tuple[
     from my3dgen_cli.demo import base as db
     from my3dgen_cli.eg3d.camera import camera_rig
     from my3dgen_cli.generators import open_base
-    from my3dgen_cli.personalize.pipeline import Photos
+    from my3dgen_cli.personalize.photos import Photos
 
     G, ref = open_base(base)
     _, ws = db.person_latent(G)
@@ -201,6 +198,49 @@ def check_demo_identity(force: bool) -> None:
                              "--force to replace it")
 
 
+class _Stages:
+    """Times the demo's stages (seconds, for the report and --json) and says each one as it ends."""
+
+    def __init__(self, out: Output) -> None:
+        self.out, self.seconds, self.t0 = out, {}, time.perf_counter()
+        self._last = self.t0
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self._last, 1)
+        self.out.info(f"{name}: {self.seconds[name]:.1f} s")
+        self._last = now
+
+
+def _fresh_out_dir(out_dir: Path | None) -> Path:
+    """The report folder, emptied: an earlier demo's report is replaced, any other non-empty folder refused."""
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
+    if out_dir.exists():
+        if not (out_dir / "report.html").is_file() and any(out_dir.iterdir()):
+            raise UserInputError(f"{out_dir} is not empty and holds no demo report; choose another -o")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    return out_dir
+
+
+def _photos(base: str | None, photos: Path | None, fast: bool, rebuild_base: bool, out_dir: Path,
+            out: Output) -> tuple[str, Any, Any, str]:
+    """(base, training Photos, held-out Photos, base origin): the synthetic person's renders, or the user's photos
+    with the last one held out."""
+    from my3dgen_cli.personalize.photos import Photos, read_photos
+
+    if base is None:
+        base, person, origin = demo_base(fast, out, rebuild=rebuild_base)
+        out.info(f"demo base: {base} ({origin})")
+        train, held = synthetic_photos(base, person, out_dir / "photos")
+        return base, train, held, origin
+    given = read_photos(photos)
+    if given.images.shape[0] < 3:
+        raise UserInputError(f"--photos: got {given.images.shape[0]} usable photos, expected 3 or more")
+    train = Photos(given.images[:-1], given.cameras[:-1], given.names[:-1], given.skipped)
+    return base, train, Photos(given.images[-1:], given.cameras[-1:], given.names[-1:]), "given"
+
+
 def run_demo(
     out_dir: Path | None = None,
     fast: bool = False,
@@ -216,8 +256,10 @@ def run_demo(
     The synthetic base is the shipped one unless `rebuild_base` (fit it from the recipe first).
     The identity `demo` is replaced only when an earlier demo made it, or with `force`.
     """
-    from my3dgen_cli import media
-    from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, personalize, read_photos
+    from my3dgen_cli.demo import stages as st
+    from my3dgen_cli.generators import open_generator
+    from my3dgen_cli.identity import identity_anchors
+    from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, personalize
 
     out = output or Output("quiet")
     if (base is None) != (photos is None):
@@ -227,199 +269,54 @@ def run_demo(
     check_demo_identity(force)
     synthetic = base is None
     settings = DemoSettings.for_run(fast, synthetic)
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
-    if out_dir.exists():
-        if not (out_dir / "report.html").is_file() and any(out_dir.iterdir()):
-            raise UserInputError(f"{out_dir} is not empty and holds no demo report; choose another -o")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    t0 = time.perf_counter()
-    stages: dict[str, float] = {}
-    files: dict[str, Path] = {}
-
-    def stage(name: str, since: float) -> float:
-        now = time.perf_counter()
-        stages[name] = round(now - since, 1)
-        out.info(f"{name}: {stages[name]:.1f} s")
-        return now
-
-    t = t0
-    origin = "given"
-    if synthetic:
-        base, person, origin = demo_base(fast, out, rebuild=rebuild_base)
-        out.info(f"demo base: {base} ({origin})")
-        train, held = synthetic_photos(base, person, out_dir / "photos")
-        files["photos"] = out_dir / "photos"
-    else:
-        given = read_photos(photos)
-        if given.images.shape[0] < 3:
-            raise UserInputError(f"--photos: got {given.images.shape[0]} usable photos, expected 3 or more")
-        from my3dgen_cli.personalize.pipeline import Photos
-
-        train = Photos(given.images[:-1], given.cameras[:-1], given.names[:-1], given.skipped)
-        held = Photos(given.images[-1:], given.cameras[-1:], given.names[-1:])
-    t = stage("base and photos", t)
+    out_dir = _fresh_out_dir(out_dir)
+    timer = _Stages(out)
+    base, train, held, origin = _photos(base, photos, fast, rebuild_base, out_dir, out)
+    files: dict[str, Path] = {"photos": out_dir / "photos"} if synthetic else {}
+    timer.done("base and photos")
 
     config = PersonalizeConfig(steps=settings.personalize_steps, anchor_steps=settings.anchor_steps,
                                sym_loss="id", checkpoint_every=0)
     nets = LossNets.load(config, offline=True, output=out)
     ident = personalize(train, IDENTITY, config, base=base, device=device, nets=nets, force=True, offline=True,
                         output=out, made_by=MADE_BY)
-    t = stage("personalize", t)
-
-    from my3dgen_cli.generators import open_generator
-    from my3dgen_cli.identity import Latent, identity_anchors, identity_paths, write_latent
-    from my3dgen_cli.personalize.anchors import resize
-    from my3dgen_cli.use.invert import InvertConfig, invert_image
+    timer.done("personalize")
 
     G, ref, _ = open_generator(identity=IDENTITY, device=device)
-    dev = next(G.parameters()).device
-    anchors, anchor_cams = identity_anchors(IDENTITY, dev)
-    res = G.img_resolution
-    target = resize(held.images[:1].float(), res).to(dev)
-    inv = invert_image(G, target, held.cameras[:1].to(dev), anchors=anchors,
-                       config=InvertConfig(steps=settings.invert_steps, space="w", lpips_weight=0.0))
-    files["latent"] = write_latent(out_dir / "heldout.latent", Latent(inv.ws, inv.camera, ref.name, IDENTITY, "w"))
-    t = stage("invert", t)
-
-    from my3dgen_cli.eg3d.camera import camera_rig
-    from my3dgen_cli.use.render import orbit_angles, render_views
-
-    rig = camera_rig(G)
-    angles = orbit_angles(settings.orbit_frames)
-    orbit = render_views(G, inv.ws, rig.lookat([a for a, _ in angles], [b for _, b in angles]))
-    frames = [media.to_uint8(im) for im in orbit.images]
-    files["orbit_gif"] = media.write_gif(out_dir / "orbit.gif", frames, fps=12)
-    sheet_angles = [-50.0, -25.0, 0.0, 25.0, 50.0]
-    sheet = render_views(G, inv.ws, rig.lookat(sheet_angles, 0.0)).images
-    files["contact_sheet"] = media.write_png(out_dir / "contact_sheet.png",
-                                             media.grid([_up(media.to_uint8(im), res) for im in sheet]))
-    t = stage("orbit", t)
-
-    from my3dgen_cli.use.interpolate import interpolate_cameras, interpolate_latents
-
-    a, b = 0, anchors.shape[0] - 1
-    ws_path = interpolate_latents([anchors[a:a + 1], anchors[b:b + 1]], settings.interp_frames, "slerp")
-    cam_path = interpolate_cameras(anchor_cams[[a, b]].cpu(), settings.interp_frames, rig=rig)
-    with torch.no_grad():
-        morph = [G.synthesis(w[None].to(dev), c[None].to(dev), noise_mode="const")["image"][0]
-                 for w, c in zip(ws_path, cam_path, strict=True)]
-    files["interpolation"] = media.write_png(out_dir / "interpolation.png",
-                                             media.grid([_up(media.to_uint8(m), res) for m in morph]))
-    t = stage("interpolate", t)
-
-    export_info = _export(out_dir / "demo.onnx", out)
+    anchors, anchor_cams = identity_anchors(IDENTITY, next(G.parameters()).device)
+    inv, target, files["latent"] = st.invert_held_out(G, ref.name, IDENTITY, held, anchors, settings.invert_steps,
+                                                      out_dir)
+    timer.done("invert")
+    files.update(st.orbit(G, inv.ws, settings.orbit_frames, out_dir))
+    timer.done("orbit")
+    files["interpolation"] = st.interpolate(G, anchors, anchor_cams, settings.interp_frames, out_dir)
+    timer.done("interpolate")
+    export_info = st.export_onnx(IDENTITY, out_dir / "demo.onnx", out)
     if "path" in export_info:
         files["onnx"] = Path(export_info["path"])
-    t = stage("export", t)
+    timer.done("export")
+    evaluation, files["metrics"] = st.evaluate_held_out(IDENTITY, held, settings.eval_steps, device, nets, out_dir)
+    timer.done("eval")
 
-    from my3dgen_cli.use.evaluate import evaluate
-
-    lpips = nets.train_lpips
-    evaluation = evaluate(IDENTITY, held.images, held.cameras, held.names, steps=settings.eval_steps, device=device,
-                          lpips=lpips, arcface=nets.identity)
-    files["metrics"] = out_dir / "metrics.json"
-    write_text_atomic(files["metrics"], json.dumps(evaluation.to_dict(), indent=1))
-    t = stage("eval", t)
-
-    ip = identity_paths(IDENTITY)
-    files["loss_plot"] = _copy(ip.loss_plot, out_dir / "loss.png")
-    files["previews"] = _copy(ip.previews / "grid.png", out_dir / "training_grid.png")
-    files["inversion"] = media.write_png(out_dir / "inversion.png", media.grid(
-        [_up(media.to_uint8(x), res) for x in (target[0], inv.image[0])]))
-    files["identity"] = ip.root
-    result = DemoResult(out_dir, out_dir / "report.html", base, time.perf_counter() - t0, files,
-                        evaluation.to_dict(), stages, export_info, origin)
+    files.update(_identity_files(G, target, inv.image, out_dir))
+    result = DemoResult(out_dir, out_dir / "report.html", base, time.perf_counter() - timer.t0, files,
+                        evaluation.to_dict(), timer.seconds, export_info, origin)
     result.steps["total"] = round(result.seconds, 1)
     write_text_atomic(result.report, render_report(result, synthetic, ident.to_dict(), evaluation, inv.psnr,
                                                    held.names[0], settings))
     return result
 
 
-def _up(image: np.ndarray, res: int, size: int = 128) -> np.ndarray:
-    """Nearest-neighbour enlargement of small demo renders so the report shows them at a visible size."""
-    k = max(1, size // res)
-    return np.repeat(np.repeat(image, k, axis=0), k, axis=1) if k > 1 else image
+def _identity_files(G: Any, target: torch.Tensor, inverted: torch.Tensor, out_dir: Path) -> dict[str, Path]:
+    """The report's copies of the identity's loss curve and preview grid, and the inversion side by side."""
+    from my3dgen_cli import media
+    from my3dgen_cli.demo.stages import upscaled
+    from my3dgen_cli.identity import identity_paths
 
-
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copyfile(src, dst)
-    return dst
-
-
-def _export(path: Path, out: Output) -> dict[str, Any]:
-    """ONNX export of the demo identity, checked by onnxruntime; a skip (with its reason) without it."""
-    try:
-        from my3dgen_cli.use import export as lib
-
-        G, ref, _, merge_diff = lib.merged_generator(identity=IDENTITY, device="cpu", offline=True)
-        check = lib.export_onnx(G, path, metadata={"identity": IDENTITY, "base": ref.name})
-    except (My3DGenError, ImportError) as err:
-        out.warn(f"ONNX export skipped: {err}")
-        return {"skipped": str(err)}
-    return {"path": str(path), "size": path.stat().st_size, "max_abs_diff": check.max_abs_diff,
-            "merge_max_abs_diff": merge_diff}
-
-
-# --- the report --------------------------------------------------------------------------------
-
-
-def render_report(result: DemoResult, synthetic: bool, ident: dict[str, Any], evaluation: Any, invert_psnr: float,
-                  held_name: str, settings: DemoSettings) -> str:
-    """report.html: one self-contained page linking the files next to it (relative paths)."""
-    def rel(key: str) -> str:
-        return html.escape(str(Path(result.files[key]).relative_to(result.out_dir)))
-
-    def img(key: str, alt: str) -> str:
-        return f'<img src="{rel(key)}" alt="{html.escape(alt)}">'
-
-    if synthetic:
-        about = ("<p><b>A tiny synthetic base, not a face model.</b> The base is the tiny EG3D (64 px images, "
-                 "32 px neural render) fitted in a minute or two of CPU to simple 3-D heads (an ellipsoid with a "
-                 "nose, hair, eyes and a mouth; colours and proportions vary with z). The &ldquo;person&rdquo; is "
-                 "this base plus a hidden low-rank change (other colours, a wider face, a bigger nose), seen in 10 "
-                 "training views with known cameras; 2 more views are held out. Everything below is the real "
-                 f"pipeline on it.</p><p>Base <code>{html.escape(result.base)}</code> "
-                 f"({html.escape(ORIGINS[result.base_origin])}).</p>")
-    else:
-        about = f"<p>Base <code>{html.escape(result.base)}</code> on your photos; the last photo is held out.</p>"
-    ex = result.export
-    export_html = (f"<p>ONNX: <code>{rel('onnx')}</code> ({ex['size'] / 2**20:.1f} MiB); onnxruntime vs "
-                   f"PyTorch max abs diff {ex['max_abs_diff']:.2e}.</p>" if "path" in ex else
-                   f"<p>ONNX export skipped: {html.escape(ex.get('skipped', ''))}</p>")
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td><code>{html.escape(str(v))}</code></td></tr>"
-                   for k, v in result.files.items())
-    timing = ", ".join(f"{k} {v:.1f} s" for k, v in result.steps.items())
-    table = html.escape(evaluation.table())
-    better = ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in evaluation.better().items())
-    photos_html = (f'<p>{"".join(_thumb(p) for p in sorted((result.out_dir / "photos").glob("train*.png")))}</p>'
-                   if synthetic else "<p>Your photos (see the training grid below).</p>")
-    parts = {
-        "about": ("What this is", about + f"<p>Stages: {html.escape(timing)}.</p>"),
-        "photos": ("Training photos", photos_html),
-        "training": ("Personalization", f"<p>Identity <code>{IDENTITY}</code>: {ident['parameters']:,} adapter "
-                     f"parameters ({ident['ratio']}x fewer than the generator), {ident['steps']} steps, final loss "
-                     f"{ident['final_loss']:.4f}.</p>{img('loss_plot', 'loss curve')}"
-                     f"{img('previews', 'photo vs personalized render')}"),
-        "inversion": ("Inverting a held-out view", f"<p>{html.escape(held_name)} (left) and its inversion under the "
-                      f"personalized prior (right), {settings.invert_steps} steps, PSNR {invert_psnr:.2f} dB; latent "
-                      f"in <code>{rel('latent')}</code>.</p>{img('inversion', 'held-out view and inversion')}"),
-        "orbit": ("Orbit", f"{img('orbit_gif', 'orbit')}<p>{img('contact_sheet', 'yaw -50 to 50')}</p>"),
-        "interpolation": ("Interpolating two photos", f"<p>First to last training photo (slerp of their anchors, "
-                          f"cameras interpolated).</p>{img('interpolation', 'interpolation strip')}"),
-        "metrics": ("Metrics: base vs personalized", f"<p>Held-out views inverted under each model "
-                    f"({settings.eval_steps} steps). Personalized better: {html.escape(better)}.</p>"
-                    f"<pre>{table}</pre><p>All numbers: <code>{rel('metrics')}</code>.</p>"),
-        "export": ("Export", export_html),
-        "files": ("Where files went", f"<table>{rows}</table>"),
-    }
-    body = "".join(f'<section id="{key}"><h2>{title}</h2>{content}</section>' for key, (title, content) in
-                   ((k, parts[k]) for k in SECTIONS))
-    style = ("body{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}img{image-rendering:pixelated;"
-             "margin:2px}pre{background:#f4f4f4;padding:8px}td{padding:2px 8px}")
-    return (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>my3dgen demo</title><style>{style}</style>"
-            f"</head><body><h1>my3dgen demo</h1>{body}</body></html>\n")
-
-
-def _thumb(path: Path) -> str:
-    return f'<img src="photos/{html.escape(path.name)}" alt="{html.escape(path.stem)}" width="96">'
+    ip = identity_paths(IDENTITY)
+    shutil.copyfile(ip.loss_plot, out_dir / "loss.png")
+    shutil.copyfile(ip.previews / "grid.png", out_dir / "training_grid.png")
+    inversion = media.write_png(out_dir / "inversion.png", media.grid(
+        [upscaled(media.to_uint8(x), G.img_resolution) for x in (target[0], inverted[0])]))
+    return {"loss_plot": out_dir / "loss.png", "previews": out_dir / "training_grid.png", "inversion": inversion,
+            "identity": ip.root}

@@ -18,6 +18,7 @@ depend on which rank made it.
 from __future__ import annotations
 
 import os
+import signal
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +31,8 @@ from torch import nn
 
 from my3dgen_cli.errors import UserInputError
 
-FAULT_ENV = "MY3DGEN_TEST_FAIL"  # "RANK:STEP" / "RANK:anchors:CHUNK": that rank raises there (tests only)
+FAULT_ENV = "MY3DGEN_TEST_FAIL"  # "RANK:STEP" / "RANK:anchors:CHUNK" / "RANK:swap:0": that rank fails there (tests)
+FAULT_SIGNAL_ENV = "MY3DGEN_TEST_FAIL_SIGNAL"  # KILL / INT: fail by that signal instead of an exception (tests)
 
 
 @dataclass(frozen=True)
@@ -160,12 +162,18 @@ def identity_seed(seed: int, name: str) -> int:
 
 def fault_hook(step: int, d: Dist, stage: str = "train") -> None:
     """Test hook: with MY3DGEN_TEST_FAIL="R:K", rank R raises after its K-th training step; with
-    "R:anchors:K", when it starts anchor chunk K (0-based)."""
+    "R:anchors:K", when it starts anchor chunk K (0-based); with "R:swap:0", when a finished identity
+    is about to be swapped in. With MY3DGEN_TEST_FAIL_SIGNAL=KILL or INT it sends itself that signal
+    there instead (a kill or a Ctrl-C at a known point)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     rank, *where, at = spec.split(":")
     me = int(os.environ.get("RANK", d.rank))  # the launcher's rank (batch-file ranks train with world 1)
     if (where[0] if where else "train") == stage and int(rank) == me and step == int(at):
-        moment = f"at anchor chunk {step}" if stage == "anchors" else f"after step {step}"
+        how = os.environ.get(FAULT_SIGNAL_ENV)
+        if how in ("KILL", "INT"):
+            os.kill(os.getpid(), getattr(signal, f"SIG{how}"))
+            return  # SIGINT: Python raises KeyboardInterrupt (or sets training's stop flag) right after this
+        moment = {"anchors": f"at anchor chunk {step}", "swap": "before the swap"}.get(stage, f"after step {step}")
         raise RuntimeError(f"{FAULT_ENV}: rank {me} fails {moment} (test hook)")

@@ -65,13 +65,13 @@ def read_batch_file(path: str | Path) -> list[Person]:
 
 
 def state_of(name: str) -> str:
-    """"done" (has its adapter), "partial" (a checkpoint or anchors to resume from) or "new"."""
+    """"done" (has its adapter), "partial" (an unfinished run to resume) or "new"."""
     from my3dgen_cli.identity import identity_paths
+    from my3dgen_cli.personalize.pipeline import can_resume
 
-    ip = identity_paths(name)
-    if ip.adapter.is_file():
+    if identity_paths(name).adapter.is_file():
         return "done"
-    return "partial" if ip.resumable() else "new"
+    return "partial" if can_resume(name) else "new"
 
 
 def personalize_people(

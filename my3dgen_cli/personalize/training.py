@@ -32,6 +32,7 @@ from my3dgen_cli.eg3d.camera import camera_rig
 from my3dgen_cli.errors import My3DGenError, UserInputError, reason, shown
 from my3dgen_cli.fileio import atomic_path
 from my3dgen_cli.personalize.anchors import perceptual_distance, resize
+from my3dgen_cli.personalize.config import PersonalizeConfig, TrainConfig
 from my3dgen_cli.personalize.distributed import SINGLE, Dist, fault_hook, reduce_sum, shard, sum_gradients
 from my3dgen_cli.personalize.symmetry import SymmetryDistance, mse_distance, symmetry_cameras, symmetry_loss
 from my3dgen_cli.speed import activation_checkpointing, autocast, check_amp, use_channels_last
@@ -203,7 +204,7 @@ def train_adapter(
     images: torch.Tensor,
     cameras: torch.Tensor,
     anchors_ws: torch.Tensor,
-    config: Any,
+    config: TrainConfig | PersonalizeConfig,
     *,
     lpips: nn.Module | None = None,
     sym_distance: SymmetryDistance | None = None,
@@ -217,8 +218,7 @@ def train_adapter(
     """Train LoRA adapters on G so it renders each photo from its camera and anchor latent.
 
     images: [N, 3, H, W] in [-1, 1]; cameras: [N, 25]; anchors_ws: [N, num_ws, w_dim]; all on G's
-    device. config: a PersonalizeConfig (rank, alpha, targets(), style, steps, batch, lr, betas, sym,
-    sym_every, sym_weight, sym_yaw, seed, checkpoint_every, amp, train_extras). Adapters (and, with
+    device. config: a TrainConfig, or a PersonalizeConfig (its `train_config()` is used). Adapters (and, with
     train_extras, the trained extras: lora.EXTRA_TARGETS) are attached here unless
     `params` (the tensors to train, e.g. all synthesis weights for full fine-tuning) is given.
     sym_distance: the symmetry distance (None = pixel MSE). checkpoint_dir: where checkpoints go
@@ -227,7 +227,7 @@ def train_adapter(
     saves a checkpoint and raises TrainingInterrupted. raw_images: targets of the raw neural render
     [N, 3, r, r] (default: `images` downsampled, as the paper; synthetic tests pass the true raw renders).
 
-    Speed (config fields, all optional): amp ("off"/"bf16"/"fp16" or a bool), accum (micro-batches
+    Speed (TrainConfig fields): amp ("off"/"bf16"/"fp16" or a bool), accum (micro-batches
     per step: same effective batch, less memory), act_checkpointing, compile, channels_last (None =
     on with autocast on CUDA: speed.use_channels_last). world: data-parallel
     group (distributed.Dist): each rank trains its shard of every batch, the adapter gradients are
@@ -237,15 +237,17 @@ def train_adapter(
     """
     from my3dgen_cli.lora import add_adapters, add_extras, match_extras
 
+    if not isinstance(config, TrainConfig):
+        config = config.train_config()
     n = images.shape[0]
     if n == 0 or cameras.shape != (n, 25) or anchors_ws.shape[0] != n:
         raise ValueError(f"training data: got {n} images, cameras {tuple(cameras.shape)}, "
                          f"anchors {tuple(anchors_ws.shape)}, expected N >= 1, (N, 25), (N, num_ws, w_dim)")
     init_gen = torch.Generator().manual_seed(config.seed)
     if params is None:
-        params = add_adapters(G, rank=config.rank, alpha=config.alpha, targets=config.targets(),
+        params = add_adapters(G, rank=config.rank, alpha=config.alpha, targets=config.targets,
                               style=config.style, generator=init_gen)
-        if getattr(config, "train_extras", False):
+        if config.train_extras:
             params += add_extras(G, match_extras(G))
     else:
         for p in G.parameters():
@@ -258,12 +260,12 @@ def train_adapter(
     photo_raw = resize(images if raw_images is None else raw_images, G.neural_rendering_resolution)
     rng = torch.Generator().manual_seed(config.seed + 1)
     opt = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas))
-    amp = getattr(config, "amp", False)
+    amp = config.amp
     # fp16 keeps no gradient below ~6e-8: at 512 px the MSE gradient per pixel is about that small,
     # so fp16 scales the loss up (and the gradients back down before Adam); bf16 has fp32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=check_amp(amp) == "fp16")
     distance = sym_distance or mse_distance()
-    fingerprint = {**config.train_fingerprint(), "photos": n, "trainable": n_params}
+    fingerprint = {**config.resume_fingerprint(), "photos": n, "trainable": n_params}
     log: list[dict[str, float]] = []
     start = 0
     if resume and checkpoint_dir is not None:
@@ -277,10 +279,10 @@ def train_adapter(
                 scaler.load_state_dict(state.scaler)
             rng.set_state(state.rng)
             start, log = state.step, list(state.log)
-    accum = int(getattr(config, "accum", 1))
-    nhwc = use_channels_last(getattr(config, "channels_last", None), device, amp)
+    accum = config.accum
+    nhwc = use_channels_last(config.channels_last, device, amp)
     synth = G.synthesis
-    if getattr(config, "compile", False):
+    if config.compile:
         from my3dgen_cli.speed import compiled
 
         synth = compiled(G.synthesis)
@@ -290,7 +292,7 @@ def train_adapter(
     rig = camera_rig(G)  # symmetry views orbit the base's own pivot
     step = start
     try:
-        with _sigint_flag() as flag, activation_checkpointing(G, bool(getattr(config, "act_checkpointing", False))):
+        with _sigint_flag() as flag, activation_checkpointing(G, config.act_checkpointing):
             while step < config.steps:
                 idx = torch.randperm(n, generator=rng)[: min(config.batch, n)].to(device)
                 do_sym = config.sym and config.sym_every > 0 and step % config.sym_every == 0
