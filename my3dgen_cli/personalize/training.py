@@ -92,7 +92,7 @@ def _forward(G: nn.Module, synth: Callable, ws: torch.Tensor, cameras: torch.Ten
     With the symmetry term the chunk's tri-planes are computed once and the mirrored views reuse the
     first latent's (the backbone does not see the camera), so a symmetry step runs the backbone for
     the batch only, and one backward covers both terms. Same values as separate passes up to float
-    order (tests/test_personalize.py measures it).
+    order (tests/test_train_speed.py measures it; ops.reference_paths() keeps the separate pass).
     """
     if sym_cameras is None:
         return synth(ws, cameras, noise_mode="const", sampling="deterministic", channels_last=channels_last), None
