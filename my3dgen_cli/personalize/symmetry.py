@@ -67,17 +67,22 @@ def choose_distance(kind: str, identity_net: nn.Module | None, lpips: nn.Module 
 
 def mirror_pair(
     G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, neural_rendering_resolution: int | None = None,
-    channels_last: bool = False,
+    channels_last: bool = False, planes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(I, flip(I')): ws [N, num_ws, w_dim] rendered from cameras [N, 25] and from their mirrors.
 
-    Both views come from one batched synthesis call (2N images). Returns two [N, 3, H, W] tensors.
+    Both views come from one batched synthesis call (2N images) on one set of tri-planes per latent:
+    the backbone does not see the camera, so it runs once per latent, not once per view. `planes`
+    [N, 3, C, R, R]: those tri-planes when the caller already has them (training shares the main
+    pass's); None = computed here. Returns two [N, 3, H, W] tensors.
     """
     n = ws.shape[0]
+    if planes is None:
+        planes = G.planes(ws, noise_mode="const", channels_last=channels_last)
     both = G.synthesis(torch.cat([ws, ws]), torch.cat([cameras, mirror_camera(cameras)]),
                        neural_rendering_resolution=neural_rendering_resolution, noise_mode="const",
-                       sampling="deterministic", channels_last=channels_last)["image"]
-    return both[:n], both[n:].flip(-1)
+                       sampling="deterministic", channels_last=channels_last, planes=torch.cat([planes, planes]))
+    return both["image"][:n], both["image"][n:].flip(-1)
 
 
 def symmetry_cameras(n: int, max_yaw: float, generator: torch.Generator, pitch: float = 0.0,
@@ -91,8 +96,11 @@ def symmetry_cameras(n: int, max_yaw: float, generator: torch.Generator, pitch: 
 
 
 def symmetry_loss(
-    G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, distance: SymmetryDistance, channels_last: bool = False
+    G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, distance: SymmetryDistance, channels_last: bool = False,
+    planes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The mirror inconsistency of G for latents ws seen from cameras (differentiable in G and ws)."""
-    a, b = mirror_pair(G, ws, cameras.to(ws.device), channels_last=channels_last)
+    """The mirror inconsistency of G for latents ws seen from cameras (differentiable in G and ws).
+
+    planes: ws's tri-planes when already computed (mirror_pair)."""
+    a, b = mirror_pair(G, ws, cameras.to(ws.device), channels_last=channels_last, planes=planes)
     return distance(a, b)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from my3dgen_cli.eg3d import ops
 from my3dgen_cli.eg3d.camera import camera_rig
 from my3dgen_cli.errors import My3DGenError, UserInputError, reason, shown
 from my3dgen_cli.fileio import atomic_path
@@ -82,6 +83,30 @@ def reconstruction_loss(out: dict[str, torch.Tensor], photo: torch.Tensor, photo
     """My3DGen's loss: MSE + LPIPS at the neural resolution (image_raw, its rgb) and at full resolution."""
     mse, perc = reconstruction_terms(out, photo, photo_raw, lpips)
     return mse + perc, {"mse": float(mse.detach()), "lpips": float(perc.detach())}
+
+
+def _forward(G: nn.Module, synth: Callable, ws: torch.Tensor, cameras: torch.Tensor, channels_last: bool,
+             sym_cameras: torch.Tensor | None, distance: SymmetryDistance,
+             ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """One chunk's renders, and with `sym_cameras` the symmetry term of its first latent (fp32).
+
+    With the symmetry term the chunk's tri-planes are computed once and the mirrored views reuse the
+    first latent's (the backbone does not see the camera), so a symmetry step runs the backbone for
+    the batch only, and one backward covers both terms. Same values as separate passes up to float
+    order (tests/test_train_speed.py measures it; ops.reference_paths() keeps the separate pass).
+    """
+    if sym_cameras is None:
+        return synth(ws, cameras, noise_mode="const", sampling="deterministic", channels_last=channels_last), None
+    planes = G.planes(ws, noise_mode="const", channels_last=channels_last)
+    out = G.synthesis(ws, cameras, noise_mode="const", sampling="deterministic", channels_last=channels_last,
+                      planes=planes)
+    sym = symmetry_loss(G, ws[:1], sym_cameras, distance, channels_last=channels_last, planes=planes[:1])
+    return out, sym.float()
+
+
+def _sym_totals(weight: float, sym: torch.Tensor) -> torch.Tensor:
+    """The symmetry term's row of a step's totals (loss, mse, lpips, sym)."""
+    return torch.stack([weight * sym, sym.new_zeros(()), sym.new_zeros(()), sym]).detach()
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -282,7 +307,8 @@ def train_adapter(
     accum = config.accum
     nhwc = use_channels_last(config.channels_last, device, amp)
     synth = G.synthesis
-    if config.compile:
+    compile_synth = config.compile
+    if compile_synth:
         from my3dgen_cli.speed import compiled
 
         synth = compiled(G.synthesis)
@@ -300,21 +326,26 @@ def train_adapter(
                 sym_rank = (step // config.sym_every) % world.world  # the symmetry term rotates over ranks
                 opt.zero_grad(set_to_none=True)
                 totals = torch.zeros(4, device=device)  # loss, mse, lpips, sym: this rank's share
-                for chunk in torch.tensor_split(shard(idx, world), accum):
-                    if chunk.numel() == 0:
-                        continue
+                sym_here = sym_cams is not None and sym_rank == world.rank
+                # The symmetry latent idx[0] opens rank 0's first chunk: its tri-planes come from that pass.
+                share_planes = sym_here and world.rank == 0 and not compile_synth and ops.fast_paths()
+                for k, chunk in enumerate(c for c in torch.tensor_split(shard(idx, world), accum) if c.numel()):
                     share = chunk.numel() / idx.numel()  # of the whole (all ranks') batch
                     with autocast(device, amp):
-                        out = synth(anchors_ws[chunk], cameras[chunk], noise_mode="const", sampling="deterministic",
-                                    channels_last=nhwc)
+                        out, sym = _forward(G, synth, anchors_ws[chunk], cameras[chunk], nhwc,
+                                            sym_cams if share_planes and k == 0 else None, distance)
                     mse, perc = reconstruction_terms(out, photo[chunk], photo_raw[chunk], lpips)
-                    scaler.scale((mse + perc) * share).backward()
+                    loss = (mse + perc) * share
                     totals += torch.stack([mse + perc, mse, perc, torch.zeros_like(mse)]).detach() * share
-                if sym_cams is not None and sym_rank == world.rank:
+                    if sym is not None:
+                        loss = loss + config.sym_weight * sym
+                        totals += _sym_totals(config.sym_weight, sym)
+                    scaler.scale(loss).backward()
+                if sym_here and not share_planes:
                     with autocast(device, amp):
                         sym = symmetry_loss(G, anchors_ws[idx[:1]], sym_cams, distance, channels_last=nhwc).float()
                     scaler.scale(config.sym_weight * sym).backward()
-                    totals += torch.stack([config.sym_weight * sym, sym.new_zeros(()), sym.new_zeros(()), sym]).detach()
+                    totals += _sym_totals(config.sym_weight, sym)
                 sum_gradients(params, world)  # summed scaled gradients: every rank sees the same inf/nan
                 scaler.step(opt)  # fp16: unscale, skip the step on inf/nan; otherwise opt.step()
                 scaler.update()
