@@ -260,104 +260,45 @@ def train_adapter(
     whole batch's gradient), the symmetry term runs on one rank per step (in turn), only rank 0
     writes checkpoints. Every rank gets the same data and config.
     """
-    from my3dgen_cli.lora import add_adapters, add_extras, match_extras
-
     if not isinstance(config, TrainConfig):
         config = config.train_config()
     n = images.shape[0]
     if n == 0 or cameras.shape != (n, 25) or anchors_ws.shape[0] != n:
         raise ValueError(f"training data: got {n} images, cameras {tuple(cameras.shape)}, "
                          f"anchors {tuple(anchors_ws.shape)}, expected N >= 1, (N, 25), (N, num_ws, w_dim)")
-    init_gen = torch.Generator().manual_seed(config.seed)
-    if params is None:
-        params = add_adapters(G, rank=config.rank, alpha=config.alpha, targets=config.targets,
-                              style=config.style, generator=init_gen)
-        if config.train_extras:
-            params += add_extras(G, match_extras(G))
-    else:
-        for p in G.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
+    params = _trainable(G, config, params)
     n_params = sum(p.numel() for p in params)
     device = images.device
-    photo = resize(images, G.img_resolution)
-    photo_raw = resize(images if raw_images is None else raw_images, G.neural_rendering_resolution)
-    rng = torch.Generator().manual_seed(config.seed + 1)
-    opt = torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas))
     amp = config.amp
-    # fp16 keeps no gradient below ~6e-8: at 512 px the MSE gradient per pixel is about that small,
-    # so fp16 scales the loss up (and the gradients back down before Adam); bf16 has fp32's range.
-    scaler = torch.amp.GradScaler(device.type, enabled=check_amp(amp) == "fp16")
-    distance = sym_distance or mse_distance()
+    loop = _Loop(
+        G=G, config=config, world=world, params=params, anchors_ws=anchors_ws, cameras=cameras, lpips=lpips,
+        photo=resize(images, G.img_resolution),
+        photo_raw=resize(images if raw_images is None else raw_images, G.neural_rendering_resolution),
+        rng=torch.Generator().manual_seed(config.seed + 1),
+        opt=torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas)),
+        # fp16 keeps no gradient below ~6e-8: at 512 px the MSE gradient per pixel is about that small,
+        # so fp16 scales the loss up (and the gradients back down before Adam); bf16 has fp32's range.
+        scaler=torch.amp.GradScaler(device.type, enabled=check_amp(amp) == "fp16"),
+        distance=sym_distance or mse_distance(),
+        nhwc=use_channels_last(config.channels_last, device, amp),
+        rig=camera_rig(G),  # symmetry views orbit the base's own pivot
+    )
     fingerprint = {**config.resume_fingerprint(), "photos": n, "trainable": n_params}
-    log: list[dict[str, float]] = []
-    start = 0
-    if resume and checkpoint_dir is not None:
-        state = resume_checkpoint(checkpoint_dir, fingerprint)
-        if state is not None:
-            with torch.no_grad():
-                for p, saved in zip(params, state.params, strict=True):
-                    p.copy_(saved.to(p.device))
-            opt.load_state_dict(state.optimizer)
-            if state.scaler is not None:
-                scaler.load_state_dict(state.scaler)
-            rng.set_state(state.rng)
-            start, log = state.step, list(state.log)
-    accum = config.accum
-    nhwc = use_channels_last(config.channels_last, device, amp)
-    synth = G.synthesis
-    compile_synth = config.compile
-    if compile_synth:
-        from my3dgen_cli.speed import compiled
-
-        synth = compiled(G.synthesis)
+    start, log = _resume(loop, checkpoint_dir, fingerprint) if resume and checkpoint_dir is not None else (0, [])
     saved: list[Path] = []
     t0 = time.perf_counter()
     G.train()
-    rig = camera_rig(G)  # symmetry views orbit the base's own pivot
     step = start
     try:
         with _sigint_flag() as flag, activation_checkpointing(G, config.act_checkpointing):
             while step < config.steps:
-                idx = torch.randperm(n, generator=rng)[: min(config.batch, n)].to(device)
-                do_sym = config.sym and config.sym_every > 0 and step % config.sym_every == 0
-                sym_cams = symmetry_cameras(1, config.sym_yaw, rng, rig=rig).to(device) if do_sym else None
-                sym_rank = (step // config.sym_every) % world.world  # the symmetry term rotates over ranks
-                opt.zero_grad(set_to_none=True)
-                totals = torch.zeros(4, device=device)  # loss, mse, lpips, sym: this rank's share
-                sym_here = sym_cams is not None and sym_rank == world.rank
-                # The symmetry latent idx[0] opens rank 0's first chunk: its tri-planes come from that pass.
-                share_planes = sym_here and world.rank == 0 and not compile_synth and ops.fast_paths()
-                for k, chunk in enumerate(c for c in torch.tensor_split(shard(idx, world), accum) if c.numel()):
-                    share = chunk.numel() / idx.numel()  # of the whole (all ranks') batch
-                    with autocast(device, amp):
-                        out, sym = _forward(G, synth, anchors_ws[chunk], cameras[chunk], nhwc,
-                                            sym_cams if share_planes and k == 0 else None, distance)
-                    mse, perc = reconstruction_terms(out, photo[chunk], photo_raw[chunk], lpips)
-                    loss = (mse + perc) * share
-                    totals += torch.stack([mse + perc, mse, perc, torch.zeros_like(mse)]).detach() * share
-                    if sym is not None:
-                        loss = loss + config.sym_weight * sym
-                        totals += _sym_totals(config.sym_weight, sym)
-                    scaler.scale(loss).backward()
-                if sym_here and not share_planes:
-                    with autocast(device, amp):
-                        sym = symmetry_loss(G, anchors_ws[idx[:1]], sym_cams, distance, channels_last=nhwc).float()
-                    scaler.scale(config.sym_weight * sym).backward()
-                    totals += _sym_totals(config.sym_weight, sym)
-                sum_gradients(params, world)  # summed scaled gradients: every rank sees the same inf/nan
-                scaler.step(opt)  # fp16: unscale, skip the step on inf/nan; otherwise opt.step()
-                scaler.update()
+                record = _step(loop, step)
                 step += 1
-                loss, mse_v, perc_v, sym_v = reduce_sum(totals, world).tolist()  # the step's one host sync
-                record = {"step": step, "loss": loss, "mse": mse_v, "lpips": perc_v}
-                if sym_cams is not None:
-                    record["sym"] = sym_v
                 log.append(record)
                 if (checkpoint_dir is not None and world.is_main and config.checkpoint_every
                         and step % config.checkpoint_every == 0):
-                    saved.append(keep_checkpoint(checkpoint_dir, step, params, opt, rng, log, fingerprint, scaler))
+                    saved.append(keep_checkpoint(checkpoint_dir, step, params, loop.opt, loop.rng, log, fingerprint,
+                                                 loop.scaler))
                 fault_hook(step, world)
                 if on_step is not None:
                     on_step(step, record)
@@ -366,9 +307,112 @@ def train_adapter(
     except KeyboardInterrupt:
         path = None
         if checkpoint_dir is not None and world.is_main:
-            path = keep_checkpoint(checkpoint_dir, step, params, opt, rng, log, fingerprint, scaler)
+            path = keep_checkpoint(checkpoint_dir, step, params, loop.opt, loop.rng, log, fingerprint, loop.scaler)
         raise TrainingInterrupted(step, path) from None
     finally:
         G.eval()
-    return TrainResult(step, log, n_params, time.perf_counter() - t0, start, distance.kind if config.sym else None,
-                       saved)
+    return TrainResult(step, log, n_params, time.perf_counter() - t0, start,
+                       loop.distance.kind if config.sym else None, saved)
+
+
+def _trainable(G: nn.Module, config: TrainConfig, params: list[nn.Parameter] | None) -> list[nn.Parameter]:
+    """The tensors to train: new adapters (+ the extras with train_extras), or the given `params` alone."""
+    from my3dgen_cli.lora import add_adapters, add_extras, match_extras
+
+    if params is None:
+        init_gen = torch.Generator().manual_seed(config.seed)
+        params = add_adapters(G, rank=config.rank, alpha=config.alpha, targets=config.targets,
+                              style=config.style, generator=init_gen)
+        if config.train_extras:
+            params += add_extras(G, match_extras(G))
+        return params
+    for p in G.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+@dataclass
+class _Loop:
+    """What every step of one training run shares: the model, data, optimizer and the batch generator."""
+
+    G: nn.Module
+    config: TrainConfig
+    world: Dist
+    params: list[nn.Parameter]
+    anchors_ws: torch.Tensor
+    cameras: torch.Tensor
+    lpips: nn.Module | None
+    photo: torch.Tensor
+    photo_raw: torch.Tensor
+    rng: torch.Generator
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    distance: SymmetryDistance
+    nhwc: bool
+    rig: Any
+    synth: Callable = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.synth = self.G.synthesis
+        if self.config.compile:
+            from my3dgen_cli.speed import compiled
+
+            self.synth = compiled(self.G.synthesis)
+
+
+def _resume(loop: _Loop, checkpoint_dir: Path, fingerprint: dict[str, Any]) -> tuple[int, list[dict[str, float]]]:
+    """Load the newest checkpoint into the loop's tensors, optimizer, scaler and generator: (step, log)."""
+    state = resume_checkpoint(checkpoint_dir, fingerprint)
+    if state is None:
+        return 0, []
+    with torch.no_grad():
+        for p, saved in zip(loop.params, state.params, strict=True):
+            p.copy_(saved.to(p.device))
+    loop.opt.load_state_dict(state.optimizer)
+    if state.scaler is not None:
+        loop.scaler.load_state_dict(state.scaler)
+    loop.rng.set_state(state.rng)
+    return state.step, list(state.log)
+
+
+def _step(loop: _Loop, step: int) -> dict[str, float]:
+    """One optimizer step (batch `step` of the run); its log record (loss, mse, lpips, sym on symmetry steps)."""
+    config, world, device = loop.config, loop.world, loop.photo.device
+    n = loop.photo.shape[0]
+    idx = torch.randperm(n, generator=loop.rng)[: min(config.batch, n)].to(device)
+    do_sym = config.sym and config.sym_every > 0 and step % config.sym_every == 0
+    sym_cams = symmetry_cameras(1, config.sym_yaw, loop.rng, rig=loop.rig).to(device) if do_sym else None
+    sym_rank = (step // config.sym_every) % world.world  # the symmetry term rotates over ranks
+    loop.opt.zero_grad(set_to_none=True)
+    totals = torch.zeros(4, device=device)  # loss, mse, lpips, sym: this rank's share
+    sym_here = sym_cams is not None and sym_rank == world.rank
+    # The symmetry latent idx[0] opens rank 0's first chunk: its tri-planes come from that pass.
+    share_planes = sym_here and world.rank == 0 and not config.compile and ops.fast_paths()
+    for k, chunk in enumerate(c for c in torch.tensor_split(shard(idx, world), config.accum) if c.numel()):
+        share = chunk.numel() / idx.numel()  # of the whole (all ranks') batch
+        with autocast(device, config.amp):
+            out, sym = _forward(loop.G, loop.synth, loop.anchors_ws[chunk], loop.cameras[chunk], loop.nhwc,
+                                sym_cams if share_planes and k == 0 else None, loop.distance)
+        mse, perc = reconstruction_terms(out, loop.photo[chunk], loop.photo_raw[chunk], loop.lpips)
+        loss = (mse + perc) * share
+        totals += torch.stack([mse + perc, mse, perc, torch.zeros_like(mse)]).detach() * share
+        if sym is not None:
+            loss = loss + config.sym_weight * sym
+            totals += _sym_totals(config.sym_weight, sym)
+        loop.scaler.scale(loss).backward()
+    if sym_here and not share_planes:
+        with autocast(device, config.amp):
+            sym = symmetry_loss(loop.G, loop.anchors_ws[idx[:1]], sym_cams, loop.distance,
+                                channels_last=loop.nhwc).float()
+        loop.scaler.scale(config.sym_weight * sym).backward()
+        totals += _sym_totals(config.sym_weight, sym)
+    sum_gradients(loop.params, world)  # summed scaled gradients: every rank sees the same inf/nan
+    loop.scaler.step(loop.opt)  # fp16: unscale, skip the step on inf/nan; otherwise opt.step()
+    loop.scaler.update()
+    loss, mse_v, perc_v, sym_v = reduce_sum(totals, world).tolist()  # the step's one host sync
+    record = {"step": step + 1, "loss": loss, "mse": mse_v, "lpips": perc_v}
+    if sym_cams is not None:
+        record["sym"] = sym_v
+    return record
