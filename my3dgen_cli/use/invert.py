@@ -194,68 +194,84 @@ def invert_image(
     else:
         ws0 = start_latent(G, anchors)
 
-    rows = 1 if cfg.space == "w" else G.num_ws
-    params: list[dict] = []
-    if cfg.hull:
-        # One logit per anchor (and per layer in w+); the nearest anchor, if chosen, starts heavier.
-        logits = torch.zeros(rows, anchors.shape[0], device=target.device)
-        if init_anchor is not None:
-            logits[:, init_anchor] = 2.0
-        logits.requires_grad_(True)
-        params.append({"params": [logits], "lr": cfg.hull_lr})
-        basis = anchors.detach().float()  # [K, num_ws, w_dim]
-        if cfg.space == "w":
-            basis = basis.mean(1, keepdim=True)  # [K, 1, w_dim]
-    else:
-        w = (ws0.mean(1, keepdim=True) if cfg.space == "w" else ws0).detach().clone().float()
-        w.requires_grad_(True)
-        params.append({"params": [w], "lr": cfg.lr})
-    angles = torch.zeros(2, device=target.device, requires_grad=cfg.refine_camera)
-    if cfg.refine_camera:
-        params.append({"params": [angles], "lr": cfg.camera_lr})
-
-    def current_ws() -> torch.Tensor:
-        if cfg.hull:
-            weights = torch.softmax(logits, dim=-1)  # [rows, K]
-            mixed = torch.einsum("rk,krd->rd", weights, basis.expand(-1, rows, -1) if rows > 1 else basis)
-            return mixed.unsqueeze(0).expand(1, G.num_ws, -1)
-        return w.expand(1, G.num_ws, -1)
-
-    pivot = camera_rig(G).pivot  # turns go about the base's own pivot
-
-    def current_camera() -> torch.Tensor:
-        if cfg.refine_camera:
-            return rotate_camera(camera, angles[0], angles[1], pivot)
-        return camera
-
-    losses: list[float] = []
-    if cfg.steps > 0:
-        opt = torch.optim.Adam(params, betas=(0.9, 0.999))
-        base_lrs = [group["lr"] for group in params]
-        for step in range(cfg.steps):
-            # Cosine decay over the last three quarters keeps the end of the run from dithering.
-            t = step / max(cfg.steps - 1, 1)
-            scale = 1.0 if t < 0.25 else 0.5 * (1 + math.cos(math.pi * (t - 0.25) / 0.75))
-            for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
-                group["lr"] = base_lr * max(scale, 0.05)
-            loss, _ = render_losses(G, current_ws(), current_camera(), target, perceptual, cfg)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if on_step is not None:
-                on_step(step, losses[-1])
-
+    unknowns = _Unknowns(G, cfg, ws0, anchors, camera, init_anchor)
+    losses = _optimize(unknowns.groups, cfg.steps, on_step,
+                       lambda: render_losses(G, unknowns.ws(), unknowns.camera(), target, perceptual, cfg)[0])
     with torch.no_grad():
-        ws, cam = current_ws().detach().clone(), current_camera().detach().clone()
+        ws, cam = unknowns.ws().detach().clone(), unknowns.camera().detach().clone()
         image = G.synthesis(ws, cam, noise_mode="const", sampling="deterministic")["image"]
         lp = lpips_distance(perceptual, image, target, cfg.lpips_size)
     return InvertResult(
         ws=ws, camera=cam, image=image, psnr=psnr(image, target), lpips=None if lp is None else float(lp),
         losses=losses, init_anchor=init_anchor,
-        hull_weights=torch.softmax(logits, -1).detach() if cfg.hull else None,
-        camera_delta=tuple(angles.detach().tolist()),
+        hull_weights=torch.softmax(unknowns.logits, -1).detach() if cfg.hull else None,
+        camera_delta=tuple(unknowns.angles.detach().tolist()),
     )
+
+
+class _Unknowns:
+    """What an inversion optimizes: a w / w+ latent (or, with hull, one logit per anchor and row) and,
+    with refine_camera, a yaw/pitch correction about the base's pivot; `groups` are Adam's parameter groups."""
+
+    def __init__(self, G: nn.Module, cfg: InvertConfig, ws0: torch.Tensor, anchors: torch.Tensor | None,
+                 camera: torch.Tensor, init_anchor: int | None) -> None:
+        self.num_ws, self.cfg, self.base_camera = G.num_ws, cfg, camera
+        self.rows = 1 if cfg.space == "w" else G.num_ws
+        self.groups: list[dict] = []
+        device = camera.device
+        if cfg.hull:
+            # One logit per anchor (and per layer in w+); the nearest anchor, if chosen, starts heavier.
+            self.logits = torch.zeros(self.rows, anchors.shape[0], device=device)
+            if init_anchor is not None:
+                self.logits[:, init_anchor] = 2.0
+            self.logits.requires_grad_(True)
+            self.groups.append({"params": [self.logits], "lr": cfg.hull_lr})
+            basis = anchors.detach().float()  # [K, num_ws, w_dim]
+            self.basis = basis.mean(1, keepdim=True) if cfg.space == "w" else basis  # [K, rows, w_dim]
+        else:
+            self.w = (ws0.mean(1, keepdim=True) if cfg.space == "w" else ws0).detach().clone().float()
+            self.w.requires_grad_(True)
+            self.groups.append({"params": [self.w], "lr": cfg.lr})
+        self.angles = torch.zeros(2, device=device, requires_grad=cfg.refine_camera)
+        if cfg.refine_camera:
+            self.groups.append({"params": [self.angles], "lr": cfg.camera_lr})
+        self.pivot = camera_rig(G).pivot  # turns go about the base's own pivot
+
+    def ws(self) -> torch.Tensor:
+        if self.cfg.hull:
+            weights = torch.softmax(self.logits, dim=-1)  # [rows, K]
+            basis = self.basis.expand(-1, self.rows, -1) if self.rows > 1 else self.basis
+            return torch.einsum("rk,krd->rd", weights, basis).unsqueeze(0).expand(1, self.num_ws, -1)
+        return self.w.expand(1, self.num_ws, -1)
+
+    def camera(self) -> torch.Tensor:
+        if self.cfg.refine_camera:
+            return rotate_camera(self.base_camera, self.angles[0], self.angles[1], self.pivot)
+        return self.base_camera
+
+
+def _optimize(groups: list[dict], steps: int, on_step: Callable[[int, float], None] | None,
+              loss_fn: Callable[[], torch.Tensor]) -> list[float]:
+    """Adam over `groups` for `steps` steps, the learning rates on a cosine decay; the loss of each step."""
+    losses: list[float] = []
+    if steps <= 0:
+        return losses
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.999))
+    base_lrs = [group["lr"] for group in groups]
+    for step in range(steps):
+        # Cosine decay over the last three quarters keeps the end of the run from dithering.
+        t = step / max(steps - 1, 1)
+        scale = 1.0 if t < 0.25 else 0.5 * (1 + math.cos(math.pi * (t - 0.25) / 0.75))
+        for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
+            group["lr"] = base_lr * max(scale, 0.05)
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
 
 
 @dataclass(frozen=True)
