@@ -162,7 +162,10 @@ def _client(params: Any) -> tuple[str, int]:
 
 def build_app(scene: Scene, saver: Saver, token: str, info: dict[str, Any], *, loopback: bool = True,
               truncation: float = 0.7) -> Starlette:
-    """The viewer as an ASGI app. `info` is what the page is told about the scene (names, sizes)."""
+    """The viewer as an ASGI app. `info` is what the page is told about the scene (names, sizes).
+
+    Long because each route is a short closure over the scene, saver and token, kept together so the
+    whole request surface (and its checks) reads in one place."""
     assets = load_assets(token)
     scheduler = NewestWins()
 
