@@ -40,15 +40,17 @@ _FOLDER_PROBLEMS = (My3DGenError, OSError, KeyError, ValueError, TypeError, Attr
 
 @dataclass(frozen=True)
 class Survey:
-    """Every folder under identities/: the usable ones (as `describe_identity` rows) and the broken ones."""
+    """Every folder under identities/: the usable ones (as `describe_identity` rows), the broken ones, and
+    the unfinished `personalize` builds (`.NAME.build`, which `--resume` continues)."""
 
     good: list[dict[str, Any]]
     broken: list[dict[str, str]]
+    unfinished: list[dict[str, str]]
 
 
 def survey_identities() -> Survey:
     """Describe every identity folder; a folder that cannot be read is reported with the reason, never raised."""
-    from my3dgen_cli.identity import check_name, identity_paths
+    from my3dgen_cli.identity import IdentityPaths, check_name, identity_paths
     from my3dgen_cli.personalize.pipeline import describe_identity
 
     root = paths.identities_dir()
@@ -69,7 +71,23 @@ def survey_identities() -> Survey:
             good.append(describe_identity(name))
         except _FOLDER_PROBLEMS as err:
             broken.append({"name": name, "reason": _reason(err, folder), "path": str(folder)})
-    return Survey(good, broken)
+    unfinished = []
+    for folder in sorted(root.glob(".*.build")) if root.is_dir() else []:
+        name = folder.name[1:-len(".build")]
+        stage = _build_stage(IdentityPaths(folder))
+        replaces = f"; {name} stays as it is until it finishes" if (root / name).is_dir() else ""
+        unfinished.append({"name": name, "path": str(folder), "reason": f"an interrupted personalize ({stage}"
+                           f"{replaces}): rerun it with --resume to finish, or `my3dgen identities rm {name}`"})
+    return Survey(good, broken, unfinished)
+
+
+def _build_stage(build: Any) -> str:
+    """How far an interrupted build got, from the files it left (IdentityPaths of the build folder)."""
+    if any(build.checkpoints.glob("step-*.pt")):
+        return "stopped while training"
+    if build.anchors.is_file():
+        return "anchors done"
+    return "stopped while projecting anchors" if build.partial_anchors.is_file() else "stopped before any anchor"
 
 
 def _reason(err: BaseException, folder: Path) -> str:
@@ -96,18 +114,21 @@ def folder_usage(folder: Path) -> tuple[int, float]:
 
 
 def remove_identity(name: str) -> dict[str, Any]:
-    """Delete identity `name` (usable or broken): renamed out of sight first, so readers never see half of it."""
-    from my3dgen_cli.identity import identity_paths, list_identities
+    """Delete identity `name` (usable, broken or an unfinished build): each folder is renamed out of sight
+    (`.NAME.trash-*`, never restored) first, so readers never see half of it."""
+    from my3dgen_cli.identity import build_paths, identity_paths, list_identities
 
-    folder = identity_paths(name).root
-    if not folder.is_dir():
+    folders = [f for f in (identity_paths(name).root, build_paths(name).root) if f.is_dir()]
+    if not folders:
         known = ", ".join(list_identities()) or "none"
         raise UserInputError(f"no identity named {name!r} (known: {known})")
-    size, _ = folder_usage(folder)
-    retired = folder.with_name(f".{name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.replace(folder, retired)
-    shutil.rmtree(retired, ignore_errors=True)
-    return {"name": name, "path": str(folder), "bytes": size}
+    size = 0
+    for folder in folders:
+        size += folder_usage(folder)[0]
+        retired = folder.with_name(f".{name}.trash-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.replace(folder, retired)
+        shutil.rmtree(retired, ignore_errors=True)
+    return {"name": name, "path": str(identity_paths(name).root), "bytes": size}
 
 
 def _sha256(path: Path) -> str:
@@ -289,7 +310,7 @@ def import_identity_archive(archive: Path, name: str | None = None, force: bool 
 
 def identity_rows() -> list[dict[str, Any]]:
     """`my3dgen cache ls` rows (kind, name, size, last_used, path) for identity folders and leftover build folders
-    (`.NAME.new-*` / `.NAME.old-*`, see `identity.building_identity`)."""
+    (`.NAME.build`, `.NAME.new-*`, `.NAME.old-*`, `.NAME.trash-*`: see `identity.building_identity`)."""
     root = paths.identities_dir()
     rows = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
@@ -301,14 +322,18 @@ def identity_rows() -> list[dict[str, Any]]:
 
 def leftover_builds() -> list[dict[str, Any]]:
     """Leftover build folders whose process is gone (a running `personalize` keeps its own): what `cache prune`
-    removes from identities/."""
+    removes from identities/. Kept: `.NAME.build` (`--resume` continues it) and an `.NAME.old-*` folder while
+    there is no `NAME` (a kill between a replacement's two renames: it is the whole old identity, which the
+    next build of NAME puts back)."""
     from my3dgen_cli.zoo.inventory import pid_alive
 
     rows = []
     for row in identity_rows():
-        marker = row["name"].rsplit(".", 1)[-1]  # "new-PID-TAG" or "old-PID-TAG"
+        name, _, marker = row["name"][1:].rpartition(".")  # ".NAME.new-PID-TAG" -> NAME, "new-PID-TAG"
         parts = marker.split("-")
-        if row["kind"] != "identity-leftover" or len(parts) != 3 or parts[0] not in ("new", "old"):
+        if row["kind"] != "identity-leftover" or len(parts) != 3 or parts[0] not in ("new", "old", "trash"):
+            continue
+        if parts[0] == "old" and not (Path(row["path"]).parent / name).is_dir():
             continue
         if not (parts[1].isdigit() and pid_alive(int(parts[1]))):
             rows.append({**row, "reason": "left by an interrupted identity build or replacement"})

@@ -99,3 +99,48 @@ def test_a_resumable_build_is_kept_on_failure_and_continued() -> None:
         again.adapter.write_bytes(b"new adapter")
     assert _listing(root) == {"adapter.safetensors": b"new adapter", "anchors.safetensors": b"new anchors"}
     assert not build_paths("ana").root.exists()
+
+
+def test_identities_lists_an_unfinished_build_and_rm_removes_it() -> None:
+    """An interrupted `personalize` is not hidden: `identities` names it with what to do; `rm` removes it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from my3dgen_cli.cli import app
+    from my3dgen_cli.identity import build_paths
+
+    _old_identity("ana")
+    with pytest.raises(RuntimeError), building_identity("ana", resumable=True) as new:
+        new.partial_anchors.parent.mkdir(parents=True, exist_ok=True)
+        new.partial_anchors.write_bytes(b"chunk 0")
+        raise RuntimeError("Ctrl-C while projecting")
+    with pytest.raises(RuntimeError), building_identity("bob", resumable=True) as new:
+        raise RuntimeError("stopped at once")
+    listed = json.loads(CliRunner().invoke(app, ["identities", "--json"]).stdout)
+    unfinished = {u["name"]: u["reason"] for u in listed["unfinished"]}
+    assert sorted(unfinished) == ["ana", "bob"], listed
+    assert "projecting anchors" in unfinished["ana"] and "ana stays as it is" in unfinished["ana"]
+    assert "--resume" in unfinished["bob"] and "identities rm bob" in unfinished["bob"]
+    human = CliRunner().invoke(app, ["identities"]).stdout
+    assert "bob" in human and "UNFINISHED" in human
+
+    result = CliRunner().invoke(app, ["identities", "rm", "ana", "bob"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in paths.identities_dir().iterdir()) == []
+    assert not build_paths("ana").root.exists()
+
+
+def test_prune_keeps_the_only_whole_copy_of_an_identity() -> None:
+    """A kill between a replacement's two renames leaves `.NAME.old-*` as the only whole copy: `cache prune`
+    must not delete it (the next build puts it back); a `.trash-*` folder and an `.old-*` beside NAME go."""
+    from my3dgen_cli.identity_store import leftover_builds
+
+    root = _old_identity("ana")
+    only_copy = root.with_name(".ana.old-999999-aaaaaaaa")
+    os.replace(root, only_copy)
+    trash = root.with_name(".ana.trash-999999-bbbbbbbb")
+    trash.mkdir()
+    assert [r["name"] for r in leftover_builds()] == [trash.name]
+    _old_identity("ana")
+    assert sorted(r["name"] for r in leftover_builds()) == sorted([only_copy.name, trash.name])

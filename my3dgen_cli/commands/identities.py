@@ -37,8 +37,8 @@ def _list_identities(json_out: bool) -> None:
 
     out = output_for(json_out)
     survey = survey_identities()
-    doc = {"identities": survey.good, "broken": survey.broken}
-    if not survey.good and not survey.broken:
+    doc = {"identities": survey.good, "broken": survey.broken, "unfinished": survey.unfinished}
+    if not survey.good and not survey.broken and not survey.unfinished:
         out.result(doc, "no identities yet; make one with `my3dgen personalize PHOTOS --name NAME`")
         return
     lines = [f"{'name':<20} {'base':<22} {'params':>9} {'size':>9} {'photos':>6}  created"] if survey.good else []
@@ -47,6 +47,8 @@ def _list_identities(json_out: bool) -> None:
                      f"{r['photos']:>6}  {r['created']}")
     for b in survey.broken:
         lines.append(f"{b['name']:<20} BROKEN: {b['reason']} (`my3dgen identities rm {b['name']}` removes it)")
+    for u in survey.unfinished:
+        lines.append(f"{u['name']:<20} UNFINISHED: {u['reason']}")
     out.result(doc, "\n".join(lines))
 
 
