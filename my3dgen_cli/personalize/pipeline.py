@@ -200,7 +200,7 @@ def personalize(
             photos = _gather_photos(photos, config, labels, aligned, reproject, bar, out)
             run = _open_run(photos, config, generator, base, device, nets, offline, out)
             measured = _estimate(run, config, ip, resume, out) if estimate and world.world == 1 else None
-            if measured is None and run.device.type == "cpu":
+            if measured is None and run.device.type == "cpu" and run.G.img_resolution >= 256:  # not the tiny demo
                 out.warn("training on the CPU will be slow; use --device cuda or mps")
             ws = _anchor_stage(run, config, photos, ip, resume, world, bar, out)
             result = _train_stage(run, config, ws, ip, resume, world, bar, on_step)
