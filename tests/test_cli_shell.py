@@ -119,15 +119,18 @@ def test_shared_options_mean_the_same_everywhere() -> None:
         for name in path:
             cmd = cmd.commands[name]
         for param in cmd.params:
-            for flag in ("--json", "--quiet", "--output", "--out", "--device"):
+            for flag in ("--json", "--quiet", "--output", "--out", "--device", "--offline"):
                 if flag in param.opts:
                     found.setdefault(flag, []).append((path, param))
-    for flag, spelling in (("--json", ["--json"]), ("--quiet", ["--quiet", "-q"])):
+    for flag, spelling in (("--json", ["--json"]), ("--quiet", ["--quiet", "-q"]), ("--offline", ["--offline"])):
         assert {tuple(sorted(p.opts)) for _, p in found[flag]} == {tuple(sorted(spelling))}, found[flag]
         assert len({p.help for _, p in found[flag]}) == 1, [(path, p.help) for path, p in found[flag]]
     assert all(p.opts[0] == "--output" and "-o" in p.opts for _, p in found["--out"] + found["--output"])
     assert all(p.opts == ["--device"] and p.default in ("auto", "cpu") for _, p in found["--device"])
     assert len(found["--json"]) >= 15 and len(found["--output"]) >= 6
+    downloading = {("personalize",), ("invert",), ("eval",), ("render",), ("interpolate",), ("view",), ("export",),
+                   ("fetch",)}  # every command that may fetch a base or a loss network can be told not to
+    assert downloading <= {tuple(path) for path, _ in found["--offline"]}, found["--offline"]
 
 
 def test_import_my3dgen_is_lazy_and_gives_the_public_api() -> None:

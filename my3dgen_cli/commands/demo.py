@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands.options import MAX_STEPS, DeviceOpt, JsonOpt, Space, check_range
+from my3dgen_cli.commands.options import MAX_STEPS, DeviceOpt, JsonOpt, OfflineOpt, Space, check_range
 
 
 @command("demo", help="Run the whole pipeline offline on a tiny synthetic base (or --base/--photos) and write "
@@ -51,6 +51,7 @@ def eval_cmd(
     labels: Annotated[Path | None, typer.Option("--labels", help="EG3D dataset.json with the photos' cameras.",
                                                 show_default=False)] = None,
     device: DeviceOpt = "auto",
+    offline: OfflineOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     from my3dgen_cli.devices import pick_device
@@ -62,8 +63,8 @@ def eval_cmd(
     o = output_for(json_out)
     check_range("--steps", steps, 0, MAX_STEPS)
     given = read_photos(list(photos), labels=labels)
-    lpips = perceptual_loss("alex", required=False, output=o)
-    arcface = identity_network(output=o)
+    lpips = perceptual_loss("alex", offline=offline or None, required=False, output=o)
+    arcface = identity_network(offline=offline or None, output=o)
     if lpips is None:
         o.warn(offline_fallback(["lpips-alexnet"], "no LPIPS column, pixel-only inversion"))
     if arcface is None:

@@ -68,6 +68,7 @@ class ModelOptions:
     force: bool
     json_mode: bool
     device: str
+    offline: bool = False
 
     def output(self) -> Any:
         """The output sink (JSON with --json, else human)."""
@@ -79,7 +80,7 @@ class ModelOptions:
         """The generator choice (use.sources.ModelChoice) the library functions take."""
         from my3dgen_cli.use.sources import ModelChoice
 
-        return ModelChoice(self.identity, self.base, self.adapter, self.device)
+        return ModelChoice(self.identity, self.base, self.adapter, self.device, True if self.offline else None)
 
     def open(self) -> tuple[Any, Any, Any]:
         """(G, BaseRef, torch.device): see `use.sources.open_model`."""
@@ -95,6 +96,7 @@ _MODEL_OPTIONS: tuple[tuple[str, Any, Any], ...] = (
     ("force", ForceOpt, False),
     ("json_mode", JsonOpt, False),
     ("device", DeviceOpt, "auto"),
+    ("offline", OfflineOpt, False),
 )
 
 

@@ -347,7 +347,7 @@ def run_invert(plan: InvertPlan, output: Output | None = None) -> InvertRun:
     if plan.use_lpips:
         from my3dgen_cli.losses.perceptual import offline_fallback, perceptual_loss
 
-        net = perceptual_loss("vgg", required=False, output=out)
+        net = perceptual_loss("vgg", offline=plan.model.offline, required=False, output=out)
         if net is None:
             out.warn(offline_fallback(["lpips-vgg16"], "using pixel losses only (--no-lpips to ask for that)"))
         else:

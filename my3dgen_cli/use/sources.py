@@ -16,25 +16,28 @@ from my3dgen_cli.errors import UserInputError
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """Which generator a command uses: a base, an identity's adapter or an adapter file, on a device."""
+    """Which generator a command uses: a base, an identity's adapter or an adapter file, on a device.
+    offline: never download (a base by name, the loss networks); None = `MY3DGEN_OFFLINE`."""
 
     identity: str | None = None
     base: str | None = None
     adapter: Path | None = None
     device: str = "auto"
+    offline: bool | None = None
 
     def open(self) -> tuple[Any, Any, Any]:
         """(G, BaseRef, torch.device): see `open_model`."""
-        return open_model(self.base, self.identity, self.adapter, self.device)
+        return open_model(self.base, self.identity, self.adapter, self.device, self.offline)
 
 
-def open_model(base: str | None, identity: str | None, adapter: Path | None, device: str) -> tuple[Any, Any, Any]:
+def open_model(base: str | None, identity: str | None, adapter: Path | None, device: str,
+               offline: bool | None = None) -> tuple[Any, Any, Any]:
     """(G, BaseRef, torch.device) with the identity's adapter, or `adapter` when given (frozen, eval mode)."""
     from my3dgen_cli.devices import pick_device
     from my3dgen_cli.generators import open_generator
 
     dev = pick_device(device)
-    G, ref, _ = open_generator(base=base, identity=identity, device=dev, adapter=adapter)
+    G, ref, _ = open_generator(base=base, identity=identity, device=dev, adapter=adapter, offline=offline)
     return G, ref, dev
 
 
