@@ -70,8 +70,11 @@ def _seen(tmp_path: Path) -> tuple[list[dict], bytes]:
 def _killed_run(photos: Path, seed: int, point: str, how: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MY3DGEN_TEST_FAIL": point, "MY3DGEN_TEST_FAIL_SIGNAL": how,
            "OMP_NUM_THREADS": "1"}
+    # A shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # give the run the default disposition, as a terminal would.
     return subprocess.run([sys.executable, "-m", "my3dgen_cli", "personalize", str(photos), "--name", "ana",
-                           *ARGS, "--seed", str(seed), "--force"], env=env, capture_output=True, text=True, timeout=300)
+                           *ARGS, "--seed", str(seed), "--force"], env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("how", ["KILL", "INT"])

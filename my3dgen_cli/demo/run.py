@@ -277,7 +277,12 @@ def run_demo(
 
     config = PersonalizeConfig(steps=settings.personalize_steps, anchor_steps=settings.anchor_steps,
                                sym_loss="id", checkpoint_every=0)
-    nets = LossNets.load(config, offline=True, output=out)
+    nets = LossNets.load(config, offline=True)  # the demo never downloads: one note instead of a warning each
+    missing = [name for name, net in (("lpips-vgg16", nets.anchor_lpips), ("lpips-alexnet", nets.train_lpips),
+                                      ("arcface-ir-se50", nets.identity)) if net is None]
+    if missing:
+        out.info(f"losses: {', '.join(missing)} not cached and the demo runs offline, so pixel distances stand in; "
+                 f"`my3dgen fetch {' '.join(missing)}` adds them")
     ident = personalize(train, IDENTITY, config, base=base, device=device, nets=nets, force=True, offline=True,
                         output=out, made_by=MADE_BY)
     timer.done("personalize")
