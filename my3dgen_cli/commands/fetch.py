@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -12,7 +12,7 @@ from my3dgen_cli.cli import command, output_for
 from my3dgen_cli.commands.options import JsonOpt, OfflineOpt, QuietOpt
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.output import Output
-from my3dgen_cli.zoo.visible import download_progress, human_size
+from my3dgen_cli.zoo.visible import human_size
 
 RegistryOpt = Annotated[
     list[str] | None,
@@ -118,34 +118,7 @@ def fetch(
         row = {"name": names[0], "kind": "base-generator", "local": True, "converted": str(base), "path": None}
         output.result({"artifacts": [row]}, human=f"{names[0]}\t{base}")
         return
-    results = [_fetch_one(output, name, from_, offline, keep_pkl, registry) for name in names]
+    results = [zoo.fetch(name, from_, offline=offline or None, keep_pkl=keep_pkl, registry=registry,
+                         display=zoo.Display(output)) for name in names]
     human = "\n".join(f"{r['name']}\t{r.get('converted') or r['path']}" for r in results)
     output.result({"artifacts": results}, human=human)
-
-
-def _fetch_one(
-    output: Output, name: str, from_: Path | None, offline: bool, keep_pkl: bool, registry: list[str]
-) -> dict[str, Any]:
-    """Import or fetch `name` (a download announces itself and draws its bar, as on-demand ones do), convert
-    a base generator, and return its result row."""
-    from my3dgen_cli import zoo
-
-    entry = zoo.get_entry(name, registry)
-    convert = entry.kind == "base-generator"  # .pkl or plain .safetensors -> converted pair
-    row: dict[str, Any] = {"name": name, "kind": entry.kind}
-    if from_ is not None:
-        with download_progress(output, name) as hook:
-            zoo.import_file(name, from_, registry=registry, progress=hook)
-    elif not convert or zoo.cached(name, entry) or not zoo.converted(name, entry):
-        # Rehash what is cached: a damaged file is fetched again, never returned.
-        zoo.ensure(name, offline=offline or None, registry=registry, on_wait=output.info, verify=True,
-                   display=zoo.Display(output))
-    if convert:
-        base = zoo.resolve_base(name, keep_pkl=keep_pkl, offline=offline or None, registry=registry, verify=True,
-                                display=zoo.Display(output))
-        row["converted"] = str(base)
-    path = zoo.cached(name, zoo.get_entry(name, registry))
-    row["path"] = str(path) if path else None
-    ref = zoo.read_ref(name) or {}
-    row.update(sha256=ref.get("sha256"), size=ref.get("size"))
-    return row

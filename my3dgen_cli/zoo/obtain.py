@@ -1,6 +1,6 @@
 """Getting an artifact's verified file by name: from the cache, torch hub's cache, a local source or
 the network (`ensure`); a file the user downloaded by hand (`import_file`); a base generator's
-converted weights (`resolve_base`).
+converted weights (`resolve_base`); all of it for one name, as `my3dgen fetch` does (`fetch`).
 
 Every download is visible (`visible.Display`): one line naming the artifact, its size and licence,
 then a progress bar. Every failure is one line saying what failed (network, checksum, offline) and
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from my3dgen_cli.errors import (
     ArtifactError,
@@ -25,7 +26,7 @@ from my3dgen_cli.errors import (
 from my3dgen_cli.zoo import admit, download, store, torch_hub
 from my3dgen_cli.zoo.download import ProgressHook, sha256_file
 from my3dgen_cli.zoo.registry import Entry, get_entry
-from my3dgen_cli.zoo.visible import Display
+from my3dgen_cli.zoo.visible import Display, download_progress
 
 
 def offline_error(entry: Entry) -> OfflineError:
@@ -218,3 +219,26 @@ def _drop_pkl(name: str) -> None:
             store.blob_path(ref["sha256"]).unlink(missing_ok=True)
         ref["pkl_dropped"] = True
         store.write_ref(ref)
+
+
+def fetch(name: str, source: Path | None = None, *, offline: bool | None = None, keep_pkl: bool = True,
+          registry: Sequence[str] = (), display: Display | None = None) -> dict[str, Any]:
+    """What `my3dgen fetch NAME [--from FILE]` does for one name: import `source` or fetch (a damaged cached
+    file is fetched again, never returned), convert a base generator, and describe the result
+    (name, kind, converted, path, sha256, size)."""
+    display = display or Display()
+    entry = get_entry(name, registry)
+    convert = entry.kind == "base-generator"  # .pkl or plain .safetensors -> converted pair
+    row: dict[str, Any] = {"name": name, "kind": entry.kind}
+    if source is not None:
+        with download_progress(display.output, name) as hook:
+            import_file(name, source, registry=registry, progress=hook)
+    elif not convert or store.cached(name, entry) or not store.converted(name, entry):
+        ensure(name, offline=offline, registry=registry, on_wait=display.info, verify=True, display=display)
+    if convert:
+        base = resolve_base(name, keep_pkl=keep_pkl, offline=offline, registry=registry, verify=True, display=display)
+        row["converted"] = str(base)
+    path = store.cached(name, get_entry(name, registry))
+    ref = store.read_ref(name) or {}
+    row.update(path=str(path) if path else None, sha256=ref.get("sha256"), size=ref.get("size"))
+    return row
