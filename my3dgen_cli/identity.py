@@ -43,7 +43,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def check_name(name: str) -> str:
     """Identity names become folder names: letters, digits, '.', '_' and '-' (max 64)."""
     if not _NAME.match(name):
-        raise UserInputError(f"identity name: got {name!r}, expected letters, digits, '.', '_' or '-' (max 64)")
+        raise UserInputError(f"identity name: got {shown(name)}, expected a letter or digit, then letters, digits, "
+                             "'.', '_' or '-' (64 at most)")
     return name
 
 
@@ -256,7 +257,7 @@ def read_partial_anchors(path: Path) -> PartialAnchors | None:
         if not all(isinstance(name, str) for name in fingerprint.get("photos", [])):
             raise UserInputError(f"{path}: fingerprint photos holds a non-string, expected photo names")
     except UserInputError as err:
-        raise UserInputError(f"{err}; run without --resume to start over") from None
+        raise UserInputError(f"{err}; pass --force instead of --resume to start over") from None
     return PartialAnchors(ws, fingerprint)
 
 

@@ -75,9 +75,12 @@ def survey_identities() -> Survey:
     for folder in sorted(root.glob(".*.build")) if root.is_dir() else []:
         name = folder.name[1:-len(".build")]
         stage = _build_stage(IdentityPaths(folder))
-        replaces = f"; {name} stays as it is until it finishes" if (root / name).is_dir() else ""
-        unfinished.append({"name": name, "path": str(folder), "reason": f"an interrupted personalize ({stage}"
-                           f"{replaces}): rerun it with --resume to finish, or `my3dgen identities rm {name}`"})
+        if (root / name).is_dir():  # a replacement: `rm` would take the finished identity too
+            then = f"{name} stays as it is until it finishes; rerun with --resume to finish, or --force to start over"
+        else:
+            then = f"rerun it with --resume to finish, or `my3dgen identities rm {name}` to drop it"
+        unfinished.append({"name": name, "path": str(folder), "reason": f"an interrupted personalize ({stage}): "
+                           f"{then}"})
     return Survey(good, broken, unfinished)
 
 
@@ -122,13 +125,16 @@ def remove_identity(name: str) -> dict[str, Any]:
     if not folders:
         known = ", ".join(list_identities()) or "none"
         raise UserInputError(f"no identity named {name!r} (known: {known})")
+    what = ["identity"] if folders[0] == identity_paths(name).root else []
+    if build_paths(name).root in folders:
+        what.append("its unfinished build" if what else "unfinished build")
     size = 0
     for folder in folders:
         size += folder_usage(folder)[0]
         retired = folder.with_name(f".{name}.trash-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.replace(folder, retired)
         shutil.rmtree(retired, ignore_errors=True)
-    return {"name": name, "path": str(identity_paths(name).root), "bytes": size}
+    return {"name": name, "path": str(identity_paths(name).root), "bytes": size, "removed": " and ".join(what)}
 
 
 def _sha256(path: Path) -> str:

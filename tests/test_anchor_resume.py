@@ -4,7 +4,7 @@ The real CLI on the tiny config (CPU): 9 photos = anchor chunks of 4, 4 and 1. A
 chunk 2 exits 130 and leaves the 4 anchors of chunk 1 in the partial-anchors file; `--resume`
 projects only chunks 2 and 3 (project_to_w calls counted) and ends with the same anchors and
 adapter, bit for bit, as an uninterrupted run. A partial file from other settings or photos is
-refused with a one-line error, and a run without --resume starts over.
+refused with a one-line error, and a run with --force starts over.
 """
 
 from __future__ import annotations
@@ -83,11 +83,14 @@ def _interrupted(photos, counter: CountingProjector, name: str = "ana") -> None:
 
 def test_resume_after_anchor_interrupt_projects_only_missing_chunks(photos, monkeypatch):
     from my3dgen_cli.adapter_file import read_adapter
-    from my3dgen_cli.identity import build_paths, identity_paths, read_anchors
+    from my3dgen_cli.identity import build_paths, identity_paths, read_anchors, read_partial_anchors
 
     counter = CountingProjector(monkeypatch)
     _interrupted(photos, counter)
     counter.calls.clear()
+    again = _run([str(photos), "--name", "ana", *ARGS])  # the same command without --resume keeps the work
+    assert again.exit_code != 0 and "--resume" in again.output and "--force" in again.output, again.output
+    assert counter.calls == [] and read_partial_anchors(build_paths("ana").partial_anchors).ws.shape[0] == 4
     resumed = _run([str(photos), "--name", "ana", *ARGS, "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert counter.calls == [4, 1]  # chunks 2 and 3; chunk 1 came from the partial file
@@ -121,13 +124,13 @@ def test_mismatched_partial_anchors_are_refused_not_reused(photos, monkeypatch):
     other = _run([str(photos), "--name", "ana", *steps, "--resume"])
     assert other.exit_code == 2 and "Traceback" not in other.output
     line = other.output.strip().splitlines()[-1]
-    assert "anchor_steps=3" in line and "anchor_steps=2" in line and "without --resume" in line, line
+    assert "anchor_steps=3" in line and "anchor_steps=2" in line and "--force instead of --resume" in line, line
     (photos / "view8.png").unlink()  # one photo fewer (it is skipped: not on disk, still in dataset.json)
     fewer = _run([str(photos), "--name", "ana", *ARGS, "--resume"])
     assert fewer.exit_code == 2 and "9 photos, this run has 8" in fewer.output.strip().splitlines()[-1], fewer.output
     assert counter.calls == []  # nothing projected from a stale file
     assert build_paths("ana").partial_anchors.is_file()  # a refused resume keeps the user's file
-    fresh_run = _run([str(photos), "--name", "ana", *ARGS])  # without --resume: starts over
+    fresh_run = _run([str(photos), "--name", "ana", *ARGS, "--force"])  # --force: starts over
     assert fresh_run.exit_code == 0, fresh_run.output
     assert counter.calls == [4, 4]
 

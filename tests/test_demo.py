@@ -203,6 +203,18 @@ def test_demo_refuses_a_foreign_folder(env, tmp_path: Path):
     assert (tmp_path / "mine.txt").is_file()
 
 
+def test_demo_replaces_only_a_folder_it_wrote(env, tmp_path: Path):
+    """A user's folder that merely holds a report.html is not the demo's: refused, nothing deleted."""
+    home, out, _ = env
+    assert (out / ".my3dgen-demo").is_file()  # the demo's own folder is marked, so a rerun may replace it
+    (tmp_path / "report.html").write_text("my own report")
+    (tmp_path / "notes.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["demo", "--fast", "-o", str(tmp_path)])
+    assert result.exit_code != 0 and "not written by the demo" in result.output, result.output
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "report.html").read_text() == "my own report"
+
+
 def test_demo_with_your_own_base_and_photos(env, tmp_path: Path):
     """`--base NAME --photos DIR`: the path for real weights, run here on a local tiny base whose
     "person" photos come with a dataset.json (the last photo is held out)."""

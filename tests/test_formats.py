@@ -149,7 +149,7 @@ def test_training_checkpoint_reader_refuses_bad_entries(tmp_path: Path, change: 
              "rng": torch.Generator().get_state(), "log": [], "fingerprint": {}, **change}
     path = tmp_path / "step-000003.pt"
     torch.save(state, path)
-    with pytest.raises(UserInputError, match="run without --resume") as err:
+    with pytest.raises(UserInputError, match="pass --force instead of --resume") as err:
         read_training_checkpoint(path)
     assert fragment in str(err.value) and "\n" not in str(err.value)
 

@@ -345,7 +345,7 @@ def test_hostile_partial_anchors_are_refused(case: str, tmp_path: Path) -> None:
     with pytest.raises(UserInputError) as err:
         read_partial_anchors(path)
     line = str(err.value)
-    assert fragment in line and str(path) in line and "without --resume" in line and "\n" not in line, line
+    assert fragment in line and str(path) in line and "--force instead of --resume" in line and "\n" not in line, line
 
 
 def test_partial_anchors_round_trip(tmp_path: Path) -> None:

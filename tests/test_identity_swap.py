@@ -121,12 +121,14 @@ def test_identities_lists_an_unfinished_build_and_rm_removes_it() -> None:
     unfinished = {u["name"]: u["reason"] for u in listed["unfinished"]}
     assert sorted(unfinished) == ["ana", "bob"], listed
     assert "projecting anchors" in unfinished["ana"] and "ana stays as it is" in unfinished["ana"]
+    assert "identities rm" not in unfinished["ana"] and "--force" in unfinished["ana"]  # rm would take ana too
     assert "--resume" in unfinished["bob"] and "identities rm bob" in unfinished["bob"]
     human = CliRunner().invoke(app, ["identities"]).stdout
     assert "bob" in human and "UNFINISHED" in human
 
     result = CliRunner().invoke(app, ["identities", "rm", "ana", "bob"])
     assert result.exit_code == 0, result.output
+    assert "ana: identity and its unfinished build" in result.output and "bob: unfinished build" in result.output
     assert sorted(p.name for p in paths.identities_dir().iterdir()) == []
     assert not build_paths("ana").root.exists()
 

@@ -65,7 +65,7 @@ def identities_rm(
         identity_paths(name)  # every name is checked before anything is removed
     out = output_for(json_out)
     removed = [remove_identity(n) for n in names]
-    out.result({"removed": removed}, "\n".join(f"removed identity {r['name']} ({r['bytes'] / 1024:.0f} KiB)"
+    out.result({"removed": removed}, "\n".join(f"removed {r['name']}: {r['removed']} ({r['bytes'] / 1024:.0f} KiB)"
                                                for r in removed))
 
 

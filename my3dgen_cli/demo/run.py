@@ -212,14 +212,22 @@ class _Stages:
         self._last = now
 
 
+DEMO_MARKER = ".my3dgen-demo"  # written into every report folder: only such a folder is ever replaced
+
+
 def _fresh_out_dir(out_dir: Path | None) -> Path:
-    """The report folder, emptied: an earlier demo's report is replaced, any other non-empty folder refused."""
-    out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
+    """The report folder, emptied: a folder an earlier demo wrote (its marker file; in the default place, a
+    report.html of a version before the marker) is replaced; any other non-empty folder is refused."""
+    default = default_out_dir()
+    out_dir = Path(out_dir) if out_dir is not None else default
     if out_dir.exists():
-        if not (out_dir / "report.html").is_file() and any(out_dir.iterdir()):
-            raise UserInputError(f"{out_dir} is not empty and holds no demo report; choose another -o")
+        ours = (out_dir / DEMO_MARKER).is_file() or (out_dir == default and (out_dir / "report.html").is_file())
+        if not ours and any(out_dir.iterdir()):
+            raise UserInputError(f"{out_dir} is not empty and was not written by the demo; choose another -o "
+                                 "(the demo replaces only its own report folders)")
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
+    (out_dir / DEMO_MARKER).write_text("a my3dgen demo report folder; `my3dgen demo` replaces it\n", encoding="utf-8")
     return out_dir
 
 

@@ -67,7 +67,7 @@ def _check_fingerprint(path: Path, saved: dict[str, Any], now: dict[str, Any]) -
         else:
             what = f"{key}={a!r}, this run has {key}={b!r}"
         raise UserInputError(f"--resume: the partial anchors in {path} were made with {what}; rerun with the same "
-                             "photos and settings, or without --resume to start over")
+                             "photos and settings, or with --force instead of --resume to start over")
 
 
 def _reuse(path: Path, fingerprint: dict[str, Any], n: int, shape: tuple[int, int]) -> torch.Tensor | None:
@@ -82,7 +82,7 @@ def _reuse(path: Path, fingerprint: dict[str, Any], n: int, shape: tuple[int, in
     m = ws.shape[0]
     if ws.ndim != 3 or tuple(ws.shape[1:]) != shape or m > n or (m % CHUNK and m != n):
         raise UserInputError(f"{path}: got anchors of shape {tuple(ws.shape)}, expected (M, {shape[0]}, {shape[1]}) "
-                             f"with M a multiple of {CHUNK} up to {n}; run without --resume to start over")
+                             f"with M a multiple of {CHUNK} up to {n}; pass --force instead of --resume to start over")
     return ws
 
 

@@ -97,6 +97,9 @@ def _prepare_build(name: str, resume: bool, force: bool, world: Dist) -> None:
         raise UserInputError(f"identity {name!r} already exists ({final.root}); pass --force to replace it{hint}")
     if resume and not can_resume(name):
         raise UserInputError(f"--resume: identity {name!r} has no checkpoint to continue from; run without --resume")
+    if not (resume or force) and _build_resumable(build):  # never throw away an interrupted run's hours silently
+        raise UserInputError(f"an interrupted personalize of {name!r} was kept ({build.root}); pass --resume to "
+                             "continue it, or --force to start over")
     world.barrier()  # every rank has checked before rank 0 changes the folders
     if world.is_main:
         if not resume:

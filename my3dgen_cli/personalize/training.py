@@ -150,7 +150,7 @@ _CHECKPOINT_TYPES = {"step": int, "params": list, "optimizer": dict, "rng": torc
 def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
     """A training checkpoint, checked: readable without running code (weights_only), format tag, every entry
     of its type, params float and finite. Anything else is one line saying how to start over."""
-    again = "; run without --resume to start over"
+    again = "; pass --force instead of --resume to start over"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001  torch raises pickle, zip and runtime errors for a damaged file

@@ -299,10 +299,15 @@ class InvertPlan:
         """Per image: (kind, path) of its latent, preview and tuned adapter; UserInputError for a bad request."""
         if self.labels is not None and (self.yaw is not None or self.pitch is not None):
             raise UserInputError("give either --yaw/--pitch or --labels, not both")
+        from my3dgen_cli.use.sources import check_images
+
+        check_images(self.images)
         stems = [p.stem for p in self.images]
         if len(set(stems)) != len(stems):
             raise UserInputError("two images share a file stem; outputs are named after it")
         single = self.out is not None and self.out.suffix == ".latent"
+        if self.out is not None and not single and self.out.suffix and not self.out.is_dir():
+            raise UserInputError(f"-o {self.out}: got suffix {self.out.suffix!r}, expected a .latent file or a folder")
         if single and len(self.images) > 1:
             raise UserInputError(f"-o {self.out}: one .latent file for {len(self.images)} images; give a folder")
         folder = (self.out.parent if single else self.out) if self.out is not None else Path(".")

@@ -41,6 +41,15 @@ def open_model(base: str | None, identity: str | None, adapter: Path | None, dev
     return G, ref, dev
 
 
+def check_images(images: Iterable[Path]) -> None:
+    """Name a missing image, or a folder given as one, before the generator is opened."""
+    for p in images:
+        if p.is_dir():
+            raise UserInputError(f"{p} is a folder, expected an image file")
+        if not p.is_file():
+            raise UserInputError(f"image not found: {p}")
+
+
 def check_latent_files(specs: Iterable[str]) -> None:
     """Name a missing latent file, or a broken .npy one, before the (slow) generator is opened, not after."""
     from my3dgen_cli.latents import NPY_SUFFIX, camera_beside, read_npy
@@ -48,6 +57,8 @@ def check_latent_files(specs: Iterable[str]) -> None:
     for spec in specs:
         if spec.startswith(("seed:", "anchor:")):
             continue
+        if Path(spec).is_dir():
+            raise UserInputError(f"latent: {spec} is a folder, expected a .latent or .npy file")
         if not Path(spec).is_file():
             raise UserInputError(f"latent: {spec} does not exist (expected a .latent or .npy file, anchor:K or seed:S)")
         if Path(spec).suffix.lower() == NPY_SUFFIX:
@@ -102,9 +113,7 @@ def photo_targets(images: Sequence[Path], size: int, rig: Any, yaw: float | None
 
     from my3dgen_cli.faces.prepare import find_label, load_crop, prepare_faces, read_dataset_json
 
-    for p in images:
-        if not p.is_file():
-            raise UserInputError(f"image not found: {p}")
+    check_images(images)
     if yaw is not None or pitch is not None:
         cam = rig.lookat(yaw or 0.0, pitch or 0.0)
         return [(p.stem, load_crop(p, size), cam) for p in images]

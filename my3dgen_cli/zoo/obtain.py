@@ -110,7 +110,7 @@ def _from_torch_hub(entry: Entry, part: Path, progress: ProgressHook | None, dis
     try:
         staged = admit.stage(entry, part, f"file:{src}")
     except My3DGenError as err:
-        display.warn(f"ignoring torch hub's {src}: it {err}; downloading {entry.name} instead")
+        display.warn(f"ignoring torch hub's {src}: it {err}")
         return None
     display.info(f"{entry.name}: using torch hub's copy {src} (sha256 verified)")
     return admit.install(entry, staged)
