@@ -178,3 +178,25 @@ def test_library_render_plan_writes_what_the_command_writes(tmp_path):
         my3dgen.render(my3dgen.RenderPlan(my3dgen.ModelChoice()))
     with pytest.raises(UserInputError, match="already exists"):
         my3dgen.render(plan)
+
+
+def test_a_latent_renders_on_the_base_it_records(tmp_path, tiny_base, monkeypatch):  # noqa: F811
+    """Without --base or --identity a `.latent` opens the base it was made on, not the default (no surprise
+    download of another generator); --base still wins."""
+    import torch
+
+    from my3dgen_cli import generators
+    from my3dgen_cli.eg3d.camera import lookat_camera
+    from my3dgen_cli.identity import Latent, write_latent
+
+    asked: list[str] = []
+    opened = generators.open_base
+    monkeypatch.setattr(generators, "open_base",
+                        lambda base, device=None, offline=None: (asked.append(base), opened(base, device, offline))[1])
+    lat = tmp_path / "x.latent"
+    write_latent(lat, Latent(torch.zeros(1, tiny_base.num_ws, tiny_base.w_dim), lookat_camera(0.0, 0.0).reshape(1, 25),
+                             base="made-elsewhere"))
+    r = runner.invoke(app, ["render", "--latent", str(lat), "-o", str(tmp_path / "a")])
+    assert r.exit_code == 0 and asked == ["made-elsewhere"], (r.output, asked)
+    r = runner.invoke(app, ["render", "--latent", str(lat), "--base", "tiny-test", "-o", str(tmp_path / "b")])
+    assert r.exit_code == 0 and asked[-1] == "tiny-test", (r.output, asked)

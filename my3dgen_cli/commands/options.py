@@ -47,7 +47,8 @@ IdentityOpt = Annotated[
 ]
 BaseOpt = Annotated[
     str | None,
-    typer.Option("--base", help="Base generator: zoo name, local base or file (default: the identity's).",
+    typer.Option("--base", help="Base generator: zoo name, local base or file (default: the identity's, else the "
+                 "one a .latent records, else eg3d-ffhq512-128).",
                  show_default=False),
 ]
 AdapterOpt = Annotated[

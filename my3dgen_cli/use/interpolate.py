@@ -163,9 +163,9 @@ def run_interpolate(plan: InterpolatePlan, output: Output | None = None) -> Inte
     if plan.mode not in MODES:
         raise UserInputError(f"--mode: got {plan.mode!r}, expected one of {', '.join(MODES)}")
     files = plan.outputs()
-    check_latent_files(plan.keys)
+    recorded_base = check_latent_files(plan.keys)
     check_free([p for _, p in files], plan.force)
-    G, ref, dev = plan.model.open()
+    G, ref, dev = plan.model.or_base(recorded_base).open()
     resolved = [resolve_key(k, G, plan.model.identity, dev, plan.truncation) for k in plan.keys]
     latents = [ws for _, ws, _ in resolved]
     if plan.space == "w":

@@ -241,9 +241,9 @@ def run_render(plan: RenderPlan, output: Output | None = None) -> RenderResult:
     from my3dgen_cli.use.sources import check_latent_files
 
     files = plan.outputs()
-    check_latent_files(str(path) for path in plan.latents)
+    recorded_base = check_latent_files(str(path) for path in plan.latents)
     check_free([p for _, p in files], plan.force)
-    G, ref, dev = plan.model.open()
+    G, ref, dev = plan.model.or_base(recorded_base).open()
     if plan.amp == "fp16" and dev.type != "cuda":
         raise UserInputError(f"--amp fp16: needs CUDA, got --device {dev.type} (use bf16 there)")
     sources = _render_sources(plan, G, dev)

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,13 @@ class ModelChoice:
     def open(self) -> tuple[Any, Any, Any]:
         """(G, BaseRef, torch.device): see `open_model`."""
         return open_model(self.base, self.identity, self.adapter, self.device, self.offline)
+
+    def or_base(self, base: str | None) -> ModelChoice:
+        """This choice, or, when it names no base, identity or adapter, the base `base` (the one the
+        latents were made on: a `.latent` records it) instead of the default."""
+        if base and self.base is None and self.identity is None and self.adapter is None:
+            return replace(self, base=base)
+        return self
 
 
 def open_model(base: str | None, identity: str | None, adapter: Path | None, device: str,
@@ -50,10 +57,13 @@ def check_images(images: Iterable[Path]) -> None:
             raise UserInputError(f"image not found: {p}")
 
 
-def check_latent_files(specs: Iterable[str]) -> None:
-    """Name a missing latent file, or a broken .npy one, before the (slow) generator is opened, not after."""
+def check_latent_files(specs: Iterable[str]) -> str | None:
+    """Name a missing or broken latent file before the (slow, perhaps downloaded) generator is opened, not
+    after; the base the first `.latent` records (None without one)."""
+    from my3dgen_cli.identity import read_latent
     from my3dgen_cli.latents import NPY_SUFFIX, camera_beside, read_npy
 
+    recorded = None
     for spec in specs:
         if spec.startswith(("seed:", "anchor:")):
             continue
@@ -64,6 +74,9 @@ def check_latent_files(specs: Iterable[str]) -> None:
         if Path(spec).suffix.lower() == NPY_SUFFIX:
             read_npy(spec)
             camera_beside(spec)
+        else:
+            recorded = recorded or read_latent(spec).base or None
+    return recorded
 
 
 def resolve_key(spec: str, G: Any, identity: str | None, device: Any, truncation: float) -> tuple[str, Any, Any]:

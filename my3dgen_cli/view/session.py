@@ -49,10 +49,10 @@ def run_view(plan: ViewPlan, on_ready: Callable[[dict[str, Any]], None], output:
     from my3dgen_cli.view.scene import Scene
 
     out = output or Output("quiet")
-    check_latent_files(str(path) for path in plan.latents)
+    recorded_base = check_latent_files(str(path) for path in plan.latents)
     sock = server.open_socket(plan.host, plan.port)  # before the slow model: a taken --port fails at once
     try:
-        G, ref, dev = plan.model.open()
+        G, ref, dev = plan.model.or_base(recorded_base).open()
         scene = Scene(G, view_sources(plan, G, dev))
         folder = plan.out if plan.out is not None else Path("renders")
         token = secrets.token_urlsafe(24)
