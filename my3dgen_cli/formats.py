@@ -37,7 +37,7 @@ FORMATS: tuple[Format, ...] = (
     Format(".npy latent", "my3dgen_cli.latents", (), "my3dgen_cli.identity:Latent", "read_npy_latent", None),
     Format("converted base", "my3dgen_cli.weights.converted", ("CONVERTED_FORMAT",), "ConvertedBase",
            "read_converted_base", "write_converted_base"),
-    Format("training checkpoint", "my3dgen_cli.personalize.training", ("CHECKPOINT_FORMAT",), "TrainingCheckpoint",
+    Format("training checkpoint", "my3dgen_cli.personalize.checkpoints", ("CHECKPOINT_FORMAT",), "TrainingCheckpoint",
            "read_training_checkpoint", "write_training_checkpoint"),
 )
 

@@ -381,7 +381,7 @@ def test_fp16_training_scales_the_loss_so_small_gradients_survive(monkeypatch, t
     """
     import contextlib
 
-    from my3dgen_cli.personalize import training
+    from my3dgen_cli.personalize import checkpoints, training
     from my3dgen_cli.personalize.pipeline import PersonalizeConfig
     from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, views
 
@@ -402,6 +402,6 @@ def test_fp16_training_scales_the_loss_so_small_gradients_survive(monkeypatch, t
         return float((b != 0).float().mean())
 
     assert moved("off") > 0.99 and moved("fp16") > 0.99
-    state = torch.load(training.checkpoint_files(tmp_path / "fp16")[-1], weights_only=True)
+    state = torch.load(checkpoints.checkpoint_files(tmp_path / "fp16")[-1], weights_only=True)
     assert state["scaler"]["scale"] > 1  # the loss scale is kept for --resume
-    assert "scaler" not in torch.load(training.checkpoint_files(tmp_path / "off")[-1], weights_only=True)
+    assert "scaler" not in torch.load(checkpoints.checkpoint_files(tmp_path / "off")[-1], weights_only=True)

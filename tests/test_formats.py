@@ -36,7 +36,7 @@ from my3dgen_cli.lora import (
     get_adapter_state,
     set_adapter_state,
 )
-from my3dgen_cli.personalize.training import (
+from my3dgen_cli.personalize.checkpoints import (
     CHECKPOINT_FORMAT,
     TrainingCheckpoint,
     read_training_checkpoint,

@@ -165,7 +165,7 @@ def measure_run(G: nn.Module, images: torch.Tensor, cameras: torch.Tensor, confi
     are not counted.
     """
     from my3dgen_cli.identity import read_partial_anchors
-    from my3dgen_cli.personalize.training import checkpoint_files
+    from my3dgen_cli.personalize.checkpoints import checkpoint_files
 
     n = images.shape[0]
     photos_left = n if needs_anchors else 0
