@@ -289,7 +289,8 @@ def run_demo(
     missing = [name for name, net in (("lpips-vgg16", nets.anchor_lpips), ("lpips-alexnet", nets.train_lpips),
                                       ("arcface-ir-se50", nets.identity)) if net is None]
     if missing:
-        out.info(f"losses: {', '.join(missing)} not cached and the demo runs offline, so pixel distances stand in; "
+        stand_in = "LPIPS (for the symmetry term)" if missing == ["arcface-ir-se50"] else "pixel distances"
+        out.info(f"losses: {', '.join(missing)} not cached and the demo runs offline, so {stand_in} stand in; "
                  f"`my3dgen fetch {' '.join(missing)}` adds them")
     ident = personalize(train, IDENTITY, config, base=base, device=device, nets=nets, force=True, offline=True,
                         output=out, made_by=MADE_BY)
