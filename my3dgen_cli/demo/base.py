@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from my3dgen_cli.eg3d.renderer import march, ray_bundle, sample_from_planes
+from my3dgen_cli.optim import Adam
 
 # The recipe's version is part of the cached base's name: a base built by an older recipe is not reused.
 RECIPE = 2
@@ -249,7 +250,7 @@ class FitConfig:
 
 def _train(params: list[torch.Tensor], steps: int, lr: float, loss_fn: Callable[[int], torch.Tensor],
            on_step: Callable[[str, int, float], None] | None, stage: str) -> None:
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.99))
+    opt = Adam(params, lr=lr, betas=(0.9, 0.99))
     for step in range(steps):
         for group in opt.param_groups:  # cosine decay to 5 %
             group["lr"] = lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from my3dgen_cli.optim import Adam
+
 SPACES = ("w", "w+")
 
 
@@ -81,7 +83,7 @@ def project_to_w(
             n = target.shape[0]
             rows = 1 if space == "w" else num_ws
             w = w_avg.reshape(1, 1, -1).repeat(n, rows, 1).to(target.device).clone().requires_grad_(True)
-            opt = torch.optim.Adam([w], lr=lr, betas=(0.9, 0.999))
+            opt = Adam([w], lr=lr, betas=(0.9, 0.999))
             for step in range(steps):
                 t = step / max(steps, 1)
                 ramp = min(1.0, (1 - t) / 0.25)

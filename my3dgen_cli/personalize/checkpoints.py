@@ -17,6 +17,7 @@ from torch import nn
 
 from my3dgen_cli.errors import UserInputError, reason, shown
 from my3dgen_cli.fileio import atomic_path
+from my3dgen_cli.optim import Adam
 
 CHECKPOINT_FORMAT = "my3dgen-train-checkpoint/1"
 KEEP_CHECKPOINTS = 2
@@ -82,7 +83,7 @@ def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
                               state["fingerprint"], scaler)
 
 
-def keep_checkpoint(folder: Path, step: int, params: list[nn.Parameter], opt: torch.optim.Optimizer,
+def keep_checkpoint(folder: Path, step: int, params: list[nn.Parameter], opt: Adam,
                     rng: torch.Generator, log: list[dict[str, float]], fingerprint: dict[str, Any],
                     scaler: torch.amp.GradScaler | None = None) -> Path:
     """Write step-NNNNNN.pt (fp16: with the loss scale) and keep the newest KEEP_CHECKPOINTS."""

@@ -30,7 +30,8 @@ from torch import nn
 
 from my3dgen_cli.eg3d import ops
 from my3dgen_cli.eg3d.camera import camera_rig
-from my3dgen_cli.errors import My3DGenError
+from my3dgen_cli.errors import My3DGenError, UserInputError
+from my3dgen_cli.optim import Adam
 from my3dgen_cli.personalize.anchors import perceptual_distance, resize
 from my3dgen_cli.personalize.checkpoints import keep_checkpoint, resume_checkpoint
 from my3dgen_cli.personalize.config import PersonalizeConfig, TrainConfig
@@ -180,7 +181,7 @@ def train_adapter(
         photo=resize(images, G.img_resolution),
         photo_raw=resize(images if raw_images is None else raw_images, G.neural_rendering_resolution),
         rng=torch.Generator().manual_seed(config.seed + 1),
-        opt=torch.optim.Adam(params, lr=config.lr, betas=tuple(config.betas)),
+        opt=Adam(params, lr=config.lr, betas=tuple(config.betas)),
         # fp16 keeps no gradient below ~6e-8: at 512 px the MSE gradient per pixel is about that small,
         # so fp16 scales the loss up (and the gradients back down before Adam); bf16 has fp32's range.
         scaler=torch.amp.GradScaler(device.type, enabled=check_amp(amp) == "fp16"),
@@ -252,7 +253,7 @@ class _Loop:
     photo: torch.Tensor
     photo_raw: torch.Tensor
     rng: torch.Generator
-    opt: torch.optim.Optimizer
+    opt: Adam
     scaler: torch.amp.GradScaler
     distance: SymmetryDistance
     nhwc: bool
@@ -275,7 +276,11 @@ def _resume(loop: _Loop, checkpoint_dir: Path, fingerprint: dict[str, Any]) -> t
     with torch.no_grad():
         for p, saved in zip(loop.params, state.params, strict=True):
             p.copy_(saved.to(p.device))
-    loop.opt.load_state_dict(state.optimizer)
+    try:
+        loop.opt.load_state_dict(state.optimizer)
+    except ValueError as err:
+        raise UserInputError(f"--resume: the newest checkpoint in {checkpoint_dir} does not fit this run ({err}); "
+                             "rerun with --force to start over") from None
     if state.scaler is not None:
         loop.scaler.load_state_dict(state.scaler)
     loop.rng.set_state(state.rng)

@@ -31,6 +31,7 @@ from torch import nn
 from my3dgen_cli.eg3d import ops
 from my3dgen_cli.eg3d.camera import FFHQ_PIVOT, camera_rig, check_label
 from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.optim import Adam
 from my3dgen_cli.output import Output
 from my3dgen_cli.use.sources import ModelChoice
 
@@ -256,7 +257,7 @@ def _optimize(groups: list[dict], steps: int, on_step: Callable[[int, float], No
     losses: list[float] = []
     if steps <= 0:
         return losses
-    opt = torch.optim.Adam(groups, betas=(0.9, 0.999))
+    opt = Adam(groups, betas=(0.9, 0.999))
     base_lrs = [group["lr"] for group in groups]
     for step in range(steps):
         # Cosine decay over the last three quarters keeps the end of the run from dithering.

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from my3dgen_cli.optim import Adam
 from my3dgen_cli.use.invert import InvertConfig, lpips_distance, psnr, render_losses
 
 
@@ -43,7 +44,7 @@ def tune_adapter(
     for p in params:
         p.requires_grad_(True)
     ws, camera, target = ws.detach(), camera.detach(), target.detach().float()
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    opt = Adam(params, lr=lr, betas=(0.9, 0.999))
     for step in range(steps):
         loss, _ = render_losses(G, ws, camera, target, perceptual, cfg)
         opt.zero_grad(set_to_none=True)
