@@ -15,7 +15,7 @@ from my3dgen_cli import media
 from my3dgen_cli.cli import app
 from my3dgen_cli.eg3d.camera import camera_angles, lookat_camera
 from my3dgen_cli.identity import Latent, read_latent, write_latent
-from my3dgen_cli.use.invert import InvertConfig, invert_image, psnr, rotate_camera, start_latent
+from my3dgen_cli.use.invert import InvertConfig, invert_image, invert_images, psnr, rotate_camera, start_latent
 from my3dgen_cli.use.render import latent_from_seed
 from tests.render_fixtures import tiny_base, tiny_generator  # noqa: F401
 
@@ -55,6 +55,33 @@ def test_invert_recovers_a_rendered_latent(tmp_path):
         again = G.synthesis(lat.ws, lat.camera)["image"]
     torch.testing.assert_close(again, result.image, atol=1e-5, rtol=0)
     assert psnr(again, target) > 30
+
+
+@pytest.mark.parametrize("init", ["mean", "nearest"])
+def test_a_batch_inverts_each_photo_as_it_would_alone(init: str) -> None:
+    """invert_images (one render per step for all photos) = invert_image photo by photo, to float rounding."""
+    G, ws_true, _, _, anchors = _problem()
+    cams = torch.cat([lookat_camera(20.0, 5.0), lookat_camera(-25.0, -3.0), lookat_camera(0.0, 8.0)])
+    ws = torch.cat([ws_true, ws_true + 0.3, ws_true - 0.2])
+    with torch.no_grad():
+        targets = G.synthesis(ws, cams)["image"]
+    cfg = InvertConfig(steps=12, space="w", raw_weight=0.0, init=init)
+    batch = invert_images(G, targets, cams, anchors, cfg)
+    for i, together in enumerate(batch):
+        alone = invert_image(G, targets[i:i + 1], cams[i:i + 1], anchors, cfg)
+        torch.testing.assert_close(together.ws, alone.ws, atol=2e-4, rtol=0)
+        assert abs(together.psnr - alone.psnr) < 0.02, (i, together.psnr, alone.psnr)
+        assert together.init_anchor == alone.init_anchor
+        assert together.ws.shape == (1, G.num_ws, G.w_dim) and together.image.shape == targets[:1].shape
+    assert len({round(r.psnr, 3) for r in batch}) == 3  # three photos, three different fits
+
+
+def test_a_batch_with_camera_refinement_goes_one_photo_at_a_time() -> None:
+    G, ws_true, cam, target, anchors = _problem()
+    cfg = InvertConfig(steps=2, space="w", raw_weight=0.0, refine_camera=True)
+    two = invert_images(G, target.expand(2, -1, -1, -1), cam.expand(2, -1), anchors, cfg)
+    assert [r.camera.shape for r in two] == [(1, 25), (1, 25)]
+    assert two[0].camera_delta == two[1].camera_delta  # the same photo twice, the same turn
 
 
 def test_invert_in_w_and_hull_stay_in_their_spaces():

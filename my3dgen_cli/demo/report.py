@@ -53,7 +53,7 @@ def render_report(result: Any, synthetic: bool, ident: dict[str, Any], evaluatio
                      f"{ident['final_loss']:.4f}.</p>{img('loss_plot', 'loss curve')}"
                      f"{img('previews', 'photo vs personalized render')}"),
         "inversion": ("Inverting a held-out view", f"<p>{html.escape(held_name)} (left) and its inversion under the "
-                      f"personalized prior (right), {settings.invert_steps} steps, PSNR {invert_psnr:.2f} dB; latent "
+                      f"personalized prior (right), {settings.eval_steps} steps, PSNR {invert_psnr:.2f} dB; latent "
                       f"in <code>{rel('latent')}</code>.</p>{img('inversion', 'held-out view and inversion')}"),
         "orbit": ("Orbit", f"{img('orbit_gif', 'orbit')}<p>{img('contact_sheet', 'yaw -50 to 50')}</p>"),
         "interpolation": ("Interpolating two photos", f"<p>First to last training photo (slerp of their anchors, "

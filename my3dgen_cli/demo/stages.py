@@ -26,17 +26,15 @@ def upscaled(image: np.ndarray, res: int, size: int = 128) -> np.ndarray:
     return np.repeat(np.repeat(image, k, axis=0), k, axis=1) if k > 1 else image
 
 
-def invert_held_out(G: nn.Module, base: str, identity: str, held: Any, anchors: torch.Tensor, steps: int,
+def held_out_latent(evaluation: Any, base: str, identity: str, held: Any, size: int,
                     out_dir: Path) -> tuple[Any, torch.Tensor, Path]:
-    """(inversion, target image, .latent path): the first held-out view inverted under the personalized prior."""
+    """(inversion, target image, .latent path): eval's inversion of the first held-out view under the
+    personalized prior, written as heldout.latent."""
     from my3dgen_cli.identity import Latent, write_latent
     from my3dgen_cli.personalize.anchors import resize
-    from my3dgen_cli.use.invert import InvertConfig, invert_image
 
-    dev = next(G.parameters()).device
-    target = resize(held.images[:1].float(), G.img_resolution).to(dev)
-    inv = invert_image(G, target, held.cameras[:1].to(dev), anchors=anchors,
-                       config=InvertConfig(steps=steps, space="w", lpips_weight=0.0))
+    inv = evaluation.inversions["personalized"][0]
+    target = resize(held.images[:1].float(), size).to(inv.image.device)
     return inv, target, write_latent(out_dir / "heldout.latent", Latent(inv.ws, inv.camera, base, identity, "w"))
 
 

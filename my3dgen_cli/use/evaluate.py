@@ -25,6 +25,9 @@ from torch import nn
 
 MODELS = ("base", "personalized")
 CONSISTENCY_YAWS = (15.0, 30.0, 45.0)
+# Photos inverted together (invert_images): one render per step for several photos keeps a CPU's cores
+# busy; 4 bounds the memory of a full-size batch with its gradients.
+INVERT_BATCH = 4
 
 
 @dataclass
@@ -37,6 +40,8 @@ class EvalResult:
     mean: dict[str, dict[str, float | None]]  # model -> metric -> mean
     consistency: dict[str, dict[str, float | None]]  # model -> {"mirror_lpips"/"mirror_rmse", "id_across_yaws"}
     networks: dict[str, bool] = field(default_factory=dict)
+    # model -> each photo's inversion (latent, camera, render): for callers that show them; not in to_dict
+    inversions: dict[str, list[Any]] = field(default_factory=dict, repr=False)
 
     def better(self) -> dict[str, bool]:
         """metric -> personalized beats base (only metrics both have)."""
@@ -136,7 +141,7 @@ def evaluate(
     from my3dgen_cli.generators import open_generator
     from my3dgen_cli.identity import identity_anchors
     from my3dgen_cli.personalize.anchors import resize
-    from my3dgen_cli.use.invert import InvertConfig, invert_image
+    from my3dgen_cli.use.invert import InvertConfig, invert_images
 
     G, ref, _ = open_generator(identity=identity, device=device)
     from my3dgen_cli.generators import open_base
@@ -153,16 +158,17 @@ def evaluate(
     arcface = arcface.to(dev) if arcface is not None else None
     cfg = InvertConfig(steps=steps, space=space, lpips_weight=1.0 if lpips is not None else 0.0)
     per_photo: dict[str, list[dict[str, float | None]]] = {m: [] for m in MODELS}
-    first_ws: dict[str, torch.Tensor] = {}
+    inversions: dict[str, list[Any]] = {m: [] for m in MODELS}
     for model_name, model in zip(MODELS, (B, G), strict=True):
-        for i in range(targets.shape[0]):
-            res = invert_image(model, targets[i:i + 1], cameras[i:i + 1], anchors=anchors, config=cfg,
-                               perceptual=lpips)
-            per_photo[model_name].append(score(res.image, targets[i:i + 1], lpips, arcface))
-            first_ws.setdefault(model_name, res.ws)
-            if on_step is not None:
-                on_step(model_name, i)
+        for start in range(0, targets.shape[0], INVERT_BATCH):
+            part = slice(start, start + INVERT_BATCH)
+            for i, res in enumerate(invert_images(model, targets[part], cameras[part], anchors=anchors, config=cfg,
+                                                  perceptual=lpips), start):
+                per_photo[model_name].append(score(res.image, targets[i:i + 1], lpips, arcface))
+                inversions[model_name].append(res)
+                if on_step is not None:
+                    on_step(model_name, i)
     mean = {m: {k: _mean(per_photo[m], k) for k in ("psnr", "ssim", "lpips", "id")} for m in MODELS}
-    cons = {m: consistency(model, first_ws[m], lpips, arcface) for m, model in zip(MODELS, (B, G), strict=True)}
+    cons = {m: consistency(model, inversions[m][0].ws, lpips, arcface) for m, model in zip(MODELS, (B, G), strict=True)}
     return EvalResult(identity, ref.name, names, steps, per_photo, mean, cons,
-                      {"lpips": lpips is not None, "arcface": arcface is not None})
+                      {"lpips": lpips is not None, "arcface": arcface is not None}, inversions)
