@@ -143,3 +143,39 @@ def test_interrupt_before_the_first_chunk_says_start_over(photos, monkeypatch):
     assert "start over" in result.output.strip().splitlines()[-1]
     resumed = _run([str(photos), "--name", "ana", *ARGS, "--resume"])
     assert resumed.exit_code == 2 and "no checkpoint to continue from" in resumed.output
+
+
+def test_anchor_batch_sets_the_chunks_and_what_resume_accepts(person, monkeypatch, tmp_path) -> None:
+    """PersonalizeConfig.anchor_batch: 9 photos in chunks of 3 (the demo projects all 10 at once); the same anchors
+    as chunks of 4 to float rounding; a partial file from another chunk size is refused on resume."""
+    from my3dgen_cli.errors import UserInputError
+    from my3dgen_cli.personalize.anchor_chunks import anchor_fingerprint, project_anchors
+    from my3dgen_cli.personalize.pipeline import PersonalizeConfig
+    from tests.personalize_helpers import views
+
+    _, w, hidden = person
+    images, _, cams = views(hidden, w, YAWS)
+    G = fresh(person)
+    counter = CountingProjector(monkeypatch)
+    by = {}
+    for batch in (3, 4):
+        config = PersonalizeConfig(anchor_steps=3, anchor_batch=batch)
+        counter.calls.clear()
+        by[batch] = project_anchors(G, images, cams, config, None)
+        assert counter.calls == ([3, 3, 3] if batch == 3 else [4, 4, 1])
+    torch.testing.assert_close(by[3], by[4], atol=1e-5, rtol=0)
+
+    partial = tmp_path / "partial.safetensors"
+    three = PersonalizeConfig(anchor_steps=3, anchor_batch=3)
+    counter.calls.clear()
+    counter.stop_at = 2
+    with pytest.raises(Exception, match="interrupted"):
+        project_anchors(G, images, cams, three, None, partial=partial,
+                        fingerprint=anchor_fingerprint(three, list(map(str, YAWS)), "b", "s", None))
+    counter.stop_at = None
+    four = PersonalizeConfig(anchor_steps=3, anchor_batch=4)
+    with pytest.raises(UserInputError, match="chunk=3, this run has chunk=4"):
+        project_anchors(G, images, cams, four, None, partial=partial, resume=True,
+                        fingerprint=anchor_fingerprint(four, list(map(str, YAWS)), "b", "s", None))
+    with pytest.raises(UserInputError, match="anchor_batch"):
+        PersonalizeConfig(anchor_batch=0)

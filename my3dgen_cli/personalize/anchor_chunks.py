@@ -1,8 +1,9 @@
 """The anchor stage of `personalize`: every photo projected in chunks that survive an interruption.
 
-Photos are projected (anchors.project_to_w) in chunks of CHUNK photos. After each round of chunks
-rank 0 writes the anchors finished so far to the identity's partial-anchors file (atomically), so
-Ctrl-C or a crash loses at most the chunks in flight; `--resume` reuses the finished ones and
+Photos are projected (anchors.project_to_w) in chunks of `config.anchor_batch` photos (CHUNK, 4, by
+default; the demo projects its 10 photos in one: a bigger batch keeps both cores of a small CPU busy).
+After each round of chunks rank 0 writes the anchors finished so far to the identity's partial-anchors
+file (atomically), so Ctrl-C or a crash loses at most the chunks in flight; `--resume` reuses the finished ones and
 projects only the rest. The partial file carries a fingerprint (photo names, base, anchor
 settings); a resumed run with another one is refused with a one-line error, as a training
 checkpoint made with other settings is.
@@ -27,7 +28,11 @@ from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.personalize import anchors
 from my3dgen_cli.personalize.distributed import SINGLE, Dist, broadcast_, fault_hook
 
-CHUNK = 4  # photos projected together (project_to_w's batch)
+CHUNK = 4  # photos projected together (project_to_w's batch) unless the config says otherwise
+
+
+def _chunk(config: Any) -> int:
+    return int(getattr(config, "anchor_batch", CHUNK))
 
 
 class AnchorsInterrupted(My3DGenError):
@@ -49,7 +54,7 @@ def anchor_fingerprint(config: Any, photos: list[str], base: str, base_sha256: s
                        lpips: nn.Module | None) -> dict[str, Any]:
     """What a partial-anchors file must share with the run that reuses it."""
     return {"photos": list(photos), "base": base, "base_sha256": base_sha256, "anchor_steps": config.anchor_steps,
-            "anchor_space": config.anchor_space, "anchor_lr": config.anchor_lr, "chunk": CHUNK,
+            "anchor_space": config.anchor_space, "anchor_lr": config.anchor_lr, "chunk": _chunk(config),
             "anchor_lpips": lpips is not None}
 
 
@@ -70,7 +75,7 @@ def _check_fingerprint(path: Path, saved: dict[str, Any], now: dict[str, Any]) -
                              "photos and settings, or with --force instead of --resume to start over")
 
 
-def _reuse(path: Path, fingerprint: dict[str, Any], n: int, shape: tuple[int, int]) -> torch.Tensor | None:
+def _reuse(path: Path, fingerprint: dict[str, Any], n: int, shape: tuple[int, int], chunk: int) -> torch.Tensor | None:
     """The saved anchors of the first M photos (a whole number of chunks), checked; None if no file."""
     from my3dgen_cli.identity import read_partial_anchors
 
@@ -80,9 +85,9 @@ def _reuse(path: Path, fingerprint: dict[str, Any], n: int, shape: tuple[int, in
     ws, saved = loaded.ws, loaded.fingerprint
     _check_fingerprint(path, saved, fingerprint)
     m = ws.shape[0]
-    if ws.ndim != 3 or tuple(ws.shape[1:]) != shape or m > n or (m % CHUNK and m != n):
+    if ws.ndim != 3 or tuple(ws.shape[1:]) != shape or m > n or (m % chunk and m != n):
         raise UserInputError(f"{path}: got anchors of shape {tuple(ws.shape)}, expected (M, {shape[0]}, {shape[1]}) "
-                             f"with M a multiple of {CHUNK} up to {n}; pass --force instead of --resume to start over")
+                             f"with M a multiple of {chunk} up to {n}; pass --force instead of --resume to start over")
     return ws
 
 
@@ -110,32 +115,32 @@ def project_anchors(
     """
     from my3dgen_cli.identity import PartialAnchors, write_partial_anchors
 
-    n = images.shape[0]
+    n, chunk = images.shape[0], _chunk(config)
     ws = torch.empty(n, G.num_ws, G.w_dim, device=images.device)
-    starts = list(range(0, n, CHUNK))
+    starts = list(range(0, n, chunk))
     first = 0  # chunks already done
     if resume and partial is not None:
-        saved = _reuse(partial, fingerprint or {}, n, (G.num_ws, G.w_dim))
+        saved = _reuse(partial, fingerprint or {}, n, (G.num_ws, G.w_dim), chunk)
         if saved is not None:
             ws[:saved.shape[0]] = saved.to(ws.device)
-            first = -(-saved.shape[0] // CHUNK)
+            first = -(-saved.shape[0] // chunk)
             if on_reused is not None:
                 on_reused(saved.shape[0])
-    done = min(first * CHUNK, n)
+    done = min(first * chunk, n)
     try:
         for round_start in range(first, len(starts), world.world):
             chunks = range(round_start, min(round_start + world.world, len(starts)))
             for owner, k in enumerate(chunks):
                 if owner == world.rank:
                     fault_hook(k, world, "anchors")
-                    part = slice(starts[k], starts[k] + CHUNK)
+                    part = slice(starts[k], starts[k] + chunk)
                     ws[part] = anchors.project_to_w(G, images[part], cameras[part], config.anchor_steps,
                                                     space=config.anchor_space, lr=config.anchor_lr, lpips=lpips,
-                                                    batch=CHUNK, on_step=on_step)
+                                                    batch=chunk, on_step=on_step)
             for owner, k in enumerate(chunks):
-                part = slice(starts[k], starts[k] + CHUNK)
+                part = slice(starts[k], starts[k] + chunk)
                 ws[part] = broadcast_(ws[part].contiguous(), owner, world)
-            finished = min(starts[chunks[-1]] + CHUNK, n)
+            finished = min(starts[chunks[-1]] + chunk, n)
             if partial is not None and world.is_main and finished < n:
                 write_partial_anchors(partial, PartialAnchors(ws[:finished], fingerprint or {}))
             done = finished  # only now: a Ctrl-C during the save leaves the previous file (atomic write)

@@ -105,6 +105,8 @@ def resume_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> TrainingChec
     saved = ckpt.fingerprint
     if "train_extras" in fingerprint:  # a checkpoint older than the option trained the LoRA factors only
         saved = {"train_extras": False, **saved}
+    if "anchor_batch" in fingerprint:  # older checkpoints' anchors came in chunks of 4
+        saved = {"anchor_batch": 4, **saved}
     for key in sorted(set(saved) | set(fingerprint)):
         if saved.get(key) != fingerprint.get(key):
             raise UserInputError(f"--resume: the checkpoint was made with {key}={saved.get(key)!r}, "

@@ -82,6 +82,7 @@ class PersonalizeConfig:
     anchor_steps: int = 300
     anchor_space: str = "w"
     anchor_lr: float = 0.01
+    anchor_batch: int = 4  # photos projected together (and saved together for --resume)
     mirror: bool = False
     seed: int = 0
     checkpoint_every: int = 100
@@ -99,7 +100,8 @@ class PersonalizeConfig:
 
         if not isinstance(self.amp, bool) and self.amp not in AMP_MODES:
             raise UserInputError(f"amp: got {self.amp!r}, expected a bool or one of {', '.join(AMP_MODES)}")
-        for name, least in (("rank", 1), ("steps", 1), ("batch", 1), ("anchor_steps", 0), ("accum", 1)):
+        for name, least in (("rank", 1), ("steps", 1), ("batch", 1), ("anchor_steps", 0), ("accum", 1),
+                            ("anchor_batch", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or value < least:
                 raise UserInputError(f"{name}: got {value!r}, expected an integer >= {least}")
