@@ -145,6 +145,10 @@ REFUSED = [
     ("usage-missing-option", ["export", "-o", "x.onnx"], "Missing option '--identity'"),
     ("usage-bad-choice", ["render", "--seed", "1", "--amp", "fp8"], "--amp: 'fp8' is not one of 'off', 'bf16', 'fp16'"),
     ("usage-bad-choice-personalize", ["personalize", "face.png", "--name", "p", "--budget", "huge"], "--budget: "),
+    ("usage-personalize-amp-fp8", ["personalize", "--amp", "fp8", "bad"],
+     "--amp: 'fp8' is not one of 'off', 'bf16', 'fp16'"),
+    ("usage-personalize-amp-dtype-gone", ["personalize", "face.png", "--name", "p", "--amp-dtype", "fp16"],
+     "No such option: --amp-dtype"),
     ("usage-subcommand-missing-argument", ["identities", "rm"], "Missing argument"),
     ("usage-subcommand-unknown", ["cache", "lsx"], "No such command 'lsx'"),
 ]
