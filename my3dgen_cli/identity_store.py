@@ -72,8 +72,7 @@ def survey_identities() -> Survey:
         except _FOLDER_PROBLEMS as err:
             broken.append({"name": name, "reason": _reason(err, folder), "path": str(folder)})
     unfinished = []
-    for folder in sorted(root.glob(".*.build")) if root.is_dir() else []:
-        name = folder.name[1:-len(".build")]
+    for name, folder in unfinished_builds():
         stage = _build_stage(IdentityPaths(folder))
         if (root / name).is_dir():  # a replacement: `rm` would take the finished identity too
             then = f"{name} stays as it is until it finishes; rerun with --resume to finish, or --force to start over"
@@ -82,6 +81,69 @@ def survey_identities() -> Survey:
         unfinished.append({"name": name, "path": str(folder), "reason": f"an interrupted personalize ({stage}): "
                            f"{then}"})
     return Survey(good, broken, unfinished)
+
+
+def unfinished_builds() -> list[tuple[str, Path]]:
+    """(name, folder) of every unfinished `personalize` build (`identities/.NAME.build`), by name."""
+    root = paths.identities_dir()
+    builds = sorted(root.glob(".*.build")) if root.is_dir() else []
+    return [(folder.name[1:-len(".build")], folder) for folder in builds if folder.is_dir()]
+
+
+def named(finished: list[str], unfinished: list[str]) -> str:
+    """Identity names for a one-line message: "ana, bob (unfinished)" (the unfinished builds marked)."""
+    return ", ".join([*finished, *(f"{n} (unfinished)" for n in unfinished)])
+
+
+@dataclass(frozen=True)
+class BaseUsers:
+    """The identities trained on one base: finished ones, and unfinished builds (what `--resume` continues)."""
+
+    finished: list[str]
+    unfinished: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.finished or self.unfinished)
+
+    def were(self) -> str:
+        """ "identity ana was" or "identities ana, bob (unfinished) were": the subject of a one-line message."""
+        many = len(self.finished) + len(self.unfinished) > 1
+        return f"identit{'ies' if many else 'y'} {named(self.finished, self.unfinished)} {'were' if many else 'was'}"
+
+
+def identities_on_base(base: str) -> BaseUsers:
+    """The identities whose recorded base is named `base`: a finished one's adapter records it, an unfinished
+    build's (or an older version's unfinished run's) anchors or partial anchors do. A build stopped before its
+    first anchor chunk records no base yet and is not counted; unreadable files are passed over (the listing
+    reports them)."""
+    from my3dgen_cli.identity import IdentityPaths
+
+    root = paths.identities_dir()
+    folders = sorted(f for f in root.iterdir() if f.is_dir() and not f.name.startswith(".")) if root.is_dir() else []
+    finished: list[str] = []
+    unfinished: list[str] = []
+    for name, folder in [(f.name, f) for f in folders] + unfinished_builds():
+        ip = IdentityPaths(folder)
+        if _recorded_base(ip) == base:
+            (finished if ip.adapter.is_file() else unfinished).append(name)
+    return BaseUsers(finished, [n for n in unfinished if n not in finished])
+
+
+def _recorded_base(ip: Any) -> str | None:
+    """The base name an identity folder (IdentityPaths) records: its adapter's, else its anchors', else the
+    partial anchors' (None: none readable)."""
+    from my3dgen_cli.adapter_file import read_adapter
+    from my3dgen_cli.identity import read_anchors, read_partial_anchors
+
+    try:
+        if ip.adapter.is_file():
+            return read_adapter(ip.adapter).base_name
+        if ip.anchors.is_file():
+            return read_anchors(ip.anchors).extra.get("base")
+        partial = read_partial_anchors(ip.partial_anchors)
+        return None if partial is None else partial.fingerprint.get("base")
+    except _FOLDER_PROBLEMS:
+        return None
 
 
 def _build_stage(build: Any) -> str:
@@ -123,8 +185,9 @@ def remove_identity(name: str) -> dict[str, Any]:
 
     folders = [f for f in (identity_paths(name).root, build_paths(name).root) if f.is_dir()]
     if not folders:
-        known = ", ".join(list_identities()) or "none"
-        raise UserInputError(f"no identity named {name!r} (known: {known})")
+        finished = list_identities()
+        unfinished = [n for n, _ in unfinished_builds() if n not in finished]
+        raise UserInputError(f"no identity named {name!r} (known: {named(finished, unfinished) or 'none'})")
     what = ["identity"] if folders[0] == identity_paths(name).root else []
     if build_paths(name).root in folders:
         what.append("its unfinished build" if what else "unfinished build")

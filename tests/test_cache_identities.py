@@ -21,7 +21,14 @@ from my3dgen_cli import identity_store
 from my3dgen_cli.adapter_file import save_adapter
 from my3dgen_cli.cli import app
 from my3dgen_cli.generators import local_bases_dir, open_base, save_local_base
-from my3dgen_cli.identity import Anchors, identity_paths, write_anchors
+from my3dgen_cli.identity import (
+    Anchors,
+    IdentityPaths,
+    PartialAnchors,
+    identity_paths,
+    write_anchors,
+    write_partial_anchors,
+)
 from my3dgen_cli.lora import add_adapters
 
 MEMBERS = ("adapter.safetensors", "anchors.safetensors", "log.json", "previews/grid.png")
@@ -65,6 +72,18 @@ def make_identity(name: str, base: str, fingerprint: str, seed: int = 1) -> Path
     return ip.root
 
 
+def make_build(name: str, base: str, stage: str) -> Path:
+    """An unfinished personalize build `.NAME.build` on `base`: with its anchors done, or partway through them."""
+    ip = IdentityPaths(identity_paths(name).root.with_name(f".{name}.build"))
+    ws = torch.randn(2, 6, 32)  # any [N, num_ws, w_dim]: only the recorded base is read here
+    if stage == "anchors":
+        write_anchors(ip.anchors, Anchors(ws, torch.zeros(2, 25), ["a.png", "b.png"], {"base": base, "space": "w"}))
+    else:
+        ip.checkpoints.mkdir(parents=True)
+        write_partial_anchors(ip.partial_anchors, PartialAnchors(ws[:1], {"base": base, "photos": ["a.png"]}))
+    return ip.root
+
+
 @pytest.fixture
 def ana(isolated_home: Path) -> Path:
     fingerprint = make_base("tiny-a")
@@ -105,6 +124,16 @@ def test_identities_rm_removes_good_and_broken_folders(ana: Path, isolated_home:
     assert tree(isolated_home / "identities") == {}
     one_line_error(run("identities", "rm", "ana"), "no identity named 'ana'")
     one_line_error(run("identities", "rm", "../cache"), "identity name")
+
+
+def test_identities_rm_of_an_unknown_name_lists_the_unfinished_builds_too(ana: Path, isolated_home: Path) -> None:
+    make_build("bob", "tiny-a", "anchors")
+    make_build("ana", "tiny-a", "anchors")  # a replacement of ana under way: ana is listed once
+    before = tree(isolated_home)
+    one_line_error(run("identities", "rm", "nosuch"), "no identity named 'nosuch' (known: ana, bob (unfinished))")
+    assert tree(isolated_home) == before
+    res = run("identities", "rm", "bob")  # the name the message offers is one rm takes
+    assert res.exit_code == 0 and "removed bob: unfinished build" in res.stdout, res.output
 
 
 def test_export_then_import_is_bit_identical_and_renders_the_same(ana: Path, tmp_path: Path) -> None:
@@ -310,13 +339,45 @@ def test_a_running_build_folder_is_not_pruned(ana: Path, isolated_home: Path) ->
 def test_cache_rm_bases_and_identities_by_name(stocked: Path, isolated_home: Path) -> None:
     one_line_error(run("cache", "rm", "ana"), "is an identity", "identities rm ana")
     assert identity_paths("ana").adapter.is_file()
-    res = run("cache", "rm", "tiny-a", "test-weights", "--json")
+    res = run("cache", "rm", "tiny-a", "test-weights", "--json", "--force")  # ana was trained on tiny-a
     assert res.exit_code == 0, res.output
     assert [r["name"] for r in json.loads(res.stdout)["removed"]] == ["tiny-a", "test-weights"]
     assert not list(local_bases_dir().glob("tiny-a.*"))
     assert run("cache", "rm", "ana", "--identity").exit_code == 0
     assert not identity_paths("ana").root.exists()
     one_line_error(run("cache", "rm", "nothing-here"), "not in the cache")
+
+
+def test_cache_rm_of_a_base_in_use_needs_force(ana: Path, isolated_home: Path) -> None:
+    make_build("bob", "tiny-a", "anchors")
+    make_build("carl", "tiny-a", "partial")
+    make_build("dora", "tiny-b", "anchors")  # another base: not named
+    (isolated_home / "identities" / ".eve.build").mkdir()  # stopped before any anchor: records no base
+    before = tree(isolated_home)
+    one_line_error(run("cache", "rm", "tiny-a"), "identities ana, bob (unfinished), carl (unfinished) were trained on "
+                   "base tiny-a; nothing was removed; --force removes it anyway (the identities stay and work again "
+                   "after `my3dgen fetch tiny-a --from FILE.pkl --local`)")
+    assert tree(isolated_home) == before
+    res = run("cache", "rm", "tiny-a", "--force", "--json")
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout)["removed"][0]
+    assert (row["name"], row["identities"], row["unfinished_identities"]) == ("tiny-a", ["ana"], ["bob", "carl"])
+    assert not list(local_bases_dir().glob("tiny-a.*")) and identity_paths("ana").adapter.is_file()
+    make_base("tiny-a")
+    res = run("cache", "rm", "tiny-a", "--force")
+    assert res.exit_code == 0 and res.stdout.strip() == "removed tiny-a", res.output
+    assert res.stderr.strip() == ("warning: removed base tiny-a, which identities ana, bob (unfinished), carl "
+                                  "(unfinished) were trained on; the identities stay and work again after `my3dgen "
+                                  "fetch tiny-a --from FILE.pkl --local`")
+
+
+def test_cache_rm_of_a_base_no_identity_uses_needs_no_force(ana: Path) -> None:
+    make_base("tiny-b", seed=3)
+    res = run("cache", "rm", "tiny-b", "--json")
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout)["removed"][0]
+    assert (row["identities"], row["unfinished_identities"]) == ([], [])
+    one_line_error(run("cache", "rm", "tiny-a", "nothing-here"), "identity ana was trained on base tiny-a")
 
 
 def test_cache_verify_rereads_local_bases(ana: Path) -> None:

@@ -87,6 +87,7 @@ def test_bash_completion_script_names_the_program_and_completes() -> None:
 
     assert complete("my3dgen ren") == ["render"]
     assert complete("my3dgen render --amp ") == ["off", "bf16", "fp16"]
+    assert complete("my3dgen personalize --amp ") == ["off", "bf16", "fp16"]  # the same option on both
 
 
 def test_every_help_ends_with_an_example() -> None:

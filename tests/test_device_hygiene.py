@@ -335,9 +335,8 @@ def test_cli_refuses_gpu_only_settings_in_one_line(gpus, monkeypatch, tmp_path):
 
     runner = CliRunner()
     gpus(0)
-    result = runner.invoke(app, ["personalize", str(tmp_path), "--name", "x", "--amp", "--amp-dtype", "fp16",
-                                 "--device", "cpu"])
-    assert result.exit_code == 2 and "--amp-dtype fp16: needs CUDA" in result.output
+    result = runner.invoke(app, ["personalize", str(tmp_path), "--name", "x", "--amp", "fp16", "--device", "cpu"])
+    assert result.exit_code == 2 and "--amp fp16: needs CUDA" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     gpus(1)  # torchrun with 2 ranks per machine on a 1-GPU machine: rank 1 has no GPU
     monkeypatch.setenv("RANK", "1")

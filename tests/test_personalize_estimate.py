@@ -15,6 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.personalize.config import PersonalizeConfig
 from my3dgen_cli.personalize.estimate import LONG_RUN_S, Estimate, duration
 from tests.personalize_helpers import fresh, make_person, views, write_photos
 
@@ -97,6 +99,60 @@ def test_the_timing_steps_change_no_result(person):
     (ws_a, adapter_a), (ws_b, adapter_b) = made["with"], made["without"]
     assert torch.equal(ws_a, ws_b)
     assert adapter_a.keys() == adapter_b.keys() and all(torch.equal(adapter_a[k], adapter_b[k]) for k in adapter_a)
+
+
+def test_no_estimate_skips_the_timing_and_json_carries_null(photos, monkeypatch):
+    from my3dgen_cli.adapter_file import read_adapter
+    from my3dgen_cli.identity import identity_paths
+    from my3dgen_cli.personalize import estimate
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("--no-estimate ran the timing steps")
+
+    monkeypatch.setattr(estimate, "measure_run", no_timing)
+    data = json.loads(_run([str(photos), "--name", "ana", *ARGS, "--no-estimate", "--amp", "bf16", "--json"]).stdout)
+    assert data["estimate"] is None and data["steps"] == 7
+    config = read_adapter(identity_paths("ana").adapter).extra["config"]
+    assert (config["estimate"], config["amp"]) == (False, "bf16")  # --amp bf16 trains in bf16 autocast
+    human = _run([str(photos), "--name", "bob", *ARGS, "--no-estimate"])
+    assert "estimate:" not in human.stderr and "identity bob" in human.stdout
+    assert read_adapter(identity_paths("bob").adapter).extra["config"]["amp"] is False  # --amp off (the default)
+
+
+def test_the_config_switch_turns_the_library_estimate_off(person):
+    from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, Photos, personalize
+
+    _, w, hidden = person
+    images, _, cams = views(hidden, w, [-30.0, 0.0, 30.0])
+    for on in (True, False):
+        config = PersonalizeConfig(steps=2, anchor_steps=1, batch=2, sym=False, estimate=on)
+        result = personalize(Photos(images, cams, ["a", "b", "c"]), f"p{on}", config, base="tiny-test",
+                             generator=fresh(person), nets=LossNets(None, None, None), estimate=True)
+        assert (result.estimate is not None) == on
+    with pytest.raises(UserInputError, match="estimate: got 'no'"):
+        PersonalizeConfig(estimate="no")
+
+
+def test_without_symmetry_the_trial_is_two_steps(person, monkeypatch):
+    from my3dgen_cli.personalize import estimate, training
+
+    _, w, hidden = person
+    images, _, cams = views(hidden, w, [-30.0, 0.0, 30.0])
+    G = fresh(person)
+    ws = w.expand(3, -1, -1)
+    real, ran = training.train_adapter, []
+
+    def counted(*args, **kwargs):
+        ran.append(args[4].steps)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_adapter", counted)
+    for sym in (True, False):
+        config = PersonalizeConfig(steps=9, batch=2, sym=sym, sym_loss="lpips").train_config()
+        plain, with_sym = estimate.time_training_steps(G, images, cams, ws, config, None, None)
+        assert plain > 0 and with_sym > 0 and (sym or with_sym == plain)
+    assert ran == [3, 2]
+    assert not [n for n, _ in G.named_modules() if n.endswith(".adapter")]  # the trial trains a copy: G has none
 
 
 def test_a_long_cpu_run_says_hours_and_what_helps():

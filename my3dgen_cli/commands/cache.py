@@ -72,7 +72,8 @@ def verify(
         )
 
 
-@cache_app.command("rm", help="Remove cached artifacts and local bases by name (identities with --identity).")
+@cache_app.command("rm", help="Remove cached artifacts and local bases by name (identities with --identity). A "
+                              "base that identities were trained on is kept unless --force.")
 @one_line_errors
 def rm(
     names: Annotated[list[str], typer.Argument(help="Names to remove (`my3dgen cache ls`).", show_default=False)],
@@ -82,6 +83,10 @@ def rm(
     ] = False,
     identity: Annotated[
         bool, typer.Option("--identity", help="The NAMEs are identities: delete them (as `my3dgen identities rm`).")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Remove a base even when identities were trained on it (they stay, and "
+                                           "work again once the base is back).")
     ] = False,
     json_mode: JsonOpt = False,
 ) -> None:
@@ -94,8 +99,39 @@ def rm(
             identity_paths(name)  # every name is checked before anything is removed
         results = [remove_identity(name) for name in names]
     else:
-        results = [_remove_cached(name, forget) for name in names]
+        back = {name: _back_again(name) for name in names}  # before a local base is gone
+        users = _base_users(names, force, back)  # every base is checked before anything is removed
+        results = []
+        for name in names:
+            result = {**_remove_cached(name, forget), "identities": users[name].finished,
+                      "unfinished_identities": users[name].unfinished}
+            if users[name]:
+                output.warn(f"removed base {name}, which {users[name].were()} trained on; the identities stay and "
+                            f"work again {back[name]}")
+            results.append(result)
     output.result({"removed": results}, human="\n".join(f"removed {r['name']}" for r in results))
+
+
+def _base_users(names: list[str], force: bool, back: dict[str, str]) -> dict[str, Any]:
+    """identity_store.BaseUsers of each name; without --force, the first base in use is refused in one line."""
+    from my3dgen_cli.errors import UserInputError
+    from my3dgen_cli.identity_store import identities_on_base
+
+    users = {name: identities_on_base(name) for name in names}
+    for name, used in users.items():
+        if used and not force:
+            raise UserInputError(f"{used.were()} trained on base {name}; nothing was removed; --force removes it "
+                                 f"anyway (the identities stay and work again {back[name]})")
+    return users
+
+
+def _back_again(name: str) -> str:
+    """How a removed base comes back: a zoo base is fetched again; a local base is imported again from its file."""
+    from my3dgen_cli import zoo
+
+    if zoo.is_local_base(name):
+        return f"after `my3dgen fetch {name} --from FILE.pkl --local`"
+    return f"after `my3dgen fetch {name}`"
 
 
 def _remove_cached(name: str, forget: bool) -> dict[str, Any]:

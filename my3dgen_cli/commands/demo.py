@@ -55,6 +55,7 @@ def eval_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     from my3dgen_cli.devices import pick_device
+    from my3dgen_cli.identity import require_identity
     from my3dgen_cli.losses.arcface import identity_network
     from my3dgen_cli.losses.perceptual import offline_fallback, perceptual_loss
     from my3dgen_cli.personalize.photos import read_photos
@@ -62,6 +63,8 @@ def eval_cmd(
 
     o = output_for(json_out)
     check_range("--steps", steps, 0, MAX_STEPS)
+    require_identity(identity)  # the identity and the device before the photos and any note on the losses
+    dev = pick_device(device)
     given = read_photos(list(photos), labels=labels)
     lpips = perceptual_loss("alex", offline=offline or None, required=False, output=o)
     arcface = identity_network(offline=offline or None, output=o)
@@ -70,5 +73,5 @@ def eval_cmd(
     if arcface is None:
         o.warn(offline_fallback(["arcface-ir-se50"], "no identity column"))
     result = evaluate(identity, given.images, given.cameras, given.names, steps=steps, space=space.value,
-                      device=pick_device(device), lpips=lpips, arcface=arcface)
+                      device=dev, lpips=lpips, arcface=arcface)
     o.result(result.to_dict(), result.table())

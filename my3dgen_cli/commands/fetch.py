@@ -113,6 +113,9 @@ def fetch(
     if local:
         if from_ is None:
             raise UserInputError("--local keeps a file you have as a local base: give it with --from FILE.pkl")
+        from my3dgen_cli.zoo.local_bases import check_local_base
+
+        check_local_base(names[0], from_, registry=registry)  # a refusal is its error line alone
         output.info(f"{names[0]}: converting {from_.name} to a local base")
         base = zoo.import_local_base(names[0], from_, registry=registry)
         row = {"name": names[0], "kind": "base-generator", "local": True, "converted": str(base), "path": None}

@@ -31,8 +31,8 @@ def choices(name: str, doc: str, *values: str) -> Any:
     return enum
 
 
-Amp = choices("Amp", "Autocast of a render: exact fp32, or bf16/fp16 (fp16: CUDA only).", "off", "bf16", "fp16")
-AmpDtype = choices("AmpDtype", "The autocast dtype when training with --amp.", "bf16", "fp16")
+Amp = choices("Amp", "Autocast of a render or of training: exact fp32, or bf16/fp16 (fp16: CUDA only).", "off", "bf16",
+              "fp16")
 Space = choices("Space", "A latent space: w (one vector for every layer) or w+ (one per layer).", "w", "w+")
 Budget = choices("Budget", "personalize's step presets (personalize.pipeline.BUDGETS).", "quick", "standard", "paper")
 SymLoss = choices("SymLoss", "The distance of the symmetry term: ArcFace identity or LPIPS.", "id", "lpips")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from my3dgen_cli.cli import command, output_for
-from my3dgen_cli.commands.options import AmpDtype, Budget, JsonOpt, OfflineOpt, QuietOpt, Space, SymLoss
+from my3dgen_cli.commands.options import Amp, Budget, JsonOpt, OfflineOpt, QuietOpt, Space, SymLoss
 
 TRAIN_EXTRAS_HELP = ("Also train what My3DGen trains beside the LoRA factors: b4.const, biases and noise strengths "
                      "(full size: 219,174 LoRA + 24,791 = 243,965 values; without: 219,174).")
@@ -51,9 +51,8 @@ def personalize_cmd(
                                             "folder brings its own latents (image_N_latent.npy).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (under torchrun: cuda = cuda:LOCAL_RANK).")
                       ] = "auto",
-    amp: Annotated[bool, typer.Option("--amp", help="Mixed precision autocast (bf16; see --amp-dtype).")] = False,
-    amp_dtype: Annotated[AmpDtype, typer.Option(help="Autocast dtype with --amp: bf16 (CUDA, CPU) or fp16 (CUDA).")
-                         ] = AmpDtype.bf16,
+    amp: Annotated[Amp, typer.Option("--amp", help="Autocast in training: off (exact fp32), bf16 (CUDA, CPU) or "
+                                                   "fp16 (CUDA).")] = Amp.off,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the generator (pays off on long runs).")
                         ] = False,
     act_checkpointing: Annotated[bool, typer.Option("--checkpoint-activations", help="Recompute activations in "
@@ -63,6 +62,8 @@ def personalize_cmd(
         "order; default: on with --amp on CUDA).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (0 = only on Ctrl-C).")] = 100,
+    estimate: Annotated[bool, typer.Option("--estimate/--no-estimate", help="Time a few steps first and print "
+                                           "what the run will take.")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing identity.")] = False,
     offline: OfflineOpt = False,
@@ -71,7 +72,7 @@ def personalize_cmd(
 ) -> None:
     """Long only because typer declares every option as a parameter: the body checks the options, builds
     one PersonalizeConfig and calls personalize() (or personalize_people() for --batch-file)."""
-    budget, sym_loss, anchor_space, amp_dtype = budget.value, sym_loss.value, anchor_space.value, amp_dtype.value
+    budget, sym_loss, anchor_space, amp = budget.value, sym_loss.value, anchor_space.value, amp.value
     from my3dgen_cli.errors import UserInputError
 
     if resume and force:
@@ -102,8 +103,8 @@ def personalize_cmd(
     world = D.from_env()
     out = output_for(json_out, quiet) if world.is_main else Output("quiet")
     dev = D.device_for(world, pick_device(device))
-    if amp and amp_dtype == "fp16" and dev.type != "cuda":  # refused before minutes of anchor projection
-        raise UserInputError(f"--amp-dtype fp16: needs CUDA, got --device {dev.type} (use bf16 there)")
+    if amp == "fp16" and dev.type != "cuda":  # refused before minutes of anchor projection
+        raise UserInputError(f"--amp fp16: needs CUDA, got --device {dev.type} (use bf16 there)")
     if dev.type == "cpu":
         from my3dgen_cli.speed import use_all_cores
 
@@ -115,9 +116,9 @@ def personalize_cmd(
                                anchor_steps=preset_anchor_steps if anchor_steps is None else anchor_steps,
                                mirror=mirror, include_mapping=include_mapping, include_decoder=include_decoder,
                                train_extras=train_extras,
-                               seed=seed, checkpoint_every=checkpoint_every, amp=amp_dtype if amp else False,
+                               seed=seed, checkpoint_every=checkpoint_every, amp=False if amp == "off" else amp,
                                accum=accum, act_checkpointing=act_checkpointing, compile=compile_,
-                               channels_last=channels_last)
+                               channels_last=channels_last, estimate=estimate)
     offline = offline or paths.offline()
     if batch_file is not None:
         from my3dgen_cli.personalize.people import personalize_people, read_batch_file

@@ -15,7 +15,7 @@ from my3dgen_cli.errors import UserInputError
 # --budget presets: (training steps, anchor projection steps per photo). "paper" = My3DGen's defaults.
 BUDGETS = {"quick": (300, 100), "standard": (600, 200), "paper": (1000, 300)}
 # Settings a resumed training run may change: they change no number that matters.
-NOT_FINGERPRINTED = ("checkpoint_every", "act_checkpointing", "compile", "channels_last")
+NOT_FINGERPRINTED = ("checkpoint_every", "act_checkpointing", "compile", "channels_last", "estimate")
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class TrainConfig:
         d.pop("fingerprint")
         d["targets"], d["betas"] = list(self.targets), list(self.betas)
         for key in NOT_FINGERPRINTED:
-            d.pop(key)
+            d.pop(key, None)  # "estimate" is PersonalizeConfig's alone
         return d
 
 
@@ -91,6 +91,7 @@ class PersonalizeConfig:
     act_checkpointing: bool = False  # recompute activations in backward (less memory, ~1/3 more time)
     compile: bool = False  # torch.compile the generator's synthesis
     channels_last: bool | None = None  # NHWC convolutions; None = with autocast on CUDA (speed.use_channels_last)
+    estimate: bool = True  # time a few steps first and report the run's duration (personalize(estimate=True) asks)
 
     def __post_init__(self) -> None:
         from my3dgen_cli.lora import CONV_STYLES
@@ -98,6 +99,8 @@ class PersonalizeConfig:
         from my3dgen_cli.personalize.symmetry import SYM_LOSSES
         from my3dgen_cli.speed import AMP_MODES
 
+        if not isinstance(self.estimate, bool):
+            raise UserInputError(f"estimate: got {self.estimate!r}, expected True or False")
         if not isinstance(self.amp, bool) and self.amp not in AMP_MODES:
             raise UserInputError(f"amp: got {self.amp!r}, expected a bool or one of {', '.join(AMP_MODES)}")
         for name, least in (("rank", 1), ("steps", 1), ("batch", 1), ("anchor_steps", 0), ("accum", 1),
@@ -147,9 +150,9 @@ class PersonalizeConfig:
         return cls(**{k: (tuple(v) if k == "betas" else v) for k, v in data.items() if k in known})
 
     def train_fingerprint(self) -> dict[str, Any]:
-        """Settings a resumed run must share with the interrupted one (all but checkpoint_every and the
-        exact speed options: activation checkpointing, compile and channels_last change no number that
-        matters)."""
+        """Settings a resumed run must share with the interrupted one (all but checkpoint_every, the
+        estimate and the exact speed options: activation checkpointing, compile and channels_last change
+        no number that matters)."""
         d = self.to_dict()
         for key in NOT_FINGERPRINTED:
             d.pop(key)

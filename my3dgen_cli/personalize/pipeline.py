@@ -184,7 +184,8 @@ def personalize(
     against the photos, base and anchor settings); finished anchors are reused. force: replace an
     existing identity. A My3DGen dataset folder's own latents (Photos.latents) are the anchors as they
     are, without projection, unless `reproject` (read_photos). estimate: time a few steps first and
-    report the projected duration (estimate.py; the CLI does; one process only).
+    report the projected duration (estimate.py; the CLI does unless --no-estimate, i.e. config.estimate
+    False; one process only).
     world: this process's place in a data-parallel group (distributed.Dist; torchrun): every rank
     calls this with the same arguments, anchors are projected in chunks shared among the ranks,
     training is data-parallel, and only rank 0 writes files (the identity folder must be on a
@@ -202,7 +203,8 @@ def personalize(
         with out.progress() as bar:
             photos = _gather_photos(photos, config, labels, aligned, reproject, bar, out)
             run = _open_run(photos, config, generator, base, device, nets, offline, out)
-            measured = _estimate(run, config, ip, resume, out) if estimate and world.world == 1 else None
+            measured = (_estimate(run, config, ip, resume, out) if estimate and config.estimate and world.world == 1
+                        else None)
             if measured is None and run.device.type == "cpu" and run.G.img_resolution >= 256:  # not the tiny demo
                 out.warn("training on the CPU will be slow; use --device cuda or mps")
             ws = _anchor_stage(run, config, photos, ip, resume, world, bar, out)

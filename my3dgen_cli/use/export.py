@@ -344,6 +344,7 @@ def run_export(plan: ExportPlan, output: Output | None = None) -> dict[str, Any]
     plan = dataclasses.replace(plan, output=path)
     fmt = plan.format()
     check_free([path, path.with_suffix(".json")] if fmt == "safetensors" else [path], plan.force)
+    _check_sources(plan)
     out = output or Output("quiet")
     out.info(f"merging the adapter of {plan.identity!r}")
     G, ref, _, merge_diff = merged_generator(base=plan.base, identity=plan.identity, device="cpu",
@@ -365,6 +366,17 @@ def run_export(plan: ExportPlan, output: Output | None = None) -> dict[str, Any]
                       max_abs_diff=check.max_abs_diff, diffs=check.diffs)
     result["size"] = path.stat().st_size
     return result
+
+
+def _check_sources(plan: ExportPlan) -> None:
+    """The identity, its adapter and the base, checked before the first progress line: a missing or damaged
+    one is its error alone (a base not cached yet is fetched here, with the download's own progress)."""
+    from my3dgen_cli.adapter_file import read_adapter
+    from my3dgen_cli.generators import resolve_base_path
+    from my3dgen_cli.identity import require_identity
+
+    adapter = read_adapter(require_identity(plan.identity).adapter)
+    resolve_base_path(plan.base or adapter.base_name, offline=plan.offline)
 
 
 def _export_merged(G: nn.Module, path: Path, source: dict[str, Any], fp16: bool, tolerance: float) -> float:

@@ -34,8 +34,19 @@ def import_local_base(name: str, src: str | os.PathLike[str], *, registry: Seque
     A registry name is refused (a local base would shadow it), and so is an existing local base
     (identities made on it would stop matching). Nothing is written unless the file converts.
     """
-    from my3dgen_cli.generators import local_bases_dir
     from my3dgen_cli.weights.checkpoint import convert_pkl
+
+    src, dst = Path(src).expanduser(), check_local_base(name, src, registry=registry)
+    with store.locked(f"base-{name}"):
+        if dst.exists() or dst.with_suffix(".json").exists():
+            raise _exists(name, dst)
+        return convert_pkl(src, dst)
+
+
+def check_local_base(name: str, src: str | os.PathLike[str], *, registry: Sequence[str] = ()) -> Path:
+    """The path `import_local_base(name, src)` would write, after its checks (UserInputError): called before
+    any progress line, so a refusal is its one line alone."""
+    from my3dgen_cli.generators import local_bases_dir
 
     src = Path(src).expanduser()
     if not NAME_RE.match(name):
@@ -50,10 +61,7 @@ def import_local_base(name: str, src: str | os.PathLike[str], *, registry: Seque
     dst = local_bases_dir() / f"{name}.safetensors"
     if dst.exists() or dst.with_suffix(".json").exists():  # checked before the lock too: a refusal writes nothing
         raise _exists(name, dst)
-    with store.locked(f"base-{name}"):
-        if dst.exists() or dst.with_suffix(".json").exists():
-            raise _exists(name, dst)
-        return convert_pkl(src, dst)
+    return dst
 
 
 def _exists(name: str, dst: Path) -> UserInputError:
