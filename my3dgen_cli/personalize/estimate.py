@@ -114,12 +114,12 @@ def time_projection_step(G: nn.Module, images: torch.Tensor, cameras: torch.Tens
                          lpips: nn.Module | None) -> float:
     """Seconds of one projection step of a chunk (the second of two, after warm-up); G is not changed."""
     from my3dgen_cli.personalize import anchors
-    from my3dgen_cli.personalize.anchor_chunks import CHUNK
 
+    chunk = config.anchor_batch
     with _trial():
         times = _step_times(lambda on_step: anchors.project_to_w(
-            G, images[:CHUNK], cameras[:CHUNK], 2, space=config.anchor_space, lr=config.anchor_lr, lpips=lpips,
-            batch=CHUNK, on_step=on_step), 2)
+            G, images[:chunk], cameras[:chunk], 2, space=config.anchor_space, lr=config.anchor_lr, lpips=lpips,
+            batch=chunk, on_step=on_step), 2)
     return times[-1]
 
 
@@ -147,11 +147,9 @@ def time_training_steps(G: nn.Module, images: torch.Tensor, cameras: torch.Tenso
 
 
 def estimate_run(device: torch.device, photos: int, anchor_steps: int, anchor_step_s: float, train: TrainConfig,
-                 train_steps: int, step_s: tuple[float, float]) -> Estimate:
-    """The projected duration of `anchor_steps` per chunk for `photos` photos and `train_steps` steps."""
-    from my3dgen_cli.personalize.anchor_chunks import CHUNK
-
-    chunks = math.ceil(photos / CHUNK) if anchor_steps else 0
+                 train_steps: int, step_s: tuple[float, float], anchor_batch: int = 4) -> Estimate:
+    """The projected duration of `anchor_steps` per chunk (of `anchor_batch` photos) and `train_steps` steps."""
+    chunks = math.ceil(photos / anchor_batch) if anchor_steps else 0
     plain, with_sym = step_s
     sym_steps = math.ceil(train_steps / train.sym_every) if train.sym else 0
     training = train_steps * plain + sym_steps * max(with_sym - plain, 0.0)
@@ -186,4 +184,5 @@ def measure_run(G: nn.Module, images: torch.Tensor, cameras: torch.Tensor, confi
         w_avg = G.backbone.mapping.w_avg.detach().to(images.device)
         ws = w_avg.reshape(1, 1, -1).expand(n, G.num_ws, -1)
         step_s = time_training_steps(G, images, cameras, ws, train, nets.train_lpips, sym_distance)
-    return estimate_run(images.device, photos_left, anchor_steps, anchor_s, train, steps_left, step_s)
+    return estimate_run(images.device, photos_left, anchor_steps, anchor_s, train, steps_left, step_s,
+                        config.anchor_batch)
