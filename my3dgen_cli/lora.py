@@ -299,6 +299,7 @@ def merge_adapters(model: nn.Module, safe: bool = True) -> nn.Module:
             layer.weight.copy_(merged)
         layer.adapter = None
     model.__dict__.pop("_my3dgen_extras", None)  # the trained extras already are the weights
+    model.__dict__.pop("_my3dgen_adapter_config", None)  # no adapter left: adapter_config() says None
     return model
 
 
@@ -311,6 +312,7 @@ def remove_adapters(model: nn.Module) -> nn.Module:
         for name, value in model.__dict__.pop("_my3dgen_extras", {}).items():
             params[name].copy_(value)
             params[name].requires_grad_(False)
+    model.__dict__.pop("_my3dgen_adapter_config", None)
     return model
 
 

@@ -10,6 +10,7 @@ from my3dgen_cli.eg3d import build_generator
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
 from my3dgen_cli.errors import IncompatibleAdapterError
 from my3dgen_cli.lora import (
+    adapter_config,
     adapter_layers,
     add_adapters,
     base_fingerprint,
@@ -56,8 +57,10 @@ def test_merged_unmerged_and_unloaded_outputs_agree() -> None:
     assert (adapted - base).abs().max() > 1e-3, "a non-zero adapter must change the output"
     merged = merge_adapters(_copy_with_adapters(G))
     assert (_render(merged) - adapted).abs().max() <= 1e-5
+    assert adapter_config(merged) is None and adapter_config(G) is not None
     remove_adapters(G)
     assert torch.equal(_render(G), base)
+    assert adapter_config(G) is None  # unloaded: nothing says an adapter is there
 
 
 def _copy_with_adapters(G):
