@@ -1,15 +1,16 @@
 """Training step, this tree vs a baseline checkout: mean wall and CPU seconds per step, symmetry steps included.
 
     python bench/train_step_ab.py --baseline /path/to/main --config tiny --steps 16 --rounds 3
-    python bench/train_step_ab.py --baseline /path/to/main --config ffhq512-128 --steps 4 --rounds 1
+    python bench/train_step_ab.py --baseline /path/to/main --config ffhq512-128 --steps 4 --rounds 1 --photos 4
 
 Each round trains an adapter once with each tree, alternating, in fresh processes (PYTHONPATH picks
 the tree; the same Python and torch): 10 synthetic photos of the bench's random face, batch 2,
 PersonalizeConfig's defaults otherwise (symmetry every 4th step, by MSE here since no loss network
 is loaded), one warm-up step, then --steps timed steps. Unlike personalize_speed.py's best step,
-the mean counts the symmetry steps, which is where the trees may differ. Prints each tree's best
-mean over the rounds, the ratio, the last step's loss (the same data and seed in both trees) and
-the load average.
+the mean counts the symmetry steps, which is where the trees may differ; the best plain (non-symmetry)
+step is printed beside it. Prints each tree's best mean over the rounds, the ratio, the last step's
+loss (the same data and seed in both trees) and the load average. --photos: fewer synthetic photos
+(rendered once per process, without autograd: at full size each costs seconds; the step trains on 2).
 """
 
 from __future__ import annotations
@@ -32,28 +33,30 @@ from my3dgen_cli.personalize.training import train_adapter
 torch.set_num_threads({threads})
 torch.manual_seed(0)
 G = build_generator({config!r})
-images, raws, cams, ws = photos_of(G)
+images, raws, cams, ws = photos_of(G, {photos})
 times, last = [], [time.perf_counter(), time.process_time()]
 def on_step(step, record):
     now = [time.perf_counter(), time.process_time()]
-    times.append((now[0] - last[0], now[1] - last[1]))
+    times.append((now[0] - last[0], now[1] - last[1], "sym" in record))
     last[:] = now
 config = PersonalizeConfig(steps={steps} + 1, batch=2, checkpoint_every=0)
 result = train_adapter(copy.deepcopy(G), images, cams, ws, config, raw_images=raws, on_step=on_step)
 timed = times[1:]
-print(statistics.mean(t for t, _ in timed), statistics.mean(c for _, c in timed), result.log[-1]["loss"])
+plain = min([t for t, _, sym in timed if not sym] or [float("nan")])
+print(statistics.mean(t for t, _, _ in timed), statistics.mean(c for _, c, _ in timed), plain, result.log[-1]["loss"])
 """
 
 
-def run(tree: Path, args: argparse.Namespace) -> tuple[float, float, float]:
+def run(tree: Path, args: argparse.Namespace) -> tuple[float, float, float, float]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it
-    code = CHILD.format(root=str(ROOT), threads=args.threads, config=args.config, steps=args.steps)
+    code = CHILD.format(root=str(ROOT), threads=args.threads, config=args.config, steps=args.steps,
+                        photos=args.photos)
     done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{tree}: {done.stderr.strip()[-2000:]}")
-    wall, cpu, loss = (float(x) for x in done.stdout.split()[-3:])
-    return wall, cpu, loss
+    wall, cpu, plain, loss = (float(x) for x in done.stdout.split()[-4:])
+    return wall, cpu, plain, loss
 
 
 def main() -> None:
@@ -62,24 +65,27 @@ def main() -> None:
     ap.add_argument("--config", default="tiny")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--photos", type=int, default=10, help="synthetic photos to train on (>= 2)")
     ap.add_argument("--threads", type=int, default=min(2, len(os.sched_getaffinity(0))))
     args = ap.parse_args()
     trees = {"baseline": args.baseline.resolve(), "this tree": ROOT}
-    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in trees}
+    runs: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in trees}
     load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         for name, tree in trees.items():
             runs[name].append(run(tree, args))
     load.append(os.getloadavg()[0])
-    print(f"config {args.config}, batch 2, {args.steps} timed steps (symmetry every 4th included), threads "
-          f"{args.threads}, {args.rounds} rounds alternating; load average {load[0]:.1f} -> {load[1]:.1f}")
-    print("| tree | wall s/step | CPU s/step | vs baseline (wall) | vs baseline (CPU) | last loss |")
-    print("|---|---:|---:|---:|---:|---:|")
-    base_wall = min(w for w, _, _ in runs["baseline"])
-    base_cpu = min(c for _, c, _ in runs["baseline"])
+    print(f"config {args.config}, batch 2, {args.photos} photos, {args.steps} timed steps (symmetry every 4th "
+          f"included), threads {args.threads}, {args.rounds} rounds alternating; load average {load[0]:.1f} -> "
+          f"{load[1]:.1f}")
+    print("| tree | wall s/step | CPU s/step | best plain step (wall) | vs baseline (wall) | vs baseline (CPU) "
+          "| vs baseline (plain) | last loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    base = [min(r[i] for r in runs["baseline"]) for i in range(3)]
     for name, rs in runs.items():
-        wall, cpu = min(w for w, _, _ in rs), min(c for _, c, _ in rs)
-        print(f"| {name} | {wall:.3f} | {cpu:.3f} | {wall / base_wall:.2f}x | {cpu / base_cpu:.2f}x | {rs[0][2]:.6f} |")
+        wall, cpu, plain = (min(r[i] for r in rs) for i in range(3))
+        print(f"| {name} | {wall:.3f} | {cpu:.3f} | {plain:.3f} | {wall / base[0]:.2f}x | {cpu / base[1]:.2f}x "
+              f"| {plain / base[2]:.2f}x | {rs[0][3]:.6f} |")
 
 
 if __name__ == "__main__":
