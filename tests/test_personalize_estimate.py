@@ -163,3 +163,25 @@ def test_a_long_cpu_run_says_hours_and_what_helps():
     assert "anchors: ~38 min" in slow.line() and "training: ~2.7 hours" in slow.line()
     assert Estimate("cuda", 10, 300, 3, 0.1, 90.0, 1000, 0.2, 0.3, 225.0).cpu_advice() is None
     assert [duration(s) for s in (12, 600, 9000)] == ["12 s", "10 min", "2.5 hours"]
+
+
+def test_resume_refuses_anchors_of_other_photos_before_timing_anything(photos, person, monkeypatch):
+    """An interrupted build's complete anchors for 4 photos, resumed with 5: one line, and no timing step ran first."""
+    from my3dgen_cli.cli import app
+    from my3dgen_cli.identity import Anchors, build_paths, write_anchors
+    from my3dgen_cli.personalize import estimate
+
+    _, w, _ = person
+    ip = build_paths("ana")
+    ip.root.mkdir(parents=True)
+    cams = views(fresh(person), w, [-30.0, -15.0, 0.0, 15.0])[2]
+    write_anchors(ip.anchors, Anchors(w.expand(4, -1, -1).clone(), cams, ["a", "b", "c", "d"], {"base": "tiny-test"}))
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("the estimate ran before the saved anchors were checked")
+
+    monkeypatch.setattr(estimate, "measure_run", no_timing)
+    result = CliRunner().invoke(app, ["personalize", str(photos), "--name", "ana", *ARGS, "--resume"])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines()[-1].endswith("the saved anchors hold 4 photos, got 5"), result.output
+    assert "estimate:" not in result.output and "Traceback" not in result.output

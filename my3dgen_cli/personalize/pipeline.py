@@ -203,6 +203,7 @@ def personalize(
         with out.progress() as bar:
             photos = _gather_photos(photos, config, labels, aligned, reproject, bar, out)
             run = _open_run(photos, config, generator, base, device, nets, offline, out)
+            _check_saved_anchors(run, ip, resume)  # before the estimate's timing steps
             measured = (_estimate(run, config, ip, resume, out) if estimate and config.estimate and world.world == 1
                         else None)
             if measured is None and run.device.type == "cpu" and run.G.img_resolution >= 256:  # not the tiny demo
@@ -275,15 +276,11 @@ def _estimate(run: _Run, config: PersonalizeConfig, ip: IdentityPaths, resume: b
 def _anchor_stage(run: _Run, config: PersonalizeConfig, photos: Photos, ip: IdentityPaths, resume: bool,
                   world: Dist, bar: Any, out: Output) -> torch.Tensor:
     """The anchors ws [N, num_ws, w_dim]: reused (--resume), the dataset's own latents, or projected; saved."""
-    from my3dgen_cli.identity import Anchors, read_anchors, write_anchors
+    from my3dgen_cli.identity import Anchors, write_anchors
     from my3dgen_cli.personalize.anchor_chunks import anchor_fingerprint
 
-    n = run.images.shape[0]
     if resume and ip.anchors.is_file():
-        ws = read_anchors(ip.anchors).ws.to(run.device)
-        if ws.shape[0] != n:
-            raise UserInputError(f"--resume: the saved anchors hold {ws.shape[0]} photos, got {n}")
-        return ws
+        return _check_saved_anchors(run, ip, resume)
     if run.given_ws is not None:
         from my3dgen_cli.latents import latent_space
 
@@ -302,16 +299,29 @@ def _anchor_stage(run: _Run, config: PersonalizeConfig, photos: Photos, ip: Iden
     return ws
 
 
+def _check_saved_anchors(run: _Run, ip: IdentityPaths, resume: bool) -> torch.Tensor | None:
+    """--resume with the anchors of an interrupted run: ws if they fit this run's photos, else UserInputError."""
+    from my3dgen_cli.identity import read_anchors
+
+    if not (resume and ip.anchors.is_file()):
+        return None
+    n = run.images.shape[0]
+    ws = read_anchors(ip.anchors).ws.to(run.device)
+    if ws.shape[0] != n:
+        raise UserInputError(f"--resume: the saved anchors hold {ws.shape[0]} photos, got {n}")
+    return ws
+
+
 def _project(run: _Run, config: PersonalizeConfig, partial: Path, fingerprint: dict[str, Any], resume: bool,
              world: Dist, bar: Any, out: Output) -> torch.Tensor:
     """The anchor projection with its progress bar; photos reused from an interrupted run count as done."""
-    from my3dgen_cli.personalize.anchor_chunks import CHUNK, project_anchors
+    from my3dgen_cli.personalize.anchor_chunks import project_anchors
 
-    n = run.images.shape[0]
-    task = bar.add_task("anchors", total=config.anchor_steps * -(-n // CHUNK), status="")
+    n, chunk = run.images.shape[0], config.anchor_batch
+    task = bar.add_task("anchors", total=config.anchor_steps * -(-n // chunk), status="")
 
     def reused(m: int) -> None:
-        bar.update(task, advance=config.anchor_steps * -(-m // CHUNK))
+        bar.update(task, advance=config.anchor_steps * -(-m // chunk))
         out.info(f"anchors: reusing {m} of {n} photos projected before the interruption")
 
     return project_anchors(run.G, run.images, run.cameras, config, run.nets.anchor_lpips, partial=partial,
