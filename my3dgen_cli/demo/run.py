@@ -288,8 +288,8 @@ def run_demo(
 
     # the tiny synthetic photos are projected in one batch (a batch of 10 keeps both cores of a small CPU busy)
     config = PersonalizeConfig(steps=settings.personalize_steps, anchor_steps=settings.anchor_steps,
-                               anchor_batch=train.images.shape[0] if synthetic else 4, sym_loss="id",
-                               checkpoint_every=0)
+                               anchor_batch=train.images.shape[0] if synthetic else PersonalizeConfig.anchor_batch,
+                               sym_loss="id", checkpoint_every=0)
     nets = LossNets.load(config, offline=True)  # the demo never downloads: one note instead of a warning each
     missing = [name for name, net in (("lpips-vgg16", nets.anchor_lpips), ("lpips-alexnet", nets.train_lpips),
                                       ("arcface-ir-se50", nets.identity)) if net is None]

@@ -1,6 +1,6 @@
 """The anchor stage of `personalize`: every photo projected in chunks that survive an interruption.
 
-Photos are projected (anchors.project_to_w) in chunks of `config.anchor_batch` photos (CHUNK, 4, by
+Photos are projected (anchors.project_to_w) in chunks of `config.anchor_batch` photos (4 by
 default; the demo projects its 10 photos in one: a bigger batch keeps both cores of a small CPU busy).
 After each round of chunks rank 0 writes the anchors finished so far to the identity's partial-anchors
 file (atomically), so Ctrl-C or a crash loses at most the chunks in flight; `--resume` reuses the finished ones and
@@ -28,12 +28,6 @@ from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.personalize import anchors
 from my3dgen_cli.personalize.distributed import SINGLE, Dist, broadcast_, fault_hook
 
-CHUNK = 4  # photos projected together (project_to_w's batch) unless the config says otherwise
-
-
-def _chunk(config: Any) -> int:
-    return int(getattr(config, "anchor_batch", CHUNK))
-
 
 class AnchorsInterrupted(My3DGenError):
     """Ctrl-C (or a callback's KeyboardInterrupt) while projecting anchors."""
@@ -54,7 +48,7 @@ def anchor_fingerprint(config: Any, photos: list[str], base: str, base_sha256: s
                        lpips: nn.Module | None) -> dict[str, Any]:
     """What a partial-anchors file must share with the run that reuses it."""
     return {"photos": list(photos), "base": base, "base_sha256": base_sha256, "anchor_steps": config.anchor_steps,
-            "anchor_space": config.anchor_space, "anchor_lr": config.anchor_lr, "chunk": _chunk(config),
+            "anchor_space": config.anchor_space, "anchor_lr": config.anchor_lr, "chunk": config.anchor_batch,
             "anchor_lpips": lpips is not None}
 
 
@@ -115,7 +109,7 @@ def project_anchors(
     """
     from my3dgen_cli.identity import PartialAnchors, write_partial_anchors
 
-    n, chunk = images.shape[0], _chunk(config)
+    n, chunk = images.shape[0], config.anchor_batch
     ws = torch.empty(n, G.num_ws, G.w_dim, device=images.device)
     starts = list(range(0, n, chunk))
     first = 0  # chunks already done

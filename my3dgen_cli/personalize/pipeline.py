@@ -203,12 +203,12 @@ def personalize(
         with out.progress() as bar:
             photos = _gather_photos(photos, config, labels, aligned, reproject, bar, out)
             run = _open_run(photos, config, generator, base, device, nets, offline, out)
-            _check_saved_anchors(run, ip, resume)  # before the estimate's timing steps
+            saved = _saved_anchors(run, ip, resume)  # checked before the estimate's timing steps
             measured = (_estimate(run, config, ip, resume, out) if estimate and config.estimate and world.world == 1
                         else None)
             if measured is None and run.device.type == "cpu" and run.G.img_resolution >= 256:  # not the tiny demo
                 out.warn("training on the CPU will be slow; use --device cuda or mps")
-            ws = _anchor_stage(run, config, photos, ip, resume, world, bar, out)
+            ws = saved if saved is not None else _anchor_stage(run, config, photos, ip, resume, world, bar, out)
             result = _train_stage(run, config, ws, ip, resume, world, bar, on_step)
         n_params = _save_identity(run, config, photos, ws, result, ip, made_by, world)
         fault_hook(0, world, "swap")  # tests: stop here, with the new identity complete but not swapped in
@@ -275,12 +275,11 @@ def _estimate(run: _Run, config: PersonalizeConfig, ip: IdentityPaths, resume: b
 
 def _anchor_stage(run: _Run, config: PersonalizeConfig, photos: Photos, ip: IdentityPaths, resume: bool,
                   world: Dist, bar: Any, out: Output) -> torch.Tensor:
-    """The anchors ws [N, num_ws, w_dim]: reused (--resume), the dataset's own latents, or projected; saved."""
+    """The anchors ws [N, num_ws, w_dim]: the dataset's own latents, or projected (partly reused with --resume);
+    saved (a resumed run's finished anchors come from `_saved_anchors` instead)."""
     from my3dgen_cli.identity import Anchors, write_anchors
     from my3dgen_cli.personalize.anchor_chunks import anchor_fingerprint
 
-    if resume and ip.anchors.is_file():
-        return _check_saved_anchors(run, ip, resume)
     if run.given_ws is not None:
         from my3dgen_cli.latents import latent_space
 
@@ -299,8 +298,9 @@ def _anchor_stage(run: _Run, config: PersonalizeConfig, photos: Photos, ip: Iden
     return ws
 
 
-def _check_saved_anchors(run: _Run, ip: IdentityPaths, resume: bool) -> torch.Tensor | None:
-    """--resume with the anchors of an interrupted run: ws if they fit this run's photos, else UserInputError."""
+def _saved_anchors(run: _Run, ip: IdentityPaths, resume: bool) -> torch.Tensor | None:
+    """--resume: the finished anchors of the interrupted run (None if it has none), UserInputError if they do not
+    fit this run's photos."""
     from my3dgen_cli.identity import read_anchors
 
     if not (resume and ip.anchors.is_file()):

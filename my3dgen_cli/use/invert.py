@@ -196,9 +196,9 @@ def invert_images(
 
     Each photo has its own latent and the loss is the sum of the photos' losses, so every latent
     gets the gradient of its own inversion and Adam (element-wise) moves it as it would alone: the
-    same results up to float rounding, in one render per step instead of N. On a CPU a batch-1 render
-    leaves the second core mostly idle, so this is about 1.5x faster per photo (`my3dgen eval`, the
-    demo). Hull and camera refinement optimize per-photo shapes: those invert one photo at a time.
+    same results up to float rounding, in one render per step instead of N (on a CPU a batch-1 render
+    leaves a second core mostly idle; `my3dgen eval` and the demo batch their photos). Hull and camera
+    refinement optimize per-photo shapes: those invert one photo at a time.
     on_step(step, loss) gets the mean loss per photo.
     """
     cfg = config or InvertConfig()
