@@ -22,17 +22,21 @@ nothing here names a device.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
+import threading
 import weakref
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from my3dgen_cli.errors import UserInputError
+
+T = TypeVar("T")
 
 AMP_MODES = ("off", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -99,11 +103,11 @@ def compiled_synthesis(G: nn.Module) -> Callable:
 
 def checkpointed_methods(G: nn.Module) -> list[tuple[nn.Module, str]]:
     """Where activations pile up: each backbone and superresolution block, and the tri-plane decoder
-    (its `decode`, which the renderer calls, and `forward`)."""
+    (`decode_samples` and `decode`, which the renderer calls, and `forward`)."""
     from my3dgen_cli.eg3d.layers import SynthesisBlock
 
     blocks = [(m, "forward") for m in G.modules() if isinstance(m, SynthesisBlock)]
-    decoder = [(G.decoder, name) for name in ("decode", "forward") if hasattr(G.decoder, name)]
+    decoder = [(G.decoder, name) for name in ("decode_samples", "decode", "forward") if hasattr(G.decoder, name)]
     return blocks + decoder
 
 
@@ -148,3 +152,84 @@ def use_all_cores() -> int:
     if "OMP_NUM_THREADS" not in os.environ and hasattr(os, "sched_getaffinity"):
         torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0)))))
     return torch.get_num_threads()
+
+
+def cpu_workers(device: torch.device, items: int) -> int:
+    """Into how many parts a CPU batch of `items` independent renders is split, one thread each (`run_parallel`):
+    torch's CPU thread count, at most `items`; 1 off the CPU.
+
+    The split changes the float order of the batch's sums (as torch's thread count itself does), so results
+    match bit for bit on the same machine, not across machines with other core counts.
+    """
+    if device.type != "cpu":
+        return 1
+    return max(1, min(torch.get_num_threads(), items))
+
+
+def run_parallel(tasks: Sequence[Callable[[], T]]) -> list[T]:
+    """Run the tasks at once, each on its own thread, and return their results in order.
+
+    Why: a tiny or small render is thousands of short ops. Split op by op over two OpenMP threads, each
+    op waits for the sleeping second thread (OMP_WAIT_POLICY=PASSIVE, devices.cpu_thread_env), and a tiny
+    training step took longer on 2 threads than on 1; split by photo, each thread runs whole passes and
+    meets the others once, at the end (docs/benchmarks.md). torch ops release the GIL while they run.
+    torch's CPU threads are shared out (each task gets its count // the tasks, at least 1). The tasks see the
+    caller's context variables (`ops.reference_paths()`); the first runs on the calling thread; an exception
+    in any is raised here after all have finished.
+    """
+    if len(tasks) == 1:
+        return [tasks[0]()]
+    results: list[Any] = [None] * len(tasks)
+    errors: list[BaseException | None] = [None] * len(tasks)
+    threads_before = torch.get_num_threads()
+    each = max(1, threads_before // len(tasks))
+
+    def run(i: int, context: contextvars.Context) -> None:
+        torch.set_num_threads(each)
+        try:
+            results[i] = context.run(tasks[i])
+        except BaseException as err:  # re-raised on the calling thread
+            errors[i] = err
+
+    torch.set_num_threads(each)
+    workers = [threading.Thread(target=run, args=(i, contextvars.copy_context()), daemon=True)
+               for i in range(1, len(tasks))]
+    try:
+        for worker in workers:
+            worker.start()
+        results[0] = tasks[0]()
+    finally:
+        for worker in workers:
+            worker.join()
+        torch.set_num_threads(threads_before)
+    for err in errors:
+        if err is not None:
+            raise err
+    return results
+
+
+def summed_gradients(part_loss: Callable[[int, int], torch.Tensor], n: int, leaves: Sequence[torch.Tensor],
+                     device: torch.device) -> torch.Tensor:
+    """Backward of the sum over parts of `part_loss(lo, hi)`, a loss of rows lo:hi of a batch of `n` independent
+    renders (weighted by the caller), into the leaves' `.grad`; returns the detached total.
+
+    One pass and one backward, or on a CPU with several threads (`cpu_workers`) one part per thread
+    (`run_parallel`), the parts' gradients added in order: the same sums up to float rounding.
+    """
+    parts = cpu_workers(device, n)
+    if parts == 1:
+        loss = part_loss(0, n)
+        loss.backward()
+        return loss.detach()
+
+    def task(lo: int, hi: int) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        loss = part_loss(lo, hi)
+        return loss.detach(), torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    bounds = [(int(rows[0]), int(rows[-1]) + 1) for rows in torch.arange(n).tensor_split(parts)]
+    results = run_parallel([functools.partial(task, lo, hi) for lo, hi in bounds])
+    for _, grads in results:
+        for leaf, grad in zip(leaves, grads, strict=True):
+            if grad is not None:
+                leaf.grad = grad if leaf.grad is None else leaf.grad.add_(grad)
+    return torch.stack([loss for loss, _ in results]).sum()

@@ -163,7 +163,9 @@ def test_anchor_batch_sets_the_chunks_and_what_resume_accepts(person, monkeypatc
         counter.calls.clear()
         by[batch] = project_anchors(G, images, cams, config, None)
         assert counter.calls == ([3, 3, 3] if batch == 3 else [4, 4, 1])
-    torch.testing.assert_close(by[3], by[4], atol=1e-5, rtol=0)
+    # Adam divides each entry's gradient by that entry's own running scale, so float-order noise in the renders
+    # moves entries whose gradient is near zero by up to ~1e-4 in 3 steps; a chunking bug moves them by ~lr (1e-2).
+    torch.testing.assert_close(by[3], by[4], atol=1e-4, rtol=0)
 
     partial = tmp_path / "partial.safetensors"
     three = PersonalizeConfig(anchor_steps=3, anchor_batch=3)

@@ -57,9 +57,16 @@ def test_invert_recovers_a_rendered_latent(tmp_path):
     assert psnr(again, target) > 30
 
 
-@pytest.mark.parametrize("init", ["mean", "nearest"])
-def test_a_batch_inverts_each_photo_as_it_would_alone(init: str) -> None:
-    """invert_images (one render per step for all photos) = invert_image photo by photo, to float rounding."""
+@pytest.mark.parametrize(("init", "threads"), [("mean", 1), ("nearest", 1), ("mean", 2)])
+def test_a_batch_inverts_each_photo_as_it_would_alone(init: str, threads: int, monkeypatch) -> None:
+    """invert_images (one render per step for all photos; with 2 CPU threads, 2 + 1 photos on a thread each:
+    speed.summed_gradients) = invert_image photo by photo, to float rounding."""
+    from my3dgen_cli import speed
+
+    parts = []
+    real = speed.run_parallel
+    monkeypatch.setattr(speed, "run_parallel", lambda tasks: parts.append(len(tasks)) or real(tasks))
+    torch.set_num_threads(threads)  # the one_thread fixture restores the count
     G, ws_true, _, _, anchors = _problem()
     cams = torch.cat([lookat_camera(20.0, 5.0), lookat_camera(-25.0, -3.0), lookat_camera(0.0, 8.0)])
     ws = torch.cat([ws_true, ws_true + 0.3, ws_true - 0.2])
@@ -74,6 +81,7 @@ def test_a_batch_inverts_each_photo_as_it_would_alone(init: str) -> None:
         assert together.init_anchor == alone.init_anchor
         assert together.ws.shape == (1, G.num_ws, G.w_dim) and together.image.shape == targets[:1].shape
     assert len({round(r.psnr, 3) for r in batch}) == 3  # three photos, three different fits
+    assert parts == ([2] * 12 if threads == 2 else [])  # every step of the batch in two parts, or none
 
 
 def test_a_batch_with_camera_refinement_goes_one_photo_at_a_time() -> None:

@@ -49,3 +49,65 @@ def test_cpu_device_uses_only_the_cores_of_its_affinity_mask() -> None:
             "pick_device('cpu')\n"
             "print(torch.get_num_threads())\n")
     assert _python(code, preexec_fn=lambda: os.sched_setaffinity(0, {one_core})) == "1"
+
+
+def test_run_parallel_keeps_order_context_and_errors() -> None:
+    import threading
+
+    import torch
+
+    from my3dgen_cli.eg3d import ops
+    from my3dgen_cli.speed import run_parallel
+
+    threads = torch.get_num_threads()
+    seen: list[tuple[int, bool, int]] = []
+
+    def task(i: int):
+        seen.append((threading.get_ident(), ops.fast_paths(), torch.get_num_threads()))
+        return torch.full((3,), float(i)).sum().item()
+
+    with ops.reference_paths():
+        assert run_parallel([lambda i=i: task(i) for i in range(3)]) == [0.0, 3.0, 6.0]
+    assert len({ident for ident, _, _ in seen}) == 3  # one thread each, the first the caller's
+    assert not any(fast for _, fast, _ in seen)  # the caller's reference_paths() reached every task
+    assert all(n == max(1, threads // 3) for _, _, n in seen)
+    assert torch.get_num_threads() == threads
+
+    def broken() -> None:
+        raise ValueError("part 2 failed")
+
+    with pytest.raises(ValueError, match="part 2 failed"):
+        run_parallel([lambda: 1, broken])
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_summed_gradients_in_parts_equal_one_backward(threads: int) -> None:
+    """5 rows in 1, 2 or 3 parts (a thread each): the same total and gradients; leaves that already hold a
+    gradient keep it (accumulated, as backward() does), leaves a part does not use are left alone."""
+    import torch
+
+    from my3dgen_cli.speed import summed_gradients
+
+    before = torch.get_num_threads()
+    x0 = torch.linspace(-2, 2, 15).reshape(5, 3)
+    weights = torch.arange(1.0, 6.0).unsqueeze(1)
+
+    def run(n_threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        x = x0.clone().requires_grad_(True)
+        unused = torch.zeros(2, requires_grad=True)
+        x.grad = torch.ones_like(x)
+        torch.set_num_threads(n_threads)
+        try:
+            total = summed_gradients(lambda lo, hi: (x[lo:hi].square() * weights[lo:hi]).sum(), 5, [x, unused],
+                                     torch.device("cpu"))
+        finally:
+            torch.set_num_threads(before)
+        return total, x.grad, unused.grad
+
+    total, grad, unused_grad = run(threads)
+    ref_total, ref_grad, _ = run(1)
+    torch.testing.assert_close(total, ref_total)
+    torch.testing.assert_close(grad, ref_grad)
+    torch.testing.assert_close(grad, 1 + 2 * x0 * weights)
+    assert unused_grad is None

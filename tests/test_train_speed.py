@@ -12,6 +12,7 @@ import torch
 from my3dgen_cli.eg3d import ops
 from my3dgen_cli.eg3d.camera import lookat_camera, mirror_camera
 from my3dgen_cli.lora import adapter_layers
+from my3dgen_cli.personalize import training
 from my3dgen_cli.personalize.pipeline import PersonalizeConfig
 from my3dgen_cli.personalize.symmetry import mirror_pair
 from my3dgen_cli.personalize.training import train_adapter
@@ -72,3 +73,29 @@ def test_symmetry_step_shares_the_main_pass_planes_and_matches_separate_passes(p
     for a, b in zip(adapter_layers(G_fast).values(), adapter_layers(G_ref).values(), strict=True):
         assert torch.allclose(a.lora_A, b.lora_A, atol=ADAM_ATOL) and torch.allclose(a.lora_B, b.lora_B, atol=ADAM_ATOL)
     assert any(a.lora_B.abs().sum() > 0 for a in adapter_layers(G_fast).values())
+
+
+def test_photos_of_a_step_in_parallel_threads_match_one_pass(person):
+    """CPU with 2 threads: the step's 2 photos render on a thread each (speed.run_parallel); the loss, the
+    symmetry term and the gradients equal those of one batched pass to float rounding."""
+    calls = []
+    real = training.run_parallel
+    results = {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        G = fresh(person)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(training, "run_parallel", lambda tasks: calls.append(len(tasks)) or real(tasks))
+            _, w, hidden = person
+            images, raws, cams = views(hidden, w, TRAIN_YAWS[:2])
+            result = train_adapter(G, images, cams, w.expand(2, -1, -1),
+                                   PersonalizeConfig(steps=1, batch=2, checkpoint_every=0), raw_images=raws)
+        params = [p for p in G.parameters() if p.grad is not None]  # the step's gradients stay on them
+        results[threads] = result.log[0], [p.grad.clone() for p in params]
+    assert calls == [2]  # the 2-thread run split its step in two; one thread runs the batch as one pass
+    (log1, grads1), (log2, grads2) = results[1], results[2]
+    assert "sym" in log1 and log1["sym"] == pytest.approx(log2["sym"], rel=1e-5)
+    assert log1["loss"] == pytest.approx(log2["loss"], rel=1e-6)
+    assert len(grads1) == len(grads2) > 0
+    for a, b in zip(grads1, grads2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())

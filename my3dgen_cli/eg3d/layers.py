@@ -78,13 +78,18 @@ class FullyConnectedLayer(nn.Module):
         """The stored weight plus the adapter's delta, if one is attached."""
         return adapted_weight(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.effective_weight().to(x.dtype) * self.weight_gain
+    def scaled(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) as the layer applies them: adapted, times their gains, in `dtype`."""
+        w = self.effective_weight().to(dtype) * self.weight_gain
         b = self.bias
         if b is not None:
-            b = b.to(x.dtype)
+            b = b.to(dtype)
             if self.bias_gain != 1:
                 b = b * self.bias_gain
+        return w, b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.scaled(x.dtype)
         if self.activation == "linear" and b is not None:
             return torch.addmm(b.unsqueeze(0), x, w.t())
         return ops.bias_act(x.matmul(w.t()), b, act=self.activation)

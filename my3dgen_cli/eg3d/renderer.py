@@ -90,9 +90,13 @@ def mean_plane_features(planes: torch.Tensor, coordinates: torch.Tensor, box_war
     Averaging before the channels-last permute copies a third as much; the same three values are
     summed in the same order, so the result is bitwise that of `sample_from_planes(...).mean(1)`.
     """
-    c = planes.shape[-3]
+    return plane_samples(planes, coordinates, box_warp).mean(1).transpose(1, 2)
+
+
+def plane_samples(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
+    """`sample_from_planes` in grid_sample's own layout, [N, 3, C, M] (no copy): `OSGDecoder.decode_samples`' input."""
     out = _plane_samples(planes, coordinates, box_warp)  # [N*3, C, 1, M]
-    return out.reshape(-1, len(PLANE_AXES), c, out.shape[-1]).mean(1).transpose(1, 2)
+    return out.reshape(-1, len(PLANE_AXES), planes.shape[-3], out.shape[-1])
 
 
 def _cumprod(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -303,6 +307,8 @@ class ImportanceRenderer(nn.Module):
         box_warp = float(options["box_warp"])
 
         def decode(part: torch.Tensor) -> dict:
+            if hasattr(decoder, "decode_samples"):
+                return decoder.decode_samples(plane_samples(planes, part, box_warp))
             return decoder.decode(mean_plane_features(planes, part, box_warp))
 
         out = decode_in_chunks(decode, points) if chunked else decode(points)

@@ -17,6 +17,7 @@ from my3dgen_cli.eg3d import ops
 from my3dgen_cli.eg3d.backbone import Backbone
 from my3dgen_cli.eg3d.camera import check_label
 from my3dgen_cli.eg3d.configs import GeneratorConfig
+from my3dgen_cli.eg3d.fused_decoder import decode_plane_samples, use_fused
 from my3dgen_cli.eg3d.layers import FullyConnectedLayer, Softplus
 from my3dgen_cli.eg3d.renderer import ImportanceRenderer, ray_bundle
 from my3dgen_cli.eg3d.superres import Superresolution
@@ -37,8 +38,26 @@ class OSGDecoder(nn.Module):
         """sampled_features: [N, 3, M, C] -> {"rgb": [N, M, out], "sigma": [N, M, 1]}."""
         return self.decode(sampled_features.mean(1))
 
+    def decode_samples(self, samples: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Plane samples [N, 3, C, M] (channels before points: grid_sample's layout) -> `forward`'s outputs.
+
+        fp32 on the CPU the mean and both layers run in cache-sized chunks (fused_decoder.py); elsewhere
+        (and inside `ops.reference_paths()`) this is `decode(samples.mean(1).transpose(1, 2))`.
+        """
+        fc1, act, fc2 = self.net
+        if use_fused(samples) and isinstance(act, Softplus):
+            w1, b1 = fc1.scaled(samples.dtype)
+            w2, b2 = fc2.scaled(samples.dtype)
+            if b1 is not None and b2 is not None:
+                return decode_plane_samples(samples, w1, b1, w2, b2)
+        return self._decode(samples.mean(1).transpose(1, 2))
+
     def decode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Features already averaged over the planes, [N, M, C] (the renderer's fast path)."""
+        """Features already averaged over the planes, [N, M, C]."""
+        return self._decode(x)
+
+    def _decode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`decode`, which `decode_samples` also calls (speed.activation_checkpointing wraps the two public names)."""
         m, c = x.shape[1], x.shape[2]
         x = self.net(x.reshape(-1, c))
         x = x.reshape(-1, m, x.shape[-1])  # -1 for the batch: exported graphs keep it dynamic

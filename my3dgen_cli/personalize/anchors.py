@@ -10,6 +10,7 @@ term, and render with deterministic sampling, so a projection is reproducible.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from my3dgen_cli.optim import Adam
+from my3dgen_cli.speed import summed_gradients
 
 SPACES = ("w", "w+")
 
@@ -71,6 +73,13 @@ def project_to_w(
         raise ValueError(f"steps: got {steps}, expected >= 0")
     w_avg = G.backbone.mapping.w_avg.detach()
     num_ws = G.num_ws
+
+    def part_loss(w: torch.Tensor, target: torch.Tensor, cams: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo:hi's share of the chunk's loss (its mean over the chunk's photos)."""
+        ws = w[lo:hi].expand(hi - lo, num_ws, -1)  # w: one row ("w") or num_ws rows ("w+") per photo
+        render = G.synthesis(ws, cams[lo:hi], noise_mode="const", sampling="deterministic")["image"]
+        part = perceptual_distance(lpips, render, target[lo:hi]) + l2_weight * F.mse_loss(render, target[lo:hi])
+        return part * ((hi - lo) / target.shape[0]) if hi - lo < target.shape[0] else part
     target_all = resize(images, G.img_resolution)
     out = []
     requires = [p.requires_grad for p in G.parameters()]
@@ -91,11 +100,8 @@ def project_to_w(
                 ramp *= min(1.0, (step + 1) / max(0.05 * steps, 1.0))
                 for group in opt.param_groups:
                     group["lr"] = lr * ramp
-                ws = w.expand(n, num_ws, -1) if space == "w" else w
-                render = G.synthesis(ws, cams, noise_mode="const", sampling="deterministic")["image"]
-                loss = perceptual_distance(lpips, render, target) + l2_weight * F.mse_loss(render, target)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = summed_gradients(functools.partial(part_loss, w, target, cams), n, [w], w.device)
                 opt.step()
                 if on_step is not None:
                     on_step(step, float(loss.detach()))

@@ -15,6 +15,7 @@ state and the loss log, so a resumed run equals an uninterrupted one bit for bit
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 import time
@@ -37,7 +38,14 @@ from my3dgen_cli.personalize.checkpoints import keep_checkpoint, resume_checkpoi
 from my3dgen_cli.personalize.config import PersonalizeConfig, TrainConfig
 from my3dgen_cli.personalize.distributed import SINGLE, Dist, fault_hook, reduce_sum, shard, sum_gradients
 from my3dgen_cli.personalize.symmetry import SymmetryDistance, mse_distance, symmetry_cameras, symmetry_loss
-from my3dgen_cli.speed import activation_checkpointing, autocast, check_amp, use_channels_last
+from my3dgen_cli.speed import (
+    activation_checkpointing,
+    autocast,
+    check_amp,
+    cpu_workers,
+    run_parallel,
+    use_channels_last,
+)
 
 
 class TrainingInterrupted(My3DGenError):
@@ -189,6 +197,8 @@ def train_adapter(
         nhwc=use_channels_last(config.channels_last, device, amp),
         rig=camera_rig(G),  # symmetry views orbit the base's own pivot
     )
+    if not config.compile and check_amp(amp) != "fp16":
+        loop.workers = cpu_workers(device, -(-min(config.batch, n) // config.accum))
     fingerprint = {**config.resume_fingerprint(), "photos": n, "trainable": n_params}
     start, log = _resume(loop, checkpoint_dir, fingerprint) if resume and checkpoint_dir is not None else (0, [])
     saved: list[Path] = []
@@ -258,6 +268,7 @@ class _Loop:
     distance: SymmetryDistance
     nhwc: bool
     rig: Any
+    workers: int = 1  # CPU: parts of each chunk of photos rendered at once, one thread each (speed.cpu_workers)
     synth: Callable = field(init=False)
 
     def __post_init__(self) -> None:
@@ -287,6 +298,30 @@ def _resume(loop: _Loop, checkpoint_dir: Path, fingerprint: dict[str, Any]) -> t
     return state.step, list(state.log)
 
 
+def _chunk_loss(loop: _Loop, chunk: torch.Tensor, share: float, sym_cams: torch.Tensor | None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of the photos `chunk` (weighted by their `share` of the batch, plus the symmetry term with
+    `sym_cams`) and its row of the step's totals (loss, mse, lpips, sym)."""
+    config = loop.config
+    with autocast(loop.photo.device, config.amp):
+        out, sym = _forward(loop.G, loop.synth, loop.anchors_ws[chunk], loop.cameras[chunk], loop.nhwc, sym_cams,
+                            loop.distance)
+    mse, perc = reconstruction_terms(out, loop.photo[chunk], loop.photo_raw[chunk], loop.lpips)
+    loss = (mse + perc) * share
+    totals = torch.stack([mse + perc, mse, perc, torch.zeros_like(mse)]).detach() * share
+    if sym is not None:
+        loss = loss + config.sym_weight * sym
+        totals += _sym_totals(config.sym_weight, sym)
+    return loss, totals
+
+
+def _part_gradients(loop: _Loop, part: torch.Tensor, share: float, sym_cams: torch.Tensor | None,
+                    ) -> tuple[tuple[torch.Tensor | None, ...], torch.Tensor]:
+    """`_chunk_loss` of one part and its gradients (returned, not accumulated: the caller sums the parts in order)."""
+    loss, totals = _chunk_loss(loop, part, share, sym_cams)
+    return torch.autograd.grad(loop.scaler.scale(loss), loop.params, allow_unused=True), totals
+
+
 def _step(loop: _Loop, step: int) -> dict[str, float]:
     """One optimizer step (batch `step` of the run); its log record (loss, mse, lpips, sym on symmetry steps)."""
     config, world, device = loop.config, loop.world, loop.photo.device
@@ -301,17 +336,21 @@ def _step(loop: _Loop, step: int) -> dict[str, float]:
     # The symmetry latent idx[0] opens rank 0's first chunk: its tri-planes come from that pass.
     share_planes = sym_here and world.rank == 0 and not config.compile and ops.fast_paths()
     for k, chunk in enumerate(c for c in torch.tensor_split(shard(idx, world), config.accum) if c.numel()):
-        share = chunk.numel() / idx.numel()  # of the whole (all ranks') batch
-        with autocast(device, config.amp):
-            out, sym = _forward(loop.G, loop.synth, loop.anchors_ws[chunk], loop.cameras[chunk], loop.nhwc,
-                                sym_cams if share_planes and k == 0 else None, loop.distance)
-        mse, perc = reconstruction_terms(out, loop.photo[chunk], loop.photo_raw[chunk], loop.lpips)
-        loss = (mse + perc) * share
-        totals += torch.stack([mse + perc, mse, perc, torch.zeros_like(mse)]).detach() * share
-        if sym is not None:
-            loss = loss + config.sym_weight * sym
-            totals += _sym_totals(config.sym_weight, sym)
-        loop.scaler.scale(loss).backward()
+        chunk_sym = sym_cams if share_planes and k == 0 else None
+        parts = [part for part in torch.tensor_split(chunk, loop.workers) if part.numel()]
+        if len(parts) == 1:
+            loss, chunk_totals = _chunk_loss(loop, chunk, chunk.numel() / idx.numel(), chunk_sym)
+            loop.scaler.scale(loss).backward()
+            totals += chunk_totals
+            continue
+        # CPU: the chunk's photos in parallel threads (speed.run_parallel), their gradients summed in order
+        tasks = [functools.partial(_part_gradients, loop, part, part.numel() / idx.numel(),
+                                   chunk_sym if j == 0 else None) for j, part in enumerate(parts)]
+        for grads, part_totals in run_parallel(tasks):
+            totals += part_totals
+            for p, g in zip(loop.params, grads, strict=True):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
     if sym_here and not share_planes:
         with autocast(device, config.amp):
             sym = symmetry_loss(loop.G, loop.anchors_ws[idx[:1]], sym_cams, loop.distance,

@@ -33,6 +33,7 @@ from my3dgen_cli.eg3d.camera import FFHQ_PIVOT, camera_rig, check_label
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.optim import Adam
 from my3dgen_cli.output import Output
+from my3dgen_cli.speed import summed_gradients
 from my3dgen_cli.use.sources import ModelChoice
 
 SPACES = ("w", "w+")
@@ -226,8 +227,13 @@ def invert_images(
 
     unknowns = _Unknowns(G, cfg, ws0, anchors, cameras, init_anchors[0])
     # The mean losses times n: the sum over photos (each has the same number of pixels); n = 1 is exact.
+    def part_loss(lo: int, hi: int) -> torch.Tensor:  # photos lo:hi's share of the sum
+        ws, cams = unknowns.ws()[lo:hi], unknowns.camera()[lo:hi]
+        return render_losses(G, ws, cams, targets[lo:hi], perceptual, cfg)[0] * (hi - lo)
+
+    leaves = [p for group in unknowns.groups for p in group["params"]]
     losses = _optimize(unknowns.groups, cfg.steps, None if on_step is None else lambda s, v: on_step(s, v / n),
-                       lambda: render_losses(G, unknowns.ws(), unknowns.camera(), targets, perceptual, cfg)[0] * n)
+                       lambda: summed_gradients(part_loss, n, leaves, targets.device))
     losses = [v / n for v in losses]
     with torch.no_grad():
         ws, cams = unknowns.ws().detach().clone(), unknowns.camera().detach().clone()
@@ -289,7 +295,10 @@ class _Unknowns:
 
 def _optimize(groups: list[dict], steps: int, on_step: Callable[[int, float], None] | None,
               loss_fn: Callable[[], torch.Tensor]) -> list[float]:
-    """Adam over `groups` for `steps` steps, the learning rates on a cosine decay; the loss of each step."""
+    """Adam over `groups` for `steps` steps, the learning rates on a cosine decay; the loss of each step.
+
+    loss_fn() returns a step's loss with its gradient already in the parameters' .grad (speed.summed_gradients).
+    """
     losses: list[float] = []
     if steps <= 0:
         return losses
@@ -301,9 +310,8 @@ def _optimize(groups: list[dict], steps: int, on_step: Callable[[int, float], No
         scale = 1.0 if t < 0.25 else 0.5 * (1 + math.cos(math.pi * (t - 0.25) / 0.75))
         for group, base_lr in zip(opt.param_groups, base_lrs, strict=True):
             group["lr"] = base_lr * max(scale, 0.05)
-        loss = loss_fn()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = loss_fn()  # and its gradient
         opt.step()
         losses.append(float(loss.detach()))
         if on_step is not None:

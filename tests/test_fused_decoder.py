@@ -1,0 +1,92 @@
+"""The tri-plane decoder's chunked CPU path (eg3d/fused_decoder.py) against the op-by-op reference.
+
+Reference: the same decoder inside `ops.reference_paths()`, which averages the planes and runs FC,
+torch's softplus, FC and the colour sigmoid on the whole tensor with torch's own autograd.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from my3dgen_cli.eg3d import build_generator, fused_decoder, ops
+from my3dgen_cli.eg3d.camera import lookat_camera
+from my3dgen_cli.eg3d.triplane import OSGDecoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _decoder_and_samples(points: int = 1000, spread: float = 8.0) -> tuple[OSGDecoder, torch.Tensor]:
+    """A decoder whose hidden layer spans softplus' whole range (below -17, above its threshold of 20)."""
+    torch.manual_seed(0)
+    decoder = OSGDecoder(16, 64, 16)
+    with torch.no_grad():
+        decoder.net[0].bias.normal_(0, 5)
+        decoder.net[2].bias.normal_(0, 1)
+    return decoder, torch.randn(2, 3, 16, points) * spread
+
+
+def _outputs_and_grads(decoder: OSGDecoder, samples: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
+    samples = samples.clone().requires_grad_(True)
+    out = decoder.decode_samples(samples)
+    loss = (out["rgb"] * torch.linspace(-1, 1, out["rgb"].shape[-1])).sum() + out["sigma"].square().sum() * 0.01
+    params = list(decoder.parameters())
+    return out, torch.autograd.grad(loss, [samples, *params])
+
+
+def test_chunked_decoder_matches_the_reference_values_and_gradients(monkeypatch):
+    monkeypatch.setattr(fused_decoder, "CHUNK_POINTS", 96)  # 1000 points: ten full chunks and a partial one
+    decoder, samples = _decoder_and_samples()
+    hidden = decoder.net[0](samples.mean(1).transpose(1, 2).reshape(-1, 16))
+    assert hidden.min() < -17 and hidden.max() > 20  # both ends of softplus are exercised
+    assert fused_decoder.use_fused(samples)
+    fast, fast_grads = _outputs_and_grads(decoder, samples)
+    with ops.reference_paths():
+        assert not fused_decoder.use_fused(samples)
+        ref, ref_grads = _outputs_and_grads(decoder, samples)
+    for key in ("rgb", "sigma"):
+        assert fast[key].shape == ref[key].shape
+        torch.testing.assert_close(fast[key], ref[key], rtol=1e-5, atol=1e-5)
+    names = ["samples"] + [name for name, _ in decoder.named_parameters()]
+    for name, a, b in zip(names, fast_grads, ref_grads, strict=True):
+        assert a.abs().max() > 0, name
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item(), msg=name)
+
+
+def test_chunked_decoder_without_autograd_gives_the_same_outputs(monkeypatch):
+    monkeypatch.setattr(fused_decoder, "CHUNK_POINTS", 128)
+    decoder, samples = _decoder_and_samples(points=300)
+    with_grad, _ = _outputs_and_grads(decoder, samples)
+    with torch.no_grad():
+        plain = decoder.decode_samples(samples)
+    for key in ("rgb", "sigma"):
+        assert torch.equal(plain[key], with_grad[key].detach())
+
+
+def test_autocast_and_other_dtypes_take_the_reference_path():
+    decoder, samples = _decoder_and_samples(points=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_decoder.use_fused(samples)
+        out = decoder.decode_samples(samples)
+    assert out["rgb"].dtype == torch.bfloat16  # autocast's matmuls ran: the reference path
+    assert not fused_decoder.use_fused(samples.double())
+
+
+def test_training_render_matches_the_reference_paths():
+    """A whole tiny generator in training mode: image and the gradient that reaches the latents."""
+    torch.manual_seed(0)
+    G = build_generator("tiny").train()
+    ws = torch.randn(2, G.num_ws, G.w_dim)
+    cams = lookat_camera(torch.tensor([-20.0, 25.0]), 5.0)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        w = ws.clone().requires_grad_(True)
+        out = G.synthesis(w, cams, noise_mode="const", sampling="deterministic")
+        (out["image"].square().mean() + out["image_depth"].mean()).backward()
+        return out["image"].detach(), w.grad
+
+    image, grad = run()
+    with ops.reference_paths():
+        ref_image, ref_grad = run()
+    torch.testing.assert_close(image, ref_image, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
