@@ -60,15 +60,16 @@ def test_run_parallel_keeps_order_context_and_errors() -> None:
     from my3dgen_cli.speed import run_parallel
 
     threads = torch.get_num_threads()
-    seen: list[tuple[int, bool, int]] = []
+    seen: list[tuple[threading.Thread, bool, int]] = []
 
     def task(i: int):
-        seen.append((threading.get_ident(), ops.fast_paths(), torch.get_num_threads()))
+        seen.append((threading.current_thread(), ops.fast_paths(), torch.get_num_threads()))
         return torch.full((3,), float(i)).sum().item()
 
     with ops.reference_paths():
         assert run_parallel([lambda i=i: task(i) for i in range(3)]) == [0.0, 3.0, 6.0]
-    assert len({ident for ident, _, _ in seen}) == 3  # one thread each, the first the caller's
+    assert len({id(thread) for thread, _, _ in seen}) == 3  # one thread each (kept alive in `seen`: ids stay unique)
+    assert threading.main_thread() in [thread for thread, _, _ in seen]  # the first task runs on the caller's
     assert not any(fast for _, fast, _ in seen)  # the caller's reference_paths() reached every task
     assert all(n == max(1, threads // 3) for _, _, n in seen)
     assert torch.get_num_threads() == threads

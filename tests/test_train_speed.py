@@ -92,7 +92,7 @@ def test_photos_of_a_step_in_parallel_threads_match_one_pass(person):
                                    PersonalizeConfig(steps=1, batch=2, checkpoint_every=0), raw_images=raws)
         params = [p for p in G.parameters() if p.grad is not None]  # the step's gradients stay on them
         results[threads] = result.log[0], [p.grad.clone() for p in params]
-    assert calls == [2]  # the 2-thread run split its step in two; one thread runs the batch as one pass
+    assert calls == [3]  # 2 threads: a task per photo and one for the symmetry term; 1 thread: one pass
     (log1, grads1), (log2, grads2) = results[1], results[2]
     assert "sym" in log1 and log1["sym"] == pytest.approx(log2["sym"], rel=1e-5)
     assert log1["loss"] == pytest.approx(log2["loss"], rel=1e-6)

@@ -129,8 +129,8 @@ class Softplus(nn.Softplus):
     For x < -17, 1 + e^x rounds to 1, so the result is 0 instead of e^x < 5e-8 (absolute error below
     that); elsewhere the two agree to float rounding (tests/test_eg3d.py). Saving the sigmoid and the
     maximum took a quarter off its CPU time, forward and forward + backward ([24576, 64], one thread).
-    The tri-plane decoder's hidden layer is the only user: there it was the largest element-wise op
-    of a tiny training step.
+    The tri-plane decoder's hidden layer is the only user, where its chunked path (fused_decoder.py, which has
+    its own softplus) does not run: under autocast and in other dtypes.
     Inside `ops.reference_paths()`, while exporting to ONNX (which has Softplus) and off the CPU: torch's op.
     """
 

@@ -315,11 +315,25 @@ def _chunk_loss(loop: _Loop, chunk: torch.Tensor, share: float, sym_cams: torch.
     return loss, totals
 
 
-def _part_gradients(loop: _Loop, part: torch.Tensor, share: float, sym_cams: torch.Tensor | None,
+def _sym_term(loop: _Loop, latent: torch.Tensor, sym_cams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weighted symmetry term of anchor `latent` ([1] index) in a pass of its own, and its row of the totals."""
+    with autocast(loop.photo.device, loop.config.amp):
+        sym = symmetry_loss(loop.G, loop.anchors_ws[latent], sym_cams, loop.distance, channels_last=loop.nhwc).float()
+    return loop.config.sym_weight * sym, _sym_totals(loop.config.sym_weight, sym)
+
+
+def _part_gradients(loop: _Loop, part: torch.Tensor, share: float,
                     ) -> tuple[tuple[torch.Tensor | None, ...], torch.Tensor]:
     """`_chunk_loss` of one part and its gradients (returned, not accumulated: the caller sums the parts in order)."""
-    loss, totals = _chunk_loss(loop, part, share, sym_cams)
+    loss, totals = _chunk_loss(loop, part, share, None)
     return torch.autograd.grad(loop.scaler.scale(loss), loop.params, allow_unused=True), totals
+
+
+def _sym_gradients(loop: _Loop, latent: torch.Tensor, sym_cams: torch.Tensor,
+                   ) -> tuple[tuple[torch.Tensor | None, ...], torch.Tensor]:
+    """`_sym_term` and its gradients, as `_part_gradients` returns them."""
+    sym, totals = _sym_term(loop, latent, sym_cams)
+    return torch.autograd.grad(loop.scaler.scale(sym), loop.params, allow_unused=True), totals
 
 
 def _step(loop: _Loop, step: int) -> dict[str, float]:
@@ -333,30 +347,32 @@ def _step(loop: _Loop, step: int) -> dict[str, float]:
     loop.opt.zero_grad(set_to_none=True)
     totals = torch.zeros(4, device=device)  # loss, mse, lpips, sym: this rank's share
     sym_here = sym_cams is not None and sym_rank == world.rank
-    # The symmetry latent idx[0] opens rank 0's first chunk: its tri-planes come from that pass.
-    share_planes = sym_here and world.rank == 0 and not config.compile and ops.fast_paths()
+    # CPU threads: the symmetry term is a task of its own beside the first chunk's photos (it renders two views,
+    # which on the thread of a one-photo part would keep the others waiting). Otherwise the symmetry latent
+    # idx[0] opens rank 0's first chunk and its tri-planes come from that pass.
+    sym_task = sym_here and loop.workers > 1
+    share_planes = sym_here and not sym_task and world.rank == 0 and not config.compile and ops.fast_paths()
     for k, chunk in enumerate(c for c in torch.tensor_split(shard(idx, world), config.accum) if c.numel()):
-        chunk_sym = sym_cams if share_planes and k == 0 else None
         parts = [part for part in torch.tensor_split(chunk, loop.workers) if part.numel()]
-        if len(parts) == 1:
-            loss, chunk_totals = _chunk_loss(loop, chunk, chunk.numel() / idx.numel(), chunk_sym)
+        if len(parts) == 1 and not (sym_task and k == 0):
+            loss, chunk_totals = _chunk_loss(loop, chunk, chunk.numel() / idx.numel(),
+                                             sym_cams if share_planes and k == 0 else None)
             loop.scaler.scale(loss).backward()
             totals += chunk_totals
             continue
-        # CPU: the chunk's photos in parallel threads (speed.run_parallel), their gradients summed in order
-        tasks = [functools.partial(_part_gradients, loop, part, part.numel() / idx.numel(),
-                                   chunk_sym if j == 0 else None) for j, part in enumerate(parts)]
+        # the chunk's photos (and the symmetry term) on parallel threads, their gradients summed in order
+        tasks = [functools.partial(_part_gradients, loop, part, part.numel() / idx.numel()) for part in parts]
+        if sym_task and k == 0:
+            tasks.append(functools.partial(_sym_gradients, loop, idx[:1], sym_cams))
         for grads, part_totals in run_parallel(tasks):
             totals += part_totals
             for p, g in zip(loop.params, grads, strict=True):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad.add_(g)
-    if sym_here and not share_planes:
-        with autocast(device, config.amp):
-            sym = symmetry_loss(loop.G, loop.anchors_ws[idx[:1]], sym_cams, loop.distance,
-                                channels_last=loop.nhwc).float()
-        loop.scaler.scale(config.sym_weight * sym).backward()
-        totals += _sym_totals(config.sym_weight, sym)
+    if sym_here and not share_planes and not sym_task:
+        sym, sym_totals = _sym_term(loop, idx[:1], sym_cams)
+        loop.scaler.scale(sym).backward()
+        totals += sym_totals
     sum_gradients(loop.params, world)  # summed scaled gradients: every rank sees the same inf/nan
     loop.scaler.step(loop.opt)  # fp16: unscale, skip the step on inf/nan; otherwise opt.step()
     loop.scaler.update()
