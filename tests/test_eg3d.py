@@ -278,3 +278,21 @@ def test_inference_render_equals_the_reference_paths(tiny) -> None:
             reference = tiny.synthesis(ws, c)
     for key in fast:
         assert (fast[key] - reference[key]).abs().max() <= 1e-5, key
+
+
+@pytest.mark.parametrize(("samples", "channels"), [(12, 16), (48, 32)])  # tiny (multiply-sum), full size (bmm)
+def test_weighted_colors_is_the_weighted_sum_with_its_gradients(samples: int, channels: int) -> None:
+    from my3dgen_cli.eg3d.renderer import SMALL_PRODUCT, weighted_colors
+
+    assert (samples * channels < SMALL_PRODUCT) == (samples == 12)
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(2, 5, samples, 1, generator=g, requires_grad=True)
+    colors = torch.randn(2, 5, samples, channels, generator=g, requires_grad=True)
+    seed = torch.randn(2, 5, channels, generator=g)
+    out = weighted_colors(colors, weights)
+    ref = (weights.double() * colors.double()).sum(-2)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad((out * seed).sum(), (weights, colors))
+    ref_grads = torch.autograd.grad((ref * seed.double()).sum(), (weights, colors))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
