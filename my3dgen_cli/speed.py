@@ -159,9 +159,12 @@ def cpu_workers(device: torch.device, items: int) -> int:
     torch's CPU thread count, at most `items`; 1 off the CPU.
 
     The split changes the float order of the batch's sums (as torch's thread count itself does), so results
-    match bit for bit on the same machine, not across machines with other core counts.
+    match bit for bit on the same machine, not across machines with other core counts. Inside
+    `ops.reference_paths()` a batch is one pass, as before this path existed.
     """
-    if device.type != "cpu":
+    from my3dgen_cli.eg3d.ops import fast_paths
+
+    if device.type != "cpu" or not fast_paths():
         return 1
     return max(1, min(torch.get_num_threads(), items))
 
