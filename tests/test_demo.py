@@ -51,6 +51,7 @@ def env(demo_run, monkeypatch: pytest.MonkeyPatch):
 def test_demo_runs_and_report_has_every_section_and_file(env):
     home, out, result = env
     assert result.exit_code == 0, result.output
+    assert "warning:" not in result.stderr  # missing loss networks: the demo's one note, not a warning each
     data = json.loads(result.stdout)
     report = Path(data["report"])
     assert report == out / "report.html"

@@ -290,7 +290,7 @@ def run_demo(
     config = PersonalizeConfig(steps=settings.personalize_steps, anchor_steps=settings.anchor_steps,
                                anchor_batch=train.images.shape[0] if synthetic else PersonalizeConfig.anchor_batch,
                                sym_loss="id", checkpoint_every=0)
-    nets = LossNets.load(config, offline=True)  # the demo never downloads: one note instead of a warning each
+    nets = LossNets.load(config, offline=True, warn=False)  # the demo never downloads: one note, below
     missing = [name for name, net in (("lpips-vgg16", nets.anchor_lpips), ("lpips-alexnet", nets.train_lpips),
                                       ("arcface-ir-se50", nets.identity)) if net is None]
     if missing:
