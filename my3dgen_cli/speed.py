@@ -232,7 +232,18 @@ def summed_gradients(part_loss: Callable[[int, int], torch.Tensor], n: int, leav
     bounds = [(int(rows[0]), int(rows[-1]) + 1) for rows in torch.arange(n).tensor_split(parts)]
     results = run_parallel([functools.partial(task, lo, hi) for lo, hi in bounds])
     for _, grads in results:
-        for leaf, grad in zip(leaves, grads, strict=True):
-            if grad is not None:
-                leaf.grad = grad if leaf.grad is None else leaf.grad.add_(grad)
+        add_gradients(leaves, grads)
     return torch.stack([loss for loss, _ in results]).sum()
+
+
+def add_gradients(leaves: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """Add `torch.autograd.grad` results into the leaves' `.grad`, as backward() accumulates them.
+
+    A new `.grad` starts as zeros shaped like its leaf: the gradient autograd.grad returns may be laid
+    out otherwise (a broadcast's stride-0 view), which a later in-place add could not take.
+    """
+    for leaf, grad in zip(leaves, grads, strict=True):
+        if grad is not None:
+            if leaf.grad is None:
+                leaf.grad = torch.zeros_like(leaf)
+            leaf.grad.add_(grad)

@@ -85,7 +85,8 @@ def test_run_parallel_keeps_order_context_and_errors() -> None:
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_summed_gradients_in_parts_equal_one_backward(threads: int) -> None:
     """5 rows in 1, 2 or 3 parts (a thread each): the same total and gradients; leaves that already hold a
-    gradient keep it (accumulated, as backward() does), leaves a part does not use are left alone."""
+    gradient keep it (accumulated, as backward() does), leaves a part does not use are left alone, and a
+    gradient autograd hands back as a broadcast (`y.sum()`'s) still adds up."""
     import torch
 
     from my3dgen_cli.speed import summed_gradients
@@ -96,21 +97,23 @@ def test_summed_gradients_in_parts_equal_one_backward(threads: int) -> None:
 
     def run(n_threads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         x = x0.clone().requires_grad_(True)
+        y = torch.zeros(4, requires_grad=True)
         unused = torch.zeros(2, requires_grad=True)
         x.grad = torch.ones_like(x)
         torch.set_num_threads(n_threads)
         try:
-            total = summed_gradients(lambda lo, hi: (x[lo:hi].square() * weights[lo:hi]).sum(), 5, [x, unused],
-                                     torch.device("cpu"))
+            total = summed_gradients(lambda lo, hi: (x[lo:hi].square() * weights[lo:hi]).sum() + y.sum(), 5,
+                                     [x, y, unused], torch.device("cpu"))
         finally:
             torch.set_num_threads(before)
-        return total, x.grad, unused.grad
+        return total, x.grad, y.grad, unused.grad
 
-    total, grad, unused_grad = run(threads)
-    ref_total, ref_grad, _ = run(1)
+    total, grad, y_grad, unused_grad = run(threads)
+    ref_total, ref_grad, _, _ = run(1)
     torch.testing.assert_close(total, ref_total)
     torch.testing.assert_close(grad, ref_grad)
     torch.testing.assert_close(grad, 1 + 2 * x0 * weights)
+    torch.testing.assert_close(y_grad, torch.full((4,), float(min(threads, 5))))  # y.sum() once per part
     assert unused_grad is None
 
 

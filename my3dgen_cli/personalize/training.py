@@ -40,6 +40,7 @@ from my3dgen_cli.personalize.distributed import SINGLE, Dist, fault_hook, reduce
 from my3dgen_cli.personalize.symmetry import SymmetryDistance, mse_distance, symmetry_cameras, symmetry_loss
 from my3dgen_cli.speed import (
     activation_checkpointing,
+    add_gradients,
     autocast,
     check_amp,
     cpu_workers,
@@ -366,9 +367,7 @@ def _step(loop: _Loop, step: int) -> dict[str, float]:
             tasks.append(functools.partial(_sym_gradients, loop, idx[:1], sym_cams))
         for grads, part_totals in run_parallel(tasks):
             totals += part_totals
-            for p, g in zip(loop.params, grads, strict=True):
-                if g is not None:
-                    p.grad = g if p.grad is None else p.grad.add_(g)
+            add_gradients(loop.params, grads)
     if sym_here and not share_planes and not sym_task:
         sym, sym_totals = _sym_term(loop, idx[:1], sym_cams)
         loop.scaler.scale(sym).backward()
