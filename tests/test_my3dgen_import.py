@@ -232,3 +232,21 @@ def test_plain_eg3d_pickle_and_garbage_are_one_line(shared_dir, isolated_home, t
     junk = tmp_path / "junk.pkl.xz"
     junk.write_bytes(b"\xfd7zXZ\x00" + b"not really xz")
     assert "junk.pkl.xz" in _refused(["identities", "import", str(junk), "--name", "ana"], isolated_home)
+
+
+def test_name_clashes_are_refused_before_the_snapshot_is_read_or_a_bar_shown(isolated_home, tmp_path, monkeypatch):
+    """An existing NAME-base (or identity) is refused in one line before the progress bar opens and before the
+    (possibly large) snapshot is read: here the file is garbage, and the clash is what is reported."""
+    from my3dgen_cli.output import Output
+
+    opened = []
+    real = Output.progress
+    monkeypatch.setattr(Output, "progress", lambda self, *a, **k: opened.append(1) or real(self, *a, **k))
+    junk = tmp_path / "network-snapshot-000100.pkl"
+    junk.write_bytes(b"not a pickle")
+    local_bases_dir().mkdir(parents=True, exist_ok=True)
+    (local_bases_dir() / "ana-base.safetensors").write_bytes(b"a base the user made")
+    message = _refused(["identities", "import", str(junk), "--name", "ana"], isolated_home)
+    assert "local base 'ana-base' already exists" in message and not opened
+    missing = _refused(["identities", "import", str(tmp_path / "nope.pkl"), "--name", "bob"], isolated_home)
+    assert "nope.pkl: no such file" in missing and not opened

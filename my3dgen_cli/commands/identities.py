@@ -128,9 +128,10 @@ def identities_import(
 
 def _import_snapshot(snapshot: Path, name: str, base: str | None, force: bool, offline: bool, json_out: bool) -> None:
     from my3dgen_cli import paths
-    from my3dgen_cli.weights.my3dgen_snapshot import import_snapshot
+    from my3dgen_cli.weights.my3dgen_snapshot import check_import_target, import_snapshot
 
     out = output_for(json_out)
+    check_import_target(snapshot, name, base, force)  # a name or file error before the progress bar
     with out.progress() as bar:
         bar.add_task(f"importing {snapshot.name}", total=None, status="")
         result = import_snapshot(snapshot, name, base=base, force=force, offline=offline or paths.offline())

@@ -331,23 +331,41 @@ def own_base_state(snap: Snapshot, converted: Converted) -> tuple[dict[str, torc
 # --- the command -------------------------------------------------------------------------------
 
 
+def check_import_target(path: str | Path, name: str, base: str | None = None, force: bool = False) -> None:
+    """The cheap checks of `import_snapshot`, before the snapshot is read (the CLI runs them before its progress
+    bar): the names are valid, the file is there, and without --force nothing of that name would be replaced."""
+    from my3dgen_cli.generators import local_bases_dir
+    from my3dgen_cli.identity import check_name, identity_paths
+
+    check_name(name)
+    if not Path(path).is_file():
+        raise UserInputError(f"{path}: no such file")
+    ip = identity_paths(name)
+    if ip.adapter.is_file() and not force:
+        raise UserInputError(f"identity {name!r} already exists ({ip.root}); pass --force to replace it")
+    if base is None:
+        base_name = check_name(f"{name}-base")
+        base_file = local_bases_dir() / f"{base_name}.safetensors"
+        if base_file.exists() and not force:
+            raise UserInputError(f"local base {base_name!r} already exists ({base_file}); pass --force to replace "
+                                 f"it, or --base {base_name} to import on it")
+
+
 def import_snapshot(path: str | Path, name: str, base: str | None = None, force: bool = False,
                     offline: bool | None = None) -> ImportResult:
     """`identities import`: read, check and convert a My3DGen snapshot; write identities/<name>/adapter.safetensors
     (and, without `base`, a local base `<name>-base`). Nothing is written before every check passed."""
     from my3dgen_cli.adapter_file import AdapterFile, write_adapter
     from my3dgen_cli.generators import local_bases_dir, open_base
-    from my3dgen_cli.identity import building_identity, check_name, identity_paths
+    from my3dgen_cli.identity import building_identity, identity_paths
     from my3dgen_cli.lora import DEFAULT_TARGETS, AdapterConfig
     from my3dgen_cli.weights.checkpoint import sha256_file
     from my3dgen_cli.weights.converted import ConvertedBase, write_converted_base
     from my3dgen_cli.weights.fingerprint import state_fingerprint
 
-    check_name(name)
+    check_import_target(path, name, base, force)
     path = Path(path)
     ip = identity_paths(name)
-    if ip.adapter.is_file() and not force:
-        raise UserInputError(f"identity {name!r} already exists ({ip.root}); pass --force to replace it")
     try:
         snap = parse_snapshot(read_snapshot_record(path))
         converted = convert_snapshot(snap)
@@ -362,11 +380,8 @@ def import_snapshot(path: str | Path, name: str, base: str | None = None, force:
         base_name, base_sha = ref.name, ref.sha256
         del G
     else:
-        base_name = check_name(f"{name}-base")
+        base_name = f"{name}-base"
         base_file = local_bases_dir() / f"{base_name}.safetensors"
-        if base_file.exists() and not force:
-            raise UserInputError(f"local base {base_name!r} already exists ({base_file}); pass --force to replace "
-                                 f"it, or --base {base_name} to import on it")
         state, note = own_base_state(snap, converted)
         notes.append(note)
         base_sha = state_fingerprint(state)
