@@ -90,3 +90,30 @@ def test_training_render_matches_the_reference_paths():
         ref_image, ref_grad = run()
     torch.testing.assert_close(image, ref_image, rtol=0, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
+
+
+def test_an_inference_batch_on_threads_matches_one_pass(monkeypatch):
+    """CPU, no autograd, 2 threads: a batch of 3 views renders as 2 + 1 on a thread each (TriPlaneGenerator.
+    _synthesis_on_threads); every output equals the one-thread pass to float rounding. With autograd, or
+    random noise, it stays one pass."""
+    from my3dgen_cli.eg3d import triplane
+
+    parts = []
+    real = triplane.run_parallel
+    monkeypatch.setattr(triplane, "run_parallel", lambda tasks: parts.append(len(tasks)) or real(tasks))
+    torch.manual_seed(0)
+    G = build_generator("tiny").eval()
+    ws = torch.randn(3, G.num_ws, G.w_dim)
+    cams = lookat_camera(torch.tensor([-30.0, 0.0, 30.0]), 5.0)
+    with torch.no_grad():
+        one = G.synthesis(ws, cams)  # one_thread fixture: one pass
+        torch.set_num_threads(2)
+        split = G.synthesis(ws, cams)
+        G.synthesis(ws, cams, noise_mode="random")
+    assert parts == [2]
+    assert set(split) == set(one)
+    for key in one:
+        assert split[key].shape == one[key].shape
+        torch.testing.assert_close(split[key], one[key], rtol=0, atol=1e-5)
+    G.synthesis(ws, cams)  # with autograd: one pass
+    assert parts == [2]
