@@ -179,8 +179,8 @@ class TriPlaneGenerator(nn.Module):
         """Whether an inference batch renders its views on CPU threads (`_synthesis_on_threads`): no autograd, no
         random draws (their order would depend on the threads), no autocast (it is per thread: the other threads
         would render in fp32), not inside torch.compile, more than one part."""
-        return (not torch.is_grad_enabled() and generator is None and sampling == "deterministic"
-                and not torch.is_autocast_enabled(ws.device.type)
+        return (ws.device.type == "cpu" and not torch.is_grad_enabled() and generator is None
+                and sampling == "deterministic" and not torch.is_autocast_enabled("cpu")
                 and "random" not in (noise_mode, self.rendering_kwargs["superresolution_noise_mode"])
                 and not torch.compiler.is_compiling() and cpu_workers(ws.device, ws.shape[0]) > 1)
 
