@@ -81,6 +81,14 @@ class LoRA(nn.Module):
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).reshape(self.weight_shape) * self.scale
 
+    def conv_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The delta of a conv weight as two convolutions, a [R, I, k, k] then b [O, R, 1, 1] (scale in b):
+        conv(x, delta) == conv1x1(conv(x, a), b). For eg3d/lowrank_conv.py."""
+        out_channels, in_channels, kh, kw = self.weight_shape
+        a = self.lora_A.reshape(-1, in_channels, kh, kw)
+        b = (self.lora_B * self.scale).reshape(out_channels, -1, 1, 1)
+        return a, b
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The delta for `weight` (its shape, dtype and device)."""
         return self.delta().to(dtype=weight.dtype)

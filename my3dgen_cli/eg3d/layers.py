@@ -52,6 +52,31 @@ def adapted_weight(layer: nn.Module) -> torch.Tensor:
     return layer.weight + adapter(layer.weight)
 
 
+# The factor-only gradient pays where the full weight gradient is large and the rank path small beside
+# it: at full size 0.54-0.87x of a conv's forward + backward (3x3, >= 128 outputs; docs/benchmarks.md),
+# but 1.1-1.6x for the tiny config's 8-32 channels and ~1x for the 1x1 ToRGBs, where the extra calls
+# cost about what the gradient they skip does.
+LOW_RANK_MIN_WEIGHT = 65536  # values in [O, I, k, k]
+LOW_RANK_MIN_OUT_PER_RANK = 16  # O / R, R = the rank path's channels
+
+
+def adapted_conv_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The adapter's factors as convolution weights (a, b: `LoRA.conv_factors`) when the layer's conv should
+    reach them without the full weight gradient (`lowrank_conv.py`): an autograd graph is being
+    recorded, the base weight is frozen, the fast paths are on, autocast is off and the weight is large
+    enough to pay (`LOW_RANK_MIN_*`). Else None: the plain `conv(x, W + delta)`."""
+    conv_factors = getattr(layer.adapter, "conv_factors", None)
+    if conv_factors is None or layer.weight.requires_grad or not torch.is_grad_enabled() or not ops.fast_paths():
+        return None
+    device = layer.weight.device.type
+    if device not in ("cpu", "cuda") or torch.is_autocast_enabled(device):
+        return None
+    if layer.weight.numel() < LOW_RANK_MIN_WEIGHT:
+        return None
+    a, b = conv_factors()
+    return (a, b) if b.shape[0] >= LOW_RANK_MIN_OUT_PER_RANK * b.shape[1] else None
+
+
 class FullyConnectedLayer(nn.Module):
     """y = act(x W^T * (lr/sqrt(in)) + b * lr). Weight stored as [out, in]."""
 
@@ -251,6 +276,7 @@ class SynthesisLayer(nn.Module):
         x = ops.modulated_conv2d(
             x, self.effective_weight(), styles, noise=noise, up=self.up,
             resample_filter=self.resample_filter, fused=fused_modconv, channels_last=channels_last,
+            low_rank=None if fused_modconv else adapted_conv_factors(self),
         )
         return ops.bias_act(x, self.bias.to(x.dtype), act="lrelu", clamp=self.conv_clamp)
 
@@ -274,7 +300,8 @@ class ToRGBLayer(nn.Module):
                 channels_last: bool = False) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain
         x = ops.modulated_conv2d(x, self.effective_weight(), styles, demodulate=False, fused=fused_modconv,
-                                 channels_last=channels_last)
+                                 channels_last=channels_last,
+                                 low_rank=None if fused_modconv else adapted_conv_factors(self))
         return ops.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
 
 

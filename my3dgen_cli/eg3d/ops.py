@@ -14,6 +14,8 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 
+from my3dgen_cli.eg3d.lowrank_conv import lowrank_conv2d
+
 LRELU_ALPHA = 0.2
 LRELU_GAIN = math.sqrt(2.0)
 _FAST_PATHS: ContextVar[bool] = ContextVar("fast_paths", default=True)
@@ -25,8 +27,9 @@ def reference_paths() -> Iterator[None]:
 
     Covers the in-place conv epilogue (`modulated_conv2d_lrelu`, bitwise the reference in fp32), the
     decoder's Softplus and the renderer's fused compositing, channels_last plane table
-    (`renderer.gather_planes`) and chunked decoding (`renderer.decode_in_chunks`). Both give the same
-    values up to float rounding.
+    (`renderer.gather_planes`) and chunked decoding (`renderer.decode_in_chunks`), and in training the
+    adapted convolutions' factor-only gradient (`lowrank_conv.py`). Both give the same values up to
+    float rounding.
     """
     token = _FAST_PATHS.set(False)
     try:
@@ -138,11 +141,13 @@ def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
 
 
 def conv2d_up2(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor, groups: int = 1,
-               channels_last: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+               channels_last: bool = False, bias: torch.Tensor | None = None,
+               low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """3x3 convolution at twice the resolution, as the official conv2d_resample(up=2, padding=1).
 
     = conv_transpose2d(stride 2) with the weight as given (correlation convention), then a blur
     with `f` padded [1, 1, 1, 1] and gain 4. x: [N, I*groups? , H, W]; w: [O, I, k, k].
+    low_rank: see `conv2d` (groups 1 only).
     """
     out_channels, in_per_group, kh, kw = w.shape
     if groups == 1:
@@ -151,8 +156,12 @@ def conv2d_up2(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor, groups: int = 
         wt = w.reshape(groups, out_channels // groups, in_per_group, kh, kw).transpose(1, 2)
         wt = wt.reshape(groups * in_per_group, out_channels // groups, kh, kw)
     # NHWC of the transposed weight [I, O, k, k] (its own layout, not w's: conv_transpose reads it as is)
-    x = F.conv_transpose2d(nhwc(x, channels_last), nhwc(wt, channels_last), stride=2,
-                           groups=groups)
+    if low_rank is not None and groups == 1:
+        a, b = low_rank
+        x = lowrank_conv2d(nhwc(x, channels_last), nhwc(wt, channels_last), nhwc(a.transpose(0, 1), channels_last),
+                           nhwc(b, channels_last), stride=2, transposed=True)
+    else:
+        x = F.conv_transpose2d(nhwc(x, channels_last), nhwc(wt, channels_last), stride=2, groups=groups)
     fw = f.shape[-1]
     p0 = 1 + (fw + 1) // 2 - (kw - 1)  # padding 1, adjusted as in conv2d_resample
     p1 = 1 + (fw - 2) // 2 - (kw - 2)
@@ -160,14 +169,21 @@ def conv2d_up2(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor, groups: int = 
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, up: int, f: torch.Tensor | None, groups: int = 1,
-           channels_last: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+           channels_last: bool = False, bias: torch.Tensor | None = None,
+           low_rank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Same-size correlation (padding k//2) or the 2x-upsampling conv; channels_last: run it in NHWC.
 
-    bias [O]: added per output channel by the (last) convolution itself."""
+    bias [O]: added per output channel by the (last) convolution itself. low_rank (a [R, I, k, k],
+    b [O, R, 1, 1]): w is a frozen base plus b∘a, and the gradient reaches the weight through a and b
+    only (`lowrank_conv.py`); groups 1, no bias."""
     if up == 2:
         if f is None:
             raise ValueError("conv2d: up=2 needs a resample filter")
-        return conv2d_up2(x, w, f, groups=groups, channels_last=channels_last, bias=bias)
+        return conv2d_up2(x, w, f, groups=groups, channels_last=channels_last, bias=bias, low_rank=low_rank)
+    if low_rank is not None and groups == 1 and bias is None:
+        a, b = low_rank
+        return lowrank_conv2d(nhwc(x, channels_last), nhwc(w, channels_last), nhwc(a, channels_last),
+                              nhwc(b, channels_last), padding=w.shape[-1] // 2)
     return F.conv2d(nhwc(x, channels_last), nhwc(w, channels_last), bias, padding=w.shape[-1] // 2,
                     groups=groups)
 
@@ -182,6 +198,7 @@ def modulated_conv2d(
     demodulate: bool = True,
     fused: bool = True,
     channels_last: bool = False,
+    low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """StyleGAN2 modulated convolution.
 
@@ -196,6 +213,8 @@ def modulated_conv2d(
     the grouped image [1, N*I, H, W] (all samples' channels side by side at each pixel), whose
     [N, I, H, W] view the next layer reshapes back without a copy; plain NHWC [N, H, W, I] would be
     copied back to NCHW by that reshape at every layer. Same values either way, up to float order.
+    low_rank: the adapter's factors as convolutions (`layers.adapted_conv_factors`): unfused, the shared
+    convolution then skips the full weight gradient (`conv2d`).
     """
     batch = x.shape[0]
     out_ch, in_ch, kh, kw = weight.shape
@@ -217,7 +236,9 @@ def modulated_conv2d(
 
     if not fused:
         x = x * styles.to(x.dtype).reshape(batch, -1, 1, 1)
-        x = conv2d(x, weight.to(x.dtype), up, resample_filter, channels_last=channels_last)
+        if low_rank is not None:
+            low_rank = (low_rank[0].to(x.dtype), low_rank[1].to(x.dtype))
+        x = conv2d(x, weight.to(x.dtype), up, resample_filter, channels_last=channels_last, low_rank=low_rank)
         if dcoefs is not None:
             x = x * dcoefs.to(x.dtype).reshape(batch, -1, 1, 1)
         if noise is not None:
