@@ -132,3 +132,5 @@ def test_only_convs_large_enough_to_pay_take_it_by_default(up, low_rank_calls):
     low_rank_calls.clear()
     _factor_grads(_adapted_tiny("my3dgen"))
     assert low_rank_calls == []
+    assert layers.adapted_conv_factors(layer) is not None
+    assert layers.adapted_conv_factors(layer.to("meta")) is None  # other devices: not measured, plain form

@@ -62,14 +62,13 @@ LOW_RANK_MIN_OUT_PER_RANK = 16  # O / R, R = the rank path's channels
 
 def adapted_conv_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The adapter's factors as convolution weights (a, b: `LoRA.conv_factors`) when the layer's conv should
-    reach them without the full weight gradient (`lowrank_conv.py`): an autograd graph is being
-    recorded, the base weight is frozen, the fast paths are on, autocast is off and the weight is large
-    enough to pay (`LOW_RANK_MIN_*`). Else None: the plain `conv(x, W + delta)`."""
+    reach them without the full weight gradient (`lowrank_conv.py`): on the CPU (where it was measured),
+    an autograd graph is being recorded, the base weight is frozen, the fast paths are on, autocast is
+    off and the weight is large enough to pay (`LOW_RANK_MIN_*`). Else None: the plain `conv(x, W + delta)`."""
     conv_factors = getattr(layer.adapter, "conv_factors", None)
     if conv_factors is None or layer.weight.requires_grad or not torch.is_grad_enabled() or not ops.fast_paths():
         return None
-    device = layer.weight.device.type
-    if device not in ("cpu", "cuda") or torch.is_autocast_enabled(device):
+    if layer.weight.device.type != "cpu" or torch.is_autocast_enabled("cpu"):  # measured on the CPU only
         return None
     if layer.weight.numel() < LOW_RANK_MIN_WEIGHT:
         return None
