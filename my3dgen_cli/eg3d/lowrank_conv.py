@@ -5,13 +5,14 @@ the whole weight [O, I, k, k] (it needs one to reach A and B), which costs as mu
 convolution; the base W never uses it. Here the forward is that same single convolution, and the
 backward gives the input its gradient through the effective weight as before, but reaches the
 factors through the rank-R path only: u = conv(x, A) (R output channels), then
-dB = <dy, u> and dA = the weight gradient of conv(x, .) for du = B^T dy. That is a convolution with
-R instead of O outputs (R = rank * k for My3DGen's factors, 3 at rank 1): a few percent of the work
-dropped. Same values as autograd through `W + delta` up to the order of float sums
-(tests/test_lowrank_conv.py).
+dB = <dy, u> and dA = the weight gradient of conv(x, .) for du = B^T dy: convolutions with R
+instead of O outputs (R = rank * k for My3DGen's factors, 3 at rank 1), where the full weight
+gradient was about a third of the conv's training work. Same values as autograd through
+`W + delta` up to the order of float sums (tests/test_lowrank_conv.py).
 
-`layers.adapted_conv_factors` decides when it applies: training (an autograd graph), the base weight
-frozen, fast paths on, not under autocast; anything else keeps the plain form.
+`layers.adapted_conv_factors` decides when it applies: on the CPU, in training (an autograd graph),
+the base weight frozen, fast paths on, not under autocast, and only for convs large enough to pay;
+anything else keeps the plain form.
 """
 
 from __future__ import annotations
