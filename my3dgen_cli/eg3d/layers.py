@@ -54,7 +54,7 @@ def adapted_weight(layer: nn.Module) -> torch.Tensor:
 
 # The factor-only gradient pays where the full weight gradient is large and the rank path small beside
 # it: at full size 0.50-0.93x of a conv's forward + backward (3x3, >= 128 outputs; docs/benchmarks.md),
-# but 1.1-1.6x for the tiny config's 8-32 channels and ~1x for the 1x1 ToRGBs, where the extra calls
+# but 1.0-1.7x for the tiny config's 8-32 channels and ~1x for the 1x1 ToRGBs, where the extra calls
 # cost about what the gradient they skip does.
 LOW_RANK_MIN_WEIGHT = 65536  # values in [O, I, k, k]
 LOW_RANK_MIN_OUT_PER_RANK = 16  # O / R, R = the rank path's channels
