@@ -89,8 +89,7 @@ def main() -> None:
     for name, shape, size, up in adapted_convs(args.config):
         merged_s, factors_s = time_layer(shape, size, up, args.rounds)
         rank = 3 if shape[-1] == 3 else 1
-        default = (shape[0] * shape[1] * shape[2] * shape[3] >= layers.LOW_RANK_MIN_WEIGHT
-                   and shape[0] >= layers.LOW_RANK_MIN_OUT_PER_RANK * rank)
+        default = layers.low_rank_pays(shape, rank)
         print(f"| {name} | {'x'.join(map(str, shape))} | {size} | {up} | {'yes' if default else 'no'} | "
               f"{merged_s * 1e3:.2f} | {factors_s * 1e3:.2f} | {factors_s / merged_s:.2f} |")
         totals["all"][0] += merged_s

@@ -60,6 +60,12 @@ LOW_RANK_MIN_WEIGHT = 65536  # values in [O, I, k, k]
 LOW_RANK_MIN_OUT_PER_RANK = 16  # O / R, R = the rank path's channels
 
 
+def low_rank_pays(weight_shape: tuple[int, ...] | torch.Size, rank_channels: int) -> bool:
+    """Whether a conv weight of this shape trains faster through a rank path of `rank_channels` (`LOW_RANK_MIN_*`)."""
+    large = math.prod(weight_shape) >= LOW_RANK_MIN_WEIGHT
+    return large and weight_shape[0] >= LOW_RANK_MIN_OUT_PER_RANK * rank_channels
+
+
 def adapted_conv_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The adapter's factors as convolution weights (a, b: `LoRA.conv_factors`) when the layer's conv should
     reach them without the full weight gradient (`lowrank_conv.py`): on the CPU (where it was measured),
@@ -70,10 +76,10 @@ def adapted_conv_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] 
         return None
     if layer.weight.device.type != "cpu" or torch.is_autocast_enabled("cpu"):  # measured on the CPU only
         return None
-    if layer.weight.numel() < LOW_RANK_MIN_WEIGHT:
+    if layer.weight.numel() < LOW_RANK_MIN_WEIGHT:  # before building the factors: most calls stop here or above
         return None
     a, b = conv_factors()
-    return (a, b) if b.shape[0] >= LOW_RANK_MIN_OUT_PER_RANK * b.shape[1] else None
+    return (a, b) if low_rank_pays(layer.weight.shape, b.shape[1]) else None
 
 
 class FullyConnectedLayer(nn.Module):
