@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from my3dgen_cli import speed
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.personalize.config import PersonalizeConfig
 from my3dgen_cli.personalize.estimate import LONG_RUN_S, Estimate, duration
@@ -110,6 +111,7 @@ def test_no_estimate_skips_the_timing_and_json_carries_null(photos, monkeypatch)
         raise AssertionError("--no-estimate ran the timing steps")
 
     monkeypatch.setattr(estimate, "measure_run", no_timing)
+    monkeypatch.setattr(speed, "cpu_has_bf16_kernels", lambda: True)  # the flag's wiring, on any CPU
     data = json.loads(_run([str(photos), "--name", "ana", *ARGS, "--no-estimate", "--amp", "bf16", "--json"]).stdout)
     assert data["estimate"] is None and data["steps"] == 7
     config = read_adapter(identity_paths("ana").adapter).extra["config"]

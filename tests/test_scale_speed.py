@@ -16,6 +16,7 @@ from my3dgen_cli.personalize.training import train_adapter
 from my3dgen_cli.speed import activation_checkpointing, autocast, check_amp, compiled
 from my3dgen_cli.use.render import render_views
 from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, views
+from tests.render_fixtures import tiny_base  # noqa: F401
 
 # bf16 keeps 8 mantissa bits: ~0.4 % per product, a few 1e-2 after ~20 layers on images in [-1, 1].
 BF16_IMAGE_ATOL = 0.15
@@ -57,6 +58,31 @@ def test_bf16_autocast_renders_close_to_fp32(person):
     assert check_amp(True) == "bf16" and check_amp(False) == "off"
     with pytest.raises(ValueError, match="fp16"):
         autocast(torch.device("cpu"), "fp16")
+
+
+def test_bf16_is_refused_where_the_cpu_has_no_bf16_kernels(monkeypatch, tmp_path, tiny_base):  # noqa: F811
+    """Without oneDNN's bf16 kernels (AVX2-only CPUs) a bf16 conv ran ~400x slower than fp32: refuse, in one line."""
+    from typer.testing import CliRunner
+
+    from my3dgen_cli.cli import app
+    from my3dgen_cli.errors import UserInputError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert isinstance(speed.cpu_has_bf16_kernels(), bool)  # the real probe answers on this machine
+    monkeypatch.setattr(speed, "cpu_has_bf16_kernels", lambda: False)
+    with pytest.raises(UserInputError, match="no bf16 kernels"):
+        speed.check_amp_on(cpu, "bf16")
+    assert speed.check_amp_on(cpu, "off") == "off" and speed.check_amp_on(cuda, True) == "bf16"  # CUDA: not this check
+    commands = {"render": ["render", "--seed", "1", "-o", str(tmp_path / "x.png")],
+                "personalize": ["personalize", str(tmp_path), "--name", "ana"]}
+    for name, args in commands.items():
+        result = CliRunner().invoke(app, [*args, "--amp", "bf16", "--device", "cpu"])
+        assert result.exit_code == 2, (name, result.output)
+        assert "--amp bf16: this CPU has no bf16 kernels" in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not any(tmp_path.iterdir())  # nothing written
+    monkeypatch.setattr(speed, "cpu_has_bf16_kernels", lambda: True)
+    assert speed.check_amp_on(cpu, "bf16") == "bf16"
 
 
 def test_activation_checkpointing_gives_the_same_gradients(person, monkeypatch):

@@ -51,8 +51,8 @@ def personalize_cmd(
                                             "folder brings its own latents (image_N_latent.npy).")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps (under torchrun: cuda = cuda:LOCAL_RANK).")
                       ] = "auto",
-    amp: Annotated[Amp, typer.Option("--amp", help="Autocast in training: off (exact fp32), bf16 (CUDA, CPU) or "
-                                                   "fp16 (CUDA).")] = Amp.off,
+    amp: Annotated[Amp, typer.Option("--amp", help="Autocast in training: off (exact fp32), bf16 (CUDA; CPUs "
+                                                   "with AVX-512) or fp16 (CUDA).")] = Amp.off,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the generator (pays off on long runs).")
                         ] = False,
     act_checkpointing: Annotated[bool, typer.Option("--checkpoint-activations", help="Recompute activations in "
@@ -103,8 +103,9 @@ def personalize_cmd(
     world = D.from_env()
     out = output_for(json_out, quiet) if world.is_main else Output("quiet")
     dev = D.device_for(world, pick_device(device))
-    if amp == "fp16" and dev.type != "cuda":  # refused before minutes of anchor projection
-        raise UserInputError(f"--amp fp16: needs CUDA, got --device {dev.type} (use bf16 there)")
+    from my3dgen_cli.speed import check_amp_on
+
+    check_amp_on(dev, amp)  # refused before minutes of anchor projection
     if dev.type == "cpu":
         from my3dgen_cli.speed import use_all_cores
 

@@ -49,8 +49,9 @@ def render(
     ascii_ply: Annotated[bool, typer.Option("--ascii", help="Write the PLY as text instead of binary.")] = False,
     grid: Annotated[bool, typer.Option("--grid", help="Also write one contact sheet of every view.")] = False,
     batch: Annotated[int, typer.Option("--batch", help="Views rendered per forward pass.")] = 8,
-    amp: Annotated[Amp, typer.Option("--amp", help="Autocast: off (exact fp32), bf16 or fp16 (CUDA; the official "
-                                                   "superresolution's precision).")] = Amp.off,
+    amp: Annotated[Amp, typer.Option("--amp", help="Autocast: off (exact fp32), bf16 (CUDA; CPUs with "
+                                                   "AVX-512) or fp16 (CUDA; the official superresolution's "
+                                                   "precision).")] = Amp.off,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the renderer (pays off for orbits).")
                         ] = False,
     channels_last: Annotated[bool | None, typer.Option(

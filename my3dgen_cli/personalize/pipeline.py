@@ -132,6 +132,7 @@ def _open_run(photos: Photos, config: PersonalizeConfig, generator: nn.Module | 
               nets: LossNets | None, offline: bool | None, out: Output) -> _Run:
     """Open the base (or take `generator`), check a dataset's latents against it, load the loss networks."""
     from my3dgen_cli.lora import base_fingerprint
+    from my3dgen_cli.speed import check_amp_on
 
     if generator is None:
         from my3dgen_cli.generators import open_base
@@ -142,6 +143,7 @@ def _open_run(photos: Photos, config: PersonalizeConfig, generator: nn.Module | 
         G = generator.to(device) if device is not None else generator
         fingerprint = base_fingerprint(G)
     dev = next(G.parameters()).device
+    check_amp_on(dev, config.amp)  # before the loss networks load and minutes of anchors
     given_ws = None if photos.latents is None else photos.latents.ws(G.num_ws, G.w_dim).to(dev)
     nets = (nets or LossNets.load(config, offline=offline, output=out)).to(dev)
     sym_distance = None

@@ -238,14 +238,14 @@ class RenderResult:
 def run_render(plan: RenderPlan, output: Output | None = None) -> RenderResult:
     """Render every source of `plan` and write its files (all checked free before the model opens)."""
     from my3dgen_cli.fileio import check_free
+    from my3dgen_cli.speed import check_amp_on
     from my3dgen_cli.use.sources import check_latent_files
 
     files = plan.outputs()
     recorded_base = check_latent_files(str(path) for path in plan.latents)
     check_free([p for _, p in files], plan.force)
     G, ref, dev = plan.model.or_base(recorded_base).open()
-    if plan.amp == "fp16" and dev.type != "cuda":
-        raise UserInputError(f"--amp fp16: needs CUDA, got --device {dev.type} (use bf16 there)")
+    check_amp_on(dev, plan.amp)
     sources = _render_sources(plan, G, dev)
     out = output or Output("quiet")
     paths = iter(p for _, p in files)
