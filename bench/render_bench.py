@@ -38,7 +38,7 @@ import torch
 
 from my3dgen_cli.eg3d import build_generator, ops
 from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
-from my3dgen_cli.speed import autocast, compiled
+from my3dgen_cli.speed import autocast, check_amp_on, compiled
 
 
 def official_generator(folder: str, config: dict):
@@ -140,6 +140,7 @@ def main() -> None:
         rss_table(args)
         return
     device = torch.device(args.device)
+    check_amp_on(device, args.amp)  # bf16 on a CPU without its kernels: hundreds of times slower, refused
     torch.manual_seed(0)
     ours = build_generator(args.config).to(device).eval()
     config = ours.config.to_dict()
