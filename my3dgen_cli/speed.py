@@ -11,7 +11,8 @@ Exactness (tests/test_scale_speed.py measures each on the tiny config, CPU):
 - activation checkpointing: the same math re-run in backward; gradients equal to ~1e-6.
 - torch.compile: same ops, fused kernels; images equal to ~1e-5.
 - channels_last: NHWC memory for the backbone and superresolution convolutions; same values, float
-  order only (~1e-6). On by default with CUDA autocast (tensor-core kernels are NHWC), off otherwise.
+  order only (~1e-6). On by default with CUDA autocast (tensor-core kernels are NHWC), and for a
+  full-size render on a CPU whose convolutions measured faster in NHWC (cpu_layout.py); off otherwise.
 - bf16 autocast: 8-bit mantissa in convolutions and matmuls; images differ by a few 1e-2 in [-1, 1].
   fp16 on CUDA is the official superresolution's precision (EG3D runs its SR blocks in fp16); training
   pairs it with a GradScaler (training.py), since fp16 flushes the small gradients of a 512 px loss.
@@ -97,18 +98,31 @@ def check_amp_on(device: torch.device, amp: str | bool) -> str:
     return mode
 
 
-def use_channels_last(requested: bool | None, device: torch.device, amp: str | bool) -> bool:
-    """Whether the convolutions run in NHWC memory: `requested`, or when None, on CUDA with autocast.
+NHWC_MIN_RESOLUTION = 256  # the tiny config's 64 px renders 1.13x slower in NHWC at batch 1 (docs/benchmarks.md)
 
-    Half-precision tensor-core convolutions (cuDNN) are NHWC kernels: fed NCHW they transpose around
-    each call, which NHWC activations and weights avoid (the official EG3D offers this for its fp16
-    blocks as `fp16_channels_last`, off by default there). In fp32, and on CPUs, NCHW kernels are as
-    good or better (docs/benchmarks.md: 23 % slower per view on a CPU at batch 1), so the default
-    is off there.
+
+def use_channels_last(requested: bool | None, device: torch.device, amp: str | bool,
+                      resolution: int | None = None) -> bool:
+    """Whether the convolutions run in NHWC memory: `requested`, or when None, by device:
+
+    - CUDA: with autocast. Half-precision tensor-core convolutions (cuDNN) are NHWC kernels: fed NCHW
+      they transpose around each call, which NHWC activations and weights avoid (the official EG3D
+      offers this for its fp16 blocks as `fp16_channels_last`, off by default there).
+    - CPU, rendering (callers without autograd pass the generator's image `resolution`): for a
+      full-size generator in fp32, where this CPU's convolutions measured faster in NHWC
+      (`cpu_layout.cpu_prefers_nhwc`: it differs between CPUs, 0.76x to 1.23x per view). Small
+      generators and training stay NCHW (not measured to pay).
+    - otherwise off.
     """
     if requested is not None:
         return bool(requested)
-    return device.type == "cuda" and check_amp(amp) != "off"
+    if device.type == "cuda":
+        return check_amp(amp) != "off"
+    if device.type != "cpu" or resolution is None or resolution < NHWC_MIN_RESOLUTION or check_amp(amp) != "off":
+        return False
+    from my3dgen_cli.cpu_layout import cpu_prefers_nhwc
+
+    return cpu_prefers_nhwc()
 
 
 def compiled(fn: Callable, backend: str | None = None, fullgraph: bool = False) -> Callable:

@@ -88,7 +88,15 @@ def nhwc(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """
     if not channels_last:
         return x
-    return x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    if x.stride(0) != c * h * w and x.numel() > 0:
+        # A reshape (the fused modconv's [N, I, H, W] <-> [1, N*I, H, W]) leaves a size-1 or grouped batch dim
+        # with a stride below C*H*W. NHWC memory all the same, but torch's layout check then calls it NCHW, and
+        # a convolution whose weight says neither (1x1: ToRGB) copied its whole input to NCHW first (~10 % of a
+        # full-size view in NHWC). The same memory, re-viewed with the strides that check expects:
+        x = x.permute(0, 2, 3, 1).reshape(-1).view(n, h, w, c).permute(0, 3, 1, 2)
+    return x
 
 
 def setup_filter(taps: list[float]) -> torch.Tensor:

@@ -113,8 +113,8 @@ def render_views(G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, batch: i
     amp: "off" (exact fp32), "bf16" or "fp16" (CUDA) autocast (speed.autocast); compile: run a
     torch.compile'd synthesis (built once per generator; pays off from a few dozen views). Outputs
     stay on the device until the end (one copy to the host, no sync per batch). channels_last: NHWC
-    convolutions (same values up to float order); None = on with autocast on CUDA
-    (speed.use_channels_last).
+    convolutions (same values up to float order); None = on with autocast on CUDA, and in fp32 for a
+    full-size generator on a CPU whose convolutions measured faster so (speed.use_channels_last).
     """
     from my3dgen_cli.speed import autocast, compiled_synthesis, use_channels_last
 
@@ -125,7 +125,7 @@ def render_views(G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, batch: i
         raise UserInputError(f"--batch: got {batch}, expected 1 or more")
     cameras = cameras.to(ws.device)
     synth = compiled_synthesis(G) if compile else G.synthesis
-    nhwc = use_channels_last(channels_last, ws.device, amp)
+    nhwc = use_channels_last(channels_last, ws.device, amp, resolution=G.img_resolution)
     images, depths = [], []
     with autocast(ws.device, amp):
         if planes is None:
@@ -279,10 +279,12 @@ def _render_source(plan: RenderPlan, G: nn.Module, name: str, ws: torch.Tensor, 
                    paths: Iterator[Path], sheet: list[Any], advance: Callable[[int], None]) -> dict[str, Any]:
     """Write one source's views (+ depth), orbit and mesh to the next planned paths; its summary entry."""
     from my3dgen_cli import media
+    from my3dgen_cli.speed import use_channels_last
 
     near, far = float(G.rendering_kwargs["ray_start"]), float(G.rendering_kwargs["ray_end"])
-    speed = {"amp": plan.amp, "compile": plan.compile, "channels_last": plan.channels_last}
-    planes = G.planes(ws, noise_mode="const", channels_last=bool(plan.channels_last))  # fp32: NHWC only if asked
+    nhwc = use_channels_last(plan.channels_last, ws.device, plan.amp, resolution=G.img_resolution)
+    speed = {"amp": plan.amp, "compile": plan.compile, "channels_last": nhwc}
+    planes = G.planes(ws, noise_mode="const", channels_last=nhwc)
     cams = cam if plan.own_camera else cameras_for(list(plan.yaws), list(plan.pitches), G)[0]
     views = render_views(G, ws, cams, plan.batch, planes=planes, on_batch=advance, **speed)
     entry: dict[str, Any] = {"source": name, "views": []}
