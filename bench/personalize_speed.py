@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--variants", default=None,
-                    help="comma-separated subset: fp32,reference,bf16,fp16,accum,ckpt,compile")
+                    help="comma-separated subset: fp32,reference,bf16,fp16,accum,ckpt,nhwc,compile")
     ap.add_argument("--rounds", type=int, default=1, help="run the variant list this many times, alternating")
     args = ap.parse_args()
     if args.threads:
@@ -103,7 +103,8 @@ def main() -> None:
     data = photos_of(G)
     variants = [("fp32", "fp32 eager", {}), ("reference", "fp32, reference paths", {"reference": True}),
                 ("bf16", "bf16 autocast", {"amp": "bf16"}),
-                ("accum", "accum 2", {"accum": 2}), ("ckpt", "activation checkpointing", {"act_checkpointing": True})]
+                ("accum", "accum 2", {"accum": 2}), ("ckpt", "activation checkpointing", {"act_checkpointing": True}),
+                ("nhwc", "fp32 channels_last", {"channels_last": True})]
     if device.type == "cuda":
         variants.insert(2, ("fp16", "fp16 autocast", {"amp": "fp16"}))
     if args.compile:

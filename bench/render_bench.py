@@ -6,6 +6,7 @@
     python bench/render_bench.py --device cuda --amp fp16 --channels-last   # + fp16 in NCHW, alternating
     python bench/render_bench.py --reference --official ...   # + ours with ops.reference_paths() (no CPU fast paths)
     python bench/render_bench.py --rss --official ...          # peak RSS of one view instead, each in its own process
+    python bench/render_bench.py --rss --channels-last ...     # the same, ours in NHWC
 
 Times are per view (a batch's time / its size), for each neural rendering resolution and batch.
 With --amp, --compile or --channels-last a third column times our fast path (speed.autocast /
@@ -79,7 +80,8 @@ def one_view_rss(which: str, args: argparse.Namespace, nrr: int) -> float:
     """Peak RSS (MiB) of a fresh process that builds `which` ("ours" / "official") and renders one view."""
     command = [sys.executable, __file__, "--rss-child", which, "--resolutions", str(nrr), "--config", args.config,
                "--device", args.device] + (["--official", args.official] if args.official else []) + (
-               ["--threads", str(args.threads)] if args.threads else [])
+               ["--threads", str(args.threads)] if args.threads else []) + (
+               ["--channels-last"] if args.channels_last else [])
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -98,7 +100,7 @@ def rss_child(which: str, args: argparse.Namespace) -> None:
     c_cond, c = frontal_camera(1).to(args.device), lookat_camera([20.0], 5.0).to(args.device)
     with torch.no_grad():
         ws = G.mapping(z, c_cond)
-        extra = {"noise_mode": "const"} if which == "official" else {}
+        extra = {"noise_mode": "const"} if which == "official" else {"channels_last": args.channels_last}
         G.synthesis(ws, c, neural_rendering_resolution=nrr, **extra)
     print(f"{peak_rss_mb(this_process_only=True):.0f}")
 

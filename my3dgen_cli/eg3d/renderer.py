@@ -217,7 +217,10 @@ def importance_depths(
         return samples.reshape(-1, m, count, 1)
 
 
-DECODE_POINTS = 1 << 18  # points per chunk (per batch element) of an inference render's sampling and decoding
+# Points per chunk (per batch element) of an inference render's sampling and decoding. 2^16 rendered a full-size
+# view at nrr 128 in 0.89x the time of 2^18, bitwise the same, and takes the render's peak below the
+# superresolution's (docs/benchmarks.md); under heavy load smaller chunks lost (each op's thread barrier).
+DECODE_POINTS = 1 << 16
 
 
 def decode_in_chunks(decode: Callable[[torch.Tensor], dict], inputs: torch.Tensor, points: int | None = None) -> dict:

@@ -167,6 +167,7 @@ class TriPlaneGenerator(nn.Module):
             planes = self.planes(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator,
                                  channels_last=channels_last)
         feature_image, depth_image = self.render_planes(planes, c, neural_rendering_resolution, sampling, generator)
+        del planes  # the superresolution's 512 px layers set the peak memory: free the tri-planes first
         rgb_image = feature_image[:, :3].contiguous()  # outputs are plain NCHW tensors
         image = self.superresolution(
             rgb_image, feature_image, ws, noise_mode=self.rendering_kwargs["superresolution_noise_mode"],
