@@ -71,8 +71,8 @@ def cpu_has_bf16_kernels() -> bool:
     """Whether oneDNN has bf16 convolution and matmul kernels on this CPU (AVX-512 or Arm bf16).
 
     Without them torch falls back to element-by-element bf16 code: on an AVX2-only AMD EPYC one
-    3x3 conv of 256 channels at 64x64 took 17.5 s in bf16 against 0.044 s in fp32 (docs/scale.md),
-    so a view that renders in 5 s in fp32 did not finish in 5 minutes.
+    3x3 conv of 256 channels at 64x64 took 17.4 s in bf16 against 0.041 s in fp32 (docs/benchmarks.md,
+    `bench/bf16_cpu_bench.py`), so a view that renders in 5 s in fp32 did not finish in 5 minutes.
     """
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     if probe is not None:
