@@ -76,11 +76,18 @@ def time_layouts(rounds: int = TIMING_ROUNDS) -> tuple[float, float]:
 
 
 def _read_entries(path: Path) -> dict[str, Any]:
-    """The stored measurements; {} for a missing, oversized, unreadable or foreign file (measured again)."""
+    """The stored measurements; {} for a missing, oversized, unreadable or foreign file (measured again).
+
+    Only a regular file is opened (a FIFO or a link to /dev/zero would block or never end), and no more
+    than MAX_TUNING_BYTES of it is read."""
     try:
-        if path.stat().st_size > MAX_TUNING_BYTES:
+        if not path.is_file():
             return {}
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as stored:
+            raw = stored.read(MAX_TUNING_BYTES + 1)
+        if len(raw) > MAX_TUNING_BYTES:
+            return {}
+        doc = json.loads(raw.decode("utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(doc, dict) or doc.get("format") != TUNING_FORMAT or not isinstance(doc.get("machines"), dict):

@@ -65,6 +65,14 @@ def test_a_damaged_tuning_file_is_measured_again_and_rewritten(timings, content,
     assert json.loads(path.read_text())["machines"][cpu_layout.machine_key()]["nhwc"] is True
 
 
+def test_a_tuning_path_that_is_no_regular_file_is_never_read(timings):
+    _, calls = timings
+    path = cpu_layout.tuning_path()
+    path.parent.mkdir(parents=True)
+    path.symlink_to("/dev/zero")  # reading it would never end
+    assert cpu_layout.cpu_prefers_nhwc() is True and len(calls) == 1
+
+
 def test_an_unwritable_cache_still_decides(timings):
     _, calls = timings
     blocker = cpu_layout.tuning_path().parent
