@@ -53,7 +53,7 @@ def assert_same_synthesis(G: torch.nn.Module, reference: torch.nn.Module) -> Non
     assert torch.equal(ours, expected)
 
 
-def assert_parity_case(G: torch.nn.Module, case_path: Path) -> None:
+def assert_parity_case(G: torch.nn.Module, case_path: Path, channels_last: bool = False) -> None:
     """G reproduces one official case of ../shared/eg3d_parity (deterministic, noise 'const') to 1e-3."""
     data = load_file(case_path)
     with safe_open(case_path, "pt") as f:
@@ -62,7 +62,7 @@ def assert_parity_case(G: torch.nn.Module, case_path: Path) -> None:
         ws = G.mapping(data["z"], data["c_cond"], truncation_psi=float(meta["psi"]),
                        truncation_cutoff=int(meta["truncation_cutoff"]))
         out = G.synthesis(ws, data["c_render"], neural_rendering_resolution=int(meta["nrr"]),
-                          noise_mode="const", sampling="deterministic")
+                          noise_mode="const", sampling="deterministic", channels_last=channels_last)
     assert (ws - data["ws"]).abs().max() <= 1e-4
     assert (out["image"] - data["image"]).abs().max() <= 1e-3
     # image_raw is the official key: the 3-channel rgb of the neural render, as the fixture stores it

@@ -49,17 +49,18 @@ def test_full_config_state_dict_equals_the_official_names_and_shapes(shared_dir:
     assert ours == official
 
 
-@pytest.mark.parametrize("variant", ["fast", "reference"])
+@pytest.mark.parametrize("variant", ["fast", "reference", "nhwc"])
 @pytest.mark.parametrize("case", [0, 1, 2])
 def test_matches_official_implementation(shared_dir: Path, case: int, variant: str) -> None:
-    """Both paths hold parity: the default fast one (fused compositing, softplus from exp/log) and the
-    reference one (ops.reference_paths())."""
+    """Every path holds parity: the default fast one (fused compositing, softplus from exp/log), the
+    reference one (ops.reference_paths()) and NHWC convolutions (the CPU render default where they are
+    faster: cpu_layout.py)."""
     folder = shared_dir / "eg3d_parity"
     G = build_generator(json.loads((folder / "config.json").read_text()))
     weights = {k: v.float() for k, v in load_file(folder / "weights.safetensors").items()}
     G.load_state_dict(weights, strict=True)
     with ops.reference_paths() if variant == "reference" else contextlib.nullcontext():
-        assert_parity_case(G, folder / f"case{case}.safetensors")
+        assert_parity_case(G, folder / f"case{case}.safetensors", channels_last=variant == "nhwc")
 
 
 def test_tiny_outputs_shapes_dtype_and_depth_range(tiny) -> None:

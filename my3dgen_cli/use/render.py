@@ -282,9 +282,10 @@ def _render_source(plan: RenderPlan, G: nn.Module, name: str, ws: torch.Tensor, 
     from my3dgen_cli.speed import use_channels_last
 
     near, far = float(G.rendering_kwargs["ray_start"]), float(G.rendering_kwargs["ray_end"])
-    nhwc = use_channels_last(plan.channels_last, ws.device, plan.amp, resolution=G.img_resolution)
-    speed = {"amp": plan.amp, "compile": plan.compile, "channels_last": nhwc}
-    planes = G.planes(ws, noise_mode="const", channels_last=nhwc)
+    speed = {"amp": plan.amp, "compile": plan.compile, "channels_last": plan.channels_last}
+    # the tri-planes are computed here in fp32 (outside render_views' autocast): the fp32 layout choice
+    planes_nhwc = use_channels_last(plan.channels_last, ws.device, "off", resolution=G.img_resolution)
+    planes = G.planes(ws, noise_mode="const", channels_last=planes_nhwc)
     cams = cam if plan.own_camera else cameras_for(list(plan.yaws), list(plan.pitches), G)[0]
     views = render_views(G, ws, cams, plan.batch, planes=planes, on_batch=advance, **speed)
     entry: dict[str, Any] = {"source": name, "views": []}
