@@ -48,10 +48,11 @@ class SynthesisNetwork(nn.Module):
         ws = ws.to(torch.float32)
         x = img = None
         w_idx = 0
-        for block in self.blocks():
+        blocks = self.blocks()
+        for block in blocks:
             block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
             w_idx += block.num_conv
-            x, img = block(x, img, block_ws, **block_kwargs)
+            x, img = block(x, img, block_ws, keep_x=block is not blocks[-1], **block_kwargs)
         return img
 
 

@@ -16,7 +16,7 @@ from contextvars import ContextVar
 import torch
 from torch import nn
 
-from my3dgen_cli.eg3d import ops
+from my3dgen_cli.eg3d import ops, row_strips
 
 _RANDOM_INIT: ContextVar[bool] = ContextVar("random_init", default=True)
 
@@ -253,6 +253,17 @@ class SynthesisLayer(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         return adapted_weight(self)
 
+    def noise(self, noise_mode: str, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The noise added to the output: [R, R] ("const"), [N, 1, R, R] ("random", drawn now) or None."""
+        if noise_mode == "random":
+            shape = [x.shape[0], 1, self.resolution, self.resolution]
+            return torch.randn(shape, device=x.device, dtype=x.dtype, generator=generator) * self.noise_strength
+        if noise_mode == "const":
+            return self.noise_const * self.noise_strength
+        if noise_mode != "none":
+            raise ValueError(f"noise_mode: got {noise_mode!r}, expected 'const', 'random' or 'none'")
+        return None
+
     def forward(
         self,
         x: torch.Tensor,
@@ -266,14 +277,7 @@ class SynthesisLayer(nn.Module):
         in_res = self.resolution // self.up
         ops.check_shape("SynthesisLayer x", x, [None, self.in_channels, in_res, in_res])
         styles = self.affine(w)
-        noise = None
-        if noise_mode == "random":
-            shape = [x.shape[0], 1, self.resolution, self.resolution]
-            noise = torch.randn(shape, device=x.device, dtype=x.dtype, generator=generator) * self.noise_strength
-        elif noise_mode == "const":
-            noise = self.noise_const * self.noise_strength
-        elif noise_mode != "none":
-            raise ValueError(f"noise_mode: got {noise_mode!r}, expected 'const', 'random' or 'none'")
+        noise = self.noise(noise_mode, x, generator)
         if fused_modconv and not torch.is_grad_enabled() and ops.fast_paths():  # bitwise the same in fp32
             return ops.modulated_conv2d_lrelu(x, self.effective_weight(), styles, self.bias, noise=noise, up=self.up,
                                               resample_filter=self.resample_filter, clamp=self.conv_clamp,
@@ -356,14 +360,20 @@ class SynthesisBlock(nn.Module):
         fused_modconv: bool = True,
         generator: torch.Generator | None = None,
         channels_last: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keep_x: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """ws: [N, num_conv + 1, w_dim] (toRGB shares its w with the next block's conv0).
 
         channels_last: the convolutions run in NHWC memory (as the official fp16 blocks can, with
         `fp16_channels_last`); x is returned in that layout, img always in NCHW (few channels: the
         image skip path gains nothing from NHWC).
+        keep_x=False: the caller discards x (a network's last block). x may then come back as None, and
+        at high resolution in inference the image is computed a band of rows at a time (`row_strips`).
         """
         ops.check_shape("SynthesisBlock ws", ws, [None, self.num_conv + self.num_torgb, self.w_dim])
+        if not keep_x and row_strips.applies(self, x, fused_modconv):
+            return None, row_strips.block_image(self, x, img, ws, noise_mode=noise_mode, generator=generator,
+                                                channels_last=channels_last)
         w_iter = iter(ws.unbind(dim=1))
         if self.in_channels == 0:
             x = self.const.to(ws.dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])

@@ -221,6 +221,11 @@ def importance_depths(
 # view at nrr 128 in 0.89x the time of 2^18, bitwise the same, and takes the render's peak below the
 # superresolution's (docs/benchmarks.md); under heavy load smaller chunks lost (each op's thread barrier).
 DECODE_POINTS = 1 << 16
+# Rays per group (over the batch) of a deterministic inference render. Each ray's samples, weights and colours
+# depend on that ray alone, and the depth clamp's range is the sample range, [ray_start, ray_end], in every
+# group; so grouping changes no value, while only a group's colours (~25 MiB at 4096 rays) exist at once,
+# instead of ~100 MiB per pass at nrr 128.
+RENDER_RAYS = 4096
 
 
 def decode_in_chunks(decode: Callable[[torch.Tensor], dict], inputs: torch.Tensor, points: int | None = None) -> dict:
@@ -272,10 +277,31 @@ class ImportanceRenderer(nn.Module):
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling: got {sampling!r}, expected one of {SAMPLING_MODES}")
         fused = self.fused and fast_paths()
-        if fused and not torch.is_grad_enabled():  # inference: gather-friendly planes, decoder in chunks
-            planes, chunked = gather_planes(planes), True
-        else:
-            chunked = False
+        if not (fused and not torch.is_grad_enabled()):
+            return self._render(planes, decoder, origins, directions, options, sampling, generator, fused, False)
+        # inference: gather-friendly planes, decoder in chunks, and (deterministic) the rays in groups
+        planes = gather_planes(planes)
+        n, m, _ = origins.shape
+        step = max(RENDER_RAYS // n, 1) if sampling == "deterministic" else m
+        if step >= m:
+            return self._render(planes, decoder, origins, directions, options, sampling, generator, fused, True)
+        parts = [self._render(planes, decoder, origins[:, i : i + step], directions[:, i : i + step], options,
+                              sampling, generator, fused, True) for i in range(0, m, step)]
+        return tuple(torch.cat(outs, dim=1) for outs in zip(*parts))  # type: ignore[return-value]
+
+    def _render(
+        self,
+        planes: torch.Tensor,
+        decoder: nn.Module,
+        origins: torch.Tensor,
+        directions: torch.Tensor,
+        options: dict,
+        sampling: str,
+        generator: torch.Generator | None,
+        fused: bool,
+        chunked: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The render of `forward`, all rays at once (planes already gathered when `chunked`)."""
         n, m, _ = origins.shape
         depths_c = coarse_depths(n, m, float(options["ray_start"]), float(options["ray_end"]),
                                  int(options["depth_resolution"]), sampling, origins.device, generator)

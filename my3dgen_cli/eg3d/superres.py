@@ -90,5 +90,5 @@ class Superresolution(nn.Module):
         ws = ws[:, -1:, :].repeat(1, 3, 1)
         x, rgb = self._resize(x), self._resize(rgb)
         x, rgb = self.block0(x, rgb, ws, **block_kwargs)
-        x, rgb = self.block1(x, rgb, ws, **block_kwargs)
+        _, rgb = self.block1(x, rgb, ws, keep_x=False, **block_kwargs)
         return rgb

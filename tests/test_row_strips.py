@@ -1,0 +1,121 @@
+"""Inference in bands: a last block's image by row bands, and a render's rays in groups, equal the whole forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from my3dgen_cli.eg3d import build_generator, ops, renderer, row_strips
+from my3dgen_cli.eg3d.camera import frontal_camera, lookat_camera
+from my3dgen_cli.eg3d.layers import SynthesisBlock
+
+
+class _Delta(torch.nn.Module):
+    """An adapter stand-in: a fixed delta on the weight (the bands must read `effective_weight()`)."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 0.1 * torch.ones_like(weight)
+
+
+def _block(up: bool, channels: int = 6) -> SynthesisBlock:
+    torch.manual_seed(3)
+    block = SynthesisBlock(channels, channels, 16, 256, 3, conv_clamp=256, up=up).eval()
+    for layer in block.layers():
+        layer.noise_strength.data.fill_(0.3)
+        layer.bias.data.normal_()
+    block.conv1.adapter = _Delta()
+    return block
+
+
+def _inputs(block: SynthesisBlock, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(batch)
+    res = block.resolution // (2 if block.up else 1)
+    x = torch.randn(batch, block.in_channels, res, res, generator=g)
+    img = torch.randn(batch, 3, res, res, generator=g)
+    return x, img, torch.randn(batch, 3, 16, generator=g)
+
+
+@pytest.mark.parametrize("up", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("noise_mode", ["const", "none"])
+def test_block_image_by_bands_equals_the_whole_block(up: bool, channels_last: bool, noise_mode: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    block = _block(up)
+    x, img, ws = _inputs(block, batch=2)
+    monkeypatch.setattr(row_strips, "BAND_BYTES", 1)  # bands of MIN_BAND_ROWS: 8 of them, halo everywhere
+    monkeypatch.setattr(row_strips, "MIN_BAND_ROWS", 30)  # 30 rows: the last band is short (256 = 8 x 30 + 16)
+    assert row_strips.band_rows(block, 2) == 30
+    with torch.no_grad():
+        whole_x, whole = block(x, img, ws, noise_mode=noise_mode, channels_last=channels_last)
+        assert row_strips.applies(block, x, fused_modconv=True)
+        none_x, bands = block(x, img, ws, noise_mode=noise_mode, channels_last=channels_last, keep_x=False)
+    assert none_x is None and whole_x is not None
+    assert bands.shape == whole.shape == (2, 3, 256, 256) and bands.dtype == torch.float32
+    assert (bands - whole).abs().max() <= 1e-5 * whole.abs().max()
+    assert not torch.equal(bands, img) and not torch.equal(whole[:, :, :30], whole[:, :, 30:60])
+
+
+def test_random_noise_by_bands_draws_what_the_whole_block_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = _block(up=True)
+    x, img, ws = _inputs(block, batch=1)
+    monkeypatch.setattr(row_strips, "BAND_BYTES", 1)
+    with torch.no_grad():
+        _, whole = block(x, img, ws, noise_mode="random", generator=torch.Generator().manual_seed(5))
+        _, bands = block(x, img, ws, noise_mode="random", generator=torch.Generator().manual_seed(5), keep_x=False)
+        _, other = block(x, img, ws, noise_mode="random", generator=torch.Generator().manual_seed(6), keep_x=False)
+    assert (bands - whole).abs().max() <= 1e-5 * whole.abs().max()
+    assert (other - whole).abs().max() > 1e-3  # the noise is drawn, and drawn from the generator given
+
+
+def test_bands_are_left_to_autograd_small_blocks_and_the_reference_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    block = _block(up=True)
+    x, img, ws = _inputs(block, batch=1)
+    with torch.no_grad():
+        assert not row_strips.applies(block, x, fused_modconv=True)  # 6 channels: one band holds the whole image
+    monkeypatch.setattr(row_strips, "BAND_BYTES", 1)
+    with torch.no_grad():
+        assert row_strips.applies(block, x, fused_modconv=True)
+        assert not row_strips.applies(block, x, fused_modconv=False)
+        with ops.reference_paths():
+            assert not row_strips.applies(block, x, fused_modconv=True)
+    assert not row_strips.applies(block, x, fused_modconv=True)  # autograd: x's activations are needed
+    small = SynthesisBlock(4, 4, 16, 128, 3).eval()
+    with torch.no_grad():
+        assert not row_strips.applies(small, torch.zeros(1, 4, 64, 64), fused_modconv=True)
+
+
+def test_generator_takes_the_bands_and_grouped_rays_and_renders_the_same_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wiring: a render's last backbone block and last superresolution block go by bands, its rays by
+    groups, and the view is the one the whole forms give (tiny config, thresholds lowered to reach it)."""
+    torch.manual_seed(0)
+    G = build_generator("tiny").eval()
+    g = torch.Generator().manual_seed(0)
+    ws = G.mapping(torch.randn(2, G.z_dim, generator=g), frontal_camera(2)).detach()
+    c = lookat_camera(torch.tensor([-20.0, 25.0]), 5.0)
+    with torch.no_grad():
+        whole = G.synthesis(ws, c, sampling="deterministic")
+    calls: list[int] = []
+    block_image = row_strips.block_image
+    monkeypatch.setattr(row_strips, "block_image", lambda block, *a, **k: calls.append(block.resolution)
+                        or block_image(block, *a, **k))
+    monkeypatch.setattr(row_strips, "MIN_RESOLUTION", 32)
+    monkeypatch.setattr(row_strips, "BAND_BYTES", 1)
+    monkeypatch.setattr(row_strips, "MIN_BAND_ROWS", 8)
+    monkeypatch.setattr(renderer, "RENDER_RAYS", 200)  # 2 x 1024 rays in groups of 100 per view
+    with torch.no_grad():
+        grouped = G.synthesis(ws, c, sampling="deterministic")
+    assert set(calls) == {G.backbone.synthesis.img_resolution, G.superresolution.block1.resolution}
+    for key in ("image", "image_raw", "image_depth"):
+        assert (grouped[key] - whole[key]).abs().max() <= 1e-5 * whole[key].abs().max(), key
+
+
+def test_stochastic_rays_are_not_grouped_so_their_draws_are_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    G = build_generator("tiny").eval()
+    ws = G.mapping(torch.randn(1, G.z_dim), frontal_camera(1)).detach()
+    c = lookat_camera(torch.tensor([10.0]), 5.0)
+    with torch.no_grad():
+        before = G.synthesis(ws, c, sampling="stochastic", generator=torch.Generator().manual_seed(2))
+        monkeypatch.setattr(renderer, "RENDER_RAYS", 100)
+        after = G.synthesis(ws, c, sampling="stochastic", generator=torch.Generator().manual_seed(2))
+    assert torch.equal(before["image"], after["image"])
