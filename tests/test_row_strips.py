@@ -1,4 +1,4 @@
-"""Inference in bands: a last block's image by row bands, and a render's rays in groups, equal the whole forms."""
+"""Inference in pieces: a synthesis block by row bands, a render's rays in groups, equal the whole forms."""
 
 from __future__ import annotations
 
@@ -27,6 +27,15 @@ def _block(up: bool, channels: int = 6) -> SynthesisBlock:
     return block
 
 
+def _whole(block: SynthesisBlock, *args, **kwargs):
+    """The block's forward as one piece (the bands' threshold out of reach)."""
+    saved, row_strips.MIN_RESOLUTION = row_strips.MIN_RESOLUTION, 1 << 30
+    try:
+        return block(*args, **kwargs)
+    finally:
+        row_strips.MIN_RESOLUTION = saved
+
+
 def _inputs(block: SynthesisBlock, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(batch)
     res = block.resolution // (2 if block.up else 1)
@@ -46,12 +55,17 @@ def test_block_image_by_bands_equals_the_whole_block(up: bool, channels_last: bo
     monkeypatch.setattr(row_strips, "MIN_BAND_ROWS", 30)  # 30 rows: the last band is short (256 = 8 x 30 + 16)
     assert row_strips.band_rows(block, 2) == 30
     with torch.no_grad():
-        whole_x, whole = block(x, img, ws, noise_mode=noise_mode, channels_last=channels_last)
+        whole_x, whole = _whole(block, x, img, ws, noise_mode=noise_mode, channels_last=channels_last)
         assert row_strips.applies(block, x, fused_modconv=True)
         none_x, bands = block(x, img, ws, noise_mode=noise_mode, channels_last=channels_last, keep_x=False)
+        kept_x, kept = block(x, img, ws, noise_mode=noise_mode, channels_last=channels_last)
     assert none_x is None and whole_x is not None
     assert bands.shape == whole.shape == (2, 3, 256, 256) and bands.dtype == torch.float32
     assert (bands - whole).abs().max() <= 1e-5 * whole.abs().max()
+    assert torch.equal(kept, bands)
+    assert kept_x.shape == whole_x.shape and (kept_x - whole_x).abs().max() <= 1e-5 * whole_x.abs().max()
+    # the layout the next layer reads without a copy: the fused conv's own (NHWC of [1, N*C, R, R] or NCHW)
+    assert kept_x.stride() == whole_x.stride()
     assert not torch.equal(bands, img) and not torch.equal(whole[:, :, :30], whole[:, :, 30:60])
 
 
@@ -60,7 +74,7 @@ def test_random_noise_by_bands_draws_what_the_whole_block_draws(monkeypatch: pyt
     x, img, ws = _inputs(block, batch=1)
     monkeypatch.setattr(row_strips, "BAND_BYTES", 1)
     with torch.no_grad():
-        _, whole = block(x, img, ws, noise_mode="random", generator=torch.Generator().manual_seed(5))
+        _, whole = _whole(block, x, img, ws, noise_mode="random", generator=torch.Generator().manual_seed(5))
         _, bands = block(x, img, ws, noise_mode="random", generator=torch.Generator().manual_seed(5), keep_x=False)
         _, other = block(x, img, ws, noise_mode="random", generator=torch.Generator().manual_seed(6), keep_x=False)
     assert (bands - whole).abs().max() <= 1e-5 * whole.abs().max()
@@ -85,8 +99,8 @@ def test_bands_are_left_to_autograd_small_blocks_and_the_reference_paths(monkeyp
 
 
 def test_generator_takes_the_bands_and_grouped_rays_and_renders_the_same_view(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The wiring: a render's last backbone block and last superresolution block go by bands, its rays by
-    groups, and the view is the one the whole forms give (tiny config, thresholds lowered to reach it)."""
+    """The wiring: a render's large blocks go by bands, its rays by groups, and the view is the one the
+    whole forms give (tiny config, thresholds lowered to reach it)."""
     torch.manual_seed(0)
     G = build_generator("tiny").eval()
     g = torch.Generator().manual_seed(0)
@@ -95,16 +109,17 @@ def test_generator_takes_the_bands_and_grouped_rays_and_renders_the_same_view(mo
     with torch.no_grad():
         whole = G.synthesis(ws, c, sampling="deterministic")
     calls: list[int] = []
-    block_image = row_strips.block_image
-    monkeypatch.setattr(row_strips, "block_image", lambda block, *a, **k: calls.append(block.resolution)
-                        or block_image(block, *a, **k))
+    block_forward = row_strips.block_forward
+    monkeypatch.setattr(row_strips, "block_forward", lambda block, *a, **k: calls.append(block.resolution)
+                        or block_forward(block, *a, **k))
     monkeypatch.setattr(row_strips, "MIN_RESOLUTION", 32)
     monkeypatch.setattr(row_strips, "BAND_BYTES", 1)
     monkeypatch.setattr(row_strips, "MIN_BAND_ROWS", 8)
     monkeypatch.setattr(renderer, "RENDER_RAYS", 200)  # 2 x 1024 rays in groups of 100 per view
     with torch.no_grad():
         grouped = G.synthesis(ws, c, sampling="deterministic")
-    assert set(calls) == {G.backbone.synthesis.img_resolution, G.superresolution.block1.resolution}
+    assert set(calls) == {G.backbone.synthesis.img_resolution, G.superresolution.block0.resolution,
+                          G.superresolution.block1.resolution}
     for key in ("image", "image_raw", "image_depth"):
         assert (grouped[key] - whole[key]).abs().max() <= 1e-5 * whole[key].abs().max(), key
 

@@ -367,13 +367,14 @@ class SynthesisBlock(nn.Module):
         channels_last: the convolutions run in NHWC memory (as the official fp16 blocks can, with
         `fp16_channels_last`); x is returned in that layout, img always in NCHW (few channels: the
         image skip path gains nothing from NHWC).
-        keep_x=False: the caller discards x (a network's last block). x may then come back as None, and
-        at high resolution in inference the image is computed a band of rows at a time (`row_strips`).
+        At high resolution in inference the block runs a band of rows at a time (`row_strips`).
+        keep_x=False: the caller discards x (a network's last block), which then comes back as None
+        from the bands and is never built whole.
         """
         ops.check_shape("SynthesisBlock ws", ws, [None, self.num_conv + self.num_torgb, self.w_dim])
-        if not keep_x and row_strips.applies(self, x, fused_modconv):
-            return None, row_strips.block_image(self, x, img, ws, noise_mode=noise_mode, generator=generator,
-                                                channels_last=channels_last)
+        if row_strips.applies(self, x, fused_modconv):
+            return row_strips.block_forward(self, x, img, ws, noise_mode=noise_mode, generator=generator,
+                                            channels_last=channels_last, keep_x=keep_x)
         w_iter = iter(ws.unbind(dim=1))
         if self.in_channels == 0:
             x = self.const.to(ws.dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])

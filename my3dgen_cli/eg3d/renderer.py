@@ -223,9 +223,9 @@ def importance_depths(
 DECODE_POINTS = 1 << 16
 # Rays per group (over the batch) of a deterministic inference render. Each ray's samples, weights and colours
 # depend on that ray alone, and the depth clamp's range is the sample range, [ray_start, ray_end], in every
-# group; so grouping changes no value, while only a group's colours (~25 MiB at 4096 rays) exist at once,
-# instead of ~100 MiB per pass at nrr 128.
-RENDER_RAYS = 4096
+# group; so grouping changes no value (up to matmul blocking), while only a group's colours exist at once
+# (~12 MiB per pass at 2048 rays, ~100 MiB whole at nrr 128). Time within 3 % of 4096 (docs/benchmarks.md).
+RENDER_RAYS = 2048
 
 
 def decode_in_chunks(decode: Callable[[torch.Tensor], dict], inputs: torch.Tensor, points: int | None = None) -> dict:
@@ -287,7 +287,7 @@ class ImportanceRenderer(nn.Module):
             return self._render(planes, decoder, origins, directions, options, sampling, generator, fused, True)
         parts = [self._render(planes, decoder, origins[:, i : i + step], directions[:, i : i + step], options,
                               sampling, generator, fused, True) for i in range(0, m, step)]
-        return tuple(torch.cat(outs, dim=1) for outs in zip(*parts))  # type: ignore[return-value]
+        return tuple(torch.cat(outs, dim=1) for outs in zip(*parts, strict=True))  # type: ignore[return-value]
 
     def _render(
         self,

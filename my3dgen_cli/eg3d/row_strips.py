@@ -1,10 +1,11 @@
-"""A synthesis block's image, computed a band of output rows at a time (inference only), for memory.
+"""A synthesis block computed a band of output rows at a time (inference only), for memory.
 
-The last block of the backbone (256 px, whose image is the tri-planes) and of the superresolution
-(512 px, whose image is the output) are the only callers that discard the block's activations `x`.
-Computed whole, that block holds its input and two full-size activation maps at once: the
-superresolution's last block alone was ~320 MiB of a full-size view's peak (docs/benchmarks.md).
-Band by band, only the input and one band of each layer are alive.
+Computed whole, a block holds its input and two full-size activation maps at once (three with the
+2x conv's transposed output): the superresolution's last block alone was ~320 MiB of a full-size
+view's peak (docs/benchmarks.md). Band by band, only the input, one band of each layer and what the
+caller keeps are alive. The last block of the backbone (256 px, whose image is the tri-planes) and of
+the superresolution (512 px, whose image is the output) discard their activations `x`, so these are
+never built whole; the superresolution's first block (256 px) keeps them for the next.
 
 Every op of a block is local in the rows: a 3x3 conv needs 1 input row above and below its output
 rows, and so does the 2x-upsampling conv (a stride-2 transposed conv, whose output row 2i+1 reads
@@ -18,17 +19,18 @@ from __future__ import annotations
 
 import torch
 
-from my3dgen_cli.eg3d import ops
+from my3dgen_cli.eg3d import heap, ops
 
-# Output rows per band so that one band of one layer's activations is about this many bytes; bands are
-# at least MIN_BAND_ROWS tall so the halo rows (recomputed by both neighbours) stay a small share.
-BAND_BYTES = 16 << 20
+# Output rows per band so that one band of one layer's activations is about this many bytes (8 MiB: a 512 px,
+# 128-channel layer in 16 bands of 32 rows); bands are at least MIN_BAND_ROWS tall so the halo rows
+# (recomputed by both neighbours) stay a small share.
+BAND_BYTES = 8 << 20
 MIN_BAND_ROWS = 32
 MIN_RESOLUTION = 256  # below this a block's maps are small: bands would only add calls
 
 
 def applies(block: torch.nn.Module, x: torch.Tensor | None, fused_modconv: bool) -> bool:
-    """Whether `block` (a SynthesisBlock whose x the caller discards) may run in bands."""
+    """Whether `block` (a SynthesisBlock) may run in bands: inference, fused, >= MIN_RESOLUTION, > one band."""
     return (x is not None and block.in_channels != 0 and block.resolution >= MIN_RESOLUTION and fused_modconv
             and not torch.is_grad_enabled() and ops.fast_paths() and band_rows(block, x.shape[0]) < block.resolution)
 
@@ -61,16 +63,19 @@ def _layer_rows(layer: torch.nn.Module, x: torch.Tensor, w_styles: torch.Tensor,
     return y[:, :, lo - i0 * up : hi - i0 * up]
 
 
-def block_image(block: torch.nn.Module, x: torch.Tensor, img: torch.Tensor | None, ws: torch.Tensor,
-                noise_mode: str = "const", generator: torch.Generator | None = None,
-                channels_last: bool = False) -> torch.Tensor:
-    """The image `block(x, img, ws)` returns, band by band (its x is never built whole).
+def block_forward(block: torch.nn.Module, x: torch.Tensor, img: torch.Tensor | None, ws: torch.Tensor,
+                  noise_mode: str = "const", generator: torch.Generator | None = None,
+                  channels_last: bool = False, keep_x: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What `block(x, img, ws)` returns, band by band: (x or None unless `keep_x`, image).
 
-    ws: [N, 3, w_dim] (conv0, conv1, torgb). Random noise is drawn for conv0 then conv1, whole, before
-    any band: the same draws in the same order as the whole-image forward.
+    Without `keep_x` the block's activations never exist whole; with it, only its output does (each
+    band is copied in, in the layout the whole forward gives), not the conv0 output and the
+    transposed conv's before it. ws: [N, 3, w_dim] (conv0, conv1, torgb). Random noise is drawn for
+    conv0 then conv1, whole, before any band: the same draws in the same order as the whole forward.
     """
     ops.check_shape("SynthesisBlock ws", ws, [None, 3, block.w_dim])
     conv0, conv1, resolution = block.conv0, block.conv1, block.resolution
+    heap.release_free(x.shape[0] * block.out_channels * resolution * resolution * 4, x.device)  # what came before
     w0, w1, w_rgb = ws.unbind(dim=1)
     styles0, styles1 = conv0.affine(w0), conv1.affine(w1)
     weight0, weight1 = conv0.effective_weight(), conv1.effective_weight()
@@ -81,6 +86,7 @@ def block_image(block: torch.nn.Module, x: torch.Tensor, img: torch.Tensor | Non
         out = ops.upsample2d(img, block.resample_filter)
     else:
         out = img.clone()  # added to in place below: never the caller's tensor
+    x_out = None
     step = band_rows(block, x.shape[0])
     for lo in range(0, resolution, step):
         hi = min(lo + step, resolution)
@@ -88,6 +94,20 @@ def block_image(block: torch.nn.Module, x: torch.Tensor, img: torch.Tensor | Non
         h0 = _layer_rows(conv0, x, styles0, weight0, noise0, a0, a1, channels_last)
         h1 = _layer_rows(conv1, h0, styles1, weight1, noise1, lo - a0, hi - a0, channels_last, row0=a0)
         del h0
+        if keep_x:
+            if x_out is None:
+                x_out = _whole_like(h1, resolution, channels_last)
+            x_out[:, :, lo:hi] = h1
         y = block.torgb(h1, w_rgb, fused_modconv=True, channels_last=channels_last)
         out[:, :, lo:hi] += y.to(torch.float32)
-    return out
+    return x_out, out
+
+
+def _whole_like(band: torch.Tensor, resolution: int, channels_last: bool) -> torch.Tensor:
+    """An empty [N, C, R, R] for a band's rows, in the fused conv's own output layout (NHWC of [1, N*C, R, R])."""
+    n, c = band.shape[:2]
+    if not channels_last:
+        return band.new_empty(n, c, resolution, resolution)
+    grouped = torch.empty([1, n * c, resolution, resolution], dtype=band.dtype, device=band.device,
+                          memory_format=torch.channels_last)
+    return grouped.view(n, c, resolution, resolution)

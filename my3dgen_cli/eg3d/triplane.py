@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from my3dgen_cli.eg3d import ops
+from my3dgen_cli.eg3d import heap, ops
 from my3dgen_cli.eg3d.backbone import Backbone
 from my3dgen_cli.eg3d.camera import check_label
 from my3dgen_cli.eg3d.configs import GeneratorConfig
@@ -166,6 +166,8 @@ class TriPlaneGenerator(nn.Module):
         if planes is None:
             planes = self.planes(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator,
                                  channels_last=channels_last)
+        if ops.fast_paths():  # the backbone's free blocks, which the render would not fit
+            heap.release_free(planes.numel() * planes.element_size(), planes.device)
         feature_image, depth_image = self.render_planes(planes, c, neural_rendering_resolution, sampling, generator)
         del planes  # the superresolution's 512 px layers set the peak memory: free the tri-planes first
         rgb_image = feature_image[:, :3].contiguous()  # outputs are plain NCHW tensors
