@@ -31,7 +31,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 def release_free(stage_bytes: int, device: torch.device) -> bool:
     """Trim the heap before a CPU stage of `stage_bytes` or more, outside autograd. True if trimmed."""
-    if device.type != "cpu" or torch.is_grad_enabled() or stage_bytes < MIN_STAGE_BYTES:
+    if device.type != "cpu" or torch.is_grad_enabled() or stage_bytes < MIN_STAGE_BYTES or (
+            torch.compiler.is_compiling()):  # a foreign call there would only break the graph
         return False
     trim = _malloc_trim()
     if trim is None:

@@ -221,10 +221,10 @@ def importance_depths(
 # view at nrr 128 in 0.89x the time of 2^18, bitwise the same, and takes the render's peak below the
 # superresolution's (docs/benchmarks.md); under heavy load smaller chunks lost (each op's thread barrier).
 DECODE_POINTS = 1 << 16
-# Rays per group (over the batch) of a deterministic inference render. Each ray's samples, weights and colours
-# depend on that ray alone, and the depth clamp's range is the sample range, [ray_start, ray_end], in every
-# group; so grouping changes no value (up to matmul blocking), while only a group's colours exist at once
-# (~12 MiB per pass at 2048 rays, ~100 MiB whole at nrr 128). Time within 3 % of 4096 (docs/benchmarks.md).
+# Rays per group (over the batch) of a deterministic inference render on the CPU. Each ray's samples, weights
+# and colours depend on that ray alone, and the depth clamp's range is the sample range, [ray_start, ray_end],
+# in every group; so grouping changes no value (up to matmul blocking), while only a group's colours exist at
+# once (~12 MiB per pass at 2048 rays, ~100 MiB whole at nrr 128). Time within 3 % of 4096 (docs/benchmarks.md).
 RENDER_RAYS = 2048
 
 
@@ -279,10 +279,11 @@ class ImportanceRenderer(nn.Module):
         fused = self.fused and fast_paths()
         if not (fused and not torch.is_grad_enabled()):
             return self._render(planes, decoder, origins, directions, options, sampling, generator, fused, False)
-        # inference: gather-friendly planes, decoder in chunks, and (deterministic) the rays in groups
+        # inference: gather-friendly planes, decoder in chunks, and (deterministic, CPU) the rays in groups
         planes = gather_planes(planes)
         n, m, _ = origins.shape
-        step = max(RENDER_RAYS // n, 1) if sampling == "deterministic" else m
+        grouped = sampling == "deterministic" and origins.device.type == "cpu" and not torch.compiler.is_compiling()
+        step = max(RENDER_RAYS // n, 1) if grouped else m
         if step >= m:
             return self._render(planes, decoder, origins, directions, options, sampling, generator, fused, True)
         parts = [self._render(planes, decoder, origins[:, i : i + step], directions[:, i : i + step], options,

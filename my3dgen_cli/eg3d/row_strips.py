@@ -30,9 +30,13 @@ MIN_RESOLUTION = 256  # below this a block's maps are small: bands would only ad
 
 
 def applies(block: torch.nn.Module, x: torch.Tensor | None, fused_modconv: bool) -> bool:
-    """Whether `block` (a SynthesisBlock) may run in bands: inference, fused, >= MIN_RESOLUTION, > one band."""
-    return (x is not None and block.in_channels != 0 and block.resolution >= MIN_RESOLUTION and fused_modconv
-            and not torch.is_grad_enabled() and ops.fast_paths() and band_rows(block, x.shape[0]) < block.resolution)
+    """Whether `block` (a SynthesisBlock) may run in bands: CPU inference, fused, >= MIN_RESOLUTION, > one band.
+
+    Not on GPUs: there a band's smaller kernels may cost more than the memory saved (not measured)."""
+    return (x is not None and x.device.type == "cpu" and block.in_channels != 0 and block.resolution >= MIN_RESOLUTION
+            and fused_modconv
+            and not torch.is_grad_enabled() and ops.fast_paths() and not torch.compiler.is_compiling()
+            and band_rows(block, x.shape[0]) < block.resolution)
 
 
 def band_rows(block: torch.nn.Module, batch: int) -> int:
