@@ -69,6 +69,38 @@ def test_block_image_by_bands_equals_the_whole_block(up: bool, channels_last: bo
     assert not torch.equal(bands, img) and not torch.equal(whole[:, :, :30], whole[:, :, 30:60])
 
 
+@pytest.mark.parametrize("first_up", [True, False])  # the 8X superresolutions, and the 4X / 2X ones
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("band", [30, 64])
+def test_two_blocks_by_bands_equal_the_two_whole_blocks(first_up: bool, channels_last: bool, band: int,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(4)
+    first = SynthesisBlock(5, 6, 16, 128 if first_up else 256, 3, conv_clamp=256, up=first_up).eval()
+    second = SynthesisBlock(6, 4, 16, 256 if first_up else 512, 3, conv_clamp=256).eval()
+    for layer in [*first.layers(), *second.layers()]:
+        layer.noise_strength.data.fill_(0.3)
+        layer.bias.data.normal_()
+    first.conv1.adapter = _Delta()
+    g = torch.Generator().manual_seed(1)
+    res = first.resolution // (2 if first_up else 1)
+    x, img = torch.randn(2, 5, res, res, generator=g), torch.randn(2, 3, res, res, generator=g)
+    ws_first, ws_second = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    monkeypatch.setattr(row_strips, "MIN_RESOLUTION", 64)
+    monkeypatch.setattr(row_strips, "BAND_BYTES", 1)
+    monkeypatch.setattr(row_strips, "MIN_BAND_ROWS", band)  # 30: bands that split the first block's rows unevenly
+    for noise_mode in ("const", "random"):
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(7)  # random: both blocks draw from one generator, first then second
+            mid_x, mid = _whole(first, x, img, ws_first, noise_mode=noise_mode, generator=gen,
+                                channels_last=channels_last)
+            _, whole = _whole(second, mid_x, mid, ws_second, noise_mode=noise_mode, generator=gen,
+                              channels_last=channels_last)
+            pair = row_strips.pair_image(first, second, x, img, ws_first, ws_second, noise_mode=noise_mode,
+                                         generator=torch.Generator().manual_seed(7), channels_last=channels_last)
+        assert pair.shape == whole.shape == (2, 3, second.resolution, second.resolution)
+        assert (pair - whole).abs().max() <= 1e-5 * whole.abs().max(), noise_mode
+
+
 def test_random_noise_by_bands_draws_what_the_whole_block_draws(monkeypatch: pytest.MonkeyPatch) -> None:
     block = _block(up=True)
     x, img, ws = _inputs(block, batch=1)
@@ -109,17 +141,19 @@ def test_generator_takes_the_bands_and_grouped_rays_and_renders_the_same_view(mo
     with torch.no_grad():
         whole = G.synthesis(ws, c, sampling="deterministic")
     calls: list[int] = []
-    block_forward = row_strips.block_forward
+    block_forward, pair_image = row_strips.block_forward, row_strips.pair_image
     monkeypatch.setattr(row_strips, "block_forward", lambda block, *a, **k: calls.append(block.resolution)
                         or block_forward(block, *a, **k))
+    monkeypatch.setattr(row_strips, "pair_image", lambda one, two, *a, **k: calls.append((one.resolution,
+                        two.resolution)) or pair_image(one, two, *a, **k))
     monkeypatch.setattr(row_strips, "MIN_RESOLUTION", 32)
     monkeypatch.setattr(row_strips, "BAND_BYTES", 1)
     monkeypatch.setattr(row_strips, "MIN_BAND_ROWS", 8)
     monkeypatch.setattr(renderer, "RENDER_RAYS", 200)  # 2 x 1024 rays in groups of 100 per view
     with torch.no_grad():
         grouped = G.synthesis(ws, c, sampling="deterministic")
-    assert set(calls) == {G.backbone.synthesis.img_resolution, G.superresolution.block0.resolution,
-                          G.superresolution.block1.resolution}
+    sr = G.superresolution
+    assert set(calls) == {G.backbone.synthesis.img_resolution, (sr.block0.resolution, sr.block1.resolution)}
     for key in ("image", "image_raw", "image_depth"):
         assert (grouped[key] - whole[key]).abs().max() <= 1e-5 * whole[key].abs().max(), key
 
@@ -134,3 +168,13 @@ def test_stochastic_rays_are_not_grouped_so_their_draws_are_unchanged(monkeypatc
         monkeypatch.setattr(renderer, "RENDER_RAYS", 100)
         after = G.synthesis(ws, c, sampling="stochastic", generator=torch.Generator().manual_seed(2))
     assert torch.equal(before["image"], after["image"])
+
+
+def test_planes_made_in_the_sampled_layout_are_not_copied_again() -> None:
+    """synthesis stores its tri-planes in the render's gather layout: the render then samples them as they are
+    (a copy would live beside them through the render: 25 MiB at full size)."""
+    planes = torch.randn(2, 3, 4, 8, 8)
+    stored = renderer.gather_planes(planes).view(planes.shape)
+    assert torch.equal(stored, planes)
+    assert renderer.gather_planes(stored).data_ptr() == stored.data_ptr()
+    assert renderer.gather_planes(planes).data_ptr() != planes.data_ptr()

@@ -67,6 +67,42 @@ def _layer_rows(layer: torch.nn.Module, x: torch.Tensor, w_styles: torch.Tensor,
     return y[:, :, lo - i0 * up : hi - i0 * up]
 
 
+class _Banded:
+    """One block's per-sample weights, styles and noise, made once, and its layers on any rows."""
+
+    def __init__(self, block: torch.nn.Module, ws: torch.Tensor, x: torch.Tensor, noise_mode: str,
+                 generator: torch.Generator | None, channels_last: bool) -> None:
+        ops.check_shape("SynthesisBlock ws", ws, [None, 3, block.w_dim])
+        self.block, self.channels_last = block, channels_last
+        w0, w1, self.w_rgb = ws.unbind(dim=1)
+        self.styles = (block.conv0.affine(w0), block.conv1.affine(w1))
+        self.weights = (block.conv0.effective_weight(), block.conv1.effective_weight())
+        self.noise = (block.conv0.noise(noise_mode, x, generator), block.conv1.noise(noise_mode, x, generator))
+
+    def rows(self, x: torch.Tensor, lo: int, hi: int, x_row0: int = 0) -> torch.Tensor:
+        """Rows [lo, hi) of the block's activations (conv0, then conv1) from input rows starting at `x_row0`.
+
+        `x` holds at least the input rows these need (one row of halo per conv), or reaches the image's edge.
+        """
+        block, up = self.block, self.block.conv0.up
+        a0, a1 = max(lo - 1, 0), min(hi + 1, block.resolution)  # conv1's input rows (3x3: one row of halo)
+        h0 = _layer_rows(block.conv0, x, self.styles[0], self.weights[0], self.noise[0], a0 - x_row0 * up,
+                         a1 - x_row0 * up, self.channels_last, row0=x_row0 * up)
+        return _layer_rows(block.conv1, h0, self.styles[1], self.weights[1], self.noise[1], lo - a0, hi - a0,
+                           self.channels_last, row0=a0)
+
+    def rgb(self, h: torch.Tensor) -> torch.Tensor:
+        """The block's ToRGB of activation rows, as float32 (what the whole forward adds to the image)."""
+        return self.block.torgb(h, self.w_rgb, fused_modconv=True, channels_last=self.channels_last).to(torch.float32)
+
+    def skip(self, img: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """The image the block adds its ToRGB to: img upsampled, a copy of it, or zeros; float32, new."""
+        block = self.block
+        if img is None:
+            return torch.zeros([x.shape[0], block.img_channels, block.resolution, block.resolution], device=x.device)
+        return ops.upsample2d(img, block.resample_filter) if block.up else img.clone()
+
+
 def block_forward(block: torch.nn.Module, x: torch.Tensor, img: torch.Tensor | None, ws: torch.Tensor,
                   noise_mode: str = "const", generator: torch.Generator | None = None,
                   channels_last: bool = False, keep_x: bool = False) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -77,34 +113,54 @@ def block_forward(block: torch.nn.Module, x: torch.Tensor, img: torch.Tensor | N
     transposed conv's before it. ws: [N, 3, w_dim] (conv0, conv1, torgb). Random noise is drawn for
     conv0 then conv1, whole, before any band: the same draws in the same order as the whole forward.
     """
-    ops.check_shape("SynthesisBlock ws", ws, [None, 3, block.w_dim])
-    conv0, conv1, resolution = block.conv0, block.conv1, block.resolution
+    resolution = block.resolution
     heap.release_free(x.shape[0] * block.out_channels * resolution * resolution * 4, x.device)  # what came before
-    w0, w1, w_rgb = ws.unbind(dim=1)
-    styles0, styles1 = conv0.affine(w0), conv1.affine(w1)
-    weight0, weight1 = conv0.effective_weight(), conv1.effective_weight()
-    noise0, noise1 = conv0.noise(noise_mode, x, generator), conv1.noise(noise_mode, x, generator)
-    if img is None:
-        out = torch.zeros([x.shape[0], block.img_channels, resolution, resolution], device=x.device)
-    elif block.up:
-        out = ops.upsample2d(img, block.resample_filter)
-    else:
-        out = img.clone()  # added to in place below: never the caller's tensor
-    x_out = None
+    banded = _Banded(block, ws, x, noise_mode, generator, channels_last)
+    out, x_out = banded.skip(img, x), None
     step = band_rows(block, x.shape[0])
     for lo in range(0, resolution, step):
         hi = min(lo + step, resolution)
-        a0, a1 = max(lo - 1, 0), min(hi + 1, resolution)  # conv1's input rows (3x3: one row of halo)
-        h0 = _layer_rows(conv0, x, styles0, weight0, noise0, a0, a1, channels_last)
-        h1 = _layer_rows(conv1, h0, styles1, weight1, noise1, lo - a0, hi - a0, channels_last, row0=a0)
-        del h0
+        h = banded.rows(x, lo, hi)
         if keep_x:
             if x_out is None:
-                x_out = _whole_like(h1, resolution, channels_last)
-            x_out[:, :, lo:hi] = h1
-        y = block.torgb(h1, w_rgb, fused_modconv=True, channels_last=channels_last)
-        out[:, :, lo:hi] += y.to(torch.float32)
+                x_out = _whole_like(h, resolution, channels_last)
+            x_out[:, :, lo:hi] = h
+        out[:, :, lo:hi] += banded.rgb(h)
     return x_out, out
+
+
+def pair_image(first: torch.nn.Module, second: torch.nn.Module, x: torch.Tensor, img: torch.Tensor | None,
+               ws_first: torch.Tensor, ws_second: torch.Tensor, noise_mode: str = "const",
+               generator: torch.Generator | None = None, channels_last: bool = False) -> torch.Tensor:
+    """The image of `second(*first(x, img, ws_first), ws_second)` by bands of the second block's rows.
+
+    The superresolution's two blocks: the first block's activations (64 MiB at full size) are never built
+    whole either. Each band computes the first block's rows it newly needs and keeps those it shares
+    with the next band, so every row of either block is computed once (plus one row of conv0 per band).
+    The first block's image gets its ToRGB row by row as they are made, and is upsampled into the
+    second's only at the end (the same single addition per pixel as the whole forward).
+    """
+    heap.release_free(x.shape[0] * second.out_channels * second.resolution ** 2 * 4, x.device)
+    one = _Banded(first, ws_first, x, noise_mode, generator, channels_last)
+    two = _Banded(second, ws_second, x, noise_mode, generator, channels_last)
+    image_one = one.skip(img, x)
+    rgb_two = torch.zeros([x.shape[0], second.img_channels, second.resolution, second.resolution], device=x.device)
+    up, res_one = second.conv0.up, first.resolution
+    kept, k0, k1 = None, 0, 0  # the first block's activation rows [k0, k1)
+    step = band_rows(second, x.shape[0])
+    for lo in range(0, second.resolution, step):
+        hi = min(lo + step, second.resolution)
+        a0, a1 = max(lo - 1, 0), min(hi + 1, second.resolution)  # the second block's conv0 rows for its conv1
+        b0, b1 = max(a0 // up - 1, 0), min(-(-a1 // up) + 1, res_one)  # the first block's rows for that conv0
+        if b1 > k1:
+            fresh = one.rows(x, max(k1, b0), b1)
+            image_one[:, :, max(k1, b0) : b1] += one.rgb(fresh)
+            reuse = kept[:, :, b0 - k0 :] if kept is not None and b0 < k1 else None
+            kept = fresh if reuse is None else torch.cat([reuse, fresh], dim=2)
+            k0, k1 = (b0 if reuse is not None else max(k1, b0)), b1
+        h = two.rows(kept[:, :, b0 - k0 : b1 - k0], lo, hi, x_row0=b0)
+        rgb_two[:, :, lo:hi] = two.rgb(h)
+    return two.skip(image_one, x) + rgb_two
 
 
 def _whole_like(band: torch.Tensor, resolution: int, channels_last: bool) -> torch.Tensor:
