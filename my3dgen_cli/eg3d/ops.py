@@ -27,7 +27,8 @@ def reference_paths() -> Iterator[None]:
 
     Covers the in-place conv epilogue (`modulated_conv2d_lrelu`, bitwise the reference in fp32), the
     decoder's Softplus and the renderer's fused compositing, channels_last plane table
-    (`renderer.gather_planes`) and chunked decoding (`renderer.decode_in_chunks`), and in training the
+    (`renderer.gather_planes`), chunked decoding (`renderer.decode_in_chunks`) and rays in groups, the
+    large synthesis blocks by row bands (`row_strips.py`) with their heap trims, and in training the
     adapted convolutions' factor-only gradient (`lowrank_conv.py`). Both give the same values up to
     float rounding.
     """
