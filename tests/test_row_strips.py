@@ -174,7 +174,7 @@ def test_planes_made_in_the_sampled_layout_are_not_copied_again() -> None:
     """synthesis stores its tri-planes in the render's gather layout: the render then samples them as they are
     (a copy would live beside them through the render: 25 MiB at full size)."""
     planes = torch.randn(2, 3, 4, 8, 8)
-    stored = renderer.gather_planes(planes).view(planes.shape)
+    stored = renderer.sampling_layout(planes)
     assert torch.equal(stored, planes)
     assert renderer.gather_planes(stored).data_ptr() == stored.data_ptr()
     assert renderer.gather_planes(planes).data_ptr() != planes.data_ptr()

@@ -76,6 +76,15 @@ def gather_planes(planes: torch.Tensor) -> torch.Tensor:
     return planes.reshape(-1, c, h, w).contiguous(memory_format=torch.channels_last)
 
 
+def sampling_layout(planes: torch.Tensor) -> torch.Tensor:
+    """planes [N, 3, C, H, W] with the same shape and values, stored as `gather_planes` wants them.
+
+    For tri-planes made to be rendered (inference): a render's `gather_planes` is then a no-op, instead of a
+    copy living beside the NCHW planes through the render (25 MiB per view at full size).
+    """
+    return gather_planes(planes).view(planes.shape)
+
+
 def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
     """Bilinear features of 3-D points from the tri-planes (the official layout).
 

@@ -3,9 +3,9 @@
 Computed whole, a block holds its input and two full-size activation maps at once (three with the
 2x conv's transposed output): the superresolution's last block alone was ~320 MiB of a full-size
 view's peak (docs/benchmarks.md). Band by band, only the input, one band of each layer and what the
-caller keeps are alive. The last block of the backbone (256 px, whose image is the tri-planes) and of
-the superresolution (512 px, whose image is the output) discard their activations `x`, so these are
-never built whole; the superresolution's first block (256 px) keeps them for the next.
+caller keeps are alive. The backbone's last block (256 px, whose image is the tri-planes) discards
+its activations `x`, so they are never built whole (`block_forward`); the superresolution's two
+blocks (256 and 512 px) go by bands of the second's rows together, so neither's are (`pair_image`).
 
 Every op of a block is local in the rows: a 3x3 conv needs 1 input row above and below its output
 rows, and so does the 2x-upsampling conv (a stride-2 transposed conv, whose output row 2i+1 reads
@@ -33,14 +33,13 @@ def applies(block: torch.nn.Module, x: torch.Tensor | None, fused_modconv: bool)
     """Whether `block` (a SynthesisBlock) may run in bands: CPU inference, fused, >= MIN_RESOLUTION, > one band.
 
     Not on GPUs: there a band's smaller kernels may cost more than the memory saved (not measured)."""
-    return (x is not None and x.device.type == "cpu" and block.in_channels != 0 and block.resolution >= MIN_RESOLUTION
-            and fused_modconv
-            and not torch.is_grad_enabled() and ops.fast_paths() and not torch.compiler.is_compiling()
-            and band_rows(block, x.shape[0]) < block.resolution)
+    return (x is not None and x.device.type == "cpu" and block.in_channels != 0 and fused_modconv
+            and block.resolution >= MIN_RESOLUTION and band_rows(block, x.shape[0]) < block.resolution
+            and not torch.is_grad_enabled() and ops.fast_paths() and not torch.compiler.is_compiling())
 
 
 def band_rows(block: torch.nn.Module, batch: int) -> int:
-    """Output rows per band: even (so a band starts on an input row of the upsampling conv)."""
+    """Output rows per band (even: the 2x conv's bands then start on a whole input row, with no overlap)."""
     row_bytes = batch * block.out_channels * block.resolution * 4
     rows = max(MIN_BAND_ROWS, BAND_BYTES // row_bytes)
     return min(block.resolution, rows - rows % 2)
@@ -48,13 +47,14 @@ def band_rows(block: torch.nn.Module, batch: int) -> int:
 
 def _layer_rows(layer: torch.nn.Module, x: torch.Tensor, w_styles: torch.Tensor, weight: torch.Tensor,
                 noise: torch.Tensor | None, lo: int, hi: int, channels_last: bool, row0: int = 0) -> torch.Tensor:
-    """Rows [lo, hi) of `layer`'s output (conv, noise, bias, lrelu, clamp) from its input `x`.
+    """Rows [lo, hi) (counted from `row0`) of `layer`'s output (conv, noise, bias, lrelu, clamp) from input `x`.
 
-    `x` is the whole input, or (up 1) a band of it whose first row is row `row0` of the whole: its own
-    first and last rows are then real neighbours, or the image's edge, for the rows asked for.
-    The conv reads input rows [i0, i1) = the band's rows plus the halo; its output then starts at row
-    i0 * up of the whole output (the convs are translation-equivariant, padding aside), and the rows
-    [lo, hi) are exact because the halo keeps them clear of the band's own (artificial) zero padding.
+    `x` is the whole input (row0 0), or a band of it whose first row's outputs start at output row `row0`
+    of the whole (its first input row times `up`); the band holds the rows asked for plus their halo, or
+    reaches the image's edge. The conv reads x's rows [i0, i1) = those rows plus the halo; its output
+    then starts at output row row0 + i0 * up (the convs are translation-equivariant, padding aside),
+    and the rows [lo, hi) are exact because the halo keeps them clear of the band's own (artificial)
+    zero padding.
     """
     up, height = layer.up, x.shape[2]
     i0, i1 = max(lo // up - 1, 0), min(-(-hi // up) + 1, height)  # one input row of halo either side

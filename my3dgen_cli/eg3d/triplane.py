@@ -20,7 +20,7 @@ from my3dgen_cli.eg3d.camera import check_label
 from my3dgen_cli.eg3d.configs import GeneratorConfig
 from my3dgen_cli.eg3d.fused_decoder import decode_plane_samples, use_fused
 from my3dgen_cli.eg3d.layers import FullyConnectedLayer, Softplus
-from my3dgen_cli.eg3d.renderer import ImportanceRenderer, gather_planes, ray_bundle
+from my3dgen_cli.eg3d.renderer import ImportanceRenderer, ray_bundle, sampling_layout
 from my3dgen_cli.eg3d.superres import Superresolution
 from my3dgen_cli.speed import cpu_workers, run_parallel
 
@@ -167,9 +167,7 @@ class TriPlaneGenerator(nn.Module):
             planes = self.planes(ws, noise_mode=noise_mode, fused_modconv=fused, generator=generator,
                                  channels_last=channels_last)
             if ops.fast_paths() and not torch.is_grad_enabled():
-                # in the layout the render samples (renderer.gather_planes, then a no-op there), so that these
-                # NCHW planes are freed before the render instead of living beside their copy through it
-                planes = gather_planes(planes).view(planes.shape)
+                planes = sampling_layout(planes)  # the NCHW planes freed before the render, not kept beside a copy
         if ops.fast_paths():  # the backbone's free blocks, which the render would not fit
             heap.release_free(planes.numel() * planes.element_size(), planes.device)
         feature_image, depth_image = self.render_planes(planes, c, neural_rendering_resolution, sampling, generator)

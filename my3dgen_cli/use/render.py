@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from my3dgen_cli.eg3d.camera import CameraRig, camera_rig, check_label
+from my3dgen_cli.eg3d.renderer import sampling_layout
 from my3dgen_cli.errors import UserInputError
 from my3dgen_cli.output import Output
 from my3dgen_cli.use.sources import ModelChoice
@@ -129,7 +130,7 @@ def render_views(G: nn.Module, ws: torch.Tensor, cameras: torch.Tensor, batch: i
     images, depths = [], []
     with autocast(ws.device, amp):
         if planes is None:
-            planes = G.planes(ws, noise_mode="const", channels_last=nhwc)
+            planes = sampling_layout(G.planes(ws, noise_mode="const", channels_last=nhwc))
         for start in range(0, cameras.shape[0], batch):
             c = cameras[start:start + batch]
             n = c.shape[0]
@@ -285,7 +286,7 @@ def _render_source(plan: RenderPlan, G: nn.Module, name: str, ws: torch.Tensor, 
     speed = {"amp": plan.amp, "compile": plan.compile, "channels_last": plan.channels_last}
     # the tri-planes are computed here in fp32 (outside render_views' autocast): the fp32 layout choice
     planes_nhwc = use_channels_last(plan.channels_last, ws.device, "off", resolution=G.img_resolution)
-    planes = G.planes(ws, noise_mode="const", channels_last=planes_nhwc)
+    planes = sampling_layout(G.planes(ws, noise_mode="const", channels_last=planes_nhwc))  # as the render reads them
     cams = cam if plan.own_camera else cameras_for(list(plan.yaws), list(plan.pitches), G)[0]
     views = render_views(G, ws, cams, plan.batch, planes=planes, on_batch=advance, **speed)
     entry: dict[str, Any] = {"source": name, "views": []}
