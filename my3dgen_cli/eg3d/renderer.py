@@ -299,18 +299,9 @@ class ImportanceRenderer(nn.Module):
                               sampling, generator, fused, True) for i in range(0, m, step)]
         return tuple(torch.cat(outs, dim=1) for outs in zip(*parts, strict=True))  # type: ignore[return-value]
 
-    def _render(
-        self,
-        planes: torch.Tensor,
-        decoder: nn.Module,
-        origins: torch.Tensor,
-        directions: torch.Tensor,
-        options: dict,
-        sampling: str,
-        generator: torch.Generator | None,
-        fused: bool,
-        chunked: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _render(self, planes: torch.Tensor, decoder: nn.Module, origins: torch.Tensor, directions: torch.Tensor,
+                options: dict, sampling: str, generator: torch.Generator | None, fused: bool, chunked: bool,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The render of `forward`, all rays at once (planes already gathered when `chunked`)."""
         n, m, _ = origins.shape
         depths_c = coarse_depths(n, m, float(options["ray_start"]), float(options["ray_end"]),
