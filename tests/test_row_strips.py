@@ -178,3 +178,15 @@ def test_planes_made_in_the_sampled_layout_are_not_copied_again() -> None:
     assert torch.equal(stored, planes)
     assert renderer.gather_planes(stored).data_ptr() == stored.data_ptr()
     assert renderer.gather_planes(planes).data_ptr() != planes.data_ptr()
+
+
+def test_random_noise_under_autocast_keeps_the_whole_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each layer draws random noise in its input's dtype; under autocast only the whole block knows it."""
+    block = _block(up=True)
+    x = _inputs(block, batch=1)[0]
+    monkeypatch.setattr(row_strips, "BAND_BYTES", 1)
+    with torch.no_grad():
+        assert row_strips.applies(block, x, True, "random")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not row_strips.applies(block, x, True, "random")
+            assert row_strips.applies(block, x, True, "const")

@@ -372,7 +372,7 @@ class SynthesisBlock(nn.Module):
         from the bands and is never built whole.
         """
         ops.check_shape("SynthesisBlock ws", ws, [None, self.num_conv + self.num_torgb, self.w_dim])
-        if row_strips.applies(self, x, fused_modconv):
+        if row_strips.applies(self, x, fused_modconv, noise_mode):
             return row_strips.block_forward(self, x, img, ws, noise_mode=noise_mode, generator=generator,
                                             channels_last=channels_last, keep_x=keep_x)
         w_iter = iter(ws.unbind(dim=1))

@@ -29,10 +29,14 @@ MIN_BAND_ROWS = 32
 MIN_RESOLUTION = 256  # below this a block's maps are small: bands would only add calls
 
 
-def applies(block: torch.nn.Module, x: torch.Tensor | None, fused_modconv: bool) -> bool:
+def applies(block: torch.nn.Module, x: torch.Tensor | None, fused_modconv: bool, noise_mode: str = "const") -> bool:
     """Whether `block` (a SynthesisBlock) may run in bands: CPU inference, fused, >= MIN_RESOLUTION, > one band.
 
-    Not on GPUs: there a band's smaller kernels may cost more than the memory saved (not measured)."""
+    Not on GPUs: there a band's smaller kernels may cost more than the memory saved (not measured). Not for
+    random noise under autocast: each layer draws it in the dtype of its own input, which the bands draw
+    before any layer has run."""
+    if noise_mode == "random" and x is not None and torch.is_autocast_enabled(x.device.type):
+        return False
     return (x is not None and x.device.type == "cpu" and block.in_channels != 0 and fused_modconv
             and block.resolution >= MIN_RESOLUTION and band_rows(block, x.shape[0]) < block.resolution
             and not torch.is_grad_enabled() and ops.fast_paths() and not torch.compiler.is_compiling())

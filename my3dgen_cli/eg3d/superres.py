@@ -89,8 +89,8 @@ class Superresolution(nn.Module):
         """rgb: [N,3,r,r], x: [N,C,r,r], ws: [N,num_ws,w_dim] -> image [N,3,out,out]."""
         ws = ws[:, -1:, :].repeat(1, 3, 1)
         x, rgb = self._resize(x), self._resize(rgb)
-        fused = block_kwargs.get("fused_modconv", True)
-        if row_strips.applies(self.block0, x, fused) and row_strips.applies(self.block1, x, fused):
+        fused, noise_mode = block_kwargs.get("fused_modconv", True), block_kwargs.get("noise_mode", "const")
+        if all(row_strips.applies(block, x, fused, noise_mode) for block in (self.block0, self.block1)):
             kwargs = {k: v for k, v in block_kwargs.items() if k != "fused_modconv"}
             return row_strips.pair_image(self.block0, self.block1, x, rgb, ws, ws, **kwargs)
         x, rgb = self.block0(x, rgb, ws, **block_kwargs)
