@@ -35,9 +35,9 @@ def applies(block: torch.nn.Module, x: torch.Tensor | None, fused_modconv: bool,
     Not on GPUs: there a band's smaller kernels may cost more than the memory saved (not measured). Not for
     random noise under autocast: each layer draws it in the dtype of its own input, which the bands draw
     before any layer has run."""
-    if noise_mode == "random" and x is not None and torch.is_autocast_enabled(x.device.type):
+    if x is None or x.device.type != "cpu" or (noise_mode == "random" and torch.is_autocast_enabled("cpu")):
         return False
-    return (x is not None and x.device.type == "cpu" and block.in_channels != 0 and fused_modconv
+    return (block.in_channels != 0 and fused_modconv
             and block.resolution >= MIN_RESOLUTION and band_rows(block, x.shape[0]) < block.resolution
             and not torch.is_grad_enabled() and ops.fast_paths() and not torch.compiler.is_compiling())
 
