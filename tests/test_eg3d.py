@@ -49,12 +49,19 @@ def test_full_config_state_dict_equals_the_official_names_and_shapes(shared_dir:
     assert ours == official
 
 
-@pytest.mark.parametrize("variant", ["fast", "reference", "nhwc"])
+@pytest.mark.parametrize("variant", ["fast", "reference", "nhwc", "small bands"])
 @pytest.mark.parametrize("case", [0, 1, 2])
-def test_matches_official_implementation(shared_dir: Path, case: int, variant: str) -> None:
+def test_matches_official_implementation(shared_dir: Path, case: int, variant: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Every path holds parity: the default fast one (fused compositing, softplus from exp/log), the
-    reference one (ops.reference_paths()) and NHWC convolutions (the CPU render default where they are
-    faster: cpu_layout.py)."""
+    reference one (ops.reference_paths()), NHWC convolutions (the CPU render default where they are
+    faster: cpu_layout.py), and the smallest row bands and ray groups (row_strips.py: at this reduced
+    width the backbone's last block is otherwise one band)."""
+    if variant == "small bands":
+        from my3dgen_cli.eg3d import renderer, row_strips
+
+        monkeypatch.setattr(row_strips, "BAND_BYTES", 1)
+        monkeypatch.setattr(renderer, "RENDER_RAYS", 256)
     folder = shared_dir / "eg3d_parity"
     G = build_generator(json.loads((folder / "config.json").read_text()))
     weights = {k: v.float() for k, v in load_file(folder / "weights.safetensors").items()}

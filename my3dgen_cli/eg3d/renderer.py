@@ -286,7 +286,7 @@ class ImportanceRenderer(nn.Module):
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling: got {sampling!r}, expected one of {SAMPLING_MODES}")
         fused = self.fused and fast_paths()
-        if not (fused and not torch.is_grad_enabled()):
+        if not fused or torch.is_grad_enabled():
             return self._render(planes, decoder, origins, directions, options, sampling, generator, fused, False)
         # inference: gather-friendly planes, decoder in chunks, and (deterministic, CPU) the rays in groups
         planes = gather_planes(planes)
