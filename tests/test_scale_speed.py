@@ -182,3 +182,46 @@ def test_inductor_render_matches_eager(person):
     ref = render_views(G, person[1], cams, batch=2)
     fast = render_views(G, person[1], cams, batch=2, compile=True)
     assert torch.allclose(ref.images, fast.images, atol=1e-4)
+
+
+def test_bf16_autocast_keeps_rays_and_the_image_skip_path_exact():
+    """Camera geometry and the 512 px image's upsampling stay fp32 under autocast (bf16 rounded the rays'
+    directions and the skip path's pixels, most of a bf16 view's largest error)."""
+    from my3dgen_cli.eg3d import ops
+    from my3dgen_cli.eg3d.renderer import ray_bundle
+
+    cams = lookat_camera(torch.tensor([-31.0, 17.0]), 9.0)
+    image = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2.5
+    f = ops.setup_filter([1, 3, 3, 1])
+    exact_rays = ray_bundle(cams[:, :16].reshape(-1, 4, 4), cams[:, 16:].reshape(-1, 3, 3), 8)
+    exact_up = ops.upsample2d(image, f)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rays = ray_bundle(cams[:, :16].reshape(-1, 4, 4), cams[:, 16:].reshape(-1, 3, 3), 8)
+        up = ops.upsample2d(image, f)
+        assert torch.is_autocast_enabled("cpu")  # restored after each exact op
+    for got, want in zip((*rays, up), (*exact_rays, exact_up), strict=True):
+        assert got.dtype == torch.float32
+        assert torch.equal(got, want)
+
+
+def test_bf16_batch_on_threads_renders_every_view_in_bf16(person):
+    """A CPU batch split over threads carries the caller's autocast into each thread (it is per thread):
+    every view equals its own bf16 render, not the fp32 one the second thread would otherwise draw."""
+    G, _ = _adapted(person)
+    G.eval()
+    w = person[1].expand(2, -1, -1)
+    cams = lookat_camera(torch.tensor([-20.0, 25.0]), 0.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two parts, a thread each (speed.cpu_workers)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert G._split_by_view(w, "const", "deterministic", None)
+            batch = G.synthesis(w, cams)["image"]
+    finally:
+        torch.set_num_threads(threads)
+    with torch.no_grad():
+        exact = G.synthesis(w[1:], cams[1:])["image"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            alone = [G.synthesis(w[i : i + 1], cams[i : i + 1])["image"] for i in range(2)]
+    assert torch.equal(batch, torch.cat(alone))
+    assert not torch.allclose(batch[1:], exact, atol=1e-4)  # the second view was not rendered in fp32

@@ -6,6 +6,7 @@ exists it sits beside the reference and tests check that the two agree.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +43,19 @@ def reference_paths() -> Iterator[None]:
 def fast_paths() -> bool:
     """Whether the fast paths may run: not inside `reference_paths()`, not while exporting to ONNX."""
     return _FAST_PATHS.get() and not torch.onnx.is_in_onnx_export()
+
+
+def full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on x's device while open, for the few ops whose inputs are geometry or final pixels.
+
+    Under bf16 autocast a camera's ray directions (a 4x4 matrix product) would be rounded to 8 bits
+    of mantissa, and the 512 px image's skip path (a FIR upsampling, a convolution) would round pixel
+    values of up to ~2.5 to steps of 0.016; both cost nothing to keep exact and carried most of a bf16
+    view's largest pixel error (docs/benchmarks.md, "bf16 and the exact geometry").
+    """
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        return torch.autocast(x.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def check_shape(name: str, tensor: torch.Tensor, expected: list[int | None]) -> None:
@@ -146,7 +160,8 @@ def upsample2d(x: torch.Tensor, f: torch.Tensor, up: int = 2) -> torch.Tensor:
     """2x FIR upsampling of an image (the skip path of ToRGB outputs): [N,C,H,W] -> [N,C,2H,2W]."""
     fw = f.shape[-1]
     pad = ((fw + up - 1) // 2, (fw - up) // 2)
-    return upfirdn2d(x, f, up=up, padding=(pad[0], pad[1], pad[0], pad[1]), gain=up * up)
+    with full_precision(x):  # the image itself: exact under autocast too
+        return upfirdn2d(x, f, up=up, padding=(pad[0], pad[1], pad[0], pad[1]), gain=up * up)
 
 
 def conv2d_up2(x: torch.Tensor, w: torch.Tensor, f: torch.Tensor, groups: int = 1,

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from my3dgen_cli.eg3d.ops import fast_paths
+from my3dgen_cli.eg3d.ops import fast_paths, full_precision
 
 SAMPLING_MODES = ("deterministic", "stochastic")
 # (first coordinate, second coordinate) read from each plane; official generate_planes() projected.
@@ -40,7 +40,8 @@ def ray_bundle(cam2world: torch.Tensor, intrinsics: torch.Tensor, resolution: in
     y_lift = (y_cam - cy) / fy
     ones = torch.ones_like(x_lift)
     cam_points = torch.stack((x_lift, y_lift, ones, ones), dim=-1)  # [N, M, 4]
-    world_points = torch.bmm(cam2world, cam_points.permute(0, 2, 1)).permute(0, 2, 1)[:, :, :3]
+    with full_precision(cam_points):  # geometry: never rounded by autocast
+        world_points = torch.bmm(cam2world.float(), cam_points.permute(0, 2, 1)).permute(0, 2, 1)[:, :, :3]
     origins = cam2world[:, None, :3, 3]
     directions = F.normalize(world_points - origins, dim=2)
     return origins.expand(n, m, 3), directions

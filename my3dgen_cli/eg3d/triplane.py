@@ -182,10 +182,9 @@ class TriPlaneGenerator(nn.Module):
     def _split_by_view(self, ws: torch.Tensor, noise_mode: str, sampling: str,
                        generator: torch.Generator | None) -> bool:
         """Whether an inference batch renders its views on CPU threads (`_synthesis_on_threads`): no autograd, no
-        random draws (their order would depend on the threads), no autocast (it is per thread: the other threads
-        would render in fp32), not inside torch.compile, more than one part."""
+        random draws (their order would depend on the threads), not inside torch.compile, more than one part."""
         return (ws.device.type == "cpu" and not torch.is_grad_enabled() and generator is None
-                and sampling == "deterministic" and not torch.is_autocast_enabled("cpu")
+                and sampling == "deterministic"
                 and "random" not in (noise_mode, self.rendering_kwargs["superresolution_noise_mode"])
                 and not torch.compiler.is_compiling() and cpu_workers(ws.device, ws.shape[0]) > 1)
 
@@ -196,8 +195,11 @@ class TriPlaneGenerator(nn.Module):
         Same pixels up to float rounding; a batch of 4 full-size views took 0.83x the time of one pass split op
         by op over 2 OpenMP threads (docs/benchmarks.md).
         """
+        amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
         def part(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-            with torch.no_grad():  # grad mode is per thread
+            # grad mode and autocast are per thread: each part renders as the caller asked
+            with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
                 return self.synthesis(ws[rows], c[rows], resolution, noise_mode, "deterministic", fused_modconv,
                                       channels_last=channels_last)
 
