@@ -7,13 +7,15 @@
 Per variant (fp32 eager; bf16 autocast; 2 micro-batches; activation checkpointing; compile with
 --compile) it trains an adapter on 10 synthetic photos (batch 2, symmetry every 4th step, pixel
 and LPIPS losses when LPIPS is cached) and prints the best seconds per step after one warm-up
-step, and the peak GPU memory on CUDA. "per identity" then times a whole `personalize()` (anchors
-+ training + identity folder) with --identity-steps steps and --anchor-steps anchor steps in the
-fp32 path, or, with --project, prints the projection (anchor step time x steps + step time x
-steps) for configs too slow to run to the end. "reference" is the fp32 step with the CPU fast paths off
-(`ops.reference_paths()`); --rounds R runs the whole variant list R times in turn and keeps each
-variant's best, so load on a shared machine hits all variants alike. The official My3DGen code trains whole network
-pickles with NVIDIA's CUDA-only plugins and has no per-step entry point, so it is not timed here.
+step, the peak GPU memory on CUDA, and each variant's logged loss (the same batches in every variant:
+step 1's loss is the forward alone, later ones include the updates) against the fp32 path's.
+"per identity" then times a whole `personalize()` (anchors + training + identity folder) with
+--identity-steps steps and --anchor-steps anchor steps in the fp32 path, or, with --project, prints
+the projection (anchor step time x steps + step time x steps) for configs too slow to run to the end.
+"reference" is the fp32 step with the CPU fast paths off (`ops.reference_paths()`); --rounds R runs
+the whole variant list R times in turn and keeps each variant's best, so load on a shared machine
+hits all variants alike. The official My3DGen code trains whole network pickles with NVIDIA's
+CUDA-only plugins and has no per-step entry point, so it is not timed here.
 """
 
 from __future__ import annotations
@@ -113,23 +115,28 @@ def main() -> None:
     variants = [(label, options) for key, label, options in variants if key in keep or key == "fp32"]
     print(f"device {device}, config {args.config}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"10 photos, batch 2, best of {args.steps} steps")
-    print("| variant | s/step | vs fp32 | peak GPU MiB |")
-    print("|---|---:|---:|---:|")
+    print("| variant | s/step | vs fp32 | peak GPU MiB | loss, step 1 | last loss | max abs loss diff vs fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     best: dict[str, float] = {}
     mem: dict[str, str] = {}
+    losses: dict[str, list[float]] = {}  # each step's logged loss, first round (the same batches in every variant)
     for _ in range(args.rounds):
         for label, options in variants:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             options = dict(options)
             paths = ops.reference_paths() if options.pop("reference", False) else contextlib.nullcontext()
+            records: list[dict] = []
             with paths:
-                sps = time_steps(G, data, args.steps, sync, **options)
+                sps = time_steps(G, data, args.steps, sync, records=records, **options)
+            losses.setdefault(label, [r["loss"] for r in records])
             best[label] = min(sps, best.get(label, sps))
             mem[label] = f"{torch.cuda.max_memory_allocated() / 2**20:.0f}" if device.type == "cuda" else "n/a"
     base = best[variants[0][0]]
     for label, _ in variants:
-        print(f"| {label} | {best[label]:.3f} | {base / best[label]:.2f}x | {mem[label]} |")
+        diff = max(abs(a - b) for a, b in zip(losses[label], losses[variants[0][0]], strict=True))
+        print(f"| {label} | {best[label]:.3f} | {base / best[label]:.2f}x | {mem[label]} | {losses[label][0]:.6f} | "
+              f"{losses[label][-1]:.6f} | {diff:.2g} |")
     n_chunks = math.ceil(data[0].shape[0] / 4)
     if args.project:
         anchor_s = time_anchor_step(G, data, sync)
