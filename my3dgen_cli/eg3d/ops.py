@@ -51,7 +51,7 @@ def full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
     Under bf16 autocast a camera's ray directions (a 4x4 matrix product) would be rounded to 8 bits
     of mantissa, and the 512 px image's skip path (a FIR upsampling, a convolution) would round pixel
     values of up to ~2.5 to steps of 0.016; both cost nothing to keep exact and carried most of a bf16
-    view's largest pixel error (docs/benchmarks.md, "bf16 and the exact geometry").
+    view's largest pixel error (docs/benchmarks.md, "bf16 on a CPU with AVX512-BF16").
     """
     if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         return torch.autocast(x.device.type, enabled=False)

@@ -41,7 +41,7 @@ def ray_bundle(cam2world: torch.Tensor, intrinsics: torch.Tensor, resolution: in
     ones = torch.ones_like(x_lift)
     cam_points = torch.stack((x_lift, y_lift, ones, ones), dim=-1)  # [N, M, 4]
     with full_precision(cam_points):  # geometry: never rounded by autocast
-        world_points = torch.bmm(cam2world.float(), cam_points.permute(0, 2, 1)).permute(0, 2, 1)[:, :, :3]
+        world_points = torch.bmm(cam2world, cam_points.permute(0, 2, 1)).permute(0, 2, 1)[:, :, :3]
     origins = cam2world[:, None, :3, 3]
     directions = F.normalize(world_points - origins, dim=2)
     return origins.expand(n, m, 3), directions
