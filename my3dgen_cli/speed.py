@@ -222,8 +222,8 @@ def run_parallel(tasks: Sequence[Callable[[], T]]) -> list[T]:
     training step took longer on 2 threads than on 1; split by photo, each thread runs whole passes and
     meets the others once, at the end (docs/benchmarks.md). torch ops release the GIL while they run.
     torch's CPU threads are shared out (each task gets its count // the tasks, at least 1). The tasks see the
-    caller's context variables (`ops.reference_paths()`); the first runs on the calling thread; an exception
-    in any is raised here after all have finished.
+    caller's context variables (`ops.reference_paths()`), grad mode and CPU autocast (torch keeps both per
+    thread); the first runs on the calling thread; an exception in any is raised here after all have finished.
     """
     if len(tasks) == 1:
         return [tasks[0]()]
@@ -231,11 +231,14 @@ def run_parallel(tasks: Sequence[Callable[[], T]]) -> list[T]:
     errors: list[BaseException | None] = [None] * len(tasks)
     threads_before = torch.get_num_threads()
     each = max(1, threads_before // len(tasks))
+    grad = torch.is_grad_enabled()
+    amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
     def run(i: int, context: contextvars.Context) -> None:
         torch.set_num_threads(each)
         try:
-            results[i] = context.run(tasks[i])
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+                results[i] = context.run(tasks[i])
         except BaseException as err:  # re-raised on the calling thread
             errors[i] = err
 

@@ -82,6 +82,21 @@ def test_run_parallel_keeps_order_context_and_errors() -> None:
     assert torch.get_num_threads() == threads
 
 
+def test_run_parallel_carries_grad_mode_and_autocast() -> None:
+    """torch keeps grad mode and autocast per thread: every task runs in the caller's, not a new thread's."""
+    import torch
+
+    from my3dgen_cli.speed import run_parallel
+
+    def state() -> tuple[bool, bool, torch.dtype | None]:
+        on = torch.is_autocast_enabled("cpu")
+        return torch.is_grad_enabled(), on, torch.get_autocast_dtype("cpu") if on else None
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert run_parallel([state] * 3) == [(False, True, torch.bfloat16)] * 3
+    assert run_parallel([state] * 3) == [(True, False, None)] * 3
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_summed_gradients_in_parts_equal_one_backward(threads: int) -> None:
     """5 rows in 1, 2 or 3 parts (a thread each): the same total and gradients; leaves that already hold a

@@ -195,13 +195,9 @@ class TriPlaneGenerator(nn.Module):
         Same pixels up to float rounding; a batch of 4 full-size views took 0.83x the time of one pass split op
         by op over 2 OpenMP threads (docs/benchmarks.md).
         """
-        amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
-
-        def part(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-            # grad mode and autocast are per thread: each part renders as the caller asked
-            with torch.no_grad(), torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-                return self.synthesis(ws[rows], c[rows], resolution, noise_mode, "deterministic", fused_modconv,
-                                      channels_last=channels_last)
+        def part(rows: torch.Tensor) -> dict[str, torch.Tensor]:  # in the caller's no_grad and autocast
+            return self.synthesis(ws[rows], c[rows], resolution, noise_mode, "deterministic", fused_modconv,
+                                  channels_last=channels_last)
 
         rows = torch.arange(ws.shape[0], device=ws.device).tensor_split(cpu_workers(ws.device, ws.shape[0]))
         outs = run_parallel([functools.partial(part, r) for r in rows])
