@@ -296,10 +296,11 @@ def modulated_conv2d_lrelu(
     For inference (no autograd graph). The epilogue runs the reference's own element-wise ops in the
     reference's order, but writes over the convolution's output instead of allocating a new tensor for
     each of the five: in float32 the result is bitwise that of the reference (tests/test_eg3d.py), so
-    the two paths can never tell two renders of one latent apart. Under autocast the noise is cast to
-    the convolution's dtype instead of promoting the activations to float32, which is what saves the
-    casts there (values then differ by the low precision's rounding, as any autocast result does).
+    the two paths can never tell two renders of one latent apart. In low precision (autocast, or bf16 /
+    fp16 activations) the bias and the gain go into the convolution instead (`_conv_lrelu_folded`).
     """
+    if _low_precision(x):
+        return _conv_lrelu_folded(x, weight, styles, bias, noise, up, resample_filter, clamp, channels_last)
     x = modulated_conv2d(x, weight, styles, up=up, resample_filter=resample_filter, fused=True,
                          channels_last=channels_last)
     if noise is not None:
@@ -310,6 +311,44 @@ def modulated_conv2d_lrelu(
     if clamp is not None and clamp >= 0:
         x.clamp_(-clamp, clamp)
     return x
+
+
+def _low_precision(x: torch.Tensor) -> bool:
+    """Whether a convolution of x computes in bf16 / fp16: x is, or autocast to one is on for its device."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return True
+    kind = x.device.type
+    return (kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind)
+            and torch.get_autocast_dtype(kind) in (torch.bfloat16, torch.float16))
+
+
+def _conv_lrelu_folded(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tensor, bias: torch.Tensor,
+                       noise: torch.Tensor | None, up: int, resample_filter: torch.Tensor | None,
+                       clamp: float | None, channels_last: bool) -> torch.Tensor:
+    """`modulated_conv2d_lrelu` with the bias and the gain in the convolution: one rounding instead of four.
+
+    In bf16 each element-wise step of the epilogue (add noise, add bias, multiply by sqrt 2) rounds
+    the activations to 8 bits of mantissa again, on top of the convolution's own rounding; they
+    carried about a quarter of a bf16 view's largest pixel error (docs/benchmarks.md). Since
+    lrelu(g * y) = g * lrelu(y) for g > 0, the gain scales the fp32 weights and the bias, and the
+    convolution adds the bias to its fp32 accumulator before it rounds; what is left is the lrelu
+    (and the noise, scaled the same way, where a layer has any).
+    """
+    batch = x.shape[0]
+    w = weight.unsqueeze(0) * styles.reshape(batch, 1, -1, 1, 1)  # [N, O, I, k, k]
+    scale = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt() * LRELU_GAIN  # demodulation and the gain, [N, O]
+    w = (w * scale.reshape(batch, -1, 1, 1, 1)).reshape(-1, *weight.shape[1:])  # [N*O, I, k, k]
+    folded_bias = (bias.to(scale.dtype) * LRELU_GAIN).repeat(batch)
+    low = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.get_autocast_dtype(x.device.type)
+    y = conv2d(x.reshape(1, -1, *x.shape[2:]), w.to(low), up, resample_filter, groups=batch,
+               channels_last=channels_last, bias=folded_bias.to(low))
+    y = y.reshape(batch, -1, *y.shape[2:])
+    if noise is not None:
+        y.add_((noise * LRELU_GAIN).to(y.dtype))
+    F.leaky_relu_(y, LRELU_ALPHA)
+    if clamp is not None and clamp >= 0:
+        y.clamp_(-clamp, clamp)
+    return y
 
 
 def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
