@@ -158,8 +158,8 @@ def test_inference_conv_epilogue_equals_conv_then_bias_act(up: int) -> None:
     assert torch.equal(fast, reference)  # bitwise: the same ops in the same order, only in place
 
 
-@pytest.mark.parametrize("up", [1, 2])
-def test_bf16_conv_epilogue_rounds_once(up: int) -> None:
+@pytest.mark.parametrize(("up", "channels_last"), [(1, False), (2, False), (2, True)])
+def test_bf16_conv_epilogue_rounds_once(up: int, channels_last: bool) -> None:
     """Under bf16 autocast the bias and the lrelu gain go into the convolution (one rounding of the output
     instead of one per element-wise step): closer to the fp32 layer than the epilogue run op by op."""
     g = torch.Generator().manual_seed(up)
@@ -168,7 +168,8 @@ def test_bf16_conv_epilogue_rounds_once(up: int) -> None:
     f = ops.setup_filter([1, 3, 3, 1])
     exact = ops.modulated_conv2d_lrelu(x, w, styles, bias, up=up, resample_filter=f, clamp=2.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        folded = ops.modulated_conv2d_lrelu(x, w, styles, bias, up=up, resample_filter=f, clamp=2.0)
+        folded = ops.modulated_conv2d_lrelu(x, w, styles, bias, up=up, resample_filter=f, clamp=2.0,
+                                            channels_last=channels_last)
         op_by_op = ops.bias_act(ops.modulated_conv2d(x, w, styles, up=up, resample_filter=f),
                                 bias.to(torch.bfloat16), act="lrelu", clamp=2.0)
     assert folded.dtype == torch.bfloat16 and folded.shape == exact.shape
