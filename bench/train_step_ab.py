@@ -8,7 +8,8 @@ the tree; the same Python and torch): 10 synthetic photos of the bench's random 
 PersonalizeConfig's defaults otherwise (symmetry every 4th step, by MSE here since no loss network
 is loaded), one warm-up step, then --steps timed steps. Unlike personalize_speed.py's best step,
 the mean counts the symmetry steps, which is where the trees may differ; the best plain (non-symmetry)
-step is printed beside it. Prints each tree's best mean over the rounds, the ratio, the last step's
+step is printed beside it, and the median plain and symmetry steps (each the best median over the
+rounds). Prints each tree's best mean over the rounds, the ratio, the last step's
 loss (the same data and seed in both trees) and the load average. --photos: fewer synthetic photos
 (rendered once per process, without autograd: at full size each costs seconds; the step trains on 2).
 """
@@ -42,12 +43,14 @@ def on_step(step, record):
 config = PersonalizeConfig(steps={steps} + 1, batch=2, checkpoint_every=0)
 result = train_adapter(copy.deepcopy(G), images, cams, ws, config, raw_images=raws, on_step=on_step)
 timed = times[1:]
-plain = min([t for t, _, sym in timed if not sym] or [float("nan")])
-print(statistics.mean(t for t, _, _ in timed), statistics.mean(c for _, c, _ in timed), plain, result.log[-1]["loss"])
+plains = [t for t, _, sym in timed if not sym] or [float("nan")]
+syms = [t for t, _, sym in timed if sym] or [float("nan")]
+print(statistics.mean(t for t, _, _ in timed), statistics.mean(c for _, c, _ in timed), min(plains),
+      statistics.median(plains), statistics.median(syms), result.log[-1]["loss"])
 """
 
 
-def run(tree: Path, args: argparse.Namespace) -> tuple[float, float, float, float]:
+def run(tree: Path, args: argparse.Namespace) -> tuple[float, ...]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI sets it
     code = CHILD.format(root=str(ROOT), threads=args.threads, config=args.config, steps=args.steps,
@@ -55,8 +58,7 @@ def run(tree: Path, args: argparse.Namespace) -> tuple[float, float, float, floa
     done = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{tree}: {done.stderr.strip()[-2000:]}")
-    wall, cpu, plain, loss = (float(x) for x in done.stdout.split()[-4:])
-    return wall, cpu, plain, loss
+    return tuple(float(x) for x in done.stdout.split()[-6:])  # mean wall, mean CPU, best/median plain, median sym, loss
 
 
 def main() -> None:
@@ -69,7 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=min(2, len(os.sched_getaffinity(0))))
     args = ap.parse_args()
     trees = {"baseline": args.baseline.resolve(), "this tree": ROOT}
-    runs: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in trees}
+    runs: dict[str, list[tuple[float, ...]]] = {name: [] for name in trees}
     load = [os.getloadavg()[0]]
     for _ in range(args.rounds):
         for name, tree in trees.items():
@@ -79,13 +81,14 @@ def main() -> None:
           f"included), threads {args.threads}, {args.rounds} rounds alternating; load average {load[0]:.1f} -> "
           f"{load[1]:.1f}")
     print("| tree | wall s/step | CPU s/step | best plain step (wall) | vs baseline (wall) | vs baseline (CPU) "
-          "| vs baseline (plain) | last loss |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| vs baseline (plain) | median plain / symmetry step | last loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base = [min(r[i] for r in runs["baseline"]) for i in range(3)]
     for name, rs in runs.items():
         wall, cpu, plain = (min(r[i] for r in rs) for i in range(3))
+        medians = f"{min(r[3] for r in rs):.3f} / {min(r[4] for r in rs):.3f}"
         print(f"| {name} | {wall:.3f} | {cpu:.3f} | {plain:.3f} | {wall / base[0]:.2f}x | {cpu / base[1]:.2f}x "
-              f"| {plain / base[2]:.2f}x | {rs[0][3]:.6f} |")
+              f"| {plain / base[2]:.2f}x | {medians} | {rs[0][5]:.6f} |")
 
 
 if __name__ == "__main__":
