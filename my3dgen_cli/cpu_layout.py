@@ -95,7 +95,7 @@ def _read_entries(path: Path) -> dict[str, Any]:
         if len(raw) > MAX_TUNING_BYTES:
             return {}
         doc = json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(doc, dict) or doc.get("format") != TUNING_FORMAT or not isinstance(doc.get("machines"), dict):
         return {}

@@ -300,7 +300,7 @@ def _read_manifest(archive: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) ->
     raw = _read_bounded(archive, zf, info, None, MAX_MANIFEST_BYTES)
     try:
         manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise _refuse(archive, f"{MANIFEST} is not JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__

@@ -197,6 +197,7 @@ HOSTILE = {
     "tampered": (dict(replace={"log.json": b"{}"}, manifest_files=False), "log.json does not match its sha256"),
     "garbage-adapter": (dict(replace={"adapter.safetensors": b"not safetensors"}), "do not open"),
     "bad-manifest": (dict(replace={"identity.json": b"[1, 2]"}), "identity.json: got format"),
+    "deep-manifest": (dict(), "identity.json is not JSON"),  # nested past json's recursion limit, under 1 MiB
 }
 
 
@@ -206,11 +207,12 @@ def test_hostile_archives_are_refused_and_change_nothing(case: str, ana: Path, t
     good = tmp_path / "good.zip"
     assert run("identities", "export", "ana", "-o", str(good)).exit_code == 0
     options, needle = HOSTILE[case]
-    if case == "bad-manifest":
+    if case in ("bad-manifest", "deep-manifest"):
+        manifest = b"[1, 2]" if case == "bad-manifest" else b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"
         bad = tmp_path / "bad.zip"
         with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
             for n in src.namelist():
-                dst.writestr(n, b"[1, 2]" if n == "identity.json" else src.read(n))
+                dst.writestr(n, manifest if n == "identity.json" else src.read(n))
     else:
         bad = _rebuild(good, tmp_path / "bad.zip", **options)
     before = tree(isolated_home)

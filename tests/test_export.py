@@ -62,6 +62,9 @@ def test_parse_options() -> None:
         parse_outputs("image,normals")
     with pytest.raises(UserInputError, match="--samples"):
         parse_samples("many")
+    for huge in ("100000", "48,5000", "1"):  # 100000 samples a ray once took 24 GB before failing
+        with pytest.raises(UserInputError, match=r"--samples: .*coarse 2\.\.1024"):
+            parse_samples(huge)
     with pytest.raises(UserInputError, match="expected 17..20"):
         export_onnx(build_generator("tiny"), "never.onnx", opset=13)
 

@@ -191,3 +191,6 @@ def test_bad_dataset_json_is_a_user_error(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(UserInputError, match="cannot read dataset.json"):
         read_dataset_json(bad)
+    bad.write_text('{"labels":' + "[" * 100000 + "]" * 100000 + "}")  # json's recursion limit
+    with pytest.raises(UserInputError, match="cannot read dataset.json"):
+        read_dataset_json(bad)

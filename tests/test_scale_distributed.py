@@ -189,3 +189,20 @@ def test_batch_file_errors_are_one_line(tmp_path):
     assert result.exit_code != 0 and "--batch-file" in result.output
     result = CliRunner().invoke(app, ["personalize", str(tmp_path)])
     assert result.exit_code != 0 and "--name" in result.output
+
+
+def test_batch_file_from_excel_bom_and_latin1(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM (read as UTF-8); a Latin-1 CSV is a one-line error, not a traceback."""
+    from my3dgen_cli.cli import app
+    from my3dgen_cli.personalize.people import read_batch_file
+
+    (tmp_path / "A").mkdir()
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbfname,photos\nana,A\n")
+    people = read_batch_file(bom)
+    assert [p.name for p in people] == ["ana"]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"name,photos\nn\xe9,A\n")
+    result = CliRunner().invoke(app, ["personalize", "--batch-file", str(latin)])
+    assert result.exit_code != 0 and "Traceback" not in result.output and result.exception.__class__ is SystemExit
+    assert "not a UTF-8 CSV file" in result.output

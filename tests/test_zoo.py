@@ -313,3 +313,11 @@ def test_cache_verify_and_rm(lab: FileServer) -> None:
     assert not blob.exists() and json.loads(run("cache", "ls", "--json").stdout)["cached"] == []
     assert_one_line_error(run("cache", "rm", "test-weights"), "not in the cache")
     assert zoo.verify() == []
+
+
+def test_a_registry_that_is_not_utf8_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_registry(tmp_path, monkeypatch, "")
+    path.write_bytes(b'name = "x\xe9"\n')  # Latin-1: TOML files are UTF-8
+    result = CliRunner().invoke(app, ["fetch", "--list"])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
+    assert "not UTF-8 text" in result.output and "Traceback" not in result.output

@@ -103,8 +103,9 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "sr_num_fp16_res": (0, 16), "backbone_resolution": (4, 2048), "plane_channels": (1, 1024),
     "neural_rendering_resolution": (1, 1024),
 }
-_RENDERING_INT_BOUNDS = {"depth_resolution": (1, 1024), "depth_resolution_importance": (0, 1024),
-                         "image_resolution": (4, 4096)}
+MAX_DEPTH_SAMPLES = 1024  # per ray and pass; the official configs take 48
+_RENDERING_INT_BOUNDS = {"depth_resolution": (1, MAX_DEPTH_SAMPLES),
+                         "depth_resolution_importance": (0, MAX_DEPTH_SAMPLES), "image_resolution": (4, 4096)}
 _POWER_OF_TWO = ("img_resolution", "backbone_resolution")
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.errors import UserInputError, reason
 from my3dgen_cli.faces.align import (
     CROP_SIZE,
     CropTransform,
@@ -175,8 +175,8 @@ def read_dataset_json(source: str | Path | Mapping[str, Any]) -> dict[str, np.nd
         where = str(source)
         try:
             data = json.loads(Path(source).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise UserInputError(f"{where}: cannot read dataset.json ({err})") from None
+        except (OSError, ValueError, RecursionError) as err:
+            raise UserInputError(f"{where}: cannot read dataset.json ({reason(err)})") from None
     labels = data.get("labels") if isinstance(data, Mapping) else None
     if not isinstance(labels, list):
         raise UserInputError(f'{where}: got no "labels" list, expected {{"labels": [[name, [25 floats]]]}}')

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.errors import UserInputError, reason
 from my3dgen_cli.output import Output
 from my3dgen_cli.personalize.distributed import SINGLE, Dist, identity_seed
 
@@ -41,10 +41,13 @@ def read_batch_file(path: str | Path) -> list[Person]:
 
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" opens with a BOM
             rows = list(csv.DictReader(f))
     except OSError as err:
         raise UserInputError(f"--batch-file: cannot read {path} ({err.strerror or err})") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserInputError(f"--batch-file {path}: not a UTF-8 CSV file ({reason(err)}); save it as CSV UTF-8"
+                             ) from None
     if not rows or not {"name", "photos"} <= set(rows[0]):
         raise UserInputError(f"--batch-file {path}: got columns {sorted(rows[0]) if rows else []}, "
                              "expected a header with name, photos[, labels]")

@@ -124,8 +124,11 @@ def parse_samples(samples: str | int | None) -> tuple[int, int] | None:
         values = []
     if len(values) == 1:
         values *= 2
-    if len(values) != 2 or values[0] < 2 or values[1] < 0:
-        raise UserInputError(f"--samples: got {samples!r}, expected N or COARSE,IMPORTANCE (coarse >= 2)")
+    from my3dgen_cli.eg3d.configs import MAX_DEPTH_SAMPLES
+
+    if len(values) != 2 or not (2 <= values[0] <= MAX_DEPTH_SAMPLES and 0 <= values[1] <= MAX_DEPTH_SAMPLES):
+        raise UserInputError(f"--samples: got {samples!r}, expected N or COARSE,IMPORTANCE "
+                             f"(coarse 2..{MAX_DEPTH_SAMPLES}, importance 0..{MAX_DEPTH_SAMPLES})")
     return values[0], values[1]
 
 

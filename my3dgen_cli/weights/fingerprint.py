@@ -97,7 +97,7 @@ def store_fingerprint(weights: str | Path, sha256: str, stamp: dict[str, int], f
 def _read_sidecar(weights: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads(weights.with_suffix(".json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
 

@@ -33,7 +33,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from my3dgen_cli import paths
-from my3dgen_cli.errors import ArtifactError, OfflineError, UserInputError
+from my3dgen_cli.errors import ArtifactError, OfflineError, UserInputError, reason
 from my3dgen_cli.fileio import write_text_atomic
 
 KINDS = ("base-generator", "lpips-backbone", "identity-network", "face-detector", "other")
@@ -162,7 +162,7 @@ def _read_registry_source(source: str) -> list[dict[str, Any]]:
         if paths.offline():
             if not copy.is_file():
                 raise OfflineError(f"registry {source} was never downloaded and offline mode is on")
-            return _parse(copy.read_text(encoding="utf-8"), source)
+            return _parse(_text(copy, source), source)
         import requests
 
         try:
@@ -170,7 +170,7 @@ def _read_registry_source(source: str) -> list[dict[str, Any]]:
             response.raise_for_status()
         except requests.RequestException as err:
             if copy.is_file():  # a lab server down should not stop work with what is cached
-                return _parse(copy.read_text(encoding="utf-8"), source)
+                return _parse(_text(copy, source), source)
             raise UserInputError(f"registry {source}: could not be read ({err})") from None
         tables = _parse(response.text, source)
         write_text_atomic(copy, response.text)
@@ -178,7 +178,17 @@ def _read_registry_source(source: str) -> list[dict[str, Any]]:
     path = Path(source[len("file://") :] if scheme == "file" else source).expanduser()
     if not path.is_file():
         raise UserInputError(f"registry: got {source!r}, expected an existing TOML file or an http(s) URL")
-    return _parse(path.read_text(encoding="utf-8"), str(path))
+    return _parse(_text(path, str(path)), str(path))
+
+
+def _text(path: Path, origin: str) -> str:
+    """A registry file's text; not UTF-8 (TOML's only encoding) is a one-line error."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise UserInputError(f"registry {origin}: cannot read it ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise UserInputError(f"registry {origin}: not UTF-8 text, as TOML must be ({reason(err)})") from None
 
 
 def extra_registry_sources(extra: Sequence[str] = ()) -> list[str]:
@@ -203,7 +213,7 @@ def recorded_hashes() -> dict[str, dict[str, Any]]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         raise ArtifactError(
             f"{path} is corrupt; delete it (its hashes are recorded again on next fetch)"
         ) from None

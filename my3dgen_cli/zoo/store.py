@@ -64,7 +64,7 @@ def read_ref(name: str) -> dict[str, Any] | None:
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):
         return None  # a ref is written atomically; an unreadable one is treated as absent
 
 
