@@ -216,6 +216,33 @@ def test_demo_replaces_only_a_folder_it_wrote(env, tmp_path: Path):
     assert (tmp_path / "report.html").read_text() == "my own report"
 
 
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_a_failed_demo_keeps_the_earlier_report(env, monkeypatch: pytest.MonkeyPatch):
+    """A demo that fails, before or during its stages, leaves the earlier report (and photos kept in it) as it was."""
+    from my3dgen_cli.demo import run as demo_run
+
+    _, out, _ = env
+    before = _listing(out)
+    assert "photos/train00.png" in before
+    args = ["demo", "-o", str(out), "--base", "no-such-base", "--photos", str(out / "photos")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and "no-such-base" in result.output, result.output
+    assert _listing(out) == before
+
+    def fails_midway(folder: Path, *args, **kwargs):
+        (folder / "half.png").write_bytes(b"half a report")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_run, "_run", fails_midway)
+    result = CliRunner().invoke(app, ["demo", "--fast", "-o", str(out)])
+    assert result.exit_code != 0
+    assert _listing(out) == before
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.old-")]
+
+
 def test_demo_with_your_own_base_and_photos(env, tmp_path: Path):
     """`--base NAME --photos DIR`: the path for real weights, run here on a local tiny base whose
     "person" photos come with a dataset.json (the last photo is held out)."""

@@ -16,8 +16,11 @@ weights and photos (the last photo is held out). Then the real pipeline runs:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,38 +221,53 @@ class _Stages:
 DEMO_MARKER = ".my3dgen-demo"  # written into every report folder: only such a folder is ever replaced
 
 
-def _fresh_out_dir(out_dir: Path | None) -> Path:
-    """The report folder, emptied: a folder an earlier demo wrote (its marker file; in the default place, a
-    report.html of a version before the marker) is replaced; any other non-empty folder is refused."""
+@contextmanager
+def _report_folder(out_dir: Path | None) -> Iterator[Path]:
+    """The report folder, new and empty while the demo writes it; an earlier report there is kept until it is done.
+
+    Only a folder an earlier demo wrote (its marker file; in the default place, a report.html of a version
+    before the marker) is replaced; any other non-empty folder is refused. The earlier report waits beside it
+    (`.NAME.old-PID`) and is deleted once this run has finished, or put back if the run fails or is stopped,
+    so a failed demo never costs the report (or photos kept in it) that was there before.
+    """
     default = default_out_dir()
     out_dir = Path(out_dir) if out_dir is not None else default
+    kept = None
     if out_dir.exists():
         ours = (out_dir / DEMO_MARKER).is_file() or (out_dir == default and (out_dir / "report.html").is_file())
         if not ours and any(out_dir.iterdir()):
             raise UserInputError(f"{out_dir} is not empty and was not written by the demo; choose another -o "
                                  "(the demo replaces only its own report folders)")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    (out_dir / DEMO_MARKER).write_text("a my3dgen demo report folder; `my3dgen demo` replaces it\n", encoding="utf-8")
-    return out_dir
+        kept = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(kept)
+    try:
+        out_dir.mkdir(parents=True)
+        (out_dir / DEMO_MARKER).write_text("a my3dgen demo report folder; `my3dgen demo` replaces it\n",
+                                           encoding="utf-8")
+        yield out_dir
+    except BaseException:
+        if kept is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            kept.rename(out_dir)
+            kept = None
+        raise
+    finally:
+        if kept is not None:
+            shutil.rmtree(kept, ignore_errors=True)
 
 
-def _photos(base: str | None, photos: Path | None, fast: bool, rebuild_base: bool, out_dir: Path,
-            out: Output) -> tuple[str, Any, Any, str]:
-    """(base, training Photos, held-out Photos, base origin): the synthetic person's renders, or the user's photos
-    with the last one held out."""
+def _user_photos(base: str, photos: Path) -> tuple[Any, Any]:
+    """(training Photos, held-out Photos) of `--photos` (the last one held out), read and checked with `--base`
+    before the report folder is touched: they may live in an earlier report's folder."""
+    from my3dgen_cli.generators import resolve_base_path
     from my3dgen_cli.personalize.photos import Photos, read_photos
 
-    if base is None:
-        base, person, origin = demo_base(fast, out, rebuild=rebuild_base)
-        out.info(f"demo base: {base} ({origin})")
-        train, held = synthetic_photos(base, person, out_dir / "photos")
-        return base, train, held, origin
+    resolve_base_path(base, offline=True)  # the demo never downloads
     given = read_photos(photos)
     if given.images.shape[0] < 3:
         raise UserInputError(f"--photos: got {given.images.shape[0]} usable photos, expected 3 or more")
     train = Photos(given.images[:-1], given.cameras[:-1], given.names[:-1], given.skipped)
-    return base, train, Photos(given.images[-1:], given.cameras[-1:], given.names[-1:]), "given"
+    return train, Photos(given.images[-1:], given.cameras[-1:], given.names[-1:])
 
 
 def run_demo(
@@ -267,22 +285,34 @@ def run_demo(
     The synthetic base is the shipped one unless `rebuild_base` (fit it from the recipe first).
     The identity `demo` is replaced only when an earlier demo made it, or with `force`.
     """
-    from my3dgen_cli.demo import stages as st
-    from my3dgen_cli.generators import open_generator
-    from my3dgen_cli.identity import identity_anchors
-    from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, personalize
-
     out = output or Output("quiet")
     if (base is None) != (photos is None):
         raise UserInputError("--base and --photos go together: a real base needs real photos (or give neither)")
     if rebuild_base and base is not None:
         raise UserInputError("--rebuild-base rebuilds the synthetic demo base; it does not go with --base")
     check_demo_identity(force)
-    synthetic = base is None
+    given = None if base is None or photos is None else _user_photos(base, photos)
+    with _report_folder(out_dir) as folder:
+        return _run(folder, fast, base, given, rebuild_base, device, out)
+
+
+def _run(out_dir: Path, fast: bool, base: str | None, given: tuple[Any, Any] | None, rebuild_base: bool, device: str,
+         out: Output) -> DemoResult:
+    """The demo's stages into the new report folder `out_dir` (`run_demo` checked the arguments)."""
+    from my3dgen_cli.demo import stages as st
+    from my3dgen_cli.generators import open_generator
+    from my3dgen_cli.identity import identity_anchors
+    from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, personalize
+
+    synthetic = given is None
     settings = DemoSettings.for_run(fast, synthetic)
-    out_dir = _fresh_out_dir(out_dir)
     timer = _Stages(out)
-    base, train, held, origin = _photos(base, photos, fast, rebuild_base, out_dir, out)
+    if given is None:
+        base, person, origin = demo_base(fast, out, rebuild=rebuild_base)
+        out.info(f"demo base: {base} ({origin})")
+        train, held = synthetic_photos(base, person, out_dir / "photos")
+    else:
+        (train, held), origin = given, "given"
     files: dict[str, Path] = {"photos": out_dir / "photos"} if synthetic else {}
     timer.done("base and photos")
 
