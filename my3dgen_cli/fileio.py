@@ -85,8 +85,28 @@ def write_text_atomic(target: str | os.PathLike[str], text: str) -> Path:
     return write_atomic(target, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def check_not_in_stores(targets: Iterable[Path]) -> None:
+    """Refuse an output inside my3dgen's identities or cache folder, even with --force.
+
+    Those folders change only through their own commands (personalize, identities import, fetch, cache):
+    `export --identity ana -o <identities>/ana/adapter.safetensors --force` once wrote the merged base
+    over the adapter it was reading, and the identity was gone.
+    """
+    from my3dgen_cli import paths
+
+    stores = {"identities": paths.identities_dir(), "cache": paths.cache_dir()}
+    for target in targets:
+        where = Path(target).expanduser().resolve()
+        for kind, root in stores.items():
+            if where.is_relative_to(root.resolve()):
+                raise UserInputError(f"{target} is inside my3dgen's {kind} folder ({root}), which only my3dgen's own "
+                                     "commands change; choose an output elsewhere")
+
+
 def check_free(paths: Iterable[Path], force: bool) -> None:
-    """Refuse to overwrite: the first existing path is named unless --force."""
+    """Refuse to overwrite: the first existing path is named unless --force; never inside my3dgen's stores."""
+    paths = list(paths)
+    check_not_in_stores(paths)
     for p in paths:
         if p.exists() and not force:
             raise UserInputError(f"{p} already exists (use --force to overwrite)")

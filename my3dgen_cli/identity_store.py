@@ -211,7 +211,7 @@ def _sha256(path: Path) -> str:
 def export_identity(name: str, output: Path, force: bool = False) -> dict[str, Any]:
     """Write identity `name` as a zip archive at `output` (atomically); refuse a broken identity."""
     from my3dgen_cli.adapter_file import read_adapter
-    from my3dgen_cli.fileio import atomic_path
+    from my3dgen_cli.fileio import atomic_path, check_not_in_stores
     from my3dgen_cli.identity import require_identity
 
     ip = require_identity(name)
@@ -219,6 +219,7 @@ def export_identity(name: str, output: Path, force: bool = False) -> dict[str, A
         adapter = read_adapter(ip.adapter)
     except _FOLDER_PROBLEMS as err:
         raise UserInputError(f"identity {name} is broken ({_reason(err, ip.root)}); nothing was exported") from None
+    check_not_in_stores([output])
     if output.exists() and not force:
         raise UserInputError(f"{output} exists; pass --force to replace it")
     files = {m: ip.root / m for m in ARCHIVE_FILES if (ip.root / m).is_file()}

@@ -222,6 +222,21 @@ def test_hostile_archives_are_refused_and_change_nothing(case: str, ana: Path, t
     assert not (tmp_path / "evil.txt").exists() and not Path("/tmp/evil.txt").exists()
 
 
+def test_outputs_inside_the_identities_or_cache_folder_are_refused_even_with_force(ana: Path, tmp_path: Path,
+                                                                                   isolated_home: Path) -> None:
+    """`identities export` / `export` / `render` once wrote over the identity they read (its adapter with a zip or
+    a merged base): any -o inside my3dgen's own folders is refused, and the identity still renders."""
+    before = tree(isolated_home)
+    adapter = ana / "adapter.safetensors"
+    for args in (["identities", "export", "ana", "-o", str(adapter), "--force"],
+                 ["export", "--identity", "ana", "-o", str(adapter), "--force"],
+                 ["render", "--identity", "ana", "--seed", "0", "-o", str(ana / "view.png"), "--force"],
+                 ["identities", "export", "ana", "-o", str(isolated_home / "cache" / "x.zip")]):
+        one_line_error(run(*args), "inside my3dgen's")
+    assert tree(isolated_home) == before
+    assert run("render", "--identity", "ana", "--seed", "0", "-o", str(tmp_path / "ok.png")).exit_code == 0
+
+
 def test_damaged_bytes_and_a_broken_identity_are_one_line(ana: Path, tmp_path: Path, isolated_home: Path) -> None:
     good = tmp_path / "good.zip"
     assert run("identities", "export", "ana", "-o", str(good)).exit_code == 0
