@@ -16,6 +16,7 @@ the camera label [1, 25] and metadata: identity, base, space ("w" or "w+"), vers
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -114,6 +115,47 @@ def build_paths(name: str) -> IdentityPaths:
     return IdentityPaths(identity_paths(name).root.with_name(f".{check_name(name)}.build"))
 
 
+@contextmanager
+def identity_lock(name: str) -> Iterator[None]:
+    """Hold `identities/.NAME.lock` while one process builds identity `name`; a second builder is refused.
+
+    Two `personalize` runs of one name once shared the build folder: the second emptied it while the first was
+    writing, and the result was whichever swapped in last, or an identity without its anchors. The lock is an
+    flock (released by the kernel if the holder dies) on a file that holds the holder's pid, deleted before
+    release, so no lock file outlives its run. POSIX only; elsewhere nothing is locked.
+    """
+    if os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    path = identity_paths(check_name(name)).root.with_name(f".{name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise UserInputError(f"identity {name!r} is being built by another my3dgen process (pid {holder}); "
+                                 "wait for it to finish") from None
+        try:
+            current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            current = False  # the holder we raced deleted it on release: lock the new file
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
 def _swap_in(building: Path, final: Path, tag: str) -> None:
     """Put the folder `building` at `final`. An old `final` is renamed `.NAME.old-*` first and, once the new
     one is in place, renamed `.NAME.trash-*` and deleted: an `.old-*` folder is always a whole identity."""
@@ -150,18 +192,20 @@ def building_identity(name: str, *, resumable: bool = False, swap: bool = True) 
     """
     final = identity_paths(check_name(name)).root
     final.parent.mkdir(parents=True, exist_ok=True)
-    if swap:
-        _restore_retired(final)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    building = build_paths(name).root if resumable else final.with_name(f".{name}.new-{tag}")
-    building.mkdir(exist_ok=resumable)
-    try:
-        yield IdentityPaths(building)
+    # personalize (resumable) holds identity_lock from before it prepares its build folder; an import takes it here
+    with contextlib.nullcontext() if resumable or not swap else identity_lock(name):
         if swap:
-            _swap_in(building, final, tag)
-    finally:
-        if not resumable:
-            shutil.rmtree(building, ignore_errors=True)
+            _restore_retired(final)
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        building = build_paths(name).root if resumable else final.with_name(f".{name}.new-{tag}")
+        building.mkdir(exist_ok=resumable)
+        try:
+            yield IdentityPaths(building)
+            if swap:
+                _swap_in(building, final, tag)
+        finally:
+            if not resumable:
+                shutil.rmtree(building, ignore_errors=True)
 
 
 # --- anchors: ws + cameras of the training photos -----------------------------------------------

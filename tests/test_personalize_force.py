@@ -103,3 +103,26 @@ def test_an_interrupted_force_keeps_the_old_identity_and_resumes(photos, tmp_pat
         assert after["adapter.safetensors"] != before["adapter.safetensors"], stage
         assert "checkpoints" not in " ".join(after) and not build.exists(), stage
         assert sorted(p.name for p in folder.parent.iterdir()) == ["ana"], stage
+
+
+def test_a_second_builder_of_one_name_is_refused_while_the_first_runs(photos, tmp_path):
+    """Two personalize runs of one name once shared `.NAME.build`: the second emptied it under the first. While
+    one process holds the identity's lock (as a running personalize does), a second personalize or an import of
+    that name is refused in one line and changes nothing; afterwards no lock file is left."""
+    from my3dgen_cli.cli import app
+    from my3dgen_cli.identity import identity_lock
+    from my3dgen_cli.paths import identities_dir
+
+    _cli(["personalize", str(photos), "--name", "ana", *ARGS])
+    archive = tmp_path / "ana.zip"
+    _cli(["identities", "export", "ana", "-o", str(archive)])
+    before = _listing(identities_dir())
+    with identity_lock("ana"):
+        for args in (["personalize", str(photos), "--name", "ana", "--force", *ARGS],
+                     ["identities", "import", str(archive), "--name", "ana", "--force"]):
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+            assert f"being built by another my3dgen process (pid {os.getpid()})" in result.output
+        assert {k: v for k, v in _listing(identities_dir()).items() if k != ".ana.lock"} == before
+    assert _listing(identities_dir()) == before  # the lock file went with its holder
+    _cli(["identities", "import", str(archive), "--name", "ana", "--force"])  # free again

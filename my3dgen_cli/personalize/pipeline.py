@@ -18,6 +18,7 @@ existing identity whole; the build folder is what `--resume` continues.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -196,36 +197,37 @@ def personalize(
     Raises UserInputError for unusable photos or an existing identity, AnchorsInterrupted or
     TrainingInterrupted on Ctrl-C (exit code 130; both leave what --resume needs).
     """
-    from my3dgen_cli.identity import building_identity, identity_paths
+    from my3dgen_cli.identity import building_identity, identity_lock, identity_paths
 
     config = config or PersonalizeConfig()
     out = output or Output("quiet")
-    _prepare_build(name, resume, force, world)
-    with _interrupt_says_how_to_go_on(name), building_identity(name, resumable=True, swap=world.is_main) as ip:
-        with out.progress() as bar:
-            photos = _gather_photos(photos, config, labels, aligned, reproject, bar, out)
-            run = _open_run(photos, config, generator, base, device, nets, offline, out)
-            saved = _saved_anchors(run, ip, resume)  # checked before the estimate's timing steps
-            measured = (_estimate(run, config, ip, resume, out) if estimate and config.estimate and world.world == 1
-                        else None)
-            if measured is None and run.device.type == "cpu" and run.G.img_resolution >= 256:  # not the tiny demo
-                out.warn("training on the CPU will be slow; use --device cuda or mps")
-            ws = saved if saved is not None else _anchor_stage(run, config, photos, ip, resume, world, bar, out)
-            result = _train_stage(run, config, ws, ip, resume, world, bar, on_step)
-        n_params = _save_identity(run, config, photos, ws, result, ip, made_by, world)
-        fault_hook(0, world, "swap")  # tests: stop here, with the new identity complete but not swapped in
+    with identity_lock(name) if world.is_main else contextlib.nullcontext():  # one builder of a name at a time
+        _prepare_build(name, resume, force, world)
+        with _interrupt_says_how_to_go_on(name), building_identity(name, resumable=True, swap=world.is_main) as ip:
+            with out.progress() as bar:
+                photos = _gather_photos(photos, config, labels, aligned, reproject, bar, out)
+                run = _open_run(photos, config, generator, base, device, nets, offline, out)
+                saved = _saved_anchors(run, ip, resume)  # checked before the estimate's timing steps
+                measured = (_estimate(run, config, ip, resume, out) if estimate and config.estimate and world.world == 1
+                            else None)
+                if measured is None and run.device.type == "cpu" and run.G.img_resolution >= 256:  # not the tiny demo
+                    out.warn("training on the CPU will be slow; use --device cuda or mps")
+                ws = saved if saved is not None else _anchor_stage(run, config, photos, ip, resume, world, bar, out)
+                result = _train_stage(run, config, ws, ip, resume, world, bar, on_step)
+            n_params = _save_identity(run, config, photos, ws, result, ip, made_by, world)
+            fault_hook(0, world, "swap")  # tests: stop here, with the new identity complete but not swapped in
+            world.barrier()
+        final = identity_paths(name)
+        if world.is_main:
+            shutil.rmtree(final.checkpoints, ignore_errors=True)  # after the swap: a stop before it can still resume
         world.barrier()
-    final = identity_paths(name)
-    if world.is_main:
-        shutil.rmtree(final.checkpoints, ignore_errors=True)  # after the swap: a stop before it can still resume
-    world.barrier()
-    full = sum(p.numel() for n, p in run.G.named_parameters() if ".adapter." not in n)
-    final_loss = result.log[-1]["loss"] if result.log else float("nan")
-    size = final.adapter.stat().st_size if final.adapter.is_file() else 0  # 0 on a rank that cannot see rank 0's
-    return IdentityResult(name, final.root, run.base, photos.names, photos.skipped, n_params, full,
-                          size, result.steps, final_loss, result.sym_kind, result.seconds,
-                          "projected" if photos.latents is None else "dataset",
-                          None if measured is None else measured.to_dict())
+        full = sum(p.numel() for n, p in run.G.named_parameters() if ".adapter." not in n)
+        final_loss = result.log[-1]["loss"] if result.log else float("nan")
+        size = final.adapter.stat().st_size if final.adapter.is_file() else 0  # 0 on a rank that cannot see rank 0's
+        return IdentityResult(name, final.root, run.base, photos.names, photos.skipped, n_params, full,
+                              size, result.steps, final_loss, result.sym_kind, result.seconds,
+                              "projected" if photos.latents is None else "dataset",
+                              None if measured is None else measured.to_dict())
 
 
 class PersonalizeInterrupted(My3DGenError):
