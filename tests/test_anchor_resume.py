@@ -181,3 +181,28 @@ def test_anchor_batch_sets_the_chunks_and_what_resume_accepts(person, monkeypatc
                         fingerprint=anchor_fingerprint(four, list(map(str, YAWS)), "b", "s", None))
     with pytest.raises(UserInputError, match="anchor_batch"):
         PersonalizeConfig(anchor_batch=0)
+
+
+def test_resume_with_other_photos_of_the_same_count_is_refused(photos, monkeypatch, tmp_path):
+    """The interrupted run's finished anchors belong to its photos: `--resume` with other photos (the same
+    number) once trained them against those latents and reported success."""
+    import json
+    import shutil
+
+    from my3dgen_cli.identity import build_paths
+
+    monkeypatch.setenv("MY3DGEN_TEST_FAIL", "0:swap:0")  # stops with the anchors (and the adapter) finished
+    assert _run([str(photos), "--name", "ana", *ARGS]).exit_code != 0
+    monkeypatch.delenv("MY3DGEN_TEST_FAIL")
+    assert build_paths("ana").anchors.is_file()
+    other = tmp_path / "other"
+    other.mkdir()
+    labels = json.loads((photos / "dataset.json").read_text())
+    for entry in labels["labels"]:
+        shutil.copyfile(photos / entry[0], other / f"b_{entry[0]}")
+        entry[0] = f"b_{entry[0]}"
+    (other / "dataset.json").write_text(json.dumps(labels))
+    result = _run([str(other), "--name", "ana", *ARGS, "--resume"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "projected other photos" in result.output.strip().splitlines()[-1]
+    assert _run([str(photos), "--name", "ana", *ARGS, "--resume"]).exit_code == 0  # its own photos still resume

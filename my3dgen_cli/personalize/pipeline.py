@@ -207,7 +207,7 @@ def personalize(
             with out.progress() as bar:
                 photos = _gather_photos(photos, config, labels, aligned, reproject, bar, out)
                 run = _open_run(photos, config, generator, base, device, nets, offline, out)
-                saved = _saved_anchors(run, ip, resume)  # checked before the estimate's timing steps
+                saved = _saved_anchors(run, ip, resume, photos.names)  # before the estimate's timing steps
                 measured = (_estimate(run, config, ip, resume, out) if estimate and config.estimate and world.world == 1
                             else None)
                 if measured is None and run.device.type == "cpu" and run.G.img_resolution >= 256:  # not the tiny demo
@@ -302,18 +302,22 @@ def _anchor_stage(run: _Run, config: PersonalizeConfig, photos: Photos, ip: Iden
     return ws
 
 
-def _saved_anchors(run: _Run, ip: IdentityPaths, resume: bool) -> torch.Tensor | None:
+def _saved_anchors(run: _Run, ip: IdentityPaths, resume: bool, names: list[str]) -> torch.Tensor | None:
     """--resume: the finished anchors of the interrupted run (None if it has none), UserInputError if they do not
-    fit this run's photos."""
+    fit this run's photos (`names`, in order: other photos of the same count once trained on the wrong latents)."""
     from my3dgen_cli.identity import read_anchors
 
     if not (resume and ip.anchors.is_file()):
         return None
     n = run.images.shape[0]
-    ws = read_anchors(ip.anchors).ws.to(run.device)
-    if ws.shape[0] != n:
-        raise UserInputError(f"--resume: the saved anchors hold {ws.shape[0]} photos, got {n}")
-    return ws
+    saved = read_anchors(ip.anchors)
+    if saved.ws.shape[0] != n:
+        raise UserInputError(f"--resume: the saved anchors hold {saved.ws.shape[0]} photos, got {n}")
+    if list(saved.photos) != list(names):
+        differ = next(i for i, (a, b) in enumerate(zip(saved.photos, names, strict=True)) if a != b)
+        raise UserInputError(f"--resume: the interrupted run projected other photos ({saved.photos[differ]!r} where "
+                             f"this run has {names[differ]!r}); rerun with the same photos, or --force to start over")
+    return saved.ws.to(run.device)
 
 
 def _project(run: _Run, config: PersonalizeConfig, partial: Path, fingerprint: dict[str, Any], resume: bool,
