@@ -186,9 +186,9 @@ def building_identity(name: str, *, resumable: bool = False, swap: bool = True) 
     A failure or Ctrl-C inside the block leaves the old identity (if any) exactly as it was; after
     the block, readers see either the old folder or the new one. Without `resumable` the half-built
     folder is a fresh `.NAME.new-*` and is removed on failure (import). With `resumable` it is
-    `build_paths(name)`, reused if it exists and kept on failure, so a later run can continue it
-    (personalize --resume). swap=False: only yield the folder (the ranks of a torchrun group other
-    than rank 0, which never write).
+    `build_paths(name)`, reused if it exists and kept on failure when it holds a file, so a later run can
+    continue it (personalize --resume); a failure before anything was saved leaves no folder. swap=False:
+    only yield the folder (the ranks of a torchrun group other than rank 0, which never write).
     """
     final = identity_paths(check_name(name)).root
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +203,10 @@ def building_identity(name: str, *, resumable: bool = False, swap: bool = True) 
             yield IdentityPaths(building)
             if swap:
                 _swap_in(building, final, tag)
+        except BaseException:
+            if resumable and swap and not any(f.is_file() for f in building.rglob("*")):
+                shutil.rmtree(building, ignore_errors=True)  # nothing to resume: no phantom unfinished identity
+            raise
         finally:
             if not resumable:
                 shutil.rmtree(building, ignore_errors=True)

@@ -74,7 +74,11 @@ def survey_identities() -> Survey:
     unfinished = []
     for name, folder in unfinished_builds():
         stage = _build_stage(IdentityPaths(folder))
-        if (root / name).is_dir():  # a replacement: `rm` would take the finished identity too
+        replacing = (root / name).is_dir()  # `rm` would take the finished identity too
+        if stage == "stopped before any anchor":  # nothing saved: --resume has nothing to continue from
+            then = (f"{name} stays as it is; run personalize again with --force to replace it" if replacing else
+                    f"nothing was saved: run personalize again (without --resume), or `my3dgen identities rm {name}`")
+        elif replacing:
             then = f"{name} stays as it is until it finishes; rerun with --resume to finish, or --force to start over"
         else:
             then = f"rerun it with --resume to finish, or `my3dgen identities rm {name}` to drop it"

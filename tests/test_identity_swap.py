@@ -115,14 +115,16 @@ def test_identities_lists_an_unfinished_build_and_rm_removes_it() -> None:
         new.partial_anchors.parent.mkdir(parents=True, exist_ok=True)
         new.partial_anchors.write_bytes(b"chunk 0")
         raise RuntimeError("Ctrl-C while projecting")
-    with pytest.raises(RuntimeError), building_identity("bob", resumable=True) as new:
-        raise RuntimeError("stopped at once")
+    with pytest.raises(RuntimeError), building_identity("cy", resumable=True) as new:
+        raise RuntimeError("stopped at once")  # nothing saved: no folder is kept
+    assert not build_paths("cy").root.exists()
+    build_paths("bob").root.mkdir()  # a run killed (SIGKILL) before it saved anything
     listed = json.loads(CliRunner().invoke(app, ["identities", "--json"]).stdout)
     unfinished = {u["name"]: u["reason"] for u in listed["unfinished"]}
     assert sorted(unfinished) == ["ana", "bob"], listed
     assert "projecting anchors" in unfinished["ana"] and "ana stays as it is" in unfinished["ana"]
     assert "identities rm" not in unfinished["ana"] and "--force" in unfinished["ana"]  # rm would take ana too
-    assert "--resume" in unfinished["bob"] and "identities rm bob" in unfinished["bob"]
+    assert "without --resume" in unfinished["bob"] and "identities rm bob" in unfinished["bob"]
     human = CliRunner().invoke(app, ["identities"]).stdout
     assert "bob" in human and "UNFINISHED" in human
 

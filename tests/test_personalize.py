@@ -25,7 +25,7 @@ from my3dgen_cli.lora import (
 from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, Photos, describe_identity, personalize
 from my3dgen_cli.personalize.symmetry import lpips_distance, mirror_pair, mse_distance, symmetry_loss
 from my3dgen_cli.personalize.training import TrainingInterrupted, train_adapter
-from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, tiny_base, views
+from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, tiny_base, views, write_photos
 
 HELD_OUT_YAWS = [-75.0, -55.0, 55.0, 75.0]
 
@@ -226,6 +226,19 @@ def test_cli_empty_photo_folder_is_one_line(tmp_path):
     (tmp_path / "empty" / "notes.txt").write_text("no photos here")
     text = _one_line_error(_cli(["personalize", str(tmp_path / "empty"), "--name", "x"]))
     assert "no image files" in text
+
+
+def test_a_run_that_fails_before_saving_anything_leaves_no_unfinished_identity(person, tmp_path):
+    """A failed personalize with nothing to continue from (an unknown base) once left an empty `.NAME.build` that
+    `identities` listed as UNFINISHED with advice to --resume, which then failed."""
+    from my3dgen_cli.paths import identities_dir
+
+    photos = write_photos(person, tmp_path / "photos", TRAIN_YAWS[:3])
+    assert "no-such-base" in _one_line_error(_cli(["personalize", str(photos), "--name", "bo", "--base",
+                                                   "no-such-base"]))
+    assert not list(identities_dir().glob("*bo*"))
+    listing = _cli(["identities"])
+    assert listing.exit_code == 0 and "bo" not in listing.output.split(), listing.output
 
 
 def test_cli_bad_name_and_flags_are_one_line(tmp_path):
