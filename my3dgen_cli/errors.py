@@ -23,6 +23,10 @@ class ArtifactError(My3DGenError):
     """A registry artifact is unknown, missing from the cache, or failed verification."""
 
 
+class UnknownArtifactError(ArtifactError):
+    """No registry entry, local base or file has this name."""
+
+
 class OfflineError(ArtifactError):
     """The artifact is not cached and the network may not be used."""
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from my3dgen_cli import paths
-from my3dgen_cli.errors import UserInputError
+from my3dgen_cli.errors import UnknownArtifactError, UserInputError
 
 if TYPE_CHECKING:
     from my3dgen_cli.adapter_file import AdapterFile
@@ -85,6 +85,13 @@ def open_base(base: str, device: torch.device | str | None = None, offline: bool
     return G, BaseRef(name=name, path=path, sha256=sha256)
 
 
+def unknown_recorded_base(owner: str, base: str) -> UnknownArtifactError:
+    """The error for an identity or adapter whose recorded base is not known here (`personalize --base FILE` records
+    the file's stem): it says to pass the file, instead of only "unknown artifact"."""
+    return UnknownArtifactError(f"{owner} was trained on base {base!r}, which is not a base known here; if it was a "
+                                "file (personalize --base FILE), pass that file with --base")
+
+
 def open_generator(
     base: str | None = None,
     identity: str | None = None,
@@ -103,9 +110,16 @@ def open_generator(
     adapter_path = Path(adapter) if adapter is not None else None
     if adapter_path is None and identity is not None:
         adapter_path = require_identity(identity).adapter
-    if adapter_path is not None and base is None:
+    recorded = adapter_path is not None and base is None
+    if recorded:
         base = read_adapter(adapter_path).base_name
-    G, ref = open_base(base or DEFAULT_BASE, device=device, offline=offline)
+    try:
+        G, ref = open_base(base or DEFAULT_BASE, device=device, offline=offline)
+    except UnknownArtifactError:
+        if not recorded:
+            raise
+        owner = f"identity {identity!r}" if identity is not None and adapter is None else f"adapter {adapter_path}"
+        raise unknown_recorded_base(owner, str(base)) from None
     meta = None
     if adapter_path is not None:
         meta = load_adapter(G, adapter_path, base_sha256=ref.sha256)

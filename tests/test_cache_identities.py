@@ -237,6 +237,23 @@ def test_outputs_inside_the_identities_or_cache_folder_are_refused_even_with_for
     assert run("render", "--identity", "ana", "--seed", "0", "-o", str(tmp_path / "ok.png")).exit_code == 0
 
 
+def test_an_identity_on_a_base_file_says_to_pass_that_file(ana: Path, tmp_path: Path, isolated_home: Path) -> None:
+    """`personalize --base merged.safetensors` records the base as 'merged'; later commands without --base once
+    said only "unknown artifact 'merged'". They name the identity and say to pass the file; with it, it renders."""
+    import shutil
+
+    fingerprint = make_base("tiny-b")
+    make_identity("om", "merged", fingerprint)
+    for args in (["render", "--identity", "om", "--seed", "0", "-o", str(tmp_path / "om.png")],
+                 ["export", "--identity", "om", "-o", str(tmp_path / "om.onnx")]):
+        one_line_error(run(*args), "identity 'om' was trained on base 'merged'", "pass that file with --base")
+    merged = tmp_path / "merged.safetensors"
+    shutil.copyfile(isolated_home / "cache" / "bases" / "tiny-b.safetensors", merged)
+    shutil.copyfile(isolated_home / "cache" / "bases" / "tiny-b.json", merged.with_suffix(".json"))
+    result = run("render", "--identity", "om", "--base", str(merged), "--seed", "0", "-o", str(tmp_path / "om.png"))
+    assert result.exit_code == 0, result.output
+
+
 def test_damaged_bytes_and_a_broken_identity_are_one_line(ana: Path, tmp_path: Path, isolated_home: Path) -> None:
     good = tmp_path / "good.zip"
     assert run("identities", "export", "ana", "-o", str(good)).exit_code == 0

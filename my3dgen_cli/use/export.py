@@ -375,11 +375,17 @@ def _check_sources(plan: ExportPlan) -> None:
     """The identity, its adapter and the base, checked before the first progress line: a missing or damaged
     one is its error alone (a base not cached yet is fetched here, with the download's own progress)."""
     from my3dgen_cli.adapter_file import read_adapter
-    from my3dgen_cli.generators import resolve_base_path
+    from my3dgen_cli.errors import UnknownArtifactError
+    from my3dgen_cli.generators import resolve_base_path, unknown_recorded_base
     from my3dgen_cli.identity import require_identity
 
     adapter = read_adapter(require_identity(plan.identity).adapter)
-    resolve_base_path(plan.base or adapter.base_name, offline=plan.offline)
+    try:
+        resolve_base_path(plan.base or adapter.base_name, offline=plan.offline)
+    except UnknownArtifactError:
+        if plan.base is not None:
+            raise
+        raise unknown_recorded_base(f"identity {plan.identity!r}", adapter.base_name) from None
 
 
 def _export_merged(G: nn.Module, path: Path, source: dict[str, Any], fp16: bool, tolerance: float) -> float:

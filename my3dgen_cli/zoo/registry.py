@@ -33,7 +33,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from my3dgen_cli import paths
-from my3dgen_cli.errors import ArtifactError, OfflineError, UserInputError, reason
+from my3dgen_cli.errors import ArtifactError, OfflineError, UnknownArtifactError, UserInputError, reason
 from my3dgen_cli.fileio import write_text_atomic
 
 KINDS = ("base-generator", "lpips-backbone", "identity-network", "face-detector", "other")
@@ -281,4 +281,4 @@ def get_entry(name: str, extra: Sequence[str] = ()) -> Entry:
         return registry[name]
     close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-    raise ArtifactError(f"unknown artifact {name!r}{hint} (`my3dgen fetch --list` shows all)")
+    raise UnknownArtifactError(f"unknown artifact {name!r}{hint} (`my3dgen fetch --list` shows all)")
