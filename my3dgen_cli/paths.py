@@ -48,8 +48,18 @@ def identities_dir() -> Path:
 
 
 def offline() -> bool:
-    """True when `MY3DGEN_OFFLINE` is set to a true value (1, true, yes, on)."""
-    return os.environ.get("MY3DGEN_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    """True when `MY3DGEN_OFFLINE` is set to a true value (1, true, yes, on); false when unset or 0, false, no, off.
+
+    Any other value is an error: a typo such as `MY3DGEN_OFFLINE=ture` silently meant "online".
+    """
+    value = os.environ.get("MY3DGEN_OFFLINE", "").strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"", "0", "false", "no", "off"}:
+        return False
+    from my3dgen_cli.errors import UserInputError
+
+    raise UserInputError(f"MY3DGEN_OFFLINE: got {value!r}, expected 1/true/yes/on or 0/false/no/off")
 
 
 def debug() -> bool:

@@ -321,3 +321,14 @@ def test_a_registry_that_is_not_utf8_is_a_one_line_error(tmp_path: Path, monkeyp
     result = CliRunner().invoke(app, ["fetch", "--list"])
     assert result.exit_code != 0 and isinstance(result.exception, SystemExit)
     assert "not UTF-8 text" in result.output and "Traceback" not in result.output
+
+
+def test_an_unrecognised_offline_value_is_an_error_not_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    from my3dgen_cli import paths
+
+    for value, expected in (("1", True), ("Yes", True), ("off", False), ("", False), ("0", False)):
+        monkeypatch.setenv("MY3DGEN_OFFLINE", value)
+        assert paths.offline() is expected
+    monkeypatch.setenv("MY3DGEN_OFFLINE", "maybe")  # once silently online
+    result = CliRunner().invoke(app, ["fetch", "demo-tiny-v2"])
+    assert_one_line_error(result, "MY3DGEN_OFFLINE: got 'maybe'")

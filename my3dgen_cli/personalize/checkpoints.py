@@ -8,6 +8,8 @@ loss log, so a resumed run equals an uninterrupted one bit for bit (same device)
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +65,16 @@ def read_training_checkpoint(path: Path) -> TrainingCheckpoint:
     of its type, params float and finite. Anything else is one line saying how to start over."""
     again = "; pass --force instead of --resume to start over"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001  torch raises pickle, zip and runtime errors for a damaged file
+        with warnings.catch_warnings():  # torch warns about what it refuses; the refusal below says it once
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # torch's text would advise weights_only=False: never passed on
+        if "GLOBAL" in str(err):  # a class or function weights_only will not build ("unsupported GLOBAL ...")
+            raise UserInputError(f"{path}: not a training checkpoint (it holds objects other than tensors and "
+                                 f"numbers; refused without running them){again}") from None
+        raise UserInputError(f"{path}: not a readable training checkpoint (damaged, or not a PyTorch file)"
+                             f"{again}") from None
+    except Exception as err:  # noqa: BLE001  torch raises zip and runtime errors for a damaged file
         raise UserInputError(f"{path}: not a readable training checkpoint ({reason(err)}){again}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
