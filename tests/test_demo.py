@@ -241,6 +241,9 @@ def test_a_failed_demo_keeps_the_earlier_report(env, monkeypatch: pytest.MonkeyP
     assert result.exit_code != 0
     assert _listing(out) == before
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.old-")]
+    fresh = out.parent / "never-finished"
+    assert CliRunner().invoke(app, ["demo", "--fast", "-o", str(fresh)]).exit_code != 0
+    assert not fresh.exists()  # no half-written report
 
 
 def test_demo_with_your_own_base_and_photos(env, tmp_path: Path):

@@ -228,7 +228,7 @@ def _report_folder(out_dir: Path | None) -> Iterator[Path]:
     Only a folder an earlier demo wrote (its marker file; in the default place, a report.html of a version
     before the marker) is replaced; any other non-empty folder is refused. The earlier report waits beside it
     (`.NAME.old-PID`) and is deleted once this run has finished, or put back if the run fails or is stopped,
-    so a failed demo never costs the report (or photos kept in it) that was there before.
+    so a failed demo never costs the report (or photos kept in it) that was there before, nor leaves half a one.
     """
     default = default_out_dir()
     out_dir = Path(out_dir) if out_dir is not None else default
@@ -246,8 +246,8 @@ def _report_folder(out_dir: Path | None) -> Iterator[Path]:
                                            encoding="utf-8")
         yield out_dir
     except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)  # no half-written report is left behind
         if kept is not None:
-            shutil.rmtree(out_dir, ignore_errors=True)
             kept.rename(out_dir)
             kept = None
         raise
