@@ -96,6 +96,9 @@ def require_identity(name: str) -> IdentityPaths:
     """Paths of an existing identity (one with an adapter), else a clear error listing the known ones."""
     ip = identity_paths(name)
     if not ip.adapter.is_file():
+        if ip.root.is_dir():  # a folder of that name, without a readable adapter file: say so, as `identities` does
+            raise UserInputError(f"identity {name!r} is broken: {ip.adapter} is not a file (`my3dgen identities` "
+                                 "says why and what to do)")
         known = ", ".join(list_identities()) or "none yet"
         raise UserInputError(f"no identity named {name!r} (known: {known}); make one with `my3dgen personalize`")
     return ip

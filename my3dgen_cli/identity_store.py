@@ -50,7 +50,7 @@ class Survey:
 
 def survey_identities() -> Survey:
     """Describe every identity folder; a folder that cannot be read is reported with the reason, never raised."""
-    from my3dgen_cli.identity import IdentityPaths, check_name, identity_paths
+    from my3dgen_cli.identity import IdentityPaths, check_name, identity_paths, read_anchors
     from my3dgen_cli.personalize.pipeline import describe_identity
 
     root = paths.identities_dir()
@@ -68,6 +68,8 @@ def survey_identities() -> Survey:
                     reason += " (an unfinished run: `my3dgen personalize ... --resume` finishes it)"
                 broken.append({"name": name, "reason": reason, "path": str(folder)})
                 continue
+            if ip.anchors.exists():  # optional, but a damaged one fails `render --anchor` and `interpolate`
+                read_anchors(ip.anchors)
             good.append(describe_identity(name))
         except _FOLDER_PROBLEMS as err:
             broken.append({"name": name, "reason": _reason(err, folder), "path": str(folder)})

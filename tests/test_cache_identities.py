@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -103,11 +104,18 @@ def test_a_broken_folder_is_marked_and_the_good_ones_still_listed(ana: Path, iso
     (identities / "empty").mkdir()
     (identities / "empty" / "log.json").write_text("{}")
     (identities / ".ana.new-1-abcdef12").mkdir()  # a build folder is not an identity
+    shutil.copytree(ana, identities / "noanchors")
+    (identities / "noanchors" / "anchors.safetensors").write_bytes(b"")  # once listed as healthy
+    (identities / "dir").mkdir()
+    (identities / "dir" / "adapter.safetensors").mkdir()
 
     doc = json.loads(run("identities", "--json").stdout)
     assert [r["name"] for r in doc["identities"]] == ["ana"]
     reasons = {b["name"]: b["reason"] for b in doc["broken"]}
-    assert set(reasons) == {"empty", "garbled", "nometa"}
+    assert set(reasons) == {"dir", "empty", "garbled", "nometa", "noanchors"}
+    assert "anchors.safetensors" in reasons["noanchors"]
+    one_line_error(run("render", "--identity", "dir", "--seed", "0", "-o", str(isolated_home / "x.png")),
+                   "identity 'dir' is broken")  # not "no identity named 'dir'"
     assert "no adapter.safetensors" in reasons["empty"]
     assert "not a readable safetensors adapter" in reasons["garbled"]
     assert "adapter metadata has no" in reasons["nometa"]  # names the missing key
