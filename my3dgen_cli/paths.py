@@ -17,9 +17,16 @@ APP_NAME = "my3dgen"
 
 
 def home() -> Path | None:
-    """The `MY3DGEN_HOME` root, or None when unset."""
+    """The `MY3DGEN_HOME` root, or None when unset; a path that exists but is not a folder is an error."""
     value = os.environ.get("MY3DGEN_HOME", "").strip()
-    return Path(value).expanduser() if value else None
+    if not value:
+        return None
+    root = Path(value).expanduser()
+    if root.exists() and not root.is_dir():  # "nothing stored yet" from every command would hide the mistake
+        from my3dgen_cli.errors import UserInputError
+
+        raise UserInputError(f"MY3DGEN_HOME: {root} is a file, expected a folder (or a path to create one at)")
+    return root
 
 
 def cache_dir() -> Path:

@@ -332,3 +332,11 @@ def test_an_unrecognised_offline_value_is_an_error_not_online(monkeypatch: pytes
     monkeypatch.setenv("MY3DGEN_OFFLINE", "maybe")  # once silently online
     result = CliRunner().invoke(app, ["fetch", "demo-tiny-v2"])
     assert_one_line_error(result, "MY3DGEN_OFFLINE: got 'maybe'")
+
+
+def test_my3dgen_home_that_is_a_file_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    monkeypatch.setenv("MY3DGEN_HOME", str(afile))
+    for args in (["identities"], ["cache", "ls"], ["fetch", "--list"]):
+        assert_one_line_error(CliRunner().invoke(app, args), "MY3DGEN_HOME:", "is a file, expected a folder")
