@@ -85,6 +85,45 @@ def write_text_atomic(target: str | os.PathLike[str], text: str) -> Path:
     return write_atomic(target, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+@contextmanager
+def held_lock(path: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` while open; if another process holds it, refuse: "<busy> by ... (pid N)".
+
+    An flock (the kernel releases it if the holder dies) on a file that holds the holder's pid, deleted before
+    release, so no lock file outlives its run; a process that opened the file just before its holder deleted
+    it locks the new one. It does not nest: a second `held_lock` of one path in the same process is refused
+    too. POSIX only; elsewhere nothing is locked.
+    """
+    if os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise UserInputError(f"{busy} by another my3dgen process (pid {holder}); wait for it to finish") from None
+        try:
+            current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            current = False  # the holder we raced deleted it on release: lock the new file
+        if current:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
 def check_not_in_stores(targets: Iterable[Path]) -> None:
     """Refuse an output inside my3dgen's identities or cache folder, even with --force.
 

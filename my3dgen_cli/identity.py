@@ -123,40 +123,13 @@ def identity_lock(name: str) -> Iterator[None]:
     """Hold `identities/.NAME.lock` while one process builds identity `name`; a second builder is refused.
 
     Two `personalize` runs of one name once shared the build folder: the second emptied it while the first was
-    writing, and the result was whichever swapped in last, or an identity without its anchors. The lock is an
-    flock (released by the kernel if the holder dies) on a file that holds the holder's pid, deleted before
-    release, so no lock file outlives its run. POSIX only; elsewhere nothing is locked.
+    writing, and the result was whichever swapped in last, or an identity without its anchors (`fileio.held_lock`).
     """
-    if os.name != "posix":
-        yield
-        return
-    import fcntl
+    from my3dgen_cli.fileio import held_lock
 
     path = identity_paths(check_name(name)).root.with_name(f".{name}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
-            os.close(fd)
-            raise UserInputError(f"identity {name!r} is being built by another my3dgen process (pid {holder}); "
-                                 "wait for it to finish") from None
-        try:
-            current = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            current = False  # the holder we raced deleted it on release: lock the new file
-        if current:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+    with held_lock(path, f"identity {name!r} is being built"):
         yield
-    finally:
-        path.unlink(missing_ok=True)
-        os.close(fd)
 
 
 def _swap_in(building: Path, final: Path, tag: str) -> None:

@@ -245,6 +245,13 @@ def test_a_failed_demo_keeps_the_earlier_report(env, monkeypatch: pytest.MonkeyP
     assert CliRunner().invoke(app, ["demo", "--fast", "-o", str(fresh)]).exit_code != 0
     assert not fresh.exists()  # no half-written report
 
+    from my3dgen_cli.fileio import held_lock
+
+    with held_lock(out.with_name(f".{out.name}.lock"), "held by this test"):  # as a demo writing there holds it
+        result = CliRunner().invoke(app, ["demo", "--fast", "-o", str(out)])
+    assert result.exit_code != 0 and "is being written by another my3dgen process" in result.output, result.output
+    assert _listing(out) == before
+
 
 def test_demo_with_your_own_base_and_photos(env, tmp_path: Path):
     """`--base NAME --photos DIR`: the path for real weights, run here on a local tiny base whose

@@ -29,7 +29,7 @@ import torch
 
 from my3dgen_cli.demo.report import SECTIONS, render_report
 from my3dgen_cli.errors import My3DGenError, UserInputError
-from my3dgen_cli.fileio import write_text_atomic
+from my3dgen_cli.fileio import held_lock, write_text_atomic
 from my3dgen_cli.output import Output
 
 IDENTITY = "demo"
@@ -232,6 +232,12 @@ def _report_folder(out_dir: Path | None) -> Iterator[Path]:
     """
     default = default_out_dir()
     out_dir = Path(out_dir) if out_dir is not None else default
+    with held_lock(out_dir.with_name(f".{out_dir.name}.lock"), f"{out_dir} is being written"):
+        yield from _replace_report_folder(out_dir, default)
+
+
+def _replace_report_folder(out_dir: Path, default: Path) -> Iterator[Path]:
+    """`_report_folder`'s work, with the folder's lock held (two demos into one folder once moved each other's)."""
     kept = None
     if out_dir.exists():
         ours = (out_dir / DEMO_MARKER).is_file() or (out_dir == default and (out_dir / "report.html").is_file())
