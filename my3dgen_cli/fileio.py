@@ -85,6 +85,30 @@ def write_text_atomic(target: str | os.PathLike[str], text: str) -> Path:
     return write_atomic(target, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def lock_current_file(path: Path, on_busy: Callable[[int], object]) -> int:
+    """An open descriptor of `path` holding an exclusive flock, once the locked file is still the one at `path`
+    (holders delete it before releasing). While another process holds it, `on_busy(fd)` runs first: it
+    raises to refuse, or returns to wait for the lock. POSIX."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                on_busy(fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass  # deleted by the holder it raced or waited for: lock the new file
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
 @contextmanager
 def held_lock(path: Path, busy: str) -> Iterator[None]:
     """Hold an exclusive lock on `path` while open; if another process holds it, refuse: "<busy> by ... (pid N)".
@@ -97,24 +121,13 @@ def held_lock(path: Path, busy: str) -> Iterator[None]:
     if os.name != "posix":
         yield
         return
-    import fcntl
+
+    def refuse(fd: int) -> None:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        raise UserInputError(f"{busy} by another my3dgen process (pid {holder}); wait for it to finish")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
-            os.close(fd)
-            raise UserInputError(f"{busy} by another my3dgen process (pid {holder}); wait for it to finish") from None
-        try:
-            current = os.path.samestat(os.fstat(fd), os.stat(path))
-        except FileNotFoundError:
-            current = False  # the holder we raced deleted it on release: lock the new file
-        if current:
-            break
-        os.close(fd)
+    fd = lock_current_file(path, refuse)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

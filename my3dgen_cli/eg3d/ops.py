@@ -223,6 +223,8 @@ def modulated_conv2d(
     fused: bool = True,
     channels_last: bool = False,
     low_rank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bias: torch.Tensor | None = None,
+    gain: float = 1.0,
 ) -> torch.Tensor:
     """StyleGAN2 modulated convolution.
 
@@ -239,6 +241,8 @@ def modulated_conv2d(
     copied back to NCHW by that reshape at every layer. Same values either way, up to float order.
     low_rank: the adapter's factors as convolutions (`layers.adapted_conv_factors`): unfused, the shared
     convolution then skips the full weight gradient (`conv2d`).
+    bias [O], gain > 0 (fused only): the output is gain * (conv + bias), both applied by the convolution itself
+    (the per-sample weights scaled, the bias added to its accumulator), before the noise.
     """
     batch = x.shape[0]
     out_ch, in_ch, kh, kw = weight.shape
@@ -271,9 +275,12 @@ def modulated_conv2d(
 
     if dcoefs is not None:
         w = w * dcoefs.reshape(batch, -1, 1, 1, 1)
+    if gain != 1:
+        w = w * gain
     x = x.reshape(1, -1, *x.shape[2:])  # [1, N*I, H, W]
     w = w.reshape(-1, in_ch, kh, kw)  # [N*O, I, k, k]
-    x = conv2d(x, w.to(x.dtype), up, resample_filter, groups=batch, channels_last=channels_last)
+    grouped_bias = None if bias is None else (bias.to(w.dtype) * gain).repeat(batch).to(x.dtype)
+    x = conv2d(x, w.to(x.dtype), up, resample_filter, groups=batch, channels_last=channels_last, bias=grouped_bias)
     x = x.reshape(batch, -1, *x.shape[2:])
     if noise is not None:
         x = x + noise
@@ -334,15 +341,8 @@ def _conv_lrelu_folded(x: torch.Tensor, weight: torch.Tensor, styles: torch.Tens
     convolution adds the bias to its fp32 accumulator before it rounds; what is left is the lrelu
     (and the noise, scaled the same way, where a layer has any).
     """
-    batch = x.shape[0]
-    w = weight.unsqueeze(0) * styles.reshape(batch, 1, -1, 1, 1)  # [N, O, I, k, k]
-    scale = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt() * LRELU_GAIN  # demodulation and the gain, [N, O]
-    w = (w * scale.reshape(batch, -1, 1, 1, 1)).reshape(-1, *weight.shape[1:])  # [N*O, I, k, k]
-    folded_bias = (bias.to(scale.dtype) * LRELU_GAIN).repeat(batch)
-    low = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.get_autocast_dtype(x.device.type)
-    y = conv2d(x.reshape(1, -1, *x.shape[2:]), w.to(low), up, resample_filter, groups=batch,
-               channels_last=channels_last, bias=folded_bias.to(low))
-    y = y.reshape(batch, -1, *y.shape[2:])
+    y = modulated_conv2d(x, weight, styles, up=up, resample_filter=resample_filter, fused=True,
+                         channels_last=channels_last, bias=bias, gain=LRELU_GAIN)
     if noise is not None:
         y.add_((noise * LRELU_GAIN).to(y.dtype))
     F.leaky_relu_(y, LRELU_ALPHA)

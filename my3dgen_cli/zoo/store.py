@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from my3dgen_cli import paths
-from my3dgen_cli.fileio import write_text_atomic
+from my3dgen_cli.fileio import lock_current_file, write_text_atomic
 from my3dgen_cli.zoo.download import sha256_file
 from my3dgen_cli.zoo.registry import Entry, get_entry
 
@@ -84,7 +84,7 @@ def locked(name: str, on_wait: Callable[[str], None] | None = None) -> Iterator[
 
     The lock file is deleted before the lock is released, so no lock file outlives its holder (a
     refused fetch leaves the cache folder as it was). A waiter that wakes up holding a deleted file
-    sees that the path names another file (or none) and locks again (`_lock_current_file`).
+    sees that the path names another file (or none) and locks again (`fileio.lock_current_file`).
     """
     path = lock_path(name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,35 +94,12 @@ def locked(name: str, on_wait: Callable[[str], None] | None = None) -> Iterator[
         with FileLock(str(path)):
             yield
         return
-    fd = _lock_current_file(path, lambda: on_wait and on_wait(f"waiting for another my3dgen process fetching {name}"))
+    fd = lock_current_file(path, lambda _: on_wait and on_wait(f"waiting for another my3dgen process fetching {name}"))
     try:
         yield
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)  # closing the descriptor releases the flock
-
-
-def _lock_current_file(path: Path, on_wait: Callable[[], object]) -> int:
-    """An open descriptor of `path` holding an exclusive flock, once the locked file is still the one
-    at `path` (a holder deletes it before releasing)."""
-    import fcntl
-
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                on_wait()
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                return fd
-        except FileNotFoundError:
-            pass  # deleted by the holder we waited for: lock the new file
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
 
 
 def in_use(name: str) -> bool:
