@@ -30,13 +30,19 @@ def _outputs_and_grads(decoder: OSGDecoder, samples: torch.Tensor) -> tuple[dict
     samples = samples.clone().requires_grad_(True)
     out = decoder.decode_samples(samples)
     loss = (out["rgb"] * torch.linspace(-1, 1, out["rgb"].shape[-1])).sum() + out["sigma"].square().sum() * 0.01
-    params = list(decoder.parameters())
+    params = [p for p in decoder.parameters() if p.requires_grad]
     return out, torch.autograd.grad(loss, [samples, *params])
 
 
-def test_chunked_decoder_matches_the_reference_values_and_gradients(monkeypatch):
+@pytest.mark.parametrize("saved", [True, False], ids=["hidden-kept", "hidden-recomputed"])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_chunked_decoder_matches_the_reference_values_and_gradients(monkeypatch, saved, frozen):
+    """Both backward passes (hidden layer kept from the forward pass, or recomputed: large renders), with the
+    decoder's weights trained or frozen (personalization trains no decoder weight: only the input's gradient)."""
     monkeypatch.setattr(fused_decoder, "CHUNK_POINTS", 96)  # 1000 points: ten full chunks and a partial one
+    monkeypatch.setattr(fused_decoder, "SAVED_HIDDEN", 1 << 30 if saved else 0)
     decoder, samples = _decoder_and_samples()
+    decoder.requires_grad_(not frozen)
     hidden = decoder.net[0](samples.mean(1).transpose(1, 2).reshape(-1, 16))
     assert hidden.min() < -17 and hidden.max() > 20  # both ends of softplus are exercised
     assert fused_decoder.use_fused(samples)
@@ -47,7 +53,8 @@ def test_chunked_decoder_matches_the_reference_values_and_gradients(monkeypatch)
     for key in ("rgb", "sigma"):
         assert fast[key].shape == ref[key].shape
         torch.testing.assert_close(fast[key], ref[key], rtol=1e-5, atol=1e-5)
-    names = ["samples"] + [name for name, _ in decoder.named_parameters()]
+    names = ["samples"] + [name for name, p in decoder.named_parameters() if p.requires_grad]
+    assert len(names) == (1 if frozen else 5)
     for name, a, b in zip(names, fast_grads, ref_grads, strict=True):
         assert a.abs().max() > 0, name
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item(), msg=name)

@@ -105,9 +105,9 @@ def test_activation_checkpointing_gives_the_same_gradients(person, monkeypatch):
         real = speed.checkpoint
         monkeypatch.setattr(speed, "checkpoint", lambda fn, *a, **k: calls.append(fn.__name__) or real(fn, *a, **k))
         ckpt = grads()
-    # Every block and the decoder's decode_samples (what the renderer calls: 2 passes) ran checkpointed.
+    # Every block and the decoder (what the renderer calls: `decode` of the plane means, 2 passes) ran checkpointed.
     n_blocks = sum(isinstance(m, SynthesisBlock) for m in G.modules())
-    assert calls.count("forward") == n_blocks and calls.count("decode_samples") == 2, calls
+    assert calls.count("forward") == n_blocks and calls.count("decode") == 2, calls
     assert not {"forward", "decode", "decode_samples"} & set(vars(G.decoder))  # restored
     for a, b in zip(ref, ckpt, strict=True):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)

@@ -2,13 +2,15 @@
 
 Why: per pass the renderer decodes tens of thousands of points (tiny config) to millions (full size).
 Op by op, every element-wise step of the 64-wide hidden layer (bias, softplus' five passes, its gradient)
-streams a tensor larger than the CPU caches through memory, and the plane mean, the colour slice and their
-gradients add copies. In a tiny training step those passes took ~40% of the time. Here each chunk of
-`CHUNK_POINTS` points goes through mean -> FC -> softplus -> FC -> colour sigmoid while it is in cache,
-and the backward pass recomputes the hidden layer per chunk instead of saving it (its 64 floats per point
-are the largest activation of the decoder; the recomputation is one small matrix product).
+streams a tensor larger than the CPU caches through memory, and the colour slice and its gradient add
+copies. In a tiny training step those passes took ~40% of the time. Here each chunk of `CHUNK_POINTS`
+points of the plane means (plane_kernels.py) goes through FC -> softplus -> FC -> colour sigmoid while it is in cache,
+and for large renders the backward pass recomputes the hidden layer per chunk instead of saving it (its 64
+floats per point are the largest activation of the decoder). Small ones (a tiny training view) keep it and its
+slope: softplus and its derivative from one exp and one log, where recomputing cost three transcendentals more
+per value (~3 ms of a ~95 ms tiny view, forward and backward).
 
-Same function as `OSGDecoder.decode(samples.mean over planes)` up to float rounding (tests/test_fused_decoder.py);
+Same function as `OSGDecoder.decode` in `ops.reference_paths()` up to float rounding (tests/test_fused_decoder.py);
 `ops.reference_paths()`, autocast, other dtypes and devices, ONNX export and torch.compile take that path.
 """
 
@@ -19,6 +21,10 @@ import torch
 from my3dgen_cli.eg3d import ops
 
 CHUNK_POINTS = 4096  # per chunk: a 1 MB hidden layer (64 floats a point); 2048-8192 time the same (2 threads)
+# Hidden values (points x width, per pass) up to which training keeps the hidden layer and its slope for the
+# backward pass (2 x 32 MiB at most) instead of recomputing them: a tiny view's pass holds 0.8 M, a full-size
+# view's 50 M, which recomputes.
+SAVED_HIDDEN = 1 << 22
 RGB_SCALE, RGB_SHIFT = 1 + 2 * 0.001, 0.001  # MipNeRF's widened sigmoid: sigmoid(x) * (1 + 2e) - e
 
 
@@ -31,70 +37,93 @@ def softplus(x: torch.Tensor) -> torch.Tensor:
     return torch.maximum(y, x, out=y)
 
 
-def use_fused(samples: torch.Tensor) -> bool:
-    """Whether `decode_plane_samples` may run: fp32 CPU tensors, fast paths on, no autocast, not compiling."""
-    return (samples.device.type == "cpu" and samples.dtype == torch.float32 and ops.fast_paths()
+def softplus_and_slope(x: torch.Tensor, out: torch.Tensor, slope: torch.Tensor) -> None:
+    """`softplus(x)` into out and its derivative, the sigmoid e / (1 + e) with e = e^min(x, 20), into slope.
+
+    One exp and one log for both (torch.sigmoid would be a third transcendental per value; at 20 and above
+    both give 1.0 in float32, and far below zero both underflow to 0).
+    """
+    e = torch.clamp(x, max=20.0, out=slope).exp_()
+    one_plus = torch.add(e, 1, out=out)
+    e.div_(one_plus)
+    torch.maximum(one_plus.log_(), x, out=out)
+
+
+def use_fused(features: torch.Tensor) -> bool:
+    """Whether `decode_features` may run: fp32 CPU tensors, fast paths on, no autocast, not compiling."""
+    return (features.device.type == "cpu" and features.dtype == torch.float32 and ops.fast_paths()
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
-class _PlaneDecodeFn(torch.autograd.Function):
-    """samples [N, P, C, M] (any strides), fc1 (w1 [H, C], b1 [H]), fc2 (w2 [O, H], b2 [O]), all with their
-    gains applied -> rgb [N, M, O-1], sigma [N, M, 1]; gradients for whichever inputs need them."""
+class _DecodeFn(torch.autograd.Function):
+    """features [N, M, C] (the plane means, any strides), fc1 (w1 [H, C], b1 [H]), fc2 (w2 [O, H], b2 [O]), all
+    with their gains applied -> rgb [N, M, O-1], sigma [N, M, 1]; gradients for whichever inputs need them."""
 
     @staticmethod
-    def forward(ctx, samples, w1, b1, w2, b2):  # type: ignore[override]
-        n, _, _, m = samples.shape
-        rgb = samples.new_empty(n, m, w2.shape[0] - 1)
-        sigma = samples.new_empty(n, m, 1)
+    def forward(ctx, features, w1, b1, w2, b2):  # type: ignore[override]
+        n, m, _ = features.shape
+        rgb = features.new_empty(n, m, w2.shape[0] - 1)
+        sigma = features.new_empty(n, m, 1)
         keep = any(ctx.needs_input_grad)
         sig = torch.empty_like(rgb) if keep else rgb  # sigmoid of the colour logits, kept for the backward pass
+        # the hidden layer and its slope, kept for the backward pass when small (tiny renders), else recomputed
+        saved = keep and n * m * w1.shape[0] <= SAVED_HIDDEN
+        hiddens = features.new_empty(2, n, m, w1.shape[0]) if saved else None
         for k in range(n):
             for a in range(0, m, CHUNK_POINTS):
                 b = min(a + CHUNK_POINTS, m)
-                x = samples[k, :, :, a:b].mean(0).t()  # [points, C]
-                hidden = softplus(torch.addmm(b1, x, w1.t()))
+                h = torch.addmm(b1, features[k, a:b], w1.t())
+                if hiddens is not None:
+                    hidden = hiddens[0, k, a:b]
+                    softplus_and_slope(h, hidden, hiddens[1, k, a:b])
+                else:
+                    hidden = softplus(h)
                 torch.addmm(b2[:1], hidden, w2[:1].t(), out=sigma[k, a:b])  # density and colours apart:
                 torch.sigmoid(torch.addmm(b2[1:], hidden, w2[1:].t()), out=sig[k, a:b])  # no strided slices
         if keep:
-            ctx.save_for_backward(samples, w1, b1, w2, sig)
+            ctx.save_for_backward(features, w1, b1, w2, sig, hiddens)
             rgb.copy_(sig)
         return rgb.mul_(RGB_SCALE).sub_(RGB_SHIFT), sigma
 
     @staticmethod
     def backward(ctx, grad_rgb, grad_sigma):  # type: ignore[override]
-        samples, w1, b1, w2, sig = ctx.saved_tensors
+        features, w1, b1, w2, sig, hiddens = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
-        n, planes, _, m = samples.shape
+        n, m, _ = features.shape
         grads = [torch.zeros_like(t) if need else None
                  for t, need in zip((w1, b1, w2), (need_w1, need_b1, need_w2), strict=True)]
         grad_b2 = w2.new_zeros(w2.shape[0]) if need_b2 else None
-        grad_x = samples.new_empty(n, planes, samples.shape[2], m) if need_x else None
+        grad_x = torch.empty_like(features, memory_format=torch.contiguous_format) if need_x else None
         sigmoid_backward = torch.ops.aten.sigmoid_backward.grad_input  # torch's own, into gy's columns
-        grad_y = samples.new_empty(min(CHUNK_POINTS, m), w2.shape[0])
+        grad_y = features.new_empty(min(CHUNK_POINTS, m), w2.shape[0])
         for k in range(n):
             for a in range(0, m, CHUNK_POINTS):
                 b = min(a + CHUNK_POINTS, m)
                 gy = grad_y[: b - a]
                 gy[:, :1] = grad_sigma[k, a:b]
                 sigmoid_backward(grad_rgb[k, a:b] * RGB_SCALE, sig[k, a:b], grad_input=gy[:, 1:])
-                x = samples[k, :, :, a:b].mean(0).t()
-                h = torch.addmm(b1, x, w1.t())
-                gh = torch.mm(gy, w2).mul_(torch.sigmoid(h))  # softplus' derivative is the sigmoid
-                if need_x:  # the mean shares the gradient out over the planes
-                    grad_x[k, :, :, a:b] = torch.mm(w1.t(), gh.t()).div_(planes)
+                x = features[k, a:b]
+                if hiddens is not None:
+                    hidden, slope = hiddens[0, k, a:b], hiddens[1, k, a:b]
+                else:
+                    h = torch.addmm(b1, x, w1.t())
+                    hidden, slope = None, torch.sigmoid(h)  # softplus' derivative is the sigmoid
+                gh = torch.mm(gy, w2).mul_(slope)
+                if grad_x is not None:
+                    torch.mm(gh, w1, out=grad_x[k, a:b])
                 if grads[0] is not None:
                     grads[0].addmm_(gh.t(), x)
                 if grads[1] is not None:
                     grads[1] += gh.sum(0)
                 if grads[2] is not None:
-                    grads[2].addmm_(gy.t(), softplus(h))
+                    grads[2].addmm_(gy.t(), softplus(h) if hidden is None else hidden)
                 if grad_b2 is not None:
                     grad_b2 += gy.sum(0)
         return grad_x, *grads, grad_b2
 
 
-def decode_plane_samples(samples: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                         b2: torch.Tensor) -> dict[str, torch.Tensor]:
-    """OSGDecoder on plane samples [N, P, C, M] in chunks: {"rgb": [N, M, O-1], "sigma": [N, M, 1]}."""
-    rgb, sigma = _PlaneDecodeFn.apply(samples, w1, b1, w2, b2)
+def decode_features(features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                    b2: torch.Tensor) -> dict[str, torch.Tensor]:
+    """OSGDecoder on plane means [N, M, C] in chunks: {"rgb": [N, M, O-1], "sigma": [N, M, 1]}."""
+    rgb, sigma = _DecodeFn.apply(features, w1, b1, w2, b2)
     return {"rgb": rgb, "sigma": sigma}

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from my3dgen_cli.eg3d import plane_kernels
 from my3dgen_cli.eg3d.ops import fast_paths, full_precision
 
 SAMPLING_MODES = ("deterministic", "stochastic")
@@ -307,7 +308,12 @@ class ImportanceRenderer(nn.Module):
         n, m, _ = origins.shape
         depths_c = coarse_depths(n, m, float(options["ray_start"]), float(options["ray_end"]),
                                  int(options["depth_resolution"]), sampling, origins.device, generator)
-        colors_c, densities_c = self.run_model(planes, decoder, origins, directions, depths_c, options, chunked)
+        if fused and plane_kernels.usable(planes) and hasattr(decoder, "decode"):
+            table = plane_kernels.plane_table(planes)  # once for both passes (a free view of gathered planes)
+        else:
+            table = None
+        colors_c, densities_c = self.run_model(planes, decoder, origins, directions, depths_c, options, chunked,
+                                               table)
         n_fine = int(options["depth_resolution_importance"])
         if n_fine <= 0:
             if fused:
@@ -318,7 +324,8 @@ class ImportanceRenderer(nn.Module):
             return rgb, depth, weights.sum(2)
         weights = march_weights(densities_c, depths_c)[0] if fused else march(colors_c, densities_c, depths_c)[2]
         depths_f = importance_depths(depths_c, weights, n_fine, sampling, generator)
-        colors_f, densities_f = self.run_model(planes, decoder, origins, directions, depths_f, options, chunked)
+        colors_f, densities_f = self.run_model(planes, decoder, origins, directions, depths_f, options, chunked,
+                                               table)
         depths = torch.cat([depths_c, depths_f], dim=-2)
         densities = torch.cat([densities_c, densities_f], dim=-2)
         depths, order = torch.sort(depths, dim=-2)
@@ -337,16 +344,19 @@ class ImportanceRenderer(nn.Module):
     @staticmethod
     def run_model(
         planes: torch.Tensor, decoder: nn.Module, origins: torch.Tensor, directions: torch.Tensor,
-        depths: torch.Tensor, options: dict, chunked: bool = False,
+        depths: torch.Tensor, options: dict, chunked: bool = False, table: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode colour features and density at depths [N,M,S,1] along the rays.
 
-        chunked: sample and decode `DECODE_POINTS` points at a time (`decode_in_chunks`; inference only)."""
+        chunked: sample and decode `DECODE_POINTS` points at a time (`decode_in_chunks`; inference only).
+        table: the planes as `plane_kernels.plane_table` lays them out, to sample with its compiled loops."""
         n, m, s, _ = depths.shape
         points = (origins.unsqueeze(-2) + depths * directions.unsqueeze(-2)).reshape(-1, m * s, 3)
         box_warp = float(options["box_warp"])
 
         def decode(part: torch.Tensor) -> dict:
+            if table is not None and not part.requires_grad:
+                return decoder.decode(plane_kernels.plane_means(table, part, box_warp))
             if hasattr(decoder, "decode_samples"):
                 return decoder.decode_samples(plane_samples(planes, part, box_warp))
             return decoder.decode(mean_plane_features(planes, part, box_warp))

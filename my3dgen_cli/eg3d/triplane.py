@@ -18,7 +18,7 @@ from my3dgen_cli.eg3d import heap, ops
 from my3dgen_cli.eg3d.backbone import Backbone
 from my3dgen_cli.eg3d.camera import check_label
 from my3dgen_cli.eg3d.configs import GeneratorConfig
-from my3dgen_cli.eg3d.fused_decoder import decode_plane_samples, use_fused
+from my3dgen_cli.eg3d.fused_decoder import decode_features, use_fused
 from my3dgen_cli.eg3d.layers import FullyConnectedLayer, Softplus
 from my3dgen_cli.eg3d.renderer import ImportanceRenderer, ray_bundle, sampling_layout
 from my3dgen_cli.eg3d.superres import Superresolution
@@ -41,25 +41,29 @@ class OSGDecoder(nn.Module):
         return self.decode(sampled_features.mean(1))
 
     def decode_samples(self, samples: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Plane samples [N, 3, C, M] (channels before points: grid_sample's layout) -> `forward`'s outputs.
-
-        fp32 on the CPU the mean and both layers run in cache-sized chunks (fused_decoder.py); elsewhere
-        (and inside `ops.reference_paths()`) this is `decode(samples.mean(1).transpose(1, 2))`.
-        """
-        fc1, act, fc2 = self.net
-        if use_fused(samples) and isinstance(act, Softplus):
-            w1, b1 = fc1.scaled(samples.dtype)
-            w2, b2 = fc2.scaled(samples.dtype)
-            if b1 is not None and b2 is not None:
-                return decode_plane_samples(samples, w1, b1, w2, b2)
-        return self._decode(samples.mean(1).transpose(1, 2))
+        """Plane samples [N, 3, C, M] (channels before points: grid_sample's layout) -> `forward`'s outputs."""
+        return self._decode_means(samples.mean(1).transpose(1, 2))
 
     def decode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Features already averaged over the planes, [N, M, C]."""
+        return self._decode_means(x)
+
+    def _decode_means(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The public decoders' work (speed.activation_checkpointing wraps those names, not this one).
+
+        fp32 on the CPU both layers run in cache-sized chunks (fused_decoder.py); elsewhere (and inside
+        `ops.reference_paths()`) op by op.
+        """
+        fc1, act, fc2 = self.net
+        if use_fused(x) and isinstance(act, Softplus):
+            w1, b1 = fc1.scaled(x.dtype)
+            w2, b2 = fc2.scaled(x.dtype)
+            if b1 is not None and b2 is not None:
+                return decode_features(x, w1, b1, w2, b2)
         return self._decode(x)
 
     def _decode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`decode`, which `decode_samples` also calls (speed.activation_checkpointing wraps the two public names)."""
+        """`decode` op by op."""
         m, c = x.shape[1], x.shape[2]
         x = self.net(x.reshape(-1, c))
         x = x.reshape(-1, m, x.shape[-1])  # -1 for the batch: exported graphs keep it dynamic

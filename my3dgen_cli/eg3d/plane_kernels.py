@@ -1,0 +1,111 @@
+"""Bilinear tri-plane sampling on the CPU as two compiled loops (numba): the mean of a point's three plane
+features, and its backward pass, which adds each point's gradient into the texels it read.
+
+Why: torch's CPU `grid_sample` backward scatters channel by channel with scalar stores and also returns
+every plane's samples apart ([N, 3, C, M]) for the decoder to average. In a tiny training step its two
+passes per view took ~25 ms of ~70 ms of rendering; these loops take ~5 ms, and hand the decoder the
+mean it reads ([N, M, C], channels innermost) instead of three planes' samples.
+
+Same values as `renderer.mean_plane_features` (grid_sample: bilinear, zeros outside the planes,
+align_corners False) up to float rounding (tests/test_plane_kernels.py). The planes are read as a table
+[N, 3, H, W, C] (`plane_table`: a free view of `renderer.gather_planes`' layout). numba compiles the loops
+once per machine and keeps them in its cache (next to this file, or under ~/.cache when that is read-only);
+without numba, or in `ops.reference_paths()`, the renderer keeps grid_sample.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import torch
+
+from my3dgen_cli.eg3d import ops
+
+PARALLEL_POINTS = 16384  # a pass with fewer points per thread runs on one thread (a hand-off costs ~50 us)
+
+
+@functools.cache
+def _loops() -> Any:
+    """plane_loops (numba-compiled), or None where numba cannot be imported."""
+    try:
+        from my3dgen_cli.eg3d import plane_loops
+    except ImportError:  # an optional speed-up: grid_sample does the same work
+        return None
+    return plane_loops
+
+
+def usable(planes: torch.Tensor) -> bool:
+    """Whether `plane_means` may sample these planes: fp32 CPU, fast paths on, not compiling, numba present."""
+    return (planes.device.type == "cpu" and planes.dtype == torch.float32 and ops.fast_paths()
+            and not torch.compiler.is_compiling() and _loops() is not None)
+
+
+def plane_table(planes: torch.Tensor) -> torch.Tensor:
+    """planes [N, 3, C, H, W] as the kernels read them, [N, 3, H, W, C] contiguous (differentiable).
+
+    A view, no copy, of planes stored channels-last (`renderer.gather_planes`, `sampling_layout`).
+    """
+    if planes.ndim == 4:  # gather_planes' flat [N*3, C, H, W]
+        planes = planes.unflatten(0, (-1, 3))
+    return planes.permute(0, 1, 3, 4, 2).contiguous()
+
+
+def plane_means(table: torch.Tensor, coordinates: torch.Tensor, box_warp: float) -> torch.Tensor:
+    """Mean over the planes of each point's bilinear features: table [N, 3, H, W, C] (`plane_table`),
+    coordinates [N, M, 3] (no gradient) -> [N, M, C]; `renderer.mean_plane_features`' values."""
+    if coordinates.requires_grad:
+        raise ValueError("plane_means: the sample coordinates take no gradient (use grid_sample)")
+    return _PlaneMeans.apply(table, coordinates.detach().float().contiguous(), 2.0 / box_warp)
+
+
+def _axes() -> np.ndarray:
+    from my3dgen_cli.eg3d.renderer import PLANE_AXES
+
+    return np.asarray(PLANE_AXES, dtype=np.int64)
+
+
+def _in_parts(run: Any, m: int) -> None:
+    """run(start, stop) over the points [0, m): split over torch's threads when each gets PARALLEL_POINTS."""
+    from my3dgen_cli.speed import run_parallel
+
+    parts = max(1, min(torch.get_num_threads(), m // PARALLEL_POINTS))
+    bounds = torch.linspace(0, m, parts + 1).round().long().tolist()
+    run_parallel([functools.partial(run, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+
+
+class _PlaneMeans(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table, coords, scale):  # type: ignore[override]
+        n, _, _, _, c = table.shape
+        m = coords.shape[1]
+        out = table.new_empty(n, m, c)
+        loops, axes, table_np = _loops(), _axes(), table.detach().numpy()
+        scale = np.float32(scale)
+        _in_parts(lambda a, b: loops.sample_mean(table_np, coords[:, a:b].numpy(), axes, scale,
+                                                 out[:, a:b].numpy()), m)
+        ctx.save_for_backward(coords)
+        ctx.scale, ctx.table_shape = scale, table.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        (coords,) = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        m = coords.shape[1]
+        parts = max(1, min(torch.get_num_threads(), m // PARALLEL_POINTS))
+        grads = [grad_out.new_zeros(ctx.table_shape) for _ in range(parts)]  # one per thread: no write races
+        loops, axes = _loops(), _axes()
+        bounds = torch.linspace(0, m, parts + 1).round().long().tolist()
+
+        def run(i: int) -> None:
+            a, b = bounds[i], bounds[i + 1]
+            loops.scatter_mean(grad_out[:, a:b].numpy(), coords[:, a:b].numpy(), axes, ctx.scale, grads[i].numpy())
+
+        from my3dgen_cli.speed import run_parallel
+
+        run_parallel([functools.partial(run, i) for i in range(parts)])
+        return functools.reduce(torch.Tensor.add_, grads), None, None

@@ -1,0 +1,78 @@
+"""The loops of plane_kernels.py, compiled by numba (imported only where numba is installed).
+
+float32 throughout, in grid_sample's order of operations (unnormalize, floor, corner weights), so the
+values match torch's to float rounding. Plain loops: numba compiles them once per machine and caches the
+machine code (`cache=True`); each call releases the GIL (`nogil`), so views rendered on threads run at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+
+def _jit(fn: Any) -> Any:
+    """njit, with the machine code cached on disk where numba finds a writable place (else compiled per process)."""
+    try:
+        return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available" (read-only install and home)
+        return numba.njit(nogil=True, boundscheck=False)(fn)
+
+
+@_jit
+def _pixel(coordinate: Any, scale: Any, size: int, one: Any, half: Any) -> tuple[int, Any, Any]:
+    """grid_sample's unnormalized coordinate (align_corners False) as (first texel, its weight, the next's)."""
+    i = ((coordinate * scale + one) * np.float32(size) - one) * half
+    i0 = np.floor(i)
+    return int(i0), i0 + one - i, i - i0
+
+
+@_jit
+def sample_mean(table, coords, axes, scale, out):
+    """out[n, m, :] = mean over planes p of bilinear(table[n, p], coords[n, m, axes[p]] * scale)."""
+    n_, p_, h_, w_, c_ = table.shape
+    one, half = np.float32(1.0), np.float32(0.5)
+    for n in range(n_):
+        for m in range(coords.shape[1]):
+            for c in range(c_):
+                out[n, m, c] = 0.0
+            for p in range(p_):
+                x0, wx0, wx1 = _pixel(coords[n, m, axes[p, 0]], scale, w_, one, half)
+                y0, wy0, wy1 = _pixel(coords[n, m, axes[p, 1]], scale, h_, one, half)
+                wxs, wys = (wx0, wx1), (wy0, wy1)
+                for dy in range(2):
+                    y = y0 + dy
+                    if 0 <= y < h_:
+                        for dx in range(2):
+                            x = x0 + dx
+                            if 0 <= x < w_:
+                                weight = wxs[dx] * wys[dy]
+                                for c in range(c_):
+                                    out[n, m, c] += weight * table[n, p, y, x, c]
+            for c in range(c_):
+                out[n, m, c] /= np.float32(p_)
+
+
+@_jit
+def scatter_mean(grad_out, coords, axes, scale, grad_table):
+    """The adjoint of `sample_mean`: grad_table += its weights times grad_out (grad_table zeroed by the caller)."""
+    n_, p_, h_, w_, c_ = grad_table.shape
+    one, half = np.float32(1.0), np.float32(0.5)
+    inv = one / np.float32(p_)
+    for n in range(n_):
+        for m in range(coords.shape[1]):
+            for p in range(p_):
+                x0, wx0, wx1 = _pixel(coords[n, m, axes[p, 0]], scale, w_, one, half)
+                y0, wy0, wy1 = _pixel(coords[n, m, axes[p, 1]], scale, h_, one, half)
+                wxs, wys = (wx0, wx1), (wy0 * inv, wy1 * inv)
+                for dy in range(2):
+                    y = y0 + dy
+                    if 0 <= y < h_:
+                        for dx in range(2):
+                            x = x0 + dx
+                            if 0 <= x < w_:
+                                weight = wxs[dx] * wys[dy]
+                                for c in range(c_):
+                                    grad_table[n, p, y, x, c] += weight * grad_out[n, m, c]
