@@ -7,8 +7,9 @@ On the CPU, `grid_sampler_2d_backward` always computes the grid's gradient too, 
 sampling grid needs none; in a training step it is the largest single op (~19 % of a full-size step).
 This times what could replace it for the planes' gradient alone: index_add_ and index_put_(accumulate)
 of the four corners' weighted gradients into an NHWC table, and embedding_bag's backward (bags of four
-corners). One thread, process CPU time, median of the rounds (alternating), and each alternative's max
-abs difference from torch's gradient.
+corners), and the compiled loop the renderer uses now (`eg3d/plane_loops.py`, numba; its first call
+compiles or loads it, outside the timing). One thread, process CPU time, median of the rounds
+(alternating), and each alternative's max abs difference from torch's gradient.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,9 +76,24 @@ def main() -> None:
     def torch_backward() -> torch.Tensor:
         return torch.ops.aten.grid_sampler_2d_backward(grad, planes, grid, 0, 0, False, [True, False])[0]
 
+    from my3dgen_cli.eg3d.plane_kernels import _loops
+
+    loops = _loops()
+    coords = torch.cat([grid.reshape(n, p, 2), torch.zeros(n, p, 1)], -1).numpy()  # one plane: axes (x, y)
+    axes = torch.tensor([[0, 1]]).numpy()
+    rows_np = rows.reshape(n, p, c).contiguous().numpy()
+
+    def compiled() -> torch.Tensor:
+        table = torch.zeros(n, 1, h, w, c)
+        loops.scatter_mean(rows_np, coords, axes, np.float32(1.0), table.numpy())
+        return table.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+
     variants = {"grid_sampler backward (torch)": torch_backward,
                 "corner indices + weights": lambda: corners(grid, n, h, w),
                 "index_add_": index_add, "index_put_ accumulate": index_put, "embedding_bag backward": embedding_bag}
+    if loops is not None:
+        variants["compiled loop (numba, plane_loops)"] = compiled
+        compiled()  # compiled, or loaded from numba's cache, before the timing
     reference = torch_backward()
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):

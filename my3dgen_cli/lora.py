@@ -81,6 +81,15 @@ class LoRA(nn.Module):
     def delta(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).reshape(self.weight_shape) * self.scale
 
+    def adapted(self, weight: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """gain * (weight + delta) as one matrix product (torch.addmm: gain * W + gain * scale * B @ A).
+
+        What a trained layer computes per pass: one op and one autograd node instead of four of each (product,
+        reshape, scale, sum), on each of ~35 layers of every rendered view. Same values up to float rounding.
+        """
+        flat = weight.reshape(weight.shape[0], -1)
+        return torch.addmm(flat, self.lora_B, self.lora_A, beta=gain, alpha=gain * self.scale).reshape(weight.shape)
+
     def conv_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The delta of a conv weight as two convolutions, a [R, I, k, k] then b [O, R, 1, 1] (scale in b):
         conv(x, delta) == conv1x1(conv(x, a), b). For eg3d/lowrank_conv.py."""

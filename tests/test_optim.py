@@ -1,4 +1,5 @@
-"""my3dgen's Adam: bitwise torch.optim.Adam on the CPU, checkpoints that move between the two, clear refusals."""
+"""my3dgen's Adam: bitwise torch.optim.Adam(fused=True) on the CPU (and its default path where a fused kernel is
+missing), checkpoints that move between the two, clear refusals."""
 
 from __future__ import annotations
 
@@ -31,7 +32,22 @@ def _steps(opt: object, params: list[torch.nn.Parameter], start: int, stop: int)
         opt.step()
 
 
+def _torch_adam(*args: object, **kwargs: object) -> torch.optim.Adam:
+    return torch.optim.Adam(*args, fused=True, **kwargs)
+
+
 def test_updates_are_bitwise_torch_adam() -> None:
+    ours, theirs = _params(0), _params(0)
+    _run(Adam, ours, 25)
+    _run(_torch_adam, theirs, 25)
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_without_the_fused_kernel_updates_are_bitwise_torch_default_adam(monkeypatch) -> None:
+    from my3dgen_cli import optim
+
+    monkeypatch.setattr(optim, "_fused", lambda params: False)
     ours, theirs = _params(0), _params(0)
     _run(Adam, ours, 25)
     _run(torch.optim.Adam, theirs, 25)
@@ -42,7 +58,7 @@ def test_updates_are_bitwise_torch_adam() -> None:
 @pytest.mark.parametrize("direction", ["torch->ours", "ours->torch"])
 def test_state_dicts_move_between_the_two(direction: str) -> None:
     """A run resumed from the other class's state_dict continues exactly as an unbroken run."""
-    first_cls, second_cls = (torch.optim.Adam, Adam) if direction == "torch->ours" else (Adam, torch.optim.Adam)
+    first_cls, second_cls = (_torch_adam, Adam) if direction == "torch->ours" else (Adam, _torch_adam)
     whole = _params(1)
     opt = Adam([{"params": whole[:1], "lr": 0.05}, {"params": whole[1:], "lr": 0.01}], betas=(0.9, 0.99))
     _steps(opt, whole, 0, 20)

@@ -63,6 +63,17 @@ def test_points_split_over_threads_give_the_same_result(monkeypatch):
     torch.testing.assert_close(grad_two, grad_one, rtol=0, atol=1e-5)  # per-thread sums, added
 
 
+def test_inference_takes_the_kernels_for_large_planes_only():
+    """Without autograd, small planes (the tiny config's) keep grid_sample: numba's import would not pay back."""
+    small, large = torch.zeros(1, 3, 4, 32, 32), torch.zeros(1, 3, 1, 128, 128)
+    assert plane_kernels.usable(small) and plane_kernels.usable(large)  # training: always
+    with torch.no_grad():
+        assert not plane_kernels.usable(small) and plane_kernels.usable(large)
+        assert not plane_kernels.usable(large.double())
+        with ops.reference_paths():
+            assert not plane_kernels.usable(large)
+
+
 def test_coordinates_that_need_a_gradient_are_refused():
     planes, points = _planes_and_points(m=10)
     with pytest.raises(ValueError, match="no gradient"):
@@ -88,7 +99,7 @@ def test_render_without_numba_uses_grid_sample_and_agrees(monkeypatch):
     image, grad = run()
     assert len(calls) == 2  # the coarse and the importance pass
     monkeypatch.setattr(plane_kernels, "_loops", lambda: None)
-    assert not plane_kernels.usable(torch.zeros(1))
+    assert not plane_kernels.usable(torch.zeros(1, 3, 4, 8, 8))
     plain = run()
     with ops.reference_paths():
         ref = run()

@@ -44,12 +44,22 @@ def init_randn(shape: list[int], divisor: float = 1.0) -> torch.Tensor:
     return x / divisor if divisor != 1 else x  # x / 1 == x exactly: skip the pass
 
 
-def adapted_weight(layer: nn.Module) -> torch.Tensor:
-    """`layer.weight`, plus `layer.adapter(weight)` (a delta of the same shape) when an adapter is attached."""
-    adapter = layer.adapter
+def adapted_weight(layer: nn.Module, gain: float = 1.0) -> torch.Tensor:
+    """gain * (`layer.weight`, plus `layer.adapter(weight)` (a delta of the same shape) when an adapter is attached).
+
+    With the fast paths on, an adapter that can (`LoRA.adapted`) adds its delta and the gain in one op, unless
+    autocast or another dtype would round the base weight along with the delta.
+    """
+    weight, adapter = layer.weight, layer.adapter
     if adapter is None:
-        return layer.weight
-    return layer.weight + adapter(layer.weight)
+        return weight if gain == 1 else weight * gain
+    fold = getattr(adapter, "adapted", None)
+    kind = weight.device.type
+    autocast = kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind)  # (meta has no autocast state)
+    if fold is not None and ops.fast_paths() and not autocast and weight.dtype == adapter.lora_A.dtype:
+        return fold(weight, gain)
+    weight = weight + adapter(weight)
+    return weight if gain == 1 else weight * gain
 
 
 # The factor-only gradient pays where the full weight gradient is large and the rank path small beside
@@ -110,7 +120,10 @@ class FullyConnectedLayer(nn.Module):
 
     def scaled(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) as the layer applies them: adapted, times their gains, in `dtype`."""
-        w = self.effective_weight().to(dtype) * self.weight_gain
+        if dtype == self.weight.dtype:
+            w = adapted_weight(self, self.weight_gain)
+        else:
+            w = self.effective_weight().to(dtype) * self.weight_gain
         b = self.bias
         if b is not None:
             b = b.to(dtype)

@@ -10,7 +10,8 @@ Same values as `renderer.mean_plane_features` (grid_sample: bilinear, zeros outs
 align_corners False) up to float rounding (tests/test_plane_kernels.py). The planes are read as a table
 [N, 3, H, W, C] (`plane_table`: a free view of `renderer.gather_planes`' layout). numba compiles the loops
 once per machine and keeps them in its cache (next to this file, or under ~/.cache when that is read-only);
-without numba, or in `ops.reference_paths()`, the renderer keeps grid_sample.
+importing numba and loading them costs ~1 s once per process, so inference on small planes (`usable`)
+keeps grid_sample, as do the reference paths and a machine without numba.
 """
 
 from __future__ import annotations
@@ -36,10 +37,19 @@ def _loops() -> Any:
     return plane_loops
 
 
+# Without autograd, planes of fewer texels (the tiny config's 32 x 32) keep grid_sample: its forward is as fast
+# there, and importing numba and loading the cached loops (~1 s once per process) would not pay back in a render.
+INFERENCE_MIN_TEXELS = 128 * 128
+
+
 def usable(planes: torch.Tensor) -> bool:
-    """Whether `plane_means` may sample these planes: fp32 CPU, fast paths on, not compiling, numba present."""
-    return (planes.device.type == "cpu" and planes.dtype == torch.float32 and ops.fast_paths()
-            and not torch.compiler.is_compiling() and _loops() is not None)
+    """Whether `plane_means` should sample these planes: fp32 CPU, fast paths on, not compiling, numba present,
+    and an autograd graph being recorded (the backward is where grid_sample loses most) or large planes."""
+    if planes.device.type != "cpu" or planes.dtype != torch.float32 or not ops.fast_paths():
+        return False
+    if not torch.is_grad_enabled() and planes.shape[-1] * planes.shape[-2] < INFERENCE_MIN_TEXELS:
+        return False
+    return not torch.compiler.is_compiling() and _loops() is not None
 
 
 def plane_table(planes: torch.Tensor) -> torch.Tensor:
@@ -66,16 +76,26 @@ def _axes() -> np.ndarray:
     return np.asarray(PLANE_AXES, dtype=np.int64)
 
 
-def _in_parts(run: Any, m: int) -> None:
-    """run(start, stop) over the points [0, m): split over torch's threads when each gets PARALLEL_POINTS."""
+def _point_ranges(m: int) -> list[tuple[int, int]]:
+    """The points [0, m) in one range per thread that gets at least PARALLEL_POINTS (at least one range)."""
+    parts = max(1, min(torch.get_num_threads(), m // PARALLEL_POINTS))
+    bounds = [round(m * k / parts) for k in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _run(tasks: list[Any]) -> None:
+    """The tasks on a thread each (speed.run_parallel), or one on this thread."""
+    if len(tasks) == 1:
+        tasks[0]()
+        return
     from my3dgen_cli.speed import run_parallel
 
-    parts = max(1, min(torch.get_num_threads(), m // PARALLEL_POINTS))
-    bounds = torch.linspace(0, m, parts + 1).round().long().tolist()
-    run_parallel([functools.partial(run, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    run_parallel(tasks)
 
 
 class _PlaneMeans(torch.autograd.Function):
+    """table [N, P, H, W, C], coords [N, M, 3] (no gradient), scale -> [N, M, C]; the gradient reaches the table."""
+
     @staticmethod
     def forward(ctx, table, coords, scale):  # type: ignore[override]
         n, _, _, _, c = table.shape
@@ -83,8 +103,8 @@ class _PlaneMeans(torch.autograd.Function):
         out = table.new_empty(n, m, c)
         loops, axes, table_np = _loops(), _axes(), table.detach().numpy()
         scale = np.float32(scale)
-        _in_parts(lambda a, b: loops.sample_mean(table_np, coords[:, a:b].numpy(), axes, scale,
-                                                 out[:, a:b].numpy()), m)
+        _run([functools.partial(loops.sample_mean, table_np, coords[:, a:b].numpy(), axes, scale, out[:, a:b].numpy())
+              for a, b in _point_ranges(m)])
         ctx.save_for_backward(coords)
         ctx.scale, ctx.table_shape = scale, table.shape
         return out
@@ -95,17 +115,9 @@ class _PlaneMeans(torch.autograd.Function):
             return None, None, None
         (coords,) = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        m = coords.shape[1]
-        parts = max(1, min(torch.get_num_threads(), m // PARALLEL_POINTS))
-        grads = [grad_out.new_zeros(ctx.table_shape) for _ in range(parts)]  # one per thread: no write races
+        ranges = _point_ranges(coords.shape[1])
+        grads = [grad_out.new_zeros(ctx.table_shape) for _ in ranges]  # one per thread: no write races
         loops, axes = _loops(), _axes()
-        bounds = torch.linspace(0, m, parts + 1).round().long().tolist()
-
-        def run(i: int) -> None:
-            a, b = bounds[i], bounds[i + 1]
-            loops.scatter_mean(grad_out[:, a:b].numpy(), coords[:, a:b].numpy(), axes, ctx.scale, grads[i].numpy())
-
-        from my3dgen_cli.speed import run_parallel
-
-        run_parallel([functools.partial(run, i) for i in range(parts)])
+        _run([functools.partial(loops.scatter_mean, grad_out[:, a:b].numpy(), coords[:, a:b].numpy(), axes, ctx.scale,
+                                grad.numpy()) for (a, b), grad in zip(ranges, grads, strict=True)])
         return functools.reduce(torch.Tensor.add_, grads), None, None
