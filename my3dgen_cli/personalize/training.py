@@ -354,7 +354,10 @@ def _step(loop: _Loop, step: int) -> dict[str, float]:
     sym_task = sym_here and loop.workers > 1
     share_planes = sym_here and not sym_task and world.rank == 0 and not config.compile and ops.fast_paths()
     for k, chunk in enumerate(c for c in torch.tensor_split(shard(idx, world), config.accum) if c.numel()):
-        parts = [part for part in torch.tensor_split(chunk, loop.workers) if part.numel()]
+        # with the symmetry task beside them, the chunk's photos take one thread fewer: on 2 threads the batch is one
+        # pass and the symmetry's two views the other, about equal work (3 tasks on 2 cores left one idle at the end)
+        threads = loop.workers - 1 if sym_task and k == 0 else loop.workers
+        parts = [part for part in torch.tensor_split(chunk, max(1, threads)) if part.numel()]
         if len(parts) == 1 and not (sym_task and k == 0):
             loss, chunk_totals = _chunk_loss(loop, chunk, chunk.numel() / idx.numel(),
                                              sym_cams if share_planes and k == 0 else None)
