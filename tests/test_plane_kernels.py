@@ -74,6 +74,17 @@ def test_inference_takes_the_kernels_for_large_planes_only():
             assert not plane_kernels.usable(large)
 
 
+def test_nan_and_infinite_coordinates_read_and_receive_nothing():
+    """A hostile camera or latent can put NaN or inf into the points: no read or write off the table."""
+    planes, points = _planes_and_points(m=10)
+    points[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")]).unsqueeze(-1)
+    points[0, 3:] = 1e30
+    out = plane_kernels.plane_means(plane_kernels.plane_table(planes), points, 2.0)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    (grad,) = torch.autograd.grad(out[0].sum(), planes)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
 def test_coordinates_that_need_a_gradient_are_refused():
     planes, points = _planes_and_points(m=10)
     with pytest.raises(ValueError, match="no gradient"):

@@ -1,10 +1,11 @@
 """Bilinear tri-plane sampling on the CPU as two compiled loops (numba): the mean of a point's three plane
 features, and its backward pass, which adds each point's gradient into the texels it read.
 
-Why: torch's CPU `grid_sample` backward scatters channel by channel with scalar stores and also returns
-every plane's samples apart ([N, 3, C, M]) for the decoder to average. In a tiny training step its two
-passes per view took ~25 ms of ~70 ms of rendering; these loops take ~5 ms, and hand the decoder the
-mean it reads ([N, M, C], channels innermost) instead of three planes' samples.
+Why: torch's CPU `grid_sample` backward scatters channel by channel with scalar stores and computes the
+sampling grid's gradient too, which the renderer never needs (a tiny training step's plane gradient:
+10.0 ms there, 3.7 ms here; `bench/grid_backward_bench.py`); and grid_sample returns every plane's samples
+apart ([N, 3, C, M]) for the decoder to average, where the loop hands it the mean ([N, M, C]).
+Points outside the planes, and NaN or infinite coordinates, read and receive nothing (zeros padding).
 
 Same values as `renderer.mean_plane_features` (grid_sample: bilinear, zeros outside the planes,
 align_corners False) up to float rounding (tests/test_plane_kernels.py). The planes are read as a table

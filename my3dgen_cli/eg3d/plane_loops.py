@@ -25,6 +25,8 @@ def _jit(fn: Any) -> Any:
 def _pixel(coordinate: Any, scale: Any, size: int, one: Any, half: Any) -> tuple[int, Any, Any]:
     """grid_sample's unnormalized coordinate (align_corners False) as (first texel, its weight, the next's)."""
     i = ((coordinate * scale + one) * np.float32(size) - one) * half
+    if not (i > -2 and i < size + 1):  # outside, NaN or inf: both corners off the plane, before any int conversion
+        i = np.float32(-2.0)
     i0 = np.floor(i)
     return int(i0), i0 + one - i, i - i0
 
