@@ -33,7 +33,7 @@ def _loops() -> Any:
     """plane_loops (numba-compiled), or None where numba cannot be imported."""
     try:
         from my3dgen_cli.eg3d import plane_loops
-    except ImportError:  # an optional speed-up: grid_sample does the same work
+    except Exception:  # not installed, or broken (numba refuses a newer numpy at import): grid_sample does the same
         return None
     return plane_loops
 
