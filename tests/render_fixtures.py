@@ -12,6 +12,14 @@ from safetensors.torch import load_file
 from my3dgen_cli.eg3d import build_generator
 
 
+def training_render(G: torch.nn.Module, ws: torch.Tensor, cams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training-mode synthesis of ws from cams, and the gradient of a loss on its image and depth that reaches ws."""
+    w = ws.clone().requires_grad_(True)
+    out = G.synthesis(w, cams, noise_mode="const", sampling="deterministic")
+    (out["image"].square().mean() + out["image_depth"].mean()).backward()
+    return out["image"].detach(), w.grad
+
+
 def tiny_generator(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     G = build_generator("tiny")

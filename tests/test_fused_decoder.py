@@ -12,6 +12,7 @@ import torch
 from my3dgen_cli.eg3d import build_generator, fused_decoder, ops
 from my3dgen_cli.eg3d.camera import lookat_camera
 from my3dgen_cli.eg3d.triplane import OSGDecoder
+from tests.render_fixtures import training_render
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,16 +86,9 @@ def test_training_render_matches_the_reference_paths():
     G = build_generator("tiny").train()
     ws = torch.randn(2, G.num_ws, G.w_dim)
     cams = lookat_camera(torch.tensor([-20.0, 25.0]), 5.0)
-
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
-        w = ws.clone().requires_grad_(True)
-        out = G.synthesis(w, cams, noise_mode="const", sampling="deterministic")
-        (out["image"].square().mean() + out["image_depth"].mean()).backward()
-        return out["image"].detach(), w.grad
-
-    image, grad = run()
+    image, grad = training_render(G, ws, cams)
     with ops.reference_paths():
-        ref_image, ref_grad = run()
+        ref_image, ref_grad = training_render(G, ws, cams)
     torch.testing.assert_close(image, ref_image, rtol=0, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5 * ref_grad.abs().max().item())
 

@@ -13,6 +13,7 @@ import torch
 from my3dgen_cli.eg3d import build_generator, ops, plane_kernels
 from my3dgen_cli.eg3d.camera import lookat_camera
 from my3dgen_cli.eg3d.renderer import gather_planes, mean_plane_features
+from tests.render_fixtures import training_render
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -101,19 +102,13 @@ def test_render_without_numba_uses_grid_sample_and_agrees(monkeypatch):
     real = plane_kernels.plane_means
     monkeypatch.setattr(plane_kernels, "plane_means", lambda *a: calls.append(1) or real(*a))
 
-    def run() -> tuple[torch.Tensor, torch.Tensor]:
-        w = ws.clone().requires_grad_(True)
-        out = G.synthesis(w, cams, noise_mode="const", sampling="deterministic")
-        (out["image"].square().mean() + out["image_depth"].mean()).backward()
-        return out["image"].detach(), w.grad
-
-    image, grad = run()
+    image, grad = training_render(G, ws, cams)
     assert len(calls) == 2  # the coarse and the importance pass
     monkeypatch.setattr(plane_kernels, "_loops", lambda: None)
     assert not plane_kernels.usable(torch.zeros(1, 3, 4, 8, 8))
-    plain = run()
+    plain = training_render(G, ws, cams)
     with ops.reference_paths():
-        ref = run()
+        ref = training_render(G, ws, cams)
     assert len(calls) == 2
     for other in (plain, ref):
         torch.testing.assert_close(image, other[0], rtol=0, atol=1e-5)

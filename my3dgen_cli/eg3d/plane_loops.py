@@ -32,18 +32,25 @@ def _pixel(coordinate: Any, scale: Any, size: int, one: Any, half: Any) -> tuple
 
 
 @_jit
-def sample_mean(table, coords, axes, scale, out):
-    """out[n, m, :] = mean over planes p of bilinear(table[n, p], coords[n, m, axes[p]] * scale)."""
+def _bilinear_mean(table, coords, axes, scale, values, adjoint):
+    """adjoint False: values[n, m, :] = mean over planes p of bilinear(table[n, p], coords[n, m, axes[p]] * scale).
+    adjoint True: table[n, p] += each corner's weight / planes times values[n, m, :] (the gradient's scatter).
+
+    One loop for both, so that the two can never sample differently; `adjoint` is the same for the whole call,
+    and LLVM takes its tests out of the loops.
+    """
     n_, p_, h_, w_, c_ = table.shape
     one, half = np.float32(1.0), np.float32(0.5)
+    y_gain = one / np.float32(p_) if adjoint else one
     for n in range(n_):
         for m in range(coords.shape[1]):
-            for c in range(c_):
-                out[n, m, c] = 0.0
+            if not adjoint:
+                for c in range(c_):
+                    values[n, m, c] = 0.0
             for p in range(p_):
                 x0, wx0, wx1 = _pixel(coords[n, m, axes[p, 0]], scale, w_, one, half)
                 y0, wy0, wy1 = _pixel(coords[n, m, axes[p, 1]], scale, h_, one, half)
-                wxs, wys = (wx0, wx1), (wy0, wy1)
+                wxs, wys = (wx0, wx1), (wy0 * y_gain, wy1 * y_gain)
                 for dy in range(2):
                     y = y0 + dy
                     if 0 <= y < h_:
@@ -51,30 +58,24 @@ def sample_mean(table, coords, axes, scale, out):
                             x = x0 + dx
                             if 0 <= x < w_:
                                 weight = wxs[dx] * wys[dy]
-                                for c in range(c_):
-                                    out[n, m, c] += weight * table[n, p, y, x, c]
-            for c in range(c_):
-                out[n, m, c] /= np.float32(p_)
+                                if adjoint:
+                                    for c in range(c_):
+                                        table[n, p, y, x, c] += weight * values[n, m, c]
+                                else:
+                                    for c in range(c_):
+                                        values[n, m, c] += weight * table[n, p, y, x, c]
+            if not adjoint:
+                for c in range(c_):
+                    values[n, m, c] /= np.float32(p_)
+
+
+@_jit
+def sample_mean(table, coords, axes, scale, out):
+    """out[n, m, :] = mean over planes p of bilinear(table[n, p], coords[n, m, axes[p]] * scale)."""
+    _bilinear_mean(table, coords, axes, scale, out, False)
 
 
 @_jit
 def scatter_mean(grad_out, coords, axes, scale, grad_table):
     """The adjoint of `sample_mean`: grad_table += its weights times grad_out (grad_table zeroed by the caller)."""
-    n_, p_, h_, w_, c_ = grad_table.shape
-    one, half = np.float32(1.0), np.float32(0.5)
-    inv = one / np.float32(p_)
-    for n in range(n_):
-        for m in range(coords.shape[1]):
-            for p in range(p_):
-                x0, wx0, wx1 = _pixel(coords[n, m, axes[p, 0]], scale, w_, one, half)
-                y0, wy0, wy1 = _pixel(coords[n, m, axes[p, 1]], scale, h_, one, half)
-                wxs, wys = (wx0, wx1), (wy0 * inv, wy1 * inv)
-                for dy in range(2):
-                    y = y0 + dy
-                    if 0 <= y < h_:
-                        for dx in range(2):
-                            x = x0 + dx
-                            if 0 <= x < w_:
-                                weight = wxs[dx] * wys[dy]
-                                for c in range(c_):
-                                    grad_table[n, p, y, x, c] += weight * grad_out[n, m, c]
+    _bilinear_mean(grad_table, coords, axes, scale, grad_out, True)
