@@ -75,9 +75,10 @@ def test_symmetry_step_shares_the_main_pass_planes_and_matches_separate_passes(p
     assert any(a.lora_B.abs().sum() > 0 for a in adapter_layers(G_fast).values())
 
 
-def test_photos_of_a_step_in_parallel_threads_match_one_pass(person):
+@pytest.mark.parametrize("sym", [True, False], ids=["symmetry-step", "plain-step"])
+def test_photos_of_a_step_in_parallel_threads_match_one_pass(person, sym):
     """CPU with 2 threads: a plain step's 2 photos render on a thread each (speed.run_parallel); on a symmetry
-    step the batch is one task and the symmetry term the other (about equal work). The losses, the symmetry
+    step the batch is one task and the symmetry term the other (about equal work). The loss, the symmetry
     term and the gradients equal those of one batched pass to float rounding."""
     calls = []
     real = training.run_parallel
@@ -90,14 +91,15 @@ def test_photos_of_a_step_in_parallel_threads_match_one_pass(person):
             _, w, hidden = person
             images, raws, cams = views(hidden, w, TRAIN_YAWS[:2])
             result = train_adapter(G, images, cams, w.expand(2, -1, -1),
-                                   PersonalizeConfig(steps=2, batch=2, checkpoint_every=0), raw_images=raws)
-        params = [p for p in G.parameters() if p.grad is not None]  # the last step's gradients stay on them
-        results[threads] = result.log, [p.grad.clone() for p in params]
-    assert calls == [2, 2]  # 2 threads: (the batch, the symmetry term), then a task per photo; 1 thread: one pass
+                                   PersonalizeConfig(steps=1, batch=2, checkpoint_every=0, sym=sym), raw_images=raws)
+        params = [p for p in G.parameters() if p.grad is not None]  # the step's gradients stay on them
+        results[threads] = result.log[0], [p.grad.clone() for p in params]
+    assert calls == [2]  # 2 threads: (the batch, the symmetry term) or a task per photo; 1 thread: one pass
     (log1, grads1), (log2, grads2) = results[1], results[2]
-    assert "sym" in log1[0] and log1[0]["sym"] == pytest.approx(log2[0]["sym"], rel=1e-5)
-    for a, b in zip(log1, log2, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert ("sym" in log1) == sym
+    if sym:
+        assert log1["sym"] == pytest.approx(log2["sym"], rel=1e-5)
+    assert log1["loss"] == pytest.approx(log2["loss"], rel=1e-6)
     assert len(grads1) == len(grads2) > 0
-    for a, b in zip(grads1, grads2, strict=True):  # the second step's, after one Adam step from either run
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * a.abs().max().item())
+    for a, b in zip(grads1, grads2, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())

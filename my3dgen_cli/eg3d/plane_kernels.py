@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from my3dgen_cli.eg3d import ops
+from my3dgen_cli.speed import run_parallel  # one task runs on the calling thread
 
 PARALLEL_POINTS = 16384  # a pass with fewer points per thread runs on one thread (a hand-off costs ~50 us)
 
@@ -71,7 +72,9 @@ def plane_means(table: torch.Tensor, coordinates: torch.Tensor, box_warp: float)
     return _PlaneMeans.apply(table, coordinates.detach().float().contiguous(), 2.0 / box_warp)
 
 
+@functools.cache
 def _axes() -> np.ndarray:
+    """renderer.PLANE_AXES as the loops read them (made once)."""
     from my3dgen_cli.eg3d.renderer import PLANE_AXES
 
     return np.asarray(PLANE_AXES, dtype=np.int64)
@@ -84,16 +87,6 @@ def _point_ranges(m: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-def _run(tasks: list[Any]) -> None:
-    """The tasks on a thread each (speed.run_parallel), or one on this thread."""
-    if len(tasks) == 1:
-        tasks[0]()
-        return
-    from my3dgen_cli.speed import run_parallel
-
-    run_parallel(tasks)
-
-
 class _PlaneMeans(torch.autograd.Function):
     """table [N, P, H, W, C], coords [N, M, 3] (no gradient), scale -> [N, M, C]; the gradient reaches the table."""
 
@@ -104,8 +97,8 @@ class _PlaneMeans(torch.autograd.Function):
         out = table.new_empty(n, m, c)
         loops, axes, table_np = _loops(), _axes(), table.detach().numpy()
         scale = np.float32(scale)
-        _run([functools.partial(loops.sample_mean, table_np, coords[:, a:b].numpy(), axes, scale, out[:, a:b].numpy())
-              for a, b in _point_ranges(m)])
+        run_parallel([functools.partial(loops.sample_mean, table_np, coords[:, a:b].numpy(), axes, scale,
+                                        out[:, a:b].numpy()) for a, b in _point_ranges(m)])
         ctx.save_for_backward(coords)
         ctx.scale, ctx.table_shape = scale, table.shape
         return out
@@ -119,6 +112,6 @@ class _PlaneMeans(torch.autograd.Function):
         ranges = _point_ranges(coords.shape[1])
         grads = [grad_out.new_zeros(ctx.table_shape) for _ in ranges]  # one per thread: no write races
         loops, axes = _loops(), _axes()
-        _run([functools.partial(loops.scatter_mean, grad_out[:, a:b].numpy(), coords[:, a:b].numpy(), axes, ctx.scale,
-                                grad.numpy()) for (a, b), grad in zip(ranges, grads, strict=True)])
+        run_parallel([functools.partial(loops.scatter_mean, grad_out[:, a:b].numpy(), coords[:, a:b].numpy(), axes,
+                                        ctx.scale, grad.numpy()) for (a, b), grad in zip(ranges, grads, strict=True)])
         return functools.reduce(torch.Tensor.add_, grads), None, None
