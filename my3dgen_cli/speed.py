@@ -229,8 +229,7 @@ def run_parallel(tasks: Sequence[Callable[[], T]]) -> list[T]:
         return [tasks[0]()]
     results: list[Any] = [None] * len(tasks)
     errors: list[BaseException | None] = [None] * len(tasks)
-    threads_before = torch.get_num_threads()
-    each = max(1, threads_before // len(tasks))
+    each = max(1, torch.get_num_threads() // len(tasks))
     grad = torch.is_grad_enabled()
     amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
@@ -242,21 +241,33 @@ def run_parallel(tasks: Sequence[Callable[[], T]]) -> list[T]:
         except BaseException as err:  # re-raised on the calling thread
             errors[i] = err
 
-    torch.set_num_threads(each)
     workers = [threading.Thread(target=run, args=(i, contextvars.copy_context()), daemon=True)
                for i in range(1, len(tasks))]
-    try:
-        for worker in workers:
-            worker.start()
-        results[0] = tasks[0]()
-    finally:
-        for worker in workers:
-            worker.join()
-        torch.set_num_threads(threads_before)
+    with one_thread_each(len(tasks)):
+        try:
+            for worker in workers:
+                worker.start()
+            results[0] = tasks[0]()
+        finally:
+            for worker in workers:
+                worker.join()
     for err in errors:
         if err is not None:
             raise err
     return results
+
+
+@contextlib.contextmanager
+def one_thread_each(tasks: int) -> Iterator[int]:
+    """While open, this thread uses its share of torch's CPU threads when `tasks` run at once (the count // tasks,
+    at least 1), as each of `run_parallel`'s tasks does; restored on exit. Yields the share."""
+    before = torch.get_num_threads()
+    each = max(1, before // tasks)
+    torch.set_num_threads(each)
+    try:
+        yield each
+    finally:
+        torch.set_num_threads(before)
 
 
 def summed_gradients(part_loss: Callable[[int, int], torch.Tensor], n: int, leaves: Sequence[torch.Tensor],

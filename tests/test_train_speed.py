@@ -12,7 +12,7 @@ import torch
 from my3dgen_cli.eg3d import ops
 from my3dgen_cli.eg3d.camera import lookat_camera, mirror_camera
 from my3dgen_cli.lora import adapter_layers
-from my3dgen_cli.personalize import training
+from my3dgen_cli.personalize import training, twin
 from my3dgen_cli.personalize.pipeline import PersonalizeConfig
 from my3dgen_cli.personalize.symmetry import mirror_pair
 from my3dgen_cli.personalize.training import train_adapter
@@ -87,6 +87,7 @@ def test_photos_of_a_step_in_parallel_threads_match_one_pass(person, sym):
         torch.set_num_threads(threads)
         G = fresh(person)
         with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(twin.DISABLE_ENV, "0")  # threads (the twin process: test_train_twin.py)
             mp.setattr(training, "run_parallel", lambda tasks: calls.append(len(tasks)) or real(tasks))
             _, w, hidden = person
             images, raws, cams = views(hidden, w, TRAIN_YAWS[:2])

@@ -33,6 +33,7 @@ from my3dgen_cli.eg3d import ops
 from my3dgen_cli.eg3d.camera import camera_rig
 from my3dgen_cli.errors import My3DGenError, UserInputError
 from my3dgen_cli.optim import Adam
+from my3dgen_cli.personalize import twin
 from my3dgen_cli.personalize.anchors import perceptual_distance, resize
 from my3dgen_cli.personalize.checkpoints import keep_checkpoint, resume_checkpoint
 from my3dgen_cli.personalize.config import PersonalizeConfig, TrainConfig
@@ -44,6 +45,7 @@ from my3dgen_cli.speed import (
     autocast,
     check_amp,
     cpu_workers,
+    one_thread_each,
     run_parallel,
     use_channels_last,
 )
@@ -227,6 +229,7 @@ def train_adapter(
             path = keep_checkpoint(checkpoint_dir, step, params, loop.opt, loop.rng, log, fingerprint, loop.scaler)
         raise TrainingInterrupted(step, path) from None
     finally:
+        _close_twins(loop)
         G.eval()
     return TrainResult(step, log, n_params, time.perf_counter() - t0, start,
                        loop.distance.kind if config.sym else None, saved)
@@ -269,7 +272,8 @@ class _Loop:
     distance: SymmetryDistance
     nhwc: bool
     rig: Any
-    workers: int = 1  # CPU: parts of each chunk of photos rendered at once, one thread each (speed.cpu_workers)
+    workers: int = 1  # CPU: parts of each chunk of photos rendered at once, one core each (speed.cpu_workers)
+    twins: list | None = None  # CPU: the twin processes of the workers beyond this one (twin.py), made at first use
     synth: Callable = field(init=False)
 
     def __post_init__(self) -> None:
@@ -337,6 +341,76 @@ def _sym_gradients(loop: _Loop, latent: torch.Tensor, sym_cams: torch.Tensor,
     return torch.autograd.grad(loop.scaler.scale(sym), loop.params, allow_unused=True), totals
 
 
+def _run_task(loop: _Loop, task: tuple) -> tuple[tuple[torch.Tensor | None, ...], torch.Tensor]:
+    """One task of a step, ("part", photo indices, share of the batch) or ("sym", latent index, cameras):
+    `_part_gradients` or `_sym_gradients`. Indices and cameras as tensors, or numpy arrays (sent to a twin)."""
+    kind, rows, arg = task
+    rows = torch.as_tensor(rows, device=loop.photo.device)
+    if kind == "sym":
+        return _sym_gradients(loop, rows, torch.as_tensor(arg, device=loop.photo.device))
+    return _part_gradients(loop, rows, arg)
+
+
+def _run_tasks(loop: _Loop, tasks: list[tuple]) -> list[tuple[tuple[torch.Tensor | None, ...], torch.Tensor]]:
+    """The tasks at once, one core each, results in order: the first here and the others on the twin processes
+    (twin.py), or on threads (speed.run_parallel) where there are none. A twin lost on the way hands its task
+    back: it runs here, and later steps use threads."""
+    twins = _twins(loop)
+    if len(tasks) < 2 or len(twins) < len(tasks) - 1:
+        return run_parallel([functools.partial(_run_task, loop, task) for task in tasks])
+    sent: list[twin.Twin | None] = []
+    for each, task in zip(twins, tasks[1:], strict=False):
+        try:
+            each.submit(_portable(task))
+            sent.append(each)
+        except twin.TwinLost:
+            sent.append(None)
+    results = []
+    with one_thread_each(len(tasks)):
+        try:
+            results.append(_run_task(loop, tasks[0]))
+        except BaseException:
+            _close_twins(loop)  # their replies would be read as the next step's
+            raise
+        for each, task in zip(sent, tasks[1:], strict=True):
+            try:
+                if each is None:
+                    raise twin.TwinLost("not sent")
+                results.append(each.result())
+            except twin.TwinLost:
+                _close_twins(loop)
+                results.append(_run_task(loop, task))
+    return results
+
+
+def _portable(task: tuple) -> tuple:
+    """A task as a twin receives it: tensors as numpy arrays (sent by value, no shared-memory handles)."""
+    return tuple(part.cpu().numpy() if isinstance(part, torch.Tensor) else part for part in task)
+
+
+def _twins(loop: _Loop) -> list[twin.Twin]:
+    """The run's twin processes (workers - 1 of them), forked at first use; none off the CPU, under
+    torch.distributed, where fork is not available (twin.available) or after one was lost."""
+    if loop.twins is None:
+        loop.twins = []
+        if (loop.workers > 1 and loop.photo.device.type == "cpu" and not loop.world.active
+                and twin.available()):
+            totals = torch.zeros(4, device=loop.photo.device)
+            try:
+                loop.twins = [twin.Twin(functools.partial(_run_task, loop), loop.params, totals)
+                              for _ in range(loop.workers - 1)]
+            except (OSError, RuntimeError):  # no shared memory or no fork here: threads
+                _close_twins(loop)
+    return loop.twins
+
+
+def _close_twins(loop: _Loop) -> None:
+    """Stop the twins for good (the run goes on on threads)."""
+    for each in loop.twins or []:
+        each.close()
+    loop.twins = []
+
+
 def _step(loop: _Loop, step: int) -> dict[str, float]:
     """One optimizer step (batch `step` of the run); its log record (loss, mse, lpips, sym on symmetry steps)."""
     config, world, device = loop.config, loop.world, loop.photo.device
@@ -364,11 +438,11 @@ def _step(loop: _Loop, step: int) -> dict[str, float]:
             loop.scaler.scale(loss).backward()
             totals += chunk_totals
             continue
-        # the chunk's photos (and the symmetry term) on parallel threads, their gradients summed in order
-        tasks = [functools.partial(_part_gradients, loop, part, part.numel() / idx.numel()) for part in parts]
+        # the chunk's photos (and the symmetry term) on parallel threads or the twin, their gradients summed in order
+        tasks = [("part", part, part.numel() / idx.numel()) for part in parts]
         if sym_task and k == 0:
-            tasks.append(functools.partial(_sym_gradients, loop, idx[:1], sym_cams))
-        for grads, part_totals in run_parallel(tasks):
+            tasks.append(("sym", idx[:1], sym_cams))
+        for grads, part_totals in _run_tasks(loop, tasks):
             totals += part_totals
             add_gradients(loop.params, grads)
     if sym_here and not share_planes and not sym_task:
