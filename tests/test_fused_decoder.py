@@ -63,12 +63,52 @@ def test_chunked_decoder_matches_the_reference_values_and_gradients(monkeypatch,
 
 def test_chunked_decoder_without_autograd_gives_the_same_outputs(monkeypatch):
     monkeypatch.setattr(fused_decoder, "CHUNK_POINTS", 128)
+    monkeypatch.setattr(fused_decoder, "COMPILED_MIN_POINTS", 0)  # inference on the compiled softplus too
     decoder, samples = _decoder_and_samples(points=300)
     with_grad, _ = _outputs_and_grads(decoder, samples)
     with torch.no_grad():
         plain = decoder.decode_samples(samples)
     for key in ("rgb", "sigma"):
         assert torch.equal(plain[key], with_grad[key].detach())
+
+
+def _softplus_inputs() -> torch.Tensor:
+    x = torch.cat([torch.randn(20000) * 8, torch.linspace(-30, 30, 6004),
+                   torch.tensor([0.0, -0.0, 20.0, -17.0, 24.0, -24.0, 88.0, -88.0, 1e-30, -1e-30, 3e38, -3e38])])
+    return x.reshape(-1, 8)
+
+
+def test_compiled_softplus_and_slope_match_float64_as_the_torch_form_does():
+    """softplus_loops (numba) against float64 softplus and sigmoid, beside fused_decoder's torch-op form."""
+    if fused_decoder._compiled() is None:
+        pytest.skip("numba is not importable here")
+    x = _softplus_inputs()
+    ref, ref_slope = torch.nn.functional.softplus(x.double()), torch.sigmoid(x.double())
+    for compiled in (True, False):
+        out, slope = torch.empty_like(x), torch.empty_like(x)
+        fused_decoder.softplus_and_slope(x, out, slope, compiled)
+        alone = fused_decoder.softplus(x, compiled)
+        assert torch.equal(alone, out)
+        assert (out.double() - ref).abs().max() < 6e-7 and (slope.double() - ref_slope).abs().max() < 2e-7
+        assert (out.double() - ref).abs().div(ref.abs().clamp_min(1)).max() < 2e-7  # relative, above 1
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    out, slope = torch.empty_like(special), torch.empty_like(special)
+    fused_decoder.softplus_and_slope(special, out, slope, True)
+    assert out[0].isnan() and slope[0].isnan() and out[1] == float("inf") and slope[1] == 1
+    assert 0 <= out[2] < 1e-10 and 0 <= slope[2] < 1e-10
+
+
+def test_decoder_without_numba_uses_torch_ops_and_matches(monkeypatch):
+    """Where numba cannot be imported, training's decoder keeps torch's exp/log softplus: the same values."""
+    monkeypatch.setattr(fused_decoder, "CHUNK_POINTS", 96)
+    decoder, samples = _decoder_and_samples(points=400)
+    compiled, compiled_grads = _outputs_and_grads(decoder, samples)
+    monkeypatch.setattr(fused_decoder, "_compiled", lambda: None)
+    plain, plain_grads = _outputs_and_grads(decoder, samples)
+    for key in ("rgb", "sigma"):
+        torch.testing.assert_close(plain[key], compiled[key], rtol=1e-5, atol=1e-5)
+    for a, b in zip(plain_grads, compiled_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 def test_autocast_and_other_dtypes_take_the_reference_path():

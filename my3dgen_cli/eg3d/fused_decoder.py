@@ -8,13 +8,17 @@ points of the plane means (plane_kernels.py) goes through FC -> softplus -> FC -
 and for large renders the backward pass recomputes the hidden layer per chunk instead of saving it (its 64
 floats per point are the largest activation of the decoder). Small ones (a tiny training view) keep it and its
 slope: softplus and its derivative from one exp and one log, where recomputing cost three transcendentals more
-per value (~3 ms of a ~95 ms tiny view, forward and backward).
+per value (~3 ms of a ~95 ms tiny view, forward and backward). Where numba is present, softplus and its slope are
+one compiled pass (softplus_loops.py): in training, and in inference renders large enough to pay numba's import.
 
 Same function as `OSGDecoder.decode` in `ops.reference_paths()` up to float rounding (tests/test_fused_decoder.py);
 `ops.reference_paths()`, autocast, other dtypes and devices, ONNX export and torch.compile take that path.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import torch
 
@@ -28,21 +32,50 @@ SAVED_HIDDEN = 1 << 22
 RGB_SCALE, RGB_SHIFT = 1 + 2 * 0.001, 0.001  # MipNeRF's widened sigmoid: sigmoid(x) * (1 + 2e) - e
 
 
-def softplus(x: torch.Tensor) -> torch.Tensor:
+# Points per pass from which an inference render decodes with the compiled softplus (a full-size pass has 0.2-0.8 M;
+# a tiny one 12 K, where importing numba, ~0.5 s once per process, would not pay). Training always does.
+COMPILED_MIN_POINTS = 1 << 17
+
+
+@functools.cache
+def _compiled() -> Any:
+    """softplus_loops (numba-compiled), or None where numba cannot be imported."""
+    try:
+        from my3dgen_cli.eg3d import softplus_loops
+    except Exception:  # not installed, or broken (numba refuses a newer numpy at import): torch's ops do the same
+        return None
+    return softplus_loops
+
+
+def _flat(x: torch.Tensor) -> Any:
+    return x.detach().view(-1).numpy()
+
+
+def softplus(x: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     """torch's softplus (beta 1, threshold 20) from vectorized exp and log: max(log(1 + e^min(x, 20)), x).
 
     softplus(x) >= x, and above 20 the log is 20 < x to float rounding, so the maximum picks x there.
+    compiled: in one pass of `softplus_loops` (x contiguous, numba present), the same values to float rounding.
     """
+    loops = _compiled() if compiled and x.is_contiguous() else None
+    if loops is not None:
+        out = torch.empty_like(x)
+        loops.softplus(_flat(x), _flat(out))
+        return out
     y = x.clamp(max=20.0).exp_().add_(1).log_()
     return torch.maximum(y, x, out=y)
 
 
-def softplus_and_slope(x: torch.Tensor, out: torch.Tensor, slope: torch.Tensor) -> None:
+def softplus_and_slope(x: torch.Tensor, out: torch.Tensor, slope: torch.Tensor, compiled: bool = False) -> None:
     """`softplus(x)` into out and its derivative, the sigmoid e / (1 + e) with e = e^min(x, 20), into slope.
 
     One exp and one log for both (torch.sigmoid would be a third transcendental per value; at 20 and above
-    both give 1.0 in float32, and far below zero both underflow to 0).
+    both give 1.0 in float32, and far below zero both underflow to 0). compiled: as `softplus`.
     """
+    loops = _compiled() if compiled and x.is_contiguous() and out.is_contiguous() and slope.is_contiguous() else None
+    if loops is not None:
+        loops.softplus_and_slope(_flat(x), _flat(out), _flat(slope))
+        return
     e = torch.clamp(x, max=20.0, out=slope).exp_()
     one_plus = torch.add(e, 1, out=out)
     e.div_(one_plus)
@@ -69,15 +102,16 @@ class _DecodeFn(torch.autograd.Function):
         # the hidden layer and its slope, kept for the backward pass when small (tiny renders), else recomputed
         saved = keep and n * m * w1.shape[0] <= SAVED_HIDDEN
         hiddens = features.new_empty(2, n, m, w1.shape[0]) if saved else None
+        compiled = ctx.compiled = keep or n * m >= COMPILED_MIN_POINTS
         for k in range(n):
             for a in range(0, m, CHUNK_POINTS):
                 b = min(a + CHUNK_POINTS, m)
                 h = torch.addmm(b1, features[k, a:b], w1.t())
                 if hiddens is not None:
                     hidden = hiddens[0, k, a:b]
-                    softplus_and_slope(h, hidden, hiddens[1, k, a:b])
+                    softplus_and_slope(h, hidden, hiddens[1, k, a:b], compiled)
                 else:
-                    hidden = softplus(h)
+                    hidden = softplus(h, compiled)
                 torch.addmm(b2[:1], hidden, w2[:1].t(), out=sigma[k, a:b])  # density and colours apart:
                 torch.sigmoid(torch.addmm(b2[1:], hidden, w2[1:].t()), out=sig[k, a:b])  # no strided slices
         if keep:
@@ -105,9 +139,12 @@ class _DecodeFn(torch.autograd.Function):
                 x = features[k, a:b]
                 if hiddens is not None:
                     hidden, slope = hiddens[0, k, a:b], hiddens[1, k, a:b]
-                else:
+                elif grads[2] is not None or ctx.compiled:  # the hidden layer and its slope again, in one pass
                     h = torch.addmm(b1, x, w1.t())
-                    hidden, slope = None, torch.sigmoid(h)  # softplus' derivative is the sigmoid
+                    hidden, slope = torch.empty_like(h), torch.empty_like(h)
+                    softplus_and_slope(h, hidden, slope, ctx.compiled)
+                else:
+                    hidden, slope = None, torch.sigmoid(torch.addmm(b1, x, w1.t()))  # softplus' derivative
                 gh = torch.mm(gy, w2).mul_(slope)
                 if grad_x is not None:
                     torch.mm(gh, w1, out=grad_x[k, a:b])
@@ -116,7 +153,7 @@ class _DecodeFn(torch.autograd.Function):
                 if grads[1] is not None:
                     grads[1] += gh.sum(0)
                 if grads[2] is not None:
-                    grads[2].addmm_(gy.t(), softplus(h) if hidden is None else hidden)
+                    grads[2].addmm_(gy.t(), hidden)
                 if grad_b2 is not None:
                     grad_b2 += gy.sum(0)
         return grad_x, *grads, grad_b2

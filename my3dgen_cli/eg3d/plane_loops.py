@@ -9,19 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 
-
-def _jit(fn: Any) -> Any:
-    """njit, with the machine code cached on disk where numba finds a writable place (else compiled per process)."""
-    try:
-        return numba.njit(nogil=True, cache=True, boundscheck=False)(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available" (read-only install and home)
-        return numba.njit(nogil=True, boundscheck=False)(fn)
+from my3dgen_cli.eg3d.numba_jit import jit
 
 
-@_jit
+@jit
 def _pixel(coordinate: Any, scale: Any, size: int, one: Any, half: Any) -> tuple[int, Any, Any]:
     """grid_sample's unnormalized coordinate (align_corners False) as (first texel, its weight, the next's)."""
     i = ((coordinate * scale + one) * np.float32(size) - one) * half
@@ -31,7 +24,7 @@ def _pixel(coordinate: Any, scale: Any, size: int, one: Any, half: Any) -> tuple
     return int(i0), i0 + one - i, i - i0
 
 
-@_jit
+@jit
 def _bilinear_mean(table, coords, axes, scale, values, adjoint):
     """adjoint False: values[n, m, :] = mean over planes p of bilinear(table[n, p], coords[n, m, axes[p]] * scale).
     adjoint True: table[n, p] += each corner's weight / planes times values[n, m, :] (the gradient's scatter).
@@ -69,13 +62,13 @@ def _bilinear_mean(table, coords, axes, scale, values, adjoint):
                     values[n, m, c] /= np.float32(p_)
 
 
-@_jit
+@jit
 def sample_mean(table, coords, axes, scale, out):
     """out[n, m, :] = mean over planes p of bilinear(table[n, p], coords[n, m, axes[p]] * scale)."""
     _bilinear_mean(table, coords, axes, scale, out, False)
 
 
-@_jit
+@jit
 def scatter_mean(grad_out, coords, axes, scale, grad_table):
     """The adjoint of `sample_mean`: grad_table += its weights times grad_out (grad_table zeroed by the caller)."""
     _bilinear_mean(grad_table, coords, axes, scale, grad_out, True)
