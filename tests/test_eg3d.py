@@ -336,19 +336,31 @@ def test_inference_render_equals_the_reference_paths(tiny) -> None:
         assert (fast[key] - reference[key]).abs().max() <= 1e-5, key
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-loops", "torch-ops"])
 @pytest.mark.parametrize(("samples", "channels"), [(12, 16), (48, 32)])  # tiny (multiply-sum), full size (bmm)
-def test_weighted_colors_is_the_weighted_sum_with_its_gradients(samples: int, channels: int) -> None:
+def test_weighted_colors_is_the_weighted_sum_with_its_gradients(samples: int, channels: int, compiled: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny sizes in training take composite_kernels' compiled loops (where numba is present), or torch's
+    multiply-sum; full sizes a batched matrix product. The weights are a slice of the merged passes', as in a render."""
+    from my3dgen_cli.eg3d import composite_kernels
     from my3dgen_cli.eg3d.renderer import SMALL_PRODUCT, weighted_colors
 
+    if compiled and composite_kernels._loops() is None:
+        pytest.skip("numba is not importable here")
+    if not compiled:
+        monkeypatch.setattr(composite_kernels, "_loops", lambda: None)
     assert (samples * channels < SMALL_PRODUCT) == (samples == 12)
     g = torch.Generator().manual_seed(0)
-    weights = torch.rand(2, 5, samples, 1, generator=g, requires_grad=True)
+    merged = torch.rand(2, 5, 2 * samples, 1, generator=g, requires_grad=True)
+    weights = merged[:, :, samples:]
     colors = torch.randn(2, 5, samples, channels, generator=g, requires_grad=True)
     seed = torch.randn(2, 5, channels, generator=g)
+    assert composite_kernels.usable(colors, weights) == compiled
     out = weighted_colors(colors, weights)
     ref = (weights.double() * colors.double()).sum(-2)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    grads = torch.autograd.grad((out * seed).sum(), (weights, colors))
-    ref_grads = torch.autograd.grad((ref * seed.double()).sum(), (weights, colors))
+    grads = torch.autograd.grad((out * seed).sum(), (merged, colors))
+    ref_grads = torch.autograd.grad((ref * seed.double()).sum(), (merged, colors))
+    assert grads[0][:, :, :samples].abs().max() == 0 and grads[0][:, :, samples:].abs().max() > 0
     for a, b in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from my3dgen_cli.eg3d import plane_kernels
+from my3dgen_cli.eg3d import composite_kernels, plane_kernels
 from my3dgen_cli.eg3d.ops import fast_paths, full_precision
 
 SAMPLING_MODES = ("deterministic", "stochastic")
@@ -176,6 +176,8 @@ def weighted_colors(colors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor
     The result has the dtype the reference's weights * colours has (fp32 weights: fp32 under autocast too).
     """
     n, m, s, c = colors.shape
+    if s * c < SMALL_PRODUCT and composite_kernels.usable(colors, weights):  # training: one compiled loop each way
+        return composite_kernels.weighted_sum(colors, weights)
     if s * c < SMALL_PRODUCT:  # torch's CPU bmm loops element by element below this size; a multiply-sum vectorizes
         return (weights.to(colors.dtype) * colors).sum(-2).to(torch.promote_types(weights.dtype, colors.dtype))
     out = torch.bmm(weights.reshape(-1, 1, s).to(colors.dtype), colors.reshape(-1, s, c))
