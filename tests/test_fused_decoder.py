@@ -72,6 +72,19 @@ def test_chunked_decoder_without_autograd_gives_the_same_outputs(monkeypatch):
         assert torch.equal(plain[key], with_grad[key].detach())
 
 
+def test_an_inference_pass_does_not_depend_on_whether_the_weights_are_trainable():
+    """A render under no_grad decodes the same way for a fresh (trainable) and a frozen decoder: an autograd
+    Function sees `requires_grad` even under no_grad, which must not pick the training path (its compiled
+    softplus rounds differently, and a fresh adapter, which freezes the base, would change the pixels)."""
+    decoder, samples = _decoder_and_samples(points=300)
+    with torch.no_grad():
+        trainable = decoder.decode_samples(samples)
+        decoder.requires_grad_(False)
+        frozen = decoder.decode_samples(samples)
+    for key in ("rgb", "sigma"):
+        assert torch.equal(trainable[key], frozen[key])
+
+
 def _softplus_inputs() -> torch.Tensor:
     x = torch.cat([torch.randn(20000) * 8, torch.linspace(-30, 30, 6004),
                    torch.tensor([0.0, -0.0, 20.0, -17.0, 24.0, -24.0, 88.0, -88.0, 1e-30, -1e-30, 3e38, -3e38])])

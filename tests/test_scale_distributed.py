@@ -22,14 +22,19 @@ import torch
 from typer.testing import CliRunner
 
 from my3dgen_cli.adapter_file import read_adapter
+from my3dgen_cli.personalize.config import TrainConfig
 from my3dgen_cli.personalize.distributed import Dist, identity_seed, shard
 from tests.personalize_helpers import TRAIN_YAWS, fresh, make_person, write_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 150  # one torchrun call; each takes ~15-30 s on 2 loaded cores
-# Tolerance of 2 ranks vs 1 process: the same math, gradients summed in another order
-# (and convolutions run on 1 sample instead of 2), so float32 rounding differs slightly.
-ATOL = 2e-5
+# Tolerance of 2 ranks vs 1 process: the same math, gradients summed in another order, so float32 rounding
+# differs slightly (ATOL). Adam's step m / sqrt(v) is about +-lr whatever a gradient's size, so where a gradient
+# is near zero, rounding can move that value by up to lr per step: a few values (OUTLIERS of each tensor) may
+# differ by more, within the learning rate (LR).
+ATOL = 2e-6
+OUTLIERS = 0.02
+LR = TrainConfig.lr
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +88,9 @@ def _adapter(name: str) -> dict[str, torch.Tensor]:
 def _assert_same_adapter(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (key, float((a[key] - b[key]).abs().max()))
+        diff = (a[key] - b[key]).abs()
+        assert float(diff.max()) <= LR, (key, float(diff.max()))
+        assert (diff > atol).float().mean() <= OUTLIERS, (key, int((diff > atol).sum()), diff.numel())
     assert any(t.abs().sum() > 0 for k, t in a.items() if "lora_B" in k)  # training moved B off zero
 
 

@@ -161,6 +161,13 @@ class _DecodeFn(torch.autograd.Function):
 
 def decode_features(features: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                     b2: torch.Tensor) -> dict[str, torch.Tensor]:
-    """OSGDecoder on plane means [N, M, C] in chunks: {"rgb": [N, M, O-1], "sigma": [N, M, 1]}."""
+    """OSGDecoder on plane means [N, M, C] in chunks: {"rgb": [N, M, O-1], "sigma": [N, M, 1]}.
+
+    Without grad mode the inputs are detached: `ctx.needs_input_grad` reads `requires_grad` even under no_grad,
+    and a render must not take the training path (its compiled softplus rounds differently) just because the
+    base weights it reads are trainable.
+    """
+    if not torch.is_grad_enabled():
+        features, w1, b1, w2, b2 = (t.detach() for t in (features, w1, b1, w2, b2))
     rgb, sigma = _DecodeFn.apply(features, w1, b1, w2, b2)
     return {"rgb": rgb, "sigma": sigma}
