@@ -253,6 +253,19 @@ def test_a_failed_demo_keeps_the_earlier_report(env, monkeypatch: pytest.MonkeyP
     assert _listing(out) == before
 
 
+def test_ctrl_c_while_the_demo_trains_says_to_run_it_again(env, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The demo takes no --resume: its interrupt message must not send the user to it."""
+    from my3dgen_cli.personalize import training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_gradients", interrupted)
+    result = CliRunner().invoke(app, ["demo", "--fast", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 130, result.output
+    assert "run `my3dgen demo` again" in result.output and "--resume" not in result.output
+
+
 def test_demo_with_your_own_base_and_photos(env, tmp_path: Path):
     """`--base NAME --photos DIR`: the path for real weights, run here on a local tiny base whose
     "person" photos come with a dataset.json (the last photo is held out)."""

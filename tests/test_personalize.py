@@ -7,6 +7,8 @@ latent as anchor) are the training photos. LPIPS uses a random backbone or is of
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from my3dgen_cli.lora import (
     extra_names,
     remove_adapters,
 )
+from my3dgen_cli.personalize import training
 from my3dgen_cli.personalize.pipeline import LossNets, PersonalizeConfig, Photos, describe_identity, personalize
 from my3dgen_cli.personalize.symmetry import lpips_distance, mirror_pair, mse_distance, symmetry_loss
 from my3dgen_cli.personalize.training import TrainingInterrupted, train_adapter
@@ -160,6 +163,34 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(person, tmp_path):
     with pytest.raises(ValueError, match="batch=2"):
         changed = PersonalizeConfig(steps=6, batch=1, sym=True, sym_every=2, checkpoint_every=2, seed=3)
         _train(person, changed, tmp_path / "b", resume=True)
+
+
+@pytest.mark.parametrize("where", ["gradients", "update"])
+def test_a_second_ctrl_c_mid_step_still_resumes_exactly(person, tmp_path, monkeypatch, where):
+    """Two Ctrl-Cs inside step 3: after its gradients (its batch and cameras already drawn), the checkpoint
+    rewinds the draws to the step's start; during its update, the update and the step count finish first."""
+    config = PersonalizeConfig(steps=6, batch=2, sym=True, sym_every=2, checkpoint_every=2, seed=3)
+    G_full, full = _train(person, config, tmp_path / "a")
+    real = getattr(training, f"_{where}")
+
+    def interrupted_twice(loop, step, *args):
+        if step != 2:
+            return real(loop, step, *args)
+        if where == "gradients":
+            out = real(loop, step, *args)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return out if where == "gradients" else real(loop, step, *args)
+
+    monkeypatch.setattr(training, f"_{where}", interrupted_twice)
+    with pytest.raises(TrainingInterrupted) as info:
+        _train(person, config, tmp_path / "b")
+    assert info.value.step == (2 if where == "gradients" else 3)
+    monkeypatch.setattr(training, f"_{where}", real)
+    G_resumed, resumed = _train(person, config, tmp_path / "b", resume=True)
+    assert resumed.log == full.log
+    for (name, a), b in zip(adapter_layers(G_full).items(), adapter_layers(G_resumed).values(), strict=True):
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B), name
 
 
 def test_personalize_writes_identity_folder_and_round_trips(person):

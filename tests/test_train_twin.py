@@ -124,7 +124,9 @@ def test_an_interrupted_run_stops_its_twin(person, monkeypatch, two_threads):
 
 def test_a_lost_twin_is_reported_to_the_caller():
     leaf = torch.zeros(3)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
     pair = twin.Twin(lambda task: ((leaf + task,), torch.ones(4)), [leaf], torch.zeros(4))
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == mask  # Ctrl-C was held only across the fork
     pair.submit(2.0)
     grads, totals = pair.result()
     assert torch.equal(grads[0], torch.full((3,), 2.0)) and torch.equal(totals, torch.ones(4))
@@ -133,3 +135,53 @@ def test_a_lost_twin_is_reported_to_the_caller():
     with pytest.raises(twin.TwinLost):
         pair.submit(1.0)
         pair.result()
+
+
+def test_with_more_threads_than_tasks_the_steps_run_on_threads(person, monkeypatch):
+    """4 torch threads and 2 tasks: each task gets 2 threads, which a forked twin cannot use (OpenMP hangs in a
+    forked child), so no twin is forked and the run is the run on threads, bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        shares, alive = [], []
+        real = training._run_task
+        monkeypatch.setattr(training, "_run_task", lambda loop, task: (shares.append(torch.get_num_threads()),
+                                                                         real(loop, task))[1])
+        run = _train(person, monkeypatch, True, steps=3, on_step=lambda step, r: alive.append(len(_twins_alive())))
+        threads = _train(person, monkeypatch, False, steps=3)
+    finally:
+        torch.set_num_threads(before)
+    assert alive == [0] * 3 and set(shares) == {2}
+    _assert_same_run(run, threads)
+
+
+def _report_available(queue) -> None:
+    queue.put(twin.available())
+
+
+def test_no_twin_is_forked_from_a_daemonic_process():
+    """A multiprocessing daemon (a Pool worker) may not have children: training there runs on threads."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    worker = context.Process(target=_report_available, args=(queue,), daemon=True)
+    worker.start()
+    assert queue.get(timeout=60) is False
+    worker.join()
+    assert twin.available()  # here, in a normal process
+
+
+def test_a_stopped_twin_is_given_up_and_killed(monkeypatch):
+    """A twin stopped by SIGSTOP (or a debugger) never replies: the wait gives it up and close() kills it, where
+    SIGTERM would stay pending until it resumed."""
+    monkeypatch.setattr(twin, "POLL_S", 0.05)
+    leaf = torch.zeros(3)
+    pair = twin.Twin(lambda task: ((leaf + task,), torch.ones(4)), [leaf], torch.zeros(4))
+    os.kill(pair.pid, signal.SIGSTOP)
+    try:
+        pair.submit(1.0)
+        with pytest.raises(twin.TwinLost, match="stopped"):
+            pair.result()
+        assert not pair._proc.is_alive() and pair._proc.exitcode == -signal.SIGKILL
+    finally:
+        if pair._proc.is_alive():
+            os.kill(pair.pid, signal.SIGKILL)

@@ -40,6 +40,12 @@ HELD_OUT = ((-60.0, 5.0), (55.0, -5.0))
 __all__ = ["SECTIONS", "DemoResult", "DemoSettings", "check_demo_identity", "demo_base", "run_demo"]
 
 
+class DemoInterrupted(My3DGenError):
+    """Ctrl-C in the demo's personalize stage."""
+
+    exit_code = 130
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     """Step counts of one demo run (`fast` for the test suite).
@@ -333,8 +339,15 @@ def _run(out_dir: Path, fast: bool, base: str | None, given: tuple[Any, Any] | N
         stand_in = "LPIPS (for the symmetry term)" if missing == ["arcface-ir-se50"] else "pixel distances"
         out.info(f"losses: {', '.join(missing)} not cached and the demo runs offline, so {stand_in} stand in; "
                  f"`my3dgen fetch {' '.join(missing)}` adds them")
-    ident = personalize(train, IDENTITY, config, base=base, device=device, nets=nets, force=True, offline=True,
-                        output=out, made_by=MADE_BY)
+    try:
+        ident = personalize(train, IDENTITY, config, base=base, device=device, nets=nets, force=True, offline=True,
+                            output=out, made_by=MADE_BY)
+    except My3DGenError as err:
+        if err.exit_code != 130:
+            raise
+        # personalize's own message says "--resume", which the demo does not take: it always starts over
+        raise DemoInterrupted("interrupted while personalizing the demo identity; run `my3dgen demo` again "
+                              "to start over") from None
     timer.done("personalize")
 
     # eval inverts every held-out view under the base and the new prior; the first one's inversion under the

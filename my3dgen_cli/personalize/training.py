@@ -120,14 +120,17 @@ def _sym_totals(weight: float, sym: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def _sigint_flag() -> Iterator[dict[str, bool]]:
-    """Turn the first Ctrl-C into a flag checked between steps (a second one interrupts at once)."""
-    flag = {"stop": False}
+    """Turn the first Ctrl-C into a flag checked between steps (a second one interrupts at once, except inside
+    `_held`, where it waits for the block's end)."""
+    flag = {"stop": False, "hold": False, "now": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if flag["stop"]:
+        if flag["stop"] and flag["hold"]:
+            flag["now"] = True
+        elif flag["stop"]:
             raise KeyboardInterrupt
         flag["stop"] = True
 
@@ -136,6 +139,19 @@ def _sigint_flag() -> Iterator[dict[str, bool]]:
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def _held(flag: dict[str, bool]) -> Iterator[None]:
+    """A block that a second Ctrl-C does not cut: the optimizer's update and the step count change together, so
+    the checkpoint an interrupt writes is a step boundary and --resume goes on exactly."""
+    flag["hold"] = True
+    try:
+        yield
+    finally:
+        flag["hold"] = False
+    if flag["now"]:
+        raise KeyboardInterrupt
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -207,13 +223,17 @@ def train_adapter(
     saved: list[Path] = []
     t0 = time.perf_counter()
     G.train()
-    step = start
+    step, step_start = start, None
     try:
         with _sigint_flag() as flag, activation_checkpointing(G, config.act_checkpointing):
             while step < config.steps:
-                record = _step(loop, step)
-                step += 1
-                log.append(record)
+                step_start = loop.rng.get_state()  # an interrupt before the update rewinds to here
+                work = _gradients(loop, step)
+                with _held(flag):
+                    record = _update(loop, step, *work)
+                    step += 1
+                    log.append(record)
+                    step_start = None
                 if (checkpoint_dir is not None and world.is_main and config.checkpoint_every
                         and step % config.checkpoint_every == 0):
                     saved.append(keep_checkpoint(checkpoint_dir, step, params, loop.opt, loop.rng, log, fingerprint,
@@ -225,6 +245,8 @@ def train_adapter(
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         path = None
+        if step_start is not None:  # mid-step: the batch and cameras it drew are drawn again on --resume
+            loop.rng.set_state(step_start)
         if checkpoint_dir is not None and world.is_main:
             path = keep_checkpoint(checkpoint_dir, step, params, loop.opt, loop.rng, log, fingerprint, loop.scaler)
         raise TrainingInterrupted(step, path) from None
@@ -353,20 +375,21 @@ def _run_task(loop: _Loop, task: tuple) -> tuple[tuple[torch.Tensor | None, ...]
 
 def _run_tasks(loop: _Loop, tasks: list[tuple]) -> list[tuple[tuple[torch.Tensor | None, ...], torch.Tensor]]:
     """The tasks at once, one core each, results in order: the first here and the others on the twin processes
-    (twin.py), or on threads (speed.run_parallel) where there are none. A twin lost on the way hands its task
-    back: it runs here, and later steps use threads."""
-    twins = _twins(loop)
+    (twin.py), or on threads (speed.run_parallel) where there are none or where each task gets more than one of
+    torch's threads (a twin runs on one). A twin lost on the way hands its task back: it runs here, and later steps
+    use threads."""
+    twins = _twins(loop) if torch.get_num_threads() // len(tasks) <= 1 else []
     if len(tasks) < 2 or len(twins) < len(tasks) - 1:
         return run_parallel([functools.partial(_run_task, loop, task) for task in tasks])
     sent: list[twin.Twin | None] = []
-    for each, task in zip(twins, tasks[1:], strict=False):
-        try:
-            each.submit(_portable(task))
-            sent.append(each)
-        except twin.TwinLost:
-            sent.append(None)
     results = []
-    with one_thread_each(len(tasks)):
+    with one_thread_each(len(tasks)):  # one thread here, as the twins have
+        for each, task in zip(twins, tasks[1:], strict=False):
+            try:
+                each.submit(_portable(task))
+                sent.append(each)
+            except twin.TwinLost:
+                sent.append(None)
         try:
             results.append(_run_task(loop, tasks[0]))
         except BaseException:
@@ -390,16 +413,17 @@ def _portable(task: tuple) -> tuple:
 
 def _twins(loop: _Loop) -> list[twin.Twin]:
     """The run's twin processes (workers - 1 of them), forked at first use; none off the CPU, under
-    torch.distributed, where fork is not available (twin.available) or after one was lost."""
+    torch.distributed, where fork is not available (twin.available), with more torch threads than twice the workers
+    (each task gets several: threads instead, see _run_tasks) or after one was lost."""
     if loop.twins is None:
         loop.twins = []
-        if (loop.workers > 1 and loop.photo.device.type == "cpu" and not loop.world.active
-                and twin.available()):
+        if (1 < loop.workers and torch.get_num_threads() < 2 * loop.workers and loop.photo.device.type == "cpu"
+                and not loop.world.active and twin.available()):
             totals = torch.zeros(4, device=loop.photo.device)
             try:
                 loop.twins = [twin.Twin(functools.partial(_run_task, loop), loop.params, totals)
                               for _ in range(loop.workers - 1)]
-            except (OSError, RuntimeError):  # no shared memory or no fork here: threads
+            except Exception:  # no shared memory, no fork or no children here: threads
                 _close_twins(loop)
     return loop.twins
 
@@ -411,8 +435,9 @@ def _close_twins(loop: _Loop) -> None:
     loop.twins = []
 
 
-def _step(loop: _Loop, step: int) -> dict[str, float]:
-    """One optimizer step (batch `step` of the run); its log record (loss, mse, lpips, sym on symmetry steps)."""
+def _gradients(loop: _Loop, step: int) -> tuple[torch.Tensor, bool]:
+    """The gradients of step `step` (its batch and symmetry cameras drawn from loop.rng) in the leaves' .grad;
+    (this rank's totals: loss, mse, lpips, sym; whether the step has a symmetry term)."""
     config, world, device = loop.config, loop.world, loop.photo.device
     n = loop.photo.shape[0]
     idx = torch.randperm(n, generator=loop.rng)[: min(config.batch, n)].to(device)
@@ -449,11 +474,17 @@ def _step(loop: _Loop, step: int) -> dict[str, float]:
         sym, sym_totals = _sym_term(loop, idx[:1], sym_cams)
         loop.scaler.scale(sym).backward()
         totals += sym_totals
+    return totals, sym_cams is not None
+
+
+def _update(loop: _Loop, step: int, totals: torch.Tensor, sym: bool) -> dict[str, float]:
+    """The optimizer step on the summed gradients; the step's log record (loss, mse, lpips, sym on symmetry steps)."""
+    world = loop.world
     sum_gradients(loop.params, world)  # summed scaled gradients: every rank sees the same inf/nan
     loop.scaler.step(loop.opt)  # fp16: unscale, skip the step on inf/nan; otherwise opt.step()
     loop.scaler.update()
     loss, mse_v, perc_v, sym_v = reduce_sum(totals, world).tolist()  # the step's one host sync
     record = {"step": step + 1, "loss": loss, "mse": mse_v, "lpips": perc_v}
-    if sym_cams is not None:
+    if sym:
         record["sym"] = sym_v
     return record
