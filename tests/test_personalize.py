@@ -193,6 +193,32 @@ def test_a_second_ctrl_c_mid_step_still_resumes_exactly(person, tmp_path, monkey
         assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B), name
 
 
+def test_a_ctrl_c_while_the_interrupt_checkpoint_is_written_keeps_it(person, tmp_path, monkeypatch):
+    """The first Ctrl-C stops after step 3; a second one lands as the checkpoint is written: it is still written."""
+    config = PersonalizeConfig(steps=6, batch=2, sym=True, sym_every=2, checkpoint_every=0, seed=3)
+    G_full, full = _train(person, config, tmp_path / "a")
+    real_update, real_keep = training._update, training.keep_checkpoint
+
+    def first(loop, step, *args):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_update(loop, step, *args)
+
+    def second(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_keep(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_update", first)
+    monkeypatch.setattr(training, "keep_checkpoint", second)
+    with pytest.raises(TrainingInterrupted) as info:
+        _train(person, config, tmp_path / "b")
+    assert info.value.step == 3 and info.value.path is not None and info.value.path.exists()
+    monkeypatch.setattr(training, "_update", real_update)
+    monkeypatch.setattr(training, "keep_checkpoint", real_keep)
+    G_resumed, resumed = _train(person, config, tmp_path / "b", resume=True)
+    assert resumed.resumed_from == 3 and resumed.log == full.log
+
+
 def test_personalize_writes_identity_folder_and_round_trips(person):
     from my3dgen_cli.losses.perceptual import build_lpips
 

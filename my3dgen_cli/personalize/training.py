@@ -224,35 +224,38 @@ def train_adapter(
     t0 = time.perf_counter()
     G.train()
     step, step_start = start, None
-    try:
-        with _sigint_flag() as flag, activation_checkpointing(G, config.act_checkpointing):
-            while step < config.steps:
-                step_start = loop.rng.get_state()  # an interrupt before the update rewinds to here
-                work = _gradients(loop, step)
-                with _held(flag):
-                    record = _update(loop, step, *work)
-                    step += 1
-                    log.append(record)
-                    step_start = None
-                if (checkpoint_dir is not None and world.is_main and config.checkpoint_every
-                        and step % config.checkpoint_every == 0):
-                    saved.append(keep_checkpoint(checkpoint_dir, step, params, loop.opt, loop.rng, log, fingerprint,
-                                                 loop.scaler))
-                fault_hook(step, world)
-                if on_step is not None:
-                    on_step(step, record)
-                if flag["stop"]:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        path = None
-        if step_start is not None:  # mid-step: the batch and cameras it drew are drawn again on --resume
-            loop.rng.set_state(step_start)
-        if checkpoint_dir is not None and world.is_main:
-            path = keep_checkpoint(checkpoint_dir, step, params, loop.opt, loop.rng, log, fingerprint, loop.scaler)
-        raise TrainingInterrupted(step, path) from None
-    finally:
-        _close_twins(loop)
-        G.eval()
+    with _sigint_flag() as flag:  # kept while the interrupt's checkpoint is written, below
+        try:
+            with activation_checkpointing(G, config.act_checkpointing):
+                while step < config.steps:
+                    step_start = loop.rng.get_state()  # an interrupt before the update rewinds to here
+                    work = _gradients(loop, step)
+                    with _held(flag):
+                        record = _update(loop, step, *work)
+                        step += 1
+                        log.append(record)
+                        step_start = None
+                    if (checkpoint_dir is not None and world.is_main and config.checkpoint_every
+                            and step % config.checkpoint_every == 0):
+                        saved.append(keep_checkpoint(checkpoint_dir, step, params, loop.opt, loop.rng, log,
+                                                     fingerprint, loop.scaler))
+                    fault_hook(step, world)
+                    if on_step is not None:
+                        on_step(step, record)
+                    if flag["stop"]:
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            flag["stop"] = flag["hold"] = True  # one more Ctrl-C must not cut the checkpoint that lets the run resume
+            path = None
+            if step_start is not None:  # mid-step: the batch and cameras it drew are drawn again on --resume
+                loop.rng.set_state(step_start)
+            if checkpoint_dir is not None and world.is_main:
+                path = keep_checkpoint(checkpoint_dir, step, params, loop.opt, loop.rng, log, fingerprint,
+                                       loop.scaler)
+            raise TrainingInterrupted(step, path) from None
+        finally:
+            _close_twins(loop)
+            G.eval()
     return TrainResult(step, log, n_params, time.perf_counter() - t0, start,
                        loop.distance.kind if config.sym else None, saved)
 
