@@ -86,6 +86,18 @@ app = typer.Typer(
 )
 
 
+def _ignore_further_interrupts() -> None:
+    """After an interrupt has been handled (its message printed, exit 130 to come), more Ctrl-Cs are ignored: one
+    landing in the interpreter's shutdown cut torch's exit handlers and aborted the process (exit 134) or killed it
+    by the signal, after the message had said what was kept."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread (an embedding caller): its signals are its own
+        pass
+
+
 def one_line_errors(fn: F) -> F:
     """Turn user-facing errors into one line on stderr and a non-zero exit code."""
 
@@ -152,7 +164,13 @@ def main() -> None:
     from my3dgen_cli.devices import cpu_thread_env
 
     cpu_thread_env()
-    sys.exit(app())
+    try:
+        code = app()
+    except SystemExit as done:
+        if done.code == 130:  # an interrupt, handled: its message is out
+            _ignore_further_interrupts()
+        raise
+    sys.exit(code)
 
 
 # Command modules register themselves on `app` when imported; they must not import torch at import.

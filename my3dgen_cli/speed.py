@@ -249,12 +249,26 @@ def run_parallel(tasks: Sequence[Callable[[], T]]) -> list[T]:
                 worker.start()
             results[0] = tasks[0]()
         finally:
-            for worker in workers:
-                worker.join()
+            _join_all(workers)
     for err in errors:
         if err is not None:
             raise err
     return results
+
+
+def _join_all(workers: Sequence[threading.Thread]) -> None:
+    """Wait for every worker, even through Ctrl-C (raised again once all have ended): a caller that went on while a
+    worker still ran torch ops could exit under it, and the process then aborted in torch's shutdown."""
+    interrupted = False
+    for worker in workers:
+        while True:
+            try:
+                worker.join()
+                break
+            except KeyboardInterrupt:
+                interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
