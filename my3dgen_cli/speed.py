@@ -233,6 +233,8 @@ def run_parallel(tasks: Sequence[Callable[[], T]]) -> list[T]:
     grad = torch.is_grad_enabled()
     amp = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
 
+    finished = [threading.Event() for _ in tasks]
+
     def run(i: int, context: contextvars.Context) -> None:
         torch.set_num_threads(each)
         try:
@@ -240,30 +242,36 @@ def run_parallel(tasks: Sequence[Callable[[], T]]) -> list[T]:
                 results[i] = context.run(tasks[i])
         except BaseException as err:  # re-raised on the calling thread
             errors[i] = err
+        finally:
+            finished[i].set()
 
     workers = [threading.Thread(target=run, args=(i, contextvars.copy_context()), daemon=True)
                for i in range(1, len(tasks))]
+    started: list[threading.Event] = []
     with one_thread_each(len(tasks)):
         try:
-            for worker in workers:
+            for i, worker in enumerate(workers, start=1):
                 worker.start()
+                started.append(finished[i])
             results[0] = tasks[0]()
         finally:
-            _join_all(workers)
+            _wait_all(started)
     for err in errors:
         if err is not None:
             raise err
     return results
 
 
-def _join_all(workers: Sequence[threading.Thread]) -> None:
-    """Wait for every worker, even through Ctrl-C (raised again once all have ended): a caller that went on while a
-    worker still ran torch ops could exit under it, and the process then aborted in torch's shutdown."""
+def _wait_all(finished: Sequence[threading.Event]) -> None:
+    """Wait until every started worker has finished its task, even through Ctrl-C (raised again after): a caller
+    that went on while a worker still ran torch ops could exit under it, and the process then aborted at exit
+    (`terminate called without an active exception`). Events, not Thread.join: in Python 3.11 a join cut by
+    Ctrl-C marks the thread stopped while it still runs, so a second join returns at once."""
     interrupted = False
-    for worker in workers:
+    for event in finished:
         while True:
             try:
-                worker.join()
+                event.wait()
                 break
             except KeyboardInterrupt:
                 interrupted = True

@@ -82,6 +82,33 @@ def test_run_parallel_keeps_order_context_and_errors() -> None:
     assert torch.get_num_threads() == threads
 
 
+def test_a_ctrl_c_in_run_parallel_waits_for_its_workers() -> None:
+    """Ctrl-C while the calling thread waits: it is raised only after the worker's task has ended, or the process
+    could exit under a worker running torch ops (it aborted). A cut Thread.join (Python 3.11) returned at once."""
+    import signal
+    import threading
+    import time
+
+    from my3dgen_cli.speed import run_parallel
+
+    ended = threading.Event()
+
+    def worker_task() -> None:
+        time.sleep(0.6)
+        ended.set()
+
+    timer = threading.Timer(0.2, os.kill, args=(os.getpid(), signal.SIGINT))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            run_parallel([lambda: None, worker_task])
+        assert ended.is_set()
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_run_parallel_carries_grad_mode_and_autocast() -> None:
     """torch keeps grad mode and autocast per thread: every task runs in the caller's, not a new thread's."""
     import torch
