@@ -13,6 +13,7 @@ missing argument) are one line too (`OneLineUsageGroup`, exit code 2). Shell com
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -86,18 +87,6 @@ app = typer.Typer(
 )
 
 
-def _ignore_further_interrupts() -> None:
-    """After an interrupt has been handled (its message printed, exit 130 to come), more Ctrl-Cs are ignored: one
-    landing in the interpreter's shutdown cut torch's exit handlers and aborted the process (exit 134) or killed it
-    by the signal, after the message had said what was kept."""
-    import signal
-
-    try:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread (an embedding caller): its signals are its own
-        pass
-
-
 def one_line_errors(fn: F) -> F:
     """Turn user-facing errors into one line on stderr and a non-zero exit code."""
 
@@ -167,8 +156,8 @@ def main() -> None:
     try:
         code = app()
     except SystemExit as done:
-        if done.code == 130:  # an interrupt, handled: its message is out
-            _ignore_further_interrupts()
+        if done.code == 130:  # an interrupt, handled and reported: one more Ctrl-C would kill the exiting process
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # by the signal (status -2, not 130)
         raise
     sys.exit(code)
 

@@ -416,12 +416,12 @@ def _portable(task: tuple) -> tuple:
 
 def _twins(loop: _Loop) -> list[twin.Twin]:
     """The run's twin processes (workers - 1 of them), forked at first use; none off the CPU, under
-    torch.distributed, where fork is not available (twin.available), with more torch threads than twice the workers
-    (each task gets several: threads instead, see _run_tasks) or after one was lost."""
+    torch.distributed, where fork is not available (twin.available) or after one was lost. (_run_tasks asks only
+    when each task gets one thread.)"""
     if loop.twins is None:
         loop.twins = []
-        if (1 < loop.workers and torch.get_num_threads() < 2 * loop.workers and loop.photo.device.type == "cpu"
-                and not loop.world.active and twin.available()):
+        if (loop.workers > 1 and loop.photo.device.type == "cpu" and not loop.world.active
+                and twin.available()):
             totals = torch.zeros(4, device=loop.photo.device)
             try:
                 loop.twins = [twin.Twin(functools.partial(_run_task, loop), loop.params, totals)
