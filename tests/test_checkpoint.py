@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import random
 import subprocess
 from pathlib import Path
 
@@ -297,7 +298,7 @@ def test_unknown_class_is_refused(tmp_path: Path) -> None:
     [
         (b"", "is empty"),
         (b"hello, I am not a pickle\n", "not a readable pickle"),
-        (os.urandom(64), "not a readable pickle|ends early"),
+        (random.Random(64).randbytes(64), "not a readable pickle|ends early"),
         (b"PK\x03\x04" + bytes(60), "zip archive"),
         (pickle.dumps({"G": 1, "D": 2}), "has no 'G_ema' network \\(keys: D, G\\)"),
         (pickle.dumps([1, 2, 3]), "got a pickled list"),

@@ -48,7 +48,8 @@ def pickles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         "good": good,
         "empty": b"",
         "truncated": good[: len(good) // 2],
-        "not a pickle": os.urandom(4096),
+        # what a proxy or a moved link serves instead of the file (random bytes can be a valid prefix)
+        "not a pickle": b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>\n" * 64,
         "another network": write_discriminator_pkl(folder / "d.pkl").read_bytes(),
         "another config": other_config,
         "unsafe": unsafe,

@@ -17,6 +17,8 @@ from my3dgen_cli.errors import UserInputError
 
 # Slack over the file size, for small pickles whose records legitimately build a few small objects.
 _BUDGET_SLACK = 1 << 20
+# Largest single read from a stream of unknown size (a record longer than this is read in pieces).
+_CHUNK = 16 << 20
 
 
 class AllocationBudget:
@@ -76,9 +78,24 @@ class CappedReader:
             self._left -= count
 
     def read(self, n: int = -1) -> bytes:
+        if self._left is None and n > _CHUNK:  # a stream of unknown size: what is there, not what is asked
+            return self._read_chunks(n)
         data = self._file.read(self._cap(n))
         self._took(len(data))
         return data
+
+    def _read_chunks(self, n: int) -> bytes:
+        """`n` bytes of a decompressing stream, a chunk at a time: its `read(n)` would allocate all n
+        first, and a record's declared length is whatever the file says."""
+        chunks = []
+        while n > 0:
+            chunk = self._file.read(min(n, _CHUNK))
+            if not chunk:
+                break
+            self._took(len(chunk))
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
 
     def readline(self, limit: int = -1) -> bytes:
         data = self._file.readline(self._cap(limit))

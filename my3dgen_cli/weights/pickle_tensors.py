@@ -18,6 +18,7 @@ import torch
 
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
 from my3dgen_cli.weights.pickle_budget import charge
+from my3dgen_cli.weights.pickle_opcodes import BoundedUnpickler
 from my3dgen_cli.weights.pickle_records import ForeignObject, _int_tuple, _one_line
 
 
@@ -54,7 +55,7 @@ def _load_from_bytes(data: Any) -> _Storage:
     raise UserInputError(f"a storage record holds {type(storage).__name__}, expected a tensor storage")
 
 
-class _StorageHeader(pickle.Unpickler):
+class _StorageHeader(BoundedUnpickler):
     """Reads only the persistent ids of a legacy `torch.save` stream, to learn the storage sizes it
     declares before torch allocates them; every global is a plain name, nothing is built."""
 

@@ -17,7 +17,8 @@ stand-in written here:
 
 Every allocation a stand-in makes (a `bytearray(n)`, a storage, a numpy array, a tensor view) is
 charged to a budget of the bytes actually read from the file (`pickle_budget`), and reads are capped
-at the bytes left in it: a 32-byte pickle cannot ask for gigabytes.
+at the bytes left in it: a 32-byte pickle cannot ask for gigabytes. The opcode loop is Python's
+reference unpickler (`pickle_opcodes`), whose records never allocate before their bytes are read.
 
 Anything else (`posix.system`, `builtins.eval`, `subprocess.Popen`, any other class) raises
 `UnsafeCheckpointError` naming the global at the moment the unpickler meets it. Everything that ran
@@ -29,6 +30,7 @@ from __future__ import annotations
 import collections
 import pickle
 import re
+import struct
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -36,6 +38,7 @@ import torch
 
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
 from my3dgen_cli.weights.pickle_budget import bounded_reader
+from my3dgen_cli.weights.pickle_opcodes import BoundedUnpickler
 from my3dgen_cli.weights.pickle_records import EasyDictRecord, ForeignObject, PersistentObject, _one_line
 from my3dgen_cli.weights.pickle_tensors import (
     _bytearray,
@@ -164,8 +167,8 @@ def resolve_global(module: str, name: str) -> Any:
     )
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """`pickle.Unpickler` whose globals come only from the allow-list above."""
+class RestrictedUnpickler(BoundedUnpickler):
+    """The reference unpickler (`pickle_opcodes`) whose globals come only from the allow-list above."""
 
     def find_class(self, module: str, name: str) -> Any:
         return resolve_global(module, name)
@@ -200,6 +203,7 @@ def _unpickle(reader: Any) -> Any:
     except (
         ValueError,
         TypeError,
+        struct.error,
         AttributeError,
         IndexError,
         KeyError,
