@@ -464,6 +464,13 @@ def test_record_longer_than_the_file_is_a_truncated_file_and_prints_nothing(
     assert capfd.readouterr().err == ""
 
 
+@pytest.mark.parametrize("data", [b"cposix\nsys", b"c", b"I12", b"(I1\nI2\nl"])
+def test_protocol_0_line_cut_off_is_a_truncated_file(data: bytes) -> None:
+    """A global's name cut off by the end of the file is not refused as another global (`posix.sys`)."""
+    with pytest.raises(UserInputError, match="ends early"):
+        safe_load(io.BytesIO(data))
+
+
 def test_unknown_opcode_is_not_a_readable_pickle() -> None:
     for data in (b"<!DOCTYPE html><html>", b"\x80\x04\xff."):
         with pytest.raises(UserInputError, match="not a readable pickle .*invalid load key"):

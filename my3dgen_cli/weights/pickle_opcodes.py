@@ -6,9 +6,10 @@ an exabyte. That ends in a `MemoryError`, and for `BYTEARRAY8` on Python 3.11 al
 `SystemError: deallocated bytearray object has exported buffers` printed to stderr (the failed
 bytearray is freed with an unset export count). Python's pure-Python unpickler (`pickle._Unpickler`,
 the reference implementation the C one mirrors) reads every record through `read(n)` and keeps its memo
-in a dict; here every `read(n)` must return exactly n bytes from a reader that never asks for more
-than the file holds, and `BYTEARRAY8` is read before it is built. Loading an official pickle takes the
-same time either way: torch's storage loads dominate (measured on ../shared/eg3d_snapshot).
+in a dict; here every `read(n)` must return exactly n bytes (and every line end in a newline) from a
+reader that never asks for more than the file holds, and `BYTEARRAY8` is read before it is built.
+Loading an official pickle takes the same time either way: torch's storage loads dominate (measured on
+../shared/eg3d_snapshot).
 """
 
 from __future__ import annotations
@@ -36,11 +37,20 @@ class BoundedUnpickler(pickle._Unpickler):  # noqa: SLF001 - the reference unpic
     def __init__(self, file: Any) -> None:
         super().__init__(file)
         self._source_read = file.read
+        self._source_readline = file.readline
         self._file_read = self._read_exactly
+        self._file_readline = self._read_line
 
     def _read_exactly(self, n: int) -> bytes:
         data = self._source_read(n)
         if len(data) != n:
+            raise pickle.UnpicklingError("pickle data was truncated")
+        return data
+
+    def _read_line(self) -> bytes:
+        """A protocol-0 argument; one cut off by the end of the file is a truncated file (as in C)."""
+        data = self._source_readline()
+        if not data.endswith(b"\n"):
             raise pickle.UnpicklingError("pickle data was truncated")
         return data
 
