@@ -234,6 +234,24 @@ def test_plain_eg3d_pickle_and_garbage_are_one_line(shared_dir, isolated_home, t
     assert "junk.pkl.xz" in _refused(["identities", "import", str(junk), "--name", "ana"], isolated_home)
 
 
+@pytest.mark.parametrize("record", ["bytes", "line"])
+def test_xz_bomb_is_refused_before_it_fills_the_memory(isolated_home, tmp_path, record: str) -> None:
+    """64 MiB of zeros as one bytes record (or one protocol-0 line) xz-compress to ~10 KB: refused at
+    64x the file's size, with the memory it took bounded by that, not by what the record declares."""
+    import lzma
+
+    size = 64 << 20
+    if record == "bytes":
+        data = b"\x80\x04\x8e" + size.to_bytes(8, "little") + bytes(size) + b"."
+    else:
+        data = b"S'" + b"a" * size + b"'\n."
+    bomb = tmp_path / "network-snapshot-000000.pkl.xz"
+    bomb.write_bytes(lzma.compress(data))
+    assert bomb.stat().st_size * 64 < size
+    message = _refused(["identities", "import", str(bomb), "--name", "ana"], isolated_home)
+    assert "decompression bomb" in message and bomb.name in message
+
+
 def test_name_clashes_are_refused_before_the_snapshot_is_read_or_a_bar_shown(isolated_home, tmp_path, monkeypatch):
     """An existing NAME-base (or identity) is refused in one line before the progress bar opens and before the
     (possibly large) snapshot is read: here the file is garbage, and the clash is what is reported."""

@@ -47,6 +47,9 @@ LAYER_WRAPPERS = ("SynthesisLayerWrapper", "ToRGBLayerWrapper", "FullyConnectedL
 FACTORS = ("lora_A", "lora_B")
 DROPPED = ("dataset_label_std",)  # registered by the training loop, never read by the generator
 _XZ_MAGIC = b"\xfd7zXZ\x00"
+# Trained weights are close to incompressible (../shared's snapshot: 2.2x); a file decompressing to
+# more than this many times its size is refused before it fills the memory.
+_XZ_MAX_RATIO = 64
 _NETWORK = "G_ema"
 
 
@@ -102,7 +105,7 @@ def read_snapshot_record(path: str | Path) -> Any:
         compressed = raw.read(len(_XZ_MAGIC)) == _XZ_MAGIC
     try:
         with (lzma.open(path) if compressed else path.open("rb")) as f:
-            data = safe_load(f)
+            data = safe_load(f, stream_limit=_XZ_MAX_RATIO * path.stat().st_size)
     except UnsafeCheckpointError as err:
         raise UnsafeCheckpointError(f"{path}: {err}") from None
     except UserInputError as err:

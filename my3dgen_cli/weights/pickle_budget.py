@@ -60,9 +60,12 @@ class CappedReader:
     unpickler request a buffer of the declared length before it finds the file is shorter.
     """
 
-    def __init__(self, file: BinaryIO, size: int | None) -> None:
+    def __init__(self, file: BinaryIO, size: int | None, stream_limit: int | None = None) -> None:
         self._file = file
         self._left = size
+        # A stream of unknown size (decompressing) may yield at most this many bytes: an xz bomb of
+        # zeros would otherwise fill the memory before a record of it could be judged.
+        self._stream_limit = stream_limit if size is None else None
         self._consumed = 0
         self.seen = 0  # bytes read or peeked at: what the budget allows
 
@@ -76,6 +79,11 @@ class CappedReader:
         self.seen = max(self.seen, self._consumed)
         if self._left is not None:
             self._left -= count
+        if self._stream_limit is not None and self._consumed > self._stream_limit:
+            raise UserInputError(
+                f"it decompresses to more than {self._stream_limit:,} bytes, far more than any network "
+                "snapshot of its compressed size (a decompression bomb?)"
+            )
 
     def read(self, n: int = -1) -> bytes:
         if self._left is None and n > _CHUNK:  # a stream of unknown size: what is there, not what is asked
@@ -98,6 +106,8 @@ class CappedReader:
         return b"".join(chunks)
 
     def readline(self, limit: int = -1) -> bytes:
+        if self._stream_limit is not None and limit < 0:  # one line may not outgrow the limit either
+            limit = self._stream_limit - self._consumed + 1
         data = self._file.readline(self._cap(limit))
         self._took(len(data))
         return data
@@ -130,9 +140,12 @@ def file_size(file: BinaryIO) -> int | None:
 
 
 @contextmanager
-def bounded_reader(file: BinaryIO) -> Iterator[CappedReader]:
-    """`file` as a `CappedReader`, with the budget every `charge` inside the block draws on."""
-    reader = CappedReader(file, file_size(file))
+def bounded_reader(file: BinaryIO, stream_limit: int | None = None) -> Iterator[CappedReader]:
+    """`file` as a `CappedReader`, with the budget every `charge` inside the block draws on.
+
+    `stream_limit`: the most bytes a stream of unknown size (a decompressing one) may yield.
+    """
+    reader = CappedReader(file, file_size(file), stream_limit)
     token = _BUDGET.set(AllocationBudget(reader))
     try:
         yield reader

@@ -177,12 +177,13 @@ class RestrictedUnpickler(BoundedUnpickler):
         raise UserInputError("the pickle uses persistent ids (a torch.save file?), expected a network pickle")
 
 
-def safe_load(file: BinaryIO) -> Any:
+def safe_load(file: BinaryIO, *, stream_limit: int | None = None) -> Any:
     """Unpickle `file` with `RestrictedUnpickler`; a malformed stream raises `UserInputError`.
 
-    Every allocation is bounded by the bytes read from `file` (`pickle_budget`).
+    Every allocation is bounded by the bytes read from `file` (`pickle_budget`); a decompressing
+    `file` may yield at most `stream_limit` bytes.
     """
-    with bounded_reader(file) as reader:
+    with bounded_reader(file, stream_limit) as reader:
         return _unpickle(reader)
 
 
