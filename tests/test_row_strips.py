@@ -170,6 +170,34 @@ def test_stochastic_rays_are_not_grouped_so_their_draws_are_unchanged(monkeypatc
     assert torch.equal(before["image"], after["image"])
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_two_blocks_by_bands_in_nhwc_feed_every_conv_nhwc(batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In NHWC every convolution of the pair reads its activations as they are: none is copied from NCHW
+    first (the rows kept between bands were concatenated into NCHW, and copied back for every band)."""
+    torch.manual_seed(4)
+    first = SynthesisBlock(5, 6, 16, 128, 3, conv_clamp=256, up=True).eval()
+    second = SynthesisBlock(6, 4, 16, 256, 3, conv_clamp=256).eval()
+    g = torch.Generator().manual_seed(1)
+    # the layout a fused conv gives (NHWC of the grouped [1, N*C, H, W]), which the first block's conv reads
+    x = ops.nhwc(torch.randn(1, batch * 5, 64, 64, generator=g), True).view(batch, 5, 64, 64)
+    img, ws = torch.randn(batch, 3, 64, 64, generator=g), torch.randn(batch, 3, 16, generator=g)
+    monkeypatch.setattr(row_strips, "MIN_RESOLUTION", 64)
+    monkeypatch.setattr(row_strips, "BAND_BYTES", 1)
+    monkeypatch.setattr(row_strips, "MIN_BAND_ROWS", 30)
+    laid_out, copied = ops.nhwc, []
+
+    def nhwc(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        out = laid_out(t, channels_last)
+        if t.shape[-1] >= 64 and out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
+            copied.append(tuple(t.shape))  # an activation (not a 3x3 weight or a 4x4 blur kernel) copied
+        return out
+
+    monkeypatch.setattr(ops, "nhwc", nhwc)
+    with torch.no_grad():
+        row_strips.pair_image(first, second, x, img, ws, ws, channels_last=True)
+    assert copied == [], copied
+
+
 def test_planes_made_in_the_sampled_layout_are_not_copied_again() -> None:
     """synthesis stores its tri-planes in the render's gather layout: the render then samples them as they are
     (a copy would live beside them through the render: 25 MiB at full size)."""

@@ -160,18 +160,37 @@ def pair_image(first: torch.nn.Module, second: torch.nn.Module, x: torch.Tensor,
             fresh = one.rows(x, max(k1, b0), b1)
             image_one[:, :, max(k1, b0) : b1] += one.rgb(fresh)
             reuse = kept[:, :, b0 - k0 :] if kept is not None and b0 < k1 else None
-            kept = fresh if reuse is None else torch.cat([reuse, fresh], dim=2)
+            kept = fresh if reuse is None else _cat_rows(reuse, fresh, channels_last)
             k0, k1 = (b0 if reuse is not None else max(k1, b0)), b1
         h = two.rows(kept[:, :, b0 - k0 : b1 - k0], lo, hi, x_row0=b0)
         rgb_two[:, :, lo:hi] = two.rgb(h)
     return two.skip(image_one, x) + rgb_two
 
 
+def _cat_rows(top: torch.Tensor, bottom: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """torch.cat([top, bottom], dim=2), in the fused conv's layout when NHWC. torch.cat gives NCHW for the fused
+    conv's NHWC (a batch stride below C*H*W, see `ops.nhwc`), and the next conv then copied it back: two
+    transposing copies of the kept rows per band (docs/benchmarks.md)."""
+    if not channels_last:
+        return torch.cat([top, bottom], dim=2)
+    h = top.shape[2]
+    rows = _empty_like(top, h + bottom.shape[2], top.shape[3], channels_last)
+    rows[:, :, :h] = top
+    rows[:, :, h:] = bottom
+    return rows
+
+
 def _whole_like(band: torch.Tensor, resolution: int, channels_last: bool) -> torch.Tensor:
     """An empty [N, C, R, R] for a band's rows, in the fused conv's own output layout (NHWC of [1, N*C, R, R])."""
+    return _empty_like(band, resolution, resolution, channels_last)
+
+
+def _empty_like(band: torch.Tensor, height: int, width: int, channels_last: bool) -> torch.Tensor:
+    """An empty [N, C, height, width] in the fused conv's own layout: NHWC of [1, N*C, height, width] (what the
+    next fused conv's reshape reads without a copy), or NCHW."""
     n, c = band.shape[:2]
     if not channels_last:
-        return band.new_empty(n, c, resolution, resolution)
-    grouped = torch.empty([1, n * c, resolution, resolution], dtype=band.dtype, device=band.device,
+        return band.new_empty(n, c, height, width)
+    grouped = torch.empty([1, n * c, height, width], dtype=band.dtype, device=band.device,
                           memory_format=torch.channels_last)
-    return grouped.view(n, c, resolution, resolution)
+    return grouped.view(n, c, height, width)
