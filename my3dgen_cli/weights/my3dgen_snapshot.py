@@ -157,32 +157,44 @@ def _tables(state: dict[str, Any], where: str) -> tuple[list[tuple[str, Any]], l
             raise UserInputError(f"module '{where or '<root>'}' has a malformed {key}")
         tables[key] = table
     skip = state.get("_non_persistent_buffers_set") or set()
+    if not isinstance(skip, (set, frozenset, list, tuple)) or not all(isinstance(n, str) for n in skip):
+        raise UserInputError(f"module '{where or '<root>'}' has a malformed buffer set")
+    skip = set(skip)  # a list's `in` would take time quadratic in the file
     tensors = [*tables["_parameters"].items(), *((n, v) for n, v in tables["_buffers"].items() if n not in skip)]
     children = [(n, c) for n, c in tables["_modules"].items() if c is not None]
     return [(n, v) for n, v in tensors if v is not None], children
 
 
-def _walk(obj: Any, snap_prefix: str, plain_prefix: str, snap: Snapshot) -> None:
-    """Depth first through the live tree; a wrapper's wrapped module keeps the wrapper's plain path."""
-    where = snap_prefix.rstrip(".")
-    state = _state(obj, where)
-    cls = _class_name(obj)
-    tensors, children = _tables(state, where)
-    for name, value in tensors:
-        snap_name = snap_prefix + name
-        if not isinstance(value, torch.Tensor):
-            raise UserInputError(f"{snap_name} is a {type(value).__name__}, expected a tensor")
-        if name in FACTORS and cls in LAYER_WRAPPERS:
-            layer = plain_prefix.rstrip(".")
-            snap.factors.setdefault(layer, {})[name] = LiveTensor(snap_name, value.detach())
-            snap.wrappers[layer] = {k: state.get(k) for k in ("r", "lora_alpha", "scaling", "merged")}
-            continue
-        if cls in WRAPPERS:
-            _unknown(snap_name, value, f"a {cls} holds only lora_A and lora_B")
-        snap.tensors[plain_prefix + name] = LiveTensor(snap_name, value.detach())
-    for name, child in children:
-        wrapped = WRAPPERS.get(cls) == name
-        _walk(child, f"{snap_prefix}{name}.", plain_prefix if wrapped else f"{plain_prefix}{name}.", snap)
+def _walk(root: Any, snap_prefix: str, plain_prefix: str, snap: Snapshot) -> None:
+    """Depth first through the live tree; a wrapper's wrapped module keeps the wrapper's plain path.
+
+    With a stack of its own, not recursion: a file's module chain may be thousands deep."""
+    stack = [(root, snap_prefix, plain_prefix)]
+    seen: set[int] = set()
+    while stack:
+        obj, snap_prefix, plain_prefix = stack.pop()
+        where = snap_prefix.rstrip(".")
+        if id(obj) in seen:
+            raise UserInputError(f"module '{where}' appears twice in the module tree")
+        seen.add(id(obj))
+        state = _state(obj, where)
+        cls = _class_name(obj)
+        tensors, children = _tables(state, where)
+        for name, value in tensors:
+            snap_name = snap_prefix + name
+            if not isinstance(value, torch.Tensor):
+                raise UserInputError(f"{snap_name} is a {type(value).__name__}, expected a tensor")
+            if name in FACTORS and cls in LAYER_WRAPPERS:
+                layer = plain_prefix.rstrip(".")
+                snap.factors.setdefault(layer, {})[name] = LiveTensor(snap_name, value.detach())
+                snap.wrappers[layer] = {k: state.get(k) for k in ("r", "lora_alpha", "scaling", "merged")}
+                continue
+            if cls in WRAPPERS:
+                _unknown(snap_name, value, f"a {cls} holds only lora_A and lora_B")
+            snap.tensors[plain_prefix + name] = LiveTensor(snap_name, value.detach())
+        for name, child in reversed(children):  # popped in the tree's own order
+            wrapped = WRAPPERS.get(cls) == name
+            stack.append((child, f"{snap_prefix}{name}.", plain_prefix if wrapped else f"{plain_prefix}{name}."))
 
 
 def _unknown(snap_name: str, value: torch.Tensor, why: str) -> None:

@@ -168,8 +168,9 @@ def _flatten(root: Any) -> dict[str, torch.Tensor]:
         seen.add(id(obj))
         state = _module_state(obj, prefix.rstrip("."))
         skip = state.get("_non_persistent_buffers_set") or set()
-        if not isinstance(skip, (set, frozenset, list, tuple)):
+        if not isinstance(skip, (set, frozenset, list, tuple)) or not all(isinstance(n, str) for n in skip):
             raise UserInputError(f"module '{prefix.rstrip('.') or '<root>'}' has a malformed buffer set")
+        skip = set(skip)  # a list's `in` would take time quadratic in the file
         buffers = [(n, v) for n, v in _items(state, "_buffers", prefix) if n not in skip]
         for name, value in [*_items(state, "_parameters", prefix), *buffers]:
             if value is None:

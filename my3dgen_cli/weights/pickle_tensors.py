@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import re
 import warnings
 from typing import Any, BinaryIO
 
@@ -58,6 +59,8 @@ def _load_from_bytes(data: Any) -> _Storage:
 class _StorageHeader(BoundedUnpickler):
     """Reads only the persistent ids of a legacy `torch.save` stream, to learn the storage sizes it
     declares before torch allocates them; every global is a plain name, nothing is built."""
+
+    max_int_bits = 80  # torch.save's legacy magic number is 0x1950a86a20f9469cfc6c
 
     def __init__(self, file: BinaryIO) -> None:
         super().__init__(file)
@@ -158,22 +161,72 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> to
     return func(*args)
 
 
+# numpy dtypes a record may name: booleans and numbers, as `np.dtype(spec)` pickles them ("f8", "i4", "b1").
+_DTYPE_SPEC = re.compile(r"[<>|=]?[biufc][0-9]{0,2}")
+_DTYPE_KINDS = "biufc"
+
+
+def _plain_dtype(dtype: Any, what: str) -> np.dtype:
+    """`dtype` if it is a plain number type (no fields, subarray or objects: numpy trusts a structured
+    dtype's field offsets, and an object field is a pointer), else `UnsafeCheckpointError`."""
+    if (not isinstance(dtype, np.dtype) or dtype.kind not in _DTYPE_KINDS or dtype.fields is not None
+            or dtype.subdtype is not None or dtype.hasobject):
+        raise UnsafeCheckpointError(f"{what} asks for numpy dtype {dtype!s:.40}, expected a number type")
+    return dtype
+
+
+def _numpy_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
+    """`numpy.dtype(spec, align, copy)` for a number type's name only, always a new object (never numpy's own
+    float32, whose byte order a BUILD would then change for the whole process)."""
+    if not isinstance(spec, str) or not _DTYPE_SPEC.fullmatch(spec):
+        raise UnsafeCheckpointError(f"a numpy dtype record asks for {spec!r:.40}, expected a number type")
+    return _plain_dtype(np.dtype(spec, copy=True), "a numpy dtype record")  # a copy: BUILD may set its byte order
+
+
+def build_dtype(dtype: np.dtype, state: Any) -> None:
+    """BUILD on a dtype: only the byte order of a number type, from the state numpy pickles,
+    (3, byteorder, None, None, None, -1, -1, 0); numpy would take fields, offsets and flags from it."""
+    _plain_dtype(dtype, "a numpy dtype's state")
+    if (not isinstance(state, tuple) or len(state) != 8 or state[0] not in (3, 4) or state[1] not in "<>|="
+            or len(state[1]) != 1 or state[2:5] != (None, None, None) or state[5:] != (-1, -1, 0)):
+        raise UnsafeCheckpointError("a numpy dtype's state asks for more than a byte order")
+    dtype.__setstate__((3, state[1], None, None, None, -1, -1, 0))
+
+
+def build_ndarray(array: np.ndarray, state: Any) -> None:
+    """BUILD on an array: (1, shape, dtype, fortran, bytes) of a plain dtype, the bytes exactly its size."""
+    if not isinstance(state, tuple) or len(state) != 5 or state[0] != 1:
+        raise UserInputError("a numpy array's state is malformed: expected (1, shape, dtype, fortran, data)")
+    _, shape, dtype, fortran, data = state
+    _plain_dtype(dtype, "a numpy array's state")
+    if not _int_tuple(shape) or any(d < 0 for d in shape) or not isinstance(fortran, bool):
+        raise UserInputError(f"a numpy array's state has shape {shape!r:.60}, expected non-negative ints")
+    if not isinstance(data, bytes) or len(data) != math.prod(shape) * dtype.itemsize:
+        raise UserInputError("a numpy array's data is not the size its shape and dtype say")
+    array.__setstate__((1, tuple(shape), dtype, fortran, data))
+
+
 def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
-        raise UnsafeCheckpointError("a numpy scalar record is not a plain number (object dtype or no bytes)")
+    dtype = _plain_dtype(dtype, "a numpy scalar record")
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+        raise UserInputError("a numpy scalar record does not hold its number's bytes")
     return np.frombuffer(bytes(data), dtype=dtype, count=1)[0].copy()
 
 
 def _numpy_array(shape: Any, dtype: Any, *args: Any) -> np.ndarray:
     """A fresh numpy array of `shape`, charged to the budget before numpy allocates it."""
-    dtype = np.dtype(dtype)
-    if dtype.hasobject:
-        raise UnsafeCheckpointError("a numpy array record asks for object dtype")
+    if args:
+        raise UnsafeCheckpointError("a numpy array record asks for a buffer, offset or strides")
+    if dtype is float:  # np.ndarray's default
+        dtype = np.dtype(np.float64)
+    if isinstance(dtype, bytes):  # numpy's _reconstruct is pickled with the placeholder b"b"
+        dtype = dtype.decode("latin-1")
+    dtype = _numpy_dtype(dtype) if isinstance(dtype, str) else _plain_dtype(dtype, "a numpy array record")
     dims = (shape,) if isinstance(shape, int) else shape
     if not _int_tuple(dims) or any(d < 0 for d in dims):
         raise UserInputError(f"a numpy array record has shape {shape!r}, expected non-negative ints")
     charge(math.prod(dims) * dtype.itemsize, "a numpy array")
-    return np.ndarray.__new__(np.ndarray, tuple(dims), dtype, *args)
+    return np.ndarray.__new__(np.ndarray, tuple(dims), dtype)
 
 
 class _NdarrayType:
@@ -192,7 +245,14 @@ def _numpy_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
 
 
 def _bytearray(source: Any = b"", *args: Any) -> bytearray:
-    """`bytearray(...)`; a length (`bytearray(n)`) is charged to the budget before it is allocated."""
-    if isinstance(source, int) and not isinstance(source, bool):
+    """`bytearray(...)` as pickle writes it: of bytes, of a latin-1 string (protocols 0-2), or a length,
+    charged to the budget before it is allocated. No other codec: each is code (an import, and some,
+    like punycode, take quadratic time)."""
+    if isinstance(source, int) and not isinstance(source, bool) and not args:
         charge(source, "bytearray")
-    return bytearray(source, *args)
+        return bytearray(source)
+    if isinstance(source, bytes) and not args:
+        return bytearray(source)
+    if isinstance(source, str) and args in (("latin-1",), ("latin1",)):
+        return bytearray(source, "latin-1")
+    raise UnsafeCheckpointError("a bytearray record asks for more than bytes, a latin-1 string or a length")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import collections
 import pickle
 import re
-import struct
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -38,12 +37,13 @@ import torch
 
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
 from my3dgen_cli.weights.pickle_budget import bounded_reader
-from my3dgen_cli.weights.pickle_opcodes import BoundedUnpickler
+from my3dgen_cli.weights.pickle_opcodes import BoundedUnpickler, Opcodes, check_keys
 from my3dgen_cli.weights.pickle_records import EasyDictRecord, ForeignObject, PersistentObject, _one_line
 from my3dgen_cli.weights.pickle_tensors import (
     _bytearray,
     _load_from_bytes,
     _NdarrayType,
+    _numpy_dtype,
     _numpy_reconstruct,
     _numpy_scalar,
     _ParameterType,
@@ -52,6 +52,8 @@ from my3dgen_cli.weights.pickle_tensors import (
     _rebuild_tensor,
     _rebuild_tensor_v2,
     _TensorType,
+    build_dtype,
+    build_ndarray,
 )
 
 
@@ -70,7 +72,7 @@ def _reconstruct_persistent_obj(meta: Any) -> PersistentObject:
 
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
     """`copyreg._reconstructor` (protocol 0/1 objects), for the stand-in classes only."""
-    if cls is EasyDictRecord and base is dict and isinstance(state, dict):
+    if cls is EasyDictRecord and base is _dict and isinstance(state, dict):  # `_dict`: builtins.dict here
         return EasyDictRecord(state)
     if isinstance(cls, type) and issubclass(cls, ForeignObject) and base is object:
         return cls.__new__(cls)
@@ -82,6 +84,35 @@ def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
         raise UnsafeCheckpointError("_codecs.encode is allowed only as the protocol-2 encoding of bytes")
     return text.encode("latin-1")
+
+
+def _set(items: Any = ()) -> set:
+    """`set(items)`, of plain keys only (`pickle_opcodes.KEY_TYPES`)."""
+    items = list(items) if isinstance(items, (list, tuple, set, frozenset)) else _not_iterable(items)
+    check_keys(items, "a set")
+    return set(items)
+
+
+def _frozenset(items: Any = ()) -> frozenset:
+    return frozenset(_set(items))
+
+
+def _dict(items: Any = ()) -> dict:
+    """`dict(items)` of a dict or of (key, value) pairs, with plain keys."""
+    pairs = list(items.items()) if isinstance(items, dict) else list(items) if isinstance(items, (list, tuple)) else (
+        _not_iterable(items))
+    if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
+        raise UserInputError("a dict record is malformed: expected (key, value) pairs")
+    check_keys([pair[0] for pair in pairs], "a dict")
+    return dict(pairs)
+
+
+def _ordered_dict(items: Any = ()) -> collections.OrderedDict:
+    return collections.OrderedDict(_dict(items))
+
+
+def _not_iterable(items: Any) -> Any:
+    raise UserInputError(f"a set or dict record is built from a {type(items).__name__}, expected a list")
 
 
 # --- the allow-list ----------------------------------------------------------------------------
@@ -120,7 +151,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
     ("dnnlib.util", "EasyDict"): EasyDictRecord,
     ("dnnlib", "EasyDict"): EasyDictRecord,
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): _ordered_dict,
     ("torch.storage", "_load_from_bytes"): _load_from_bytes,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -130,7 +161,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
     ("torch", "Tensor"): _TensorType,
     ("torch.nn.parameter", "Parameter"): _ParameterType,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _numpy_dtype,
     ("numpy", "ndarray"): _NdarrayType,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
@@ -139,9 +170,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("copyreg", "_reconstructor"): _reconstructor,
     ("_codecs", "encode"): _codecs_encode,
     ("builtins", "object"): object,  # base class argument of copyreg._reconstructor (protocol 0/1)
-    ("builtins", "dict"): dict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
+    ("builtins", "dict"): _dict,
+    ("builtins", "set"): _set,
+    ("builtins", "frozenset"): _frozenset,
     ("builtins", "bytearray"): _bytearray,
 }
 
@@ -159,8 +190,8 @@ def resolve_global(module: str, name: str) -> Any:
         return _foreign_class(module, name)
     if _IMPORTED_MODULE.fullmatch(module) and name in _FOREIGN_NAMES:
         return _foreign_class(module, name)
-    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
+    if module == "torch" and isinstance(vars(torch).get(name), torch.dtype):  # not getattr: torch's lazy
+        return vars(torch)[name]  # __getattr__ imports submodules and warns for some names
     raise UnsafeCheckpointError(
         f"the pickle asks for `{module}.{name}`, which an EG3D weights file never needs; "
         "refused before it could run (nothing from the file was imported or executed)"
@@ -175,6 +206,26 @@ class RestrictedUnpickler(BoundedUnpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise UserInputError("the pickle uses persistent ids (a torch.save file?), expected a network pickle")
+
+    def load_build(self) -> None:
+        """BUILD (`obj.__setstate__(state)`) only where an EG3D pickle uses it: the `__dict__` of a
+        non-persistent module (kept as data), a dtype's byte order, an array's bytes. On anything
+        else it would rewrite a record after its checks (a tensor's size, a `PersistentObject`)."""
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if isinstance(target, ForeignObject):
+            target.__setstate__(state)
+        elif type(target) is np.ndarray:
+            build_ndarray(target, state)
+        elif isinstance(target, np.dtype):
+            build_dtype(target, state)
+        else:
+            raise UnsafeCheckpointError(
+                f"the pickle sets the state of a {type(target).__name__}, which an EG3D weights file never does"
+            )
+
+    dispatch = Opcodes(BoundedUnpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def safe_load(file: BinaryIO, *, stream_limit: int | None = None) -> Any:
@@ -201,20 +252,10 @@ def _unpickle(reader: Any) -> Any:
         raise UserInputError(f"not a readable pickle ({_one_line(err)})") from None
     except RecursionError:
         raise UserInputError("the pickle nests too deeply") from None
-    except (
-        ValueError,
-        TypeError,
-        struct.error,
-        AttributeError,
-        IndexError,
-        KeyError,
-        RuntimeError,
-        OverflowError,
-        UnicodeDecodeError,
-    ) as err:
-        raise UserInputError(f"not a readable pickle ({_one_line(err)})") from None
     except MemoryError:
         raise UserInputError("the pickle asks for more memory than this machine has") from None
+    except Exception as err:  # noqa: BLE001 - whatever a malformed stream makes an opcode or a stand-in raise
+        raise UserInputError(f"not a readable pickle ({_one_line(err)})") from None
 
 
 __all__: list[str] = [
