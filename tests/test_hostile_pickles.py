@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,14 @@ REFUSED: dict[str, tuple[bytes, type[Exception], str]] = {
     "colliding integer keys": (b"\x80\x02}(" + b"".join(_ops(k * (2**61 - 1)) + b"N" for k in range(1, 100)) + b"u.",
                                UserInputError, "integer of"),
     "torch.has_cuda (lazy attribute)": (b"\x80\x02ctorch\nhas_cuda\n.", UnsafeCheckpointError, "torch.has_cuda"),
+    "EasyDict called with tuple-key pairs": (b"\x80\x02cdnnlib.util\nEasyDict\n" + _ops(([((1, 2), None)],)) + b"R.",
+                                             UserInputError, "EasyDict holds a tuple key"),
+    "class_name of 300 references to 1 MiB": (
+        b"\x80\x02ctorch_utils.persistence\n_reconstruct_persistent_obj\n"
+        + _ops(({"type": "class", "state": {}, "class_name": ["a" * (1 << 20)] * 300},)) + b"R.",
+        UserInputError, "class_name"),
+    "long double dtype": (b"\x80\x02cnumpy\ndtype\n" + _ops(("f16", False, True)) + b"R.", UnsafeCheckpointError,
+                          "'f16'"),
 }
 
 
@@ -110,11 +119,31 @@ print("new modules:", sorted(m for m in set(sys.modules) - before if m.startswit
 """
 
 
+def _storage_with_keys(keys_pickle: bytes | None) -> bytes:
+    """A pickle of one legacy `torch.save` storage (as official pickles hold them) whose list of storage keys,
+    the fifth of the stream's pickles, is `keys_pickle` (None: torch's own)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(torch.arange(4.0).storage(), buf, _use_new_zipfile_serialization=False)
+    raw, ends = buf.getvalue(), []
+    stream = io.BytesIO(raw)
+    for _ in range(5):  # magic, protocol, sys info, the storage (persistent ids), the keys
+        reader = pickle.Unpickler(stream)
+        reader.persistent_load = lambda pid: None
+        reader.load()
+        ends.append(stream.tell())
+    inner = raw[: ends[3]] + (raw[ends[3] : ends[4]] if keys_pickle is None else keys_pickle) + raw[ends[4] :]
+    return b"\x80\x02ctorch.storage\n_load_from_bytes\nB" + struct.pack("<I", len(inner)) + inner + b"\x85R."
+
+
 def test_deep_tuple_key_and_torch_submodules_in_a_fresh_process(tmp_path: Path) -> None:
     """In a child process (a segfault must fail the test, not the run): a 200,000-deep tuple used as a dict
-    key, and globals naming torch submodules that torch's lazy `__getattr__` would import."""
-    files = {"deep": b"\x80\x02})" + b"\x85" * 200_000 + b"Ns.", "dynamo": b"\x80\x02ctorch\n_dynamo\n.",
-             "onnx": b"\x80\x02ctorch\nonnx\n."}
+    key, the same among a tensor storage's keys (which torch's own loader reads), and globals naming torch
+    submodules that torch's lazy `__getattr__` would import."""
+    deep_key = b"\x80\x02})" + b"\x85" * 200_000 + b"Ns."
+    files = {"deep": deep_key, "storage keys": _storage_with_keys(deep_key),
+             "dynamo": b"\x80\x02ctorch\n_dynamo\n.", "onnx": b"\x80\x02ctorch\nonnx\n."}
     paths = []
     for name, data in files.items():
         paths.append(tmp_path / f"{name}.pkl")
@@ -123,9 +152,9 @@ def test_deep_tuple_key_and_torch_submodules_in_a_fresh_process(tmp_path: Path) 
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     lines = proc.stdout.splitlines()
-    assert all(line.startswith("refused") for line in lines[:3]), lines
-    assert "nests tuples more than" in lines[0]
-    assert lines[3] == "new modules: []", lines[3]
+    assert all(line.startswith("refused") for line in lines[:4]), lines
+    assert "nests tuples more than" in lines[0] and "tensor storage" in lines[1]
+    assert lines[4] == "new modules: []", lines[4]
     assert proc.stderr == ""
 
 
@@ -142,6 +171,30 @@ def test_legitimate_values_of_every_protocol_still_load() -> None:
         assert out["dtype"] == value["dtype"] and out["bytes"] == value["bytes"], protocol
         assert torch.equal(out["tensor"], value["tensor"]), protocol
     assert np.dtype("f4").byteorder == "=", "a BUILD on a dtype never changes numpy's own float32"
+
+
+def test_legitimate_storage_keys_still_load() -> None:
+    storage = safe_load(io.BytesIO(_storage_with_keys(None)))
+    assert storage.untyped.nbytes() == 16
+
+
+def test_config_of_shared_lists_is_refused_without_copying_them(tmp_path: Path) -> None:
+    """init_kwargs holding x = [x', x'], 25 levels down: 600 bytes, 2^25 values once copied; refused in
+    well under a second."""
+    from my3dgen_cli.weights.official_pkl import read_official_pkl
+
+    shared: list = [1]
+    for _ in range(25):
+        shared = [shared, shared]
+    meta = {"type": "class", "class_name": "TriPlaneGenerator", "state": {"_init_kwargs": {"dag": shared}}}
+    path = tmp_path / "dag.pkl"
+    path.write_bytes(b"\x80\x02}" + _text("G_ema") + b"ctorch_utils.persistence\n_reconstruct_persistent_obj\n"
+                     + _ops((meta,)) + b"Rs.")
+    assert path.stat().st_size < 1000
+    start = time.perf_counter()
+    with pytest.raises(UserInputError, match="more than 100,000 values"):
+        read_official_pkl(path)
+    assert time.perf_counter() - start < 2
 
 
 def test_module_chain_thousands_deep_is_one_line(tmp_path: Path, isolated_home: Path) -> None:

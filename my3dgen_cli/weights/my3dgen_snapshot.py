@@ -33,6 +33,7 @@ import torch
 
 from my3dgen_cli import __version__
 from my3dgen_cli.errors import IncompatibleAdapterError, UnsafeCheckpointError, UserInputError
+from my3dgen_cli.weights.pickle_records import short_repr
 
 # Wrapper class -> the attribute holding the module it wraps (a path segment the plain names drop).
 WRAPPERS = {
@@ -304,7 +305,8 @@ def _rank_and_alpha(snap: Snapshot, layers: list[str]) -> tuple[int, float]:
         if merged:
             _unknown(t.snapshot_name, t.value, "its wrapper is merged (the delta is already in the weight)")
         if isinstance(r, bool) or not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)) or alpha <= 0:
-            _unknown(t.snapshot_name, t.value, f"wrapper r={r!r}, lora_alpha={alpha!r}: expected r >= 1, alpha > 0")
+            _unknown(t.snapshot_name, t.value, f"wrapper r={short_repr(r)}, lora_alpha={short_repr(alpha)}: "
+                                               "expected r >= 1, alpha > 0")
         if (r, alpha) != (first["r"], first["lora_alpha"]):
             _unknown(t.snapshot_name, t.value, f"r={r}, lora_alpha={alpha} differ from {layers[0]}'s "
                                                f"r={first['r']}, lora_alpha={first['lora_alpha']}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
-from my3dgen_cli.weights.pickle_records import EasyDictRecord, ForeignObject, PersistentObject
+from my3dgen_cli.weights.pickle_records import EasyDictRecord, ForeignObject, PersistentObject, short_repr
 from my3dgen_cli.weights.safe_unpickle import safe_load
 
 # Official module of each top-level network class, so class_name reads like eg3d_parity/config.json.
@@ -102,7 +102,8 @@ def read_official_pkl(path: str | Path, network: str = "G_ema") -> OfficialCheck
         net, where = data, "the pickled network"
     elif isinstance(data, dict):
         if network not in data:
-            keys = ", ".join(sorted(map(str, data))) or "none"
+            names = sorted(_key_name(k) for k in list(data)[:50])
+            keys = ", ".join(names[:10]) + (f", ... ({len(data)} keys)" if len(data) > 10 else "") or "none"
             raise UserInputError(f"{path}: has no '{network}' network (keys: {keys}), {_EXPECTED}")
         net, where = data[network], f"'{network}'"
     else:
@@ -141,7 +142,7 @@ def checkpoint_from_record(net: PersistentObject) -> OfficialCheckpoint:
         raise UserInputError(f"rendering_kwargs is a {type(rendering_kwargs).__name__}, expected a dict")
     nrr = plain(state.get("neural_rendering_resolution"), "neural_rendering_resolution")
     if isinstance(nrr, bool) or not isinstance(nrr, int) or nrr <= 0:
-        raise UserInputError(f"neural_rendering_resolution is {nrr!r}, expected a positive int")
+        raise UserInputError(f"neural_rendering_resolution is {short_repr(nrr)}, expected a positive int")
     module = _CLASS_MODULES.get(net.class_name)
     class_name = f"{module}.{net.class_name}" if module else net.class_name
     state_dict = _flatten(net)
@@ -196,19 +197,38 @@ def _items(state: dict[str, Any], key: str, prefix: str) -> list[tuple[str, Any]
 
 
 _MAX_CONFIG_DEPTH = 32
+_MAX_CONFIG_VALUES = 100_000
 
 
-def plain(value: Any, where: str, depth: int = 0) -> Any:
-    """EasyDicts, numpy scalars and tuples -> dicts, Python numbers and lists (JSON-ready)."""
+def plain(value: Any, where: str) -> Any:
+    """EasyDicts, numpy scalars and tuples -> dicts, Python numbers and lists (JSON-ready).
+
+    At most `_MAX_CONFIG_VALUES` values: a list holding itself twice, 30 levels down, is a 500-byte file
+    whose plain copy would have 2^30 of them."""
+    return _plain(value, where, 0, [_MAX_CONFIG_VALUES])
+
+
+def _plain(value: Any, where: str, depth: int, left: list[int]) -> Any:
+    top = where.split(".")[0].split("[")[0]
     if depth > _MAX_CONFIG_DEPTH:  # a config is a few levels deep; a 5000-deep list is a hostile file
-        raise UserInputError(f"{where.split('.')[0].split('[')[0]} nests more than {_MAX_CONFIG_DEPTH} levels, "
-                             "expected plain config values")
+        raise UserInputError(f"{top} nests more than {_MAX_CONFIG_DEPTH} levels, expected plain config values")
+    left[0] -= 1
+    if left[0] < 0:
+        raise UserInputError(f"{top} holds more than {_MAX_CONFIG_VALUES:,} values, expected a config")
     if isinstance(value, (EasyDictRecord, dict)):
-        return {str(k): plain(v, f"{where}.{k}", depth + 1) for k, v in value.items()}
+        return {str(k): _plain(v, f"{where}.{_key_name(k)}", depth + 1, left) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [plain(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+        return [_plain(v, f"{where}[{i}]", depth + 1, left) for i, v in enumerate(value)]
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+        if not isinstance(value, (bool, int, float, complex)):  # a long double stays numpy: not JSON
+            raise UserInputError(f"{where} holds a numpy {type(value).__name__}, expected plain values")
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     raise UserInputError(f"{where} holds a {type(value).__name__}, expected plain values")
+
+
+def _key_name(key: Any) -> str:
+    """A dict key as an error message shows it: at most 40 characters."""
+    text = key if isinstance(key, str) else short_repr(key)
+    return text if len(text) <= 40 else text[:37] + "..."

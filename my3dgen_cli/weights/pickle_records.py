@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 import torch
+
+from my3dgen_cli.weights.pickle_opcodes import check_keys
 
 
 class PersistentObject:
@@ -44,7 +47,16 @@ class ForeignObject:
 
 
 class EasyDictRecord(dict):
-    """Stand-in for `dnnlib.util.EasyDict`: the same items, no attribute magic."""
+    """Stand-in for `dnnlib.util.EasyDict`: the same items, no attribute magic; plain keys only, however
+    it is built (a REDUCE or INST call with pairs does not pass through the unpickler's key check)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) == 1 and not isinstance(args[0], dict):  # pairs: checked before a dict hashes them
+            pairs = list(args[0])
+            check_keys([pair[0] for pair in pairs if isinstance(pair, (tuple, list)) and pair], "an EasyDict")
+            args = (pairs,)
+        super().__init__(*args, **kwargs)
+        check_keys(self.keys(), "an EasyDict")
 
 
 def _int_tuple(value: Any) -> bool:
@@ -54,3 +66,15 @@ def _int_tuple(value: Any) -> bool:
 def _one_line(err: BaseException, limit: int = 160) -> str:
     text = " ".join(f"{type(err).__name__}: {err}".split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 40, 40, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 6
+
+
+def short_repr(value: Any) -> str:
+    """repr(value) for an error message, at most ~100 characters and built without the full repr (a file's
+    value may be a list of a million references to a 1 MiB string)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."

@@ -20,7 +20,7 @@ import torch
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
 from my3dgen_cli.weights.pickle_budget import charge
 from my3dgen_cli.weights.pickle_opcodes import BoundedUnpickler
-from my3dgen_cli.weights.pickle_records import ForeignObject, _int_tuple, _one_line
+from my3dgen_cli.weights.pickle_records import ForeignObject, _int_tuple, _one_line, short_repr
 
 
 class _Storage:
@@ -76,7 +76,7 @@ class _StorageHeader(BoundedUnpickler):
             raise UserInputError("a tensor storage record is malformed")
         storage_type, numel = pid[1], pid[4]
         if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
-            raise UserInputError(f"a tensor storage declares {numel!r} elements, expected a count")
+            raise UserInputError(f"a tensor storage declares {short_repr(numel)} elements, expected a count")
         kind = storage_type.removesuffix("Storage") if isinstance(storage_type, str) else ""
         itemsize = _STORAGE_ITEMSIZE.get(kind, 8)
         self.declared += numel * itemsize
@@ -100,10 +100,15 @@ def _declared_storage_bytes(data: bytes) -> int:
             header.load()
             if header.declared:
                 break
+        # then the storage keys, a list of names: read here with the bounds too, not only by torch's
+        # loader, which would hash a 300,000-deep tuple among them (a segfault)
+        keys = header.load()
     except (UnsafeCheckpointError, UserInputError):
         raise
     except Exception as err:  # noqa: BLE001 - any parse failure of the header is a malformed file
         raise UserInputError(f"a tensor storage is not readable ({_one_line(err)})") from None
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise UserInputError("a tensor storage's key list is malformed: expected a list of names")
     if header.declared > len(data):
         raise UserInputError(f"a tensor storage declares {header.declared:,} bytes but holds {len(data):,}")
     return header.declared
@@ -113,9 +118,11 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -
     if not isinstance(storage, _Storage):
         raise UserInputError(f"a tensor record holds {type(storage).__name__}, expected a storage")
     if not _int_tuple(size) or not _int_tuple(stride) or not isinstance(storage_offset, int):
-        raise UserInputError(f"a tensor record has size {size!r}, stride {stride!r}: expected tuples of ints")
+        raise UserInputError(f"a tensor record has size {short_repr(size)}, stride {short_repr(stride)}: "
+                             "expected tuples of ints")
     if any(v < 0 for v in (*size, *stride, storage_offset)):
-        raise UserInputError(f"a tensor record has size {size!r}, stride {stride!r}: expected no negative values")
+        raise UserInputError(f"a tensor record has size {short_repr(size)}, stride {short_repr(stride)}: "
+                             "expected no negative values")
     itemsize = torch.empty((), dtype=storage.dtype).element_size()
     if math.prod(size) * itemsize > storage.untyped.nbytes():
         # A view larger than its storage (stride 0) would become that large on the first copy.
@@ -162,7 +169,7 @@ def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> to
 
 
 # numpy dtypes a record may name: booleans and numbers, as `np.dtype(spec)` pickles them ("f8", "i4", "b1").
-_DTYPE_SPEC = re.compile(r"[<>|=]?[biufc][0-9]{0,2}")
+_DTYPE_SPEC = re.compile(r"[<>|=]?(b1?|[iu][1248]?|f[248]?|c(8|16))")  # no f16/c32: long doubles are not JSON
 _DTYPE_KINDS = "biufc"
 
 
@@ -171,7 +178,7 @@ def _plain_dtype(dtype: Any, what: str) -> np.dtype:
     dtype's field offsets, and an object field is a pointer), else `UnsafeCheckpointError`."""
     if (not isinstance(dtype, np.dtype) or dtype.kind not in _DTYPE_KINDS or dtype.fields is not None
             or dtype.subdtype is not None or dtype.hasobject):
-        raise UnsafeCheckpointError(f"{what} asks for numpy dtype {dtype!s:.40}, expected a number type")
+        raise UnsafeCheckpointError(f"{what} asks for numpy dtype {short_repr(dtype)}, expected a number type")
     return dtype
 
 
@@ -179,7 +186,7 @@ def _numpy_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
     """`numpy.dtype(spec, align, copy)` for a number type's name only, always a new object (never numpy's own
     float32, whose byte order a BUILD would then change for the whole process)."""
     if not isinstance(spec, str) or not _DTYPE_SPEC.fullmatch(spec):
-        raise UnsafeCheckpointError(f"a numpy dtype record asks for {spec!r:.40}, expected a number type")
+        raise UnsafeCheckpointError(f"a numpy dtype record asks for {short_repr(spec)}, expected a number type")
     return _plain_dtype(np.dtype(spec, copy=True), "a numpy dtype record")  # a copy: BUILD may set its byte order
 
 
@@ -200,7 +207,7 @@ def build_ndarray(array: np.ndarray, state: Any) -> None:
     _, shape, dtype, fortran, data = state
     _plain_dtype(dtype, "a numpy array's state")
     if not _int_tuple(shape) or any(d < 0 for d in shape) or not isinstance(fortran, bool):
-        raise UserInputError(f"a numpy array's state has shape {shape!r:.60}, expected non-negative ints")
+        raise UserInputError(f"a numpy array's state has shape {short_repr(shape)}, expected non-negative ints")
     if not isinstance(data, bytes) or len(data) != math.prod(shape) * dtype.itemsize:
         raise UserInputError("a numpy array's data is not the size its shape and dtype say")
     array.__setstate__((1, tuple(shape), dtype, fortran, data))
@@ -224,7 +231,7 @@ def _numpy_array(shape: Any, dtype: Any, *args: Any) -> np.ndarray:
     dtype = _numpy_dtype(dtype) if isinstance(dtype, str) else _plain_dtype(dtype, "a numpy array record")
     dims = (shape,) if isinstance(shape, int) else shape
     if not _int_tuple(dims) or any(d < 0 for d in dims):
-        raise UserInputError(f"a numpy array record has shape {shape!r}, expected non-negative ints")
+        raise UserInputError(f"a numpy array record has shape {short_repr(shape)}, expected non-negative ints")
     charge(math.prod(dims) * dtype.itemsize, "a numpy array")
     return np.ndarray.__new__(np.ndarray, tuple(dims), dtype)
 
@@ -240,7 +247,7 @@ class _NdarrayType:
 
 def _numpy_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     if subtype is not _NdarrayType:
-        raise UnsafeCheckpointError(f"numpy _reconstruct asks for {subtype!r}, expected numpy.ndarray")
+        raise UnsafeCheckpointError(f"numpy _reconstruct asks for {short_repr(subtype)}, expected numpy.ndarray")
     return _numpy_array(shape, dtype)
 
 

@@ -38,7 +38,7 @@ import torch
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
 from my3dgen_cli.weights.pickle_budget import bounded_reader
 from my3dgen_cli.weights.pickle_opcodes import BoundedUnpickler, Opcodes, check_keys
-from my3dgen_cli.weights.pickle_records import EasyDictRecord, ForeignObject, PersistentObject, _one_line
+from my3dgen_cli.weights.pickle_records import EasyDictRecord, ForeignObject, PersistentObject, _one_line, short_repr
 from my3dgen_cli.weights.pickle_tensors import (
     _bytearray,
     _load_from_bytes,
@@ -64,7 +64,7 @@ def _reconstruct_persistent_obj(meta: Any) -> PersistentObject:
         )
     class_name = meta.get("class_name")
     if not isinstance(class_name, str):
-        raise UserInputError(f"a persistent object record has class_name {class_name!r}, expected a string")
+        raise UserInputError(f"a persistent object record has class_name {short_repr(class_name)}, expected a string")
     src = meta.get("module_src")
     src = src if isinstance(src, str) else ""
     return PersistentObject(class_name, meta.get("version"), dict(meta["state"]), src)
@@ -76,7 +76,9 @@ def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
         return EasyDictRecord(state)
     if isinstance(cls, type) and issubclass(cls, ForeignObject) and base is object:
         return cls.__new__(cls)
-    raise UnsafeCheckpointError(f"copyreg._reconstructor asks for {cls!r} on {base!r}, which is not allowed")
+    raise UnsafeCheckpointError(
+        f"copyreg._reconstructor asks for {short_repr(cls)} on {short_repr(base)}, which is not allowed"
+    )
 
 
 def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
