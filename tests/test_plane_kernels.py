@@ -64,10 +64,14 @@ def test_points_split_over_threads_give_the_same_result(monkeypatch):
     torch.testing.assert_close(grad_two, grad_one, rtol=0, atol=1e-5)  # per-thread sums, added
 
 
-def test_inference_takes_the_kernels_for_large_planes_only():
-    """Without autograd, small planes (the tiny config's) keep grid_sample: numba's import would not pay back."""
+def test_inference_takes_the_kernels_for_large_planes_only(monkeypatch):
+    """Without autograd, planes keep grid_sample (numba's memory in a render); with a threshold set, small planes
+    (the tiny config's) still do."""
     small, large = torch.zeros(1, 3, 4, 32, 32), torch.zeros(1, 3, 1, 128, 128)
     assert plane_kernels.usable(small) and plane_kernels.usable(large)  # training: always
+    with torch.no_grad():
+        assert not plane_kernels.usable(small) and not plane_kernels.usable(large)
+    monkeypatch.setattr(plane_kernels, "INFERENCE_MIN_TEXELS", 128 * 128)
     with torch.no_grad():
         assert not plane_kernels.usable(small) and plane_kernels.usable(large)
         assert not plane_kernels.usable(large.double())
@@ -129,5 +133,6 @@ def test_the_official_parity_fixture_renders_through_the_kernels(shared_dir, mon
     calls = []
     real = plane_kernels.plane_means
     monkeypatch.setattr(plane_kernels, "plane_means", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(plane_kernels, "INFERENCE_MIN_TEXELS", 128 * 128)  # off by default in inference
     assert_parity_case(G, folder / "case0.safetensors")
     assert calls  # the render sampled with the kernels, not grid_sample

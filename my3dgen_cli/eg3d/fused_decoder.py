@@ -32,9 +32,10 @@ SAVED_HIDDEN = 1 << 22
 RGB_SCALE, RGB_SHIFT = 1 + 2 * 0.001, 0.001  # MipNeRF's widened sigmoid: sigmoid(x) * (1 + 2e) - e
 
 
-# Points per pass from which an inference render decodes with the compiled softplus (a full-size pass has 0.2-0.8 M;
-# a tiny one 12 K, where importing numba, ~0.5 s once per process, would not pay). Training always does.
-COMPILED_MIN_POINTS = 1 << 17
+# Points per pass from which an inference render would decode with the compiled softplus; None: never. Training
+# always does. Off in inference for the same reason as `plane_kernels.INFERENCE_MIN_TEXELS`: numba's ~100 MiB of
+# peak memory in a render, for a few per cent of its time.
+COMPILED_MIN_POINTS: int | None = None
 
 
 @functools.cache
@@ -102,7 +103,7 @@ class _DecodeFn(torch.autograd.Function):
         # the hidden layer and its slope, kept for the backward pass when small (tiny renders), else recomputed
         saved = keep and n * m * w1.shape[0] <= SAVED_HIDDEN
         hiddens = features.new_empty(2, n, m, w1.shape[0]) if saved else None
-        compiled = ctx.compiled = keep or n * m >= COMPILED_MIN_POINTS
+        compiled = ctx.compiled = keep or (COMPILED_MIN_POINTS is not None and n * m >= COMPILED_MIN_POINTS)
         for k in range(n):
             for a in range(0, m, CHUNK_POINTS):
                 b = min(a + CHUNK_POINTS, m)

@@ -39,17 +39,21 @@ def _loops() -> Any:
     return plane_loops
 
 
-# Without autograd, planes of fewer texels (the tiny config's 32 x 32) keep grid_sample: its forward is as fast
-# there, and importing numba and loading the cached loops (~1 s once per process) would not pay back in a render.
-INFERENCE_MIN_TEXELS = 128 * 128
+# Without autograd, planes of at least this many texels would take the loops; None: inference keeps grid_sample.
+# Its forward is as fast on small planes, and on full-size ones the loops saved 2-4 % of a view (2 threads), while
+# numba and its loaded loops add ~100 MiB to a render's peak memory (875 vs 775 MiB at nrr 64: 0.55x the official
+# code's peak instead of 0.48x, against #17's <= 0.5x goal; docs/benchmarks.md). Training always takes them.
+INFERENCE_MIN_TEXELS: int | None = None
 
 
 def usable(planes: torch.Tensor) -> bool:
     """Whether `plane_means` should sample these planes: fp32 CPU, fast paths on, not compiling, numba present,
-    and an autograd graph being recorded (the backward is where grid_sample loses most) or large planes."""
+    and an autograd graph being recorded (the backward is where grid_sample loses most); in inference only from
+    `INFERENCE_MIN_TEXELS` (off by default: numba's memory)."""
     if planes.device.type != "cpu" or planes.dtype != torch.float32 or not ops.fast_paths():
         return False
-    if not torch.is_grad_enabled() and planes.shape[-1] * planes.shape[-2] < INFERENCE_MIN_TEXELS:
+    if not torch.is_grad_enabled() and (INFERENCE_MIN_TEXELS is None
+                                        or planes.shape[-1] * planes.shape[-2] < INFERENCE_MIN_TEXELS):
         return False
     return not torch.compiler.is_compiling() and _loops() is not None
 
