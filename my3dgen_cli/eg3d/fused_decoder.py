@@ -9,7 +9,7 @@ and for large renders the backward pass recomputes the hidden layer per chunk in
 floats per point are the largest activation of the decoder). Small ones (a tiny training view) keep it and its
 slope: softplus and its derivative from one exp and one log, where recomputing cost three transcendentals more
 per value (~3 ms of a ~95 ms tiny view, forward and backward). Where numba is present, softplus and its slope are
-one compiled pass (softplus_loops.py): in training, and in inference renders large enough to pay numba's import.
+one compiled pass (softplus_loops.py) in training; inference keeps torch's ops (`COMPILED_MIN_POINTS`).
 
 Same function as `OSGDecoder.decode` in `ops.reference_paths()` up to float rounding (tests/test_fused_decoder.py);
 `ops.reference_paths()`, autocast, other dtypes and devices, ONNX export and torch.compile take that path.

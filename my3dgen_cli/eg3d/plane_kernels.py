@@ -11,8 +11,8 @@ Same values as `renderer.mean_plane_features` (grid_sample: bilinear, zeros outs
 align_corners False) up to float rounding (tests/test_plane_kernels.py). The planes are read as a table
 [N, 3, H, W, C] (`plane_table`: a free view of `renderer.gather_planes`' layout). numba compiles the loops
 once per machine and keeps them in its cache (next to this file, or under ~/.cache when that is read-only);
-importing numba and loading them costs ~1 s once per process, so inference on small planes (`usable`)
-keeps grid_sample, as do the reference paths and a machine without numba.
+importing numba and loading them costs ~1 s once per process and ~100 MiB, so inference keeps grid_sample
+(`usable`, `INFERENCE_MIN_TEXELS`), as do the reference paths and a machine without numba.
 """
 
 from __future__ import annotations

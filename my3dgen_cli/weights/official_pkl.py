@@ -18,6 +18,7 @@ dotted names, in `nn.Module.state_dict()` order.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def read_official_pkl(path: str | Path, network: str = "G_ema") -> OfficialCheck
         net, where = data, "the pickled network"
     elif isinstance(data, dict):
         if network not in data:
-            names = sorted(_key_name(k) for k in list(data)[:50])
+            names = sorted(_key_name(k) for k in itertools.islice(data, 50))
             keys = ", ".join(names[:10]) + (f", ... ({len(data)} keys)" if len(data) > 10 else "") or "none"
             raise UserInputError(f"{path}: has no '{network}' network (keys: {keys}), {_EXPECTED}")
         net, where = data[network], f"'{network}'"
@@ -209,12 +210,11 @@ def plain(value: Any, where: str) -> Any:
 
 
 def _plain(value: Any, where: str, depth: int, left: list[int]) -> Any:
-    top = where.split(".")[0].split("[")[0]
     if depth > _MAX_CONFIG_DEPTH:  # a config is a few levels deep; a 5000-deep list is a hostile file
-        raise UserInputError(f"{top} nests more than {_MAX_CONFIG_DEPTH} levels, expected plain config values")
+        raise UserInputError(f"{_top(where)} nests more than {_MAX_CONFIG_DEPTH} levels, expected plain config values")
     left[0] -= 1
     if left[0] < 0:
-        raise UserInputError(f"{top} holds more than {_MAX_CONFIG_VALUES:,} values, expected a config")
+        raise UserInputError(f"{_top(where)} holds more than {_MAX_CONFIG_VALUES:,} values, expected a config")
     if isinstance(value, (EasyDictRecord, dict)):
         return {str(k): _plain(v, f"{where}.{_key_name(k)}", depth + 1, left) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -226,6 +226,11 @@ def _plain(value: Any, where: str, depth: int, left: list[int]) -> Any:
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     raise UserInputError(f"{where} holds a {type(value).__name__}, expected plain values")
+
+
+def _top(where: str) -> str:
+    """The config a value's path starts in ("init_kwargs" of "init_kwargs.a[3]")."""
+    return where.split(".")[0].split("[")[0]
 
 
 def _key_name(key: Any) -> str:

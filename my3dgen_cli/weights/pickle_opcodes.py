@@ -38,6 +38,20 @@ def check_keys(keys: Any, what: str) -> None:
             raise pickle.UnpicklingError(f"{what} holds a {type(key).__name__} key; a weights file uses names")
 
 
+def checked_pairs(items: Any, what: str) -> list:
+    """(key, value) pairs of a dict or a list/tuple of pairs, their keys checked (`check_keys`) before any dict
+    hashes them."""
+    if isinstance(items, dict):
+        return list(items.items())
+    if not isinstance(items, (list, tuple)):
+        raise pickle.UnpicklingError(f"{what} is built from a {type(items).__name__}, expected pairs")
+    pairs = list(items)
+    if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
+        raise pickle.UnpicklingError(f"{what} record is malformed: expected (key, value) pairs")
+    check_keys([pair[0] for pair in pairs], what)
+    return pairs
+
+
 class Opcodes(dict):
     """Opcode -> handler; an opcode pickle does not know is a malformed file, not a `KeyError`."""
 

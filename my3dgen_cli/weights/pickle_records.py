@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from my3dgen_cli.weights.pickle_opcodes import check_keys
+from my3dgen_cli.weights.pickle_opcodes import checked_pairs
 
 
 class PersistentObject:
@@ -50,13 +50,8 @@ class EasyDictRecord(dict):
     """Stand-in for `dnnlib.util.EasyDict`: the same items, no attribute magic; plain keys only, however
     it is built (a REDUCE or INST call with pairs does not pass through the unpickler's key check)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        if len(args) == 1 and not isinstance(args[0], dict):  # pairs: checked before a dict hashes them
-            pairs = list(args[0])
-            check_keys([pair[0] for pair in pairs if isinstance(pair, (tuple, list)) and pair], "an EasyDict")
-            args = (pairs,)
-        super().__init__(*args, **kwargs)
-        check_keys(self.keys(), "an EasyDict")
+    def __init__(self, items: Any = (), **kwargs: Any) -> None:
+        super().__init__(checked_pairs(items, "an EasyDict"), **kwargs)  # kwargs' keys are names
 
 
 def _int_tuple(value: Any) -> bool:

@@ -37,7 +37,7 @@ import torch
 
 from my3dgen_cli.errors import UnsafeCheckpointError, UserInputError
 from my3dgen_cli.weights.pickle_budget import bounded_reader
-from my3dgen_cli.weights.pickle_opcodes import BoundedUnpickler, Opcodes, check_keys
+from my3dgen_cli.weights.pickle_opcodes import BoundedUnpickler, Opcodes, check_keys, checked_pairs
 from my3dgen_cli.weights.pickle_records import EasyDictRecord, ForeignObject, PersistentObject, _one_line, short_repr
 from my3dgen_cli.weights.pickle_tensors import (
     _bytearray,
@@ -101,12 +101,7 @@ def _frozenset(items: Any = ()) -> frozenset:
 
 def _dict(items: Any = ()) -> dict:
     """`dict(items)` of a dict or of (key, value) pairs, with plain keys."""
-    pairs = list(items.items()) if isinstance(items, dict) else list(items) if isinstance(items, (list, tuple)) else (
-        _not_iterable(items))
-    if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
-        raise UserInputError("a dict record is malformed: expected (key, value) pairs")
-    check_keys([pair[0] for pair in pairs], "a dict")
-    return dict(pairs)
+    return dict(checked_pairs(items, "a dict"))
 
 
 def _ordered_dict(items: Any = ()) -> collections.OrderedDict:
@@ -114,7 +109,7 @@ def _ordered_dict(items: Any = ()) -> collections.OrderedDict:
 
 
 def _not_iterable(items: Any) -> Any:
-    raise UserInputError(f"a set or dict record is built from a {type(items).__name__}, expected a list")
+    raise UserInputError(f"a set record is built from a {type(items).__name__}, expected a list")
 
 
 # --- the allow-list ----------------------------------------------------------------------------
